@@ -1,0 +1,100 @@
+"""The 16 features and the forward-return labels, computed by DuckDB window functions.
+
+Two stages, both set-based SQL (no Python loop over symbols):
+1. per-row basics over the symbol's own history: previous close, daily return `r`, dollar volume,
+   high-low range, gain/loss for the RSI, the daily Amihud ratio and the row number `obs_no`;
+2. the registry's expressions (`modeling.feature_registry`) over named trailing windows
+   `w5, w14, w20, w60` (ROWS frames ending at the current row: no look-ahead).
+
+Rows are kept where the symbol is in the universe and has more than `WARMUP_ROWS` rows of history,
+so every feature is defined. Labels look forward on the trading calendar (all distinct dates):
+`fwd_ret = close(t+h) / close(t) - 1` only when the symbol has a row exactly h trading days later,
+NULL otherwise (the last h dates: the future is unknown, these are the rows to predict; or a
+delisting/gap: no clean label). `fwd_ret_excess` subtracts that date's cross-sectional mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import duckdb
+
+from modeling.feature_registry import FEATURE_NAMES, FEATURES, WARMUP_ROWS
+
+FEATURES_TABLE = "features"
+LABEL_COLUMNS = ("fwd_ret", "fwd_ret_excess")
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    horizon: int = 1
+    """h: the label is the return from the close of t to the close of t+h trading days."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.horizon <= 60:
+            raise ValueError(f"horizon must be in [1, 60] trading days, got {self.horizon}")
+
+
+def _feature_select() -> str:
+    return ",\n               ".join(f"{f.sql} AS {f.name}" for f in FEATURES)
+
+
+def features_sql(source: str, universe: str, horizon: int) -> str:
+    """SELECT producing the features table from raw OHLCV `source` and the `universe` table."""
+    return f"""
+        WITH calendar AS (
+            SELECT date, row_number() OVER (ORDER BY date) AS day_idx
+            FROM (SELECT DISTINCT date FROM {source})
+        ),
+        basics AS (
+            SELECT m.date, m.symbol, m.sector, m.open, m.high, m.close, m.volume, c.day_idx,
+                   lag(m.close) OVER w_sym AS prev_close,
+                   m.close / lag(m.close) OVER w_sym - 1 AS r,
+                   m.close * m.volume AS dv,
+                   (m.high - m.low) / m.close AS hl,
+                   row_number() OVER w_sym AS obs_no
+            FROM {source} m JOIN calendar c USING (date)
+            WINDOW w_sym AS (PARTITION BY m.symbol ORDER BY m.date)
+        ),
+        basics2 AS (
+            SELECT *,
+                   greatest(r, 0) AS gain,
+                   greatest(-r, 0) AS loss,
+                   CASE WHEN dv > 0 THEN abs(r) / (dv / 1e9) END AS amihud_day
+            FROM basics
+        ),
+        computed AS (
+            SELECT date, symbol, sector, obs_no,
+               {_feature_select()},
+               CASE WHEN lead(day_idx, {horizon}) OVER w_sym = day_idx + {horizon}
+                    THEN lead(close, {horizon}) OVER w_sym / close - 1 END AS fwd_ret
+            FROM basics2
+            WINDOW w_sym AS (PARTITION BY symbol ORDER BY date),
+                   w5 AS (PARTITION BY symbol ORDER BY date ROWS BETWEEN 4 PRECEDING AND CURRENT ROW),
+                   w14 AS (PARTITION BY symbol ORDER BY date ROWS BETWEEN 13 PRECEDING AND CURRENT ROW),
+                   w20 AS (PARTITION BY symbol ORDER BY date ROWS BETWEEN 19 PRECEDING AND CURRENT ROW),
+                   w60 AS (PARTITION BY symbol ORDER BY date ROWS BETWEEN 59 PRECEDING AND CURRENT ROW)
+        )
+        SELECT c.date, c.symbol, c.sector,
+               {", ".join(f"c.{n}" for n in FEATURE_NAMES)},
+               c.fwd_ret,
+               c.fwd_ret - avg(c.fwd_ret) OVER (PARTITION BY c.date) AS fwd_ret_excess,
+               CAST({horizon} AS INTEGER) AS fwd_horizon
+        FROM computed c JOIN {universe} u USING (date, symbol)
+        WHERE c.obs_no > {WARMUP_ROWS}
+        ORDER BY c.date, c.symbol
+    """
+
+
+def build_features(con: duckdb.DuckDBPyConnection, spec: LabelSpec, source: str = "raw_market_data",
+                   universe: str = "universe") -> int:
+    """Replace the `features` table; returns its row count."""
+    con.execute(f"CREATE OR REPLACE TABLE {FEATURES_TABLE} AS {features_sql(source, universe, spec.horizon)}")
+    return con.execute(f"SELECT count(*) FROM {FEATURES_TABLE}").fetchone()[0]
+
+
+def count_non_finite(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    """Per feature: rows whose value is NULL, NaN or infinite (after the warm-up there must be none)."""
+    exprs = ", ".join(f"count(*) FILTER (WHERE {n} IS NULL OR NOT isfinite({n})) AS {n}" for n in FEATURE_NAMES)
+    row = con.execute(f"SELECT {exprs} FROM {FEATURES_TABLE}").fetchone()
+    return dict(zip(FEATURE_NAMES, row, strict=True))

@@ -1,0 +1,118 @@
+"""Asset checks: one per property a downstream user relies on."""
+
+from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetKey, Config, MetadataValue, asset_check
+from pydantic import Field
+
+from modeling.data.features import FEATURES_TABLE, LABEL_COLUMNS, count_non_finite
+from modeling.data.ingest import RAW_TABLE, REJECTS_TABLE
+from modeling.data.universe import UniverseSpec, universe_count_mismatches
+from modeling.feature_registry import FEATURE_NAMES, WARMUP_ROWS
+from pipeline.resources import WarehouseResource
+
+
+class RejectShareConfig(Config):
+    max_reject_share: float = Field(
+        default=0.01, ge=0.0, le=1.0, description="Largest acceptable share of input rows quarantined as bad."
+    )
+
+
+@asset_check(asset="raw_market_data", description="The share of quarantined input rows is below a threshold.")
+def reject_share_below_threshold(config: RejectShareConfig, warehouse: WarehouseResource) -> AssetCheckResult:
+    with warehouse.get_connection() as con:
+        n_ok = con.execute(f"SELECT count(*) FROM {RAW_TABLE}").fetchone()[0]
+        by_reason = dict(
+            con.execute(f"SELECT reason, count(*) FROM {REJECTS_TABLE} GROUP BY reason").fetchall()
+        )
+    n_bad = sum(by_reason.values())
+    share = n_bad / (n_ok + n_bad) if n_ok + n_bad else 0.0
+    return AssetCheckResult(
+        passed=share <= config.max_reject_share,
+        metadata={
+            "reject_share": MetadataValue.float(share),
+            "threshold": config.max_reject_share,
+            "rejects_by_reason": MetadataValue.json(by_reason),
+        },
+    )
+
+
+def _latest_metadata(context: AssetCheckExecutionContext, asset: str) -> dict:
+    event = context.instance.get_latest_materialization_event(AssetKey(asset))
+    if event is None or event.asset_materialization is None:
+        return {}
+    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+
+@asset_check(asset="universe", description="Per date, the universe holds min(N, symbols with a full window).")
+def universe_size_per_date(
+    context: AssetCheckExecutionContext, warehouse: WarehouseResource
+) -> AssetCheckResult:
+    meta = _latest_metadata(context, "universe")  # check what the last run says it built
+    spec = UniverseSpec(top_n=int(meta.get("top_n", 500)), window=int(meta.get("window", 20)))
+    with warehouse.get_connection() as con:
+        bad = universe_count_mismatches(con, spec)
+    return AssetCheckResult(
+        passed=not bad,
+        metadata={
+            "top_n": spec.top_n,
+            "window": spec.window,
+            "dates_mismatched": len(bad),
+            "first_mismatches": MetadataValue.json([[str(d), e, a] for d, e, a in bad[:10]]),
+        },
+    )
+
+
+@asset_check(asset="features", description="The table has exactly the 16 registry feature columns.")
+def exactly_16_feature_columns(warehouse: WarehouseResource) -> AssetCheckResult:
+    with warehouse.get_connection() as con:
+        columns = [r[0] for r in con.execute(f"DESCRIBE {FEATURES_TABLE}").fetchall()]
+    feature_columns = [
+        c for c in columns if c not in ("date", "symbol", "sector", "fwd_horizon", *LABEL_COLUMNS)
+    ]
+    return AssetCheckResult(
+        passed=feature_columns == list(FEATURE_NAMES),
+        metadata={"n_feature_columns": len(feature_columns), "columns": MetadataValue.json(feature_columns)},
+    )
+
+
+@asset_check(asset="features", description="No NULL, NaN or infinite feature value after the warm-up.")
+def features_finite(warehouse: WarehouseResource) -> AssetCheckResult:
+    with warehouse.get_connection() as con:
+        bad = count_non_finite(con)
+    return AssetCheckResult(
+        passed=sum(bad.values()) == 0, metadata={"non_finite_by_feature": MetadataValue.json(bad)}
+    )
+
+
+@asset_check(
+    asset="features",
+    description=f"Each symbol's first feature row comes after its {WARMUP_ROWS}-row warm-up.",
+)
+def first_feature_date_after_warmup(warehouse: WarehouseResource) -> AssetCheckResult:
+    with warehouse.get_connection() as con:
+        n_early = con.execute(f"""
+            WITH history AS (
+                SELECT symbol, date, row_number() OVER (PARTITION BY symbol ORDER BY date) AS obs_no
+                FROM {RAW_TABLE}
+            ), firsts AS (SELECT symbol, min(date) AS first_date FROM {FEATURES_TABLE} GROUP BY symbol)
+            SELECT count(*) FROM firsts f JOIN history h ON h.symbol = f.symbol AND h.date = f.first_date
+            WHERE h.obs_no <= {WARMUP_ROWS}
+        """).fetchone()[0]
+        first = con.execute(f"SELECT min(date) FROM {FEATURES_TABLE}").fetchone()[0]
+        first_raw = con.execute(f"SELECT min(date) FROM {RAW_TABLE}").fetchone()[0]
+    return AssetCheckResult(
+        passed=n_early == 0 and (first is None or first > first_raw),
+        metadata={
+            "symbols_starting_inside_warmup": n_early,
+            "first_feature_date": str(first),
+            "first_raw_date": str(first_raw),
+        },
+    )
+
+
+ALL_CHECKS = [
+    reject_share_below_threshold,
+    universe_size_per_date,
+    exactly_16_feature_columns,
+    features_finite,
+    first_feature_date_after_warmup,
+]

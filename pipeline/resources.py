@@ -1,0 +1,60 @@
+"""Resources: the warehouse connection and the storage layout, built from `Settings` in one place."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+from dagster import ConfigurableResource
+from dagster_duckdb import DuckDBResource
+from pydantic import Field
+
+from pipeline.settings import Settings
+
+
+class WarehouseResource(DuckDBResource):
+    """DuckDB `warehouse.duckdb` under DATA_DIR; creates the directory on first use."""
+
+    @contextmanager
+    def get_connection(self):
+        if self.database != ":memory:":
+            Path(self.database).parent.mkdir(parents=True, exist_ok=True)
+        with super().get_connection() as conn:
+            yield conn
+
+
+class StorageResource(ConfigurableResource):
+    """Where assets write files and which external inputs they read (see `pipeline.settings`)."""
+
+    data_dir: str = Field(description="Absolute DATA_DIR: Parquet outputs, models, reports.")
+    market_data_path: str | None = Field(
+        default=None, description="CSV/Parquet file or directory of OHLCV; None = built-in synthetic market."
+    )
+    base_model: str | None = Field(
+        default=None, description="Local Hugging Face model directory; None = embedded tiny Llama."
+    )
+
+    @property
+    def root(self) -> Path:
+        return Path(self.data_dir)
+
+    def parquet_path(self, asset_name: str) -> Path:
+        """`DATA_DIR/<asset>.parquet`: the asset's name is also its file's name."""
+        return self.root / f"{asset_name}.parquet"
+
+    @property
+    def reports_dir(self) -> Path:
+        path = self.root / "reports"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def build_resources(settings: Settings) -> dict[str, object]:
+    return {
+        "warehouse": WarehouseResource(database=str(settings.warehouse_path)),
+        "storage": StorageResource(
+            data_dir=str(settings.data_dir),
+            market_data_path=str(settings.market_data_path) if settings.market_data_path else None,
+            base_model=str(settings.base_model) if settings.base_model else None,
+        ),
+    }

@@ -1,0 +1,42 @@
+"""Settings: every environment variable the project reads, read here and nowhere else.
+
+Names and defaults are fixed by the interface contract (see README): `DATA_DIR`,
+`MARKET_DATA_PATH`, `BASE_MODEL`, `MLFLOW_TRACKING_URI` (`DAGSTER_HOME` is Dagster's own).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    """Root of `warehouse.duckdb`, the Parquet outputs, model directories and the MLflow store."""
+    market_data_path: Path | None
+    """A CSV/Parquet file or a directory of them; None = the built-in synthetic market."""
+    base_model: Path | None
+    """A local Hugging Face model directory; None = the embedded tiny Llama built locally."""
+    mlflow_tracking_uri: str
+    """MLflow tracking store (SQLite under DATA_DIR unless overridden)."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        data_dir = Path(env.get("DATA_DIR") or "./data").expanduser().resolve()
+        market = env.get("MARKET_DATA_PATH") or None
+        base_model = env.get("BASE_MODEL") or None
+        tracking = env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{data_dir / 'mlflow.db'}"
+        return cls(
+            data_dir=data_dir,
+            market_data_path=Path(market).expanduser().resolve() if market else None,
+            base_model=Path(base_model).expanduser().resolve() if base_model else None,
+            mlflow_tracking_uri=tracking,
+        )
+
+    @property
+    def warehouse_path(self) -> Path:
+        return self.data_dir / "warehouse.duckdb"
