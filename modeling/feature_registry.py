@@ -98,7 +98,7 @@ FEATURES: tuple[FeatureSpec, ...] = (
         "Mean intraday range relative to the close over 20 days.",
         "mean((high - low) / close over t-19..t)",
         "avg(hl) OVER w20",
-        "20d mean high-low range",
+        "20d high-low range",
         100.0,
         "%",
     ),
@@ -126,7 +126,7 @@ FEATURES: tuple[FeatureSpec, ...] = (
         "100 * mean(gain_{t-13..t}) / (mean(gain) + mean(loss)); 50 when both are 0; gain = max(r, 0)",
         "CASE WHEN avg(gain) OVER w14 + avg(loss) OVER w14 > 0 "
         "THEN 100 * avg(gain) OVER w14 / (avg(gain) OVER w14 + avg(loss) OVER w14) ELSE 50 END",
-        "14d RSI (0-100)",
+        "14d RSI",
     ),
     FeatureSpec(
         "dist_high_60d",
@@ -149,14 +149,14 @@ FEATURES: tuple[FeatureSpec, ...] = (
         "Liquidity: log of the mean daily dollar volume over 20 days.",
         "ln(mean(dv_{t-19..t}))",
         "CASE WHEN avg(dv) OVER w20 > 0 THEN ln(avg(dv) OVER w20) END",
-        "ln 20d mean dollar volume",
+        "20d log dollar volume",
     ),
     FeatureSpec(
         "amihud_20d",
         "Illiquidity (Amihud): mean absolute daily return per billion dollars traded, 20 days.",
         "mean(|r_s| / (dv_s / 1e9) over s in t-19..t with dv_s > 0)",
         "avg(amihud_day) OVER w20",
-        "20d Amihud illiquidity per $1B",
+        "20d Amihud per $1B",
     ),
     FeatureSpec(
         "max_ret_20d",

@@ -8,9 +8,9 @@ Two stages, both set-based SQL (no Python loop over symbols):
 
 Rows are kept where the symbol is in the universe and has more than `WARMUP_ROWS` rows of history,
 so every feature is defined. Labels look forward on the trading calendar (all distinct dates):
-`fwd_ret = close(t+h) / close(t) - 1` only when the symbol has a row exactly h trading days later,
-NULL otherwise (the last h dates: the future is unknown, these are the rows to predict; or a
-delisting/gap: no clean label). `fwd_ret_excess` subtracts that date's cross-sectional mean.
+`fwd_ret = close(t+h) / close(t) - 1` where t+h is h trading days later on that calendar, whatever
+the symbol did in between; NULL when the symbol has no row at t+h (the last h dates: the future is
+unknown, these are the rows to predict; or a delisting or a halt on t+h: no clean label). `fwd_ret_excess` subtracts that date's cross-sectional mean.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def features_sql(source: str, universe: str, horizon: int) -> str:
                    (m.high - m.low) / m.close AS hl,
                    row_number() OVER w_sym AS obs_no
             FROM {source} m JOIN calendar c USING (date)
-            WINDOW w_sym AS (PARTITION BY m.symbol ORDER BY m.date)
+            WINDOW w_sym AS (PARTITION BY m.symbol ORDER BY c.day_idx)
         ),
         basics2 AS (
             SELECT *,
@@ -66,23 +66,32 @@ def features_sql(source: str, universe: str, horizon: int) -> str:
         computed AS (
             SELECT date, symbol, sector, obs_no,
                {_feature_select()},
-               CASE WHEN lead(day_idx, {horizon}) OVER w_sym = day_idx + {horizon}
-                    THEN lead(close, {horizon}) OVER w_sym / close - 1 END AS fwd_ret
+               -- the symbol's close exactly h trading days later (a RANGE frame on the calendar index:
+               -- empty, hence NULL, when the symbol has no row that day)
+               first_value(close) OVER w_fwd / close - 1 AS fwd_ret
             FROM basics2
-            WINDOW w_sym AS (PARTITION BY symbol ORDER BY date),
-                   w5 AS (PARTITION BY symbol ORDER BY date ROWS BETWEEN 4 PRECEDING AND CURRENT ROW),
-                   w14 AS (PARTITION BY symbol ORDER BY date ROWS BETWEEN 13 PRECEDING AND CURRENT ROW),
-                   w20 AS (PARTITION BY symbol ORDER BY date ROWS BETWEEN 19 PRECEDING AND CURRENT ROW),
-                   w60 AS (PARTITION BY symbol ORDER BY date ROWS BETWEEN 59 PRECEDING AND CURRENT ROW)
+            WINDOW w_sym AS (PARTITION BY symbol ORDER BY day_idx),
+                   w5 AS (PARTITION BY symbol ORDER BY day_idx ROWS BETWEEN 4 PRECEDING AND CURRENT ROW),
+                   w14 AS (PARTITION BY symbol ORDER BY day_idx ROWS BETWEEN 13 PRECEDING AND CURRENT ROW),
+                   w20 AS (PARTITION BY symbol ORDER BY day_idx ROWS BETWEEN 19 PRECEDING AND CURRENT ROW),
+                   w60 AS (PARTITION BY symbol ORDER BY day_idx ROWS BETWEEN 59 PRECEDING AND CURRENT ROW),
+                   w_fwd AS (PARTITION BY symbol ORDER BY day_idx
+                             RANGE BETWEEN {horizon} FOLLOWING AND {horizon} FOLLOWING)
+        ),
+        kept AS (
+            SELECT c.* FROM computed c JOIN {universe} u USING (date, symbol) WHERE c.obs_no > {WARMUP_ROWS}
+        ),
+        date_means AS (
+            -- an ordered sum: the same bits on every run, whatever the thread schedule
+            SELECT date, sum(fwd_ret ORDER BY symbol) / count(fwd_ret) AS mean_fwd_ret FROM kept GROUP BY date
         )
-        SELECT c.date, c.symbol, c.sector,
-               {", ".join(f"c.{n}" for n in FEATURE_NAMES)},
-               c.fwd_ret,
-               c.fwd_ret - avg(c.fwd_ret) OVER (PARTITION BY c.date) AS fwd_ret_excess,
+        SELECT k.date, k.symbol, k.sector,
+               {", ".join(f"k.{n}" for n in FEATURE_NAMES)},
+               k.fwd_ret,
+               k.fwd_ret - m.mean_fwd_ret AS fwd_ret_excess,
                CAST({horizon} AS INTEGER) AS fwd_horizon
-        FROM computed c JOIN {universe} u USING (date, symbol)
-        WHERE c.obs_no > {WARMUP_ROWS}
-        ORDER BY c.date, c.symbol
+        FROM kept k JOIN date_means m USING (date)
+        ORDER BY k.date, k.symbol
     """
 
 
@@ -90,11 +99,11 @@ def build_features(con: duckdb.DuckDBPyConnection, spec: LabelSpec, source: str 
                    universe: str = "universe") -> int:
     """Replace the `features` table; returns its row count."""
     con.execute(f"CREATE OR REPLACE TABLE {FEATURES_TABLE} AS {features_sql(source, universe, spec.horizon)}")
-    return con.execute(f"SELECT count(*) FROM {FEATURES_TABLE}").fetchone()[0]
+    return con.execute(f"SELECT count(*) FROM {FEATURES_TABLE}").fetchall()[0][0]
 
 
 def count_non_finite(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
     """Per feature: rows whose value is NULL, NaN or infinite (after the warm-up there must be none)."""
     exprs = ", ".join(f"count(*) FILTER (WHERE {n} IS NULL OR NOT isfinite({n})) AS {n}" for n in FEATURE_NAMES)
-    row = con.execute(f"SELECT {exprs} FROM {FEATURES_TABLE}").fetchone()
+    row = con.execute(f"SELECT {exprs} FROM {FEATURES_TABLE}").fetchall()[0]
     return dict(zip(FEATURE_NAMES, row, strict=True))

@@ -238,7 +238,7 @@ def ingest_market_data(
             FROM _staged WHERE reason IS NOT NULL
             ORDER BY source_file, source_row
         """)
-        n_read = con.execute("SELECT count(*) FROM _staged").fetchone()[0]
+        n_read = con.execute("SELECT count(*) FROM _staged").fetchall()[0][0]
         by_reason = dict(con.execute(
             "SELECT reason, count(*) FROM _staged WHERE reason IS NOT NULL GROUP BY reason"
         ).fetchall())

@@ -54,7 +54,7 @@ def build_universe(con: duckdb.DuckDBPyConnection, spec: UniverseSpec, source: s
         WHERE rank <= {spec.top_n}
         ORDER BY date, rank
     """)
-    return con.execute(f"SELECT count(*) FROM {UNIVERSE_TABLE}").fetchone()[0]
+    return con.execute(f"SELECT count(*) FROM {UNIVERSE_TABLE}").fetchall()[0][0]
 
 
 def universe_count_mismatches(con: duckdb.DuckDBPyConnection, spec: UniverseSpec,

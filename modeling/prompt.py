@@ -1,0 +1,187 @@
+"""The prompt: one stock-day as a zero-shot, regression-only chat for the LLM.
+
+One `PromptBuilder` serves training and inference, so the same row always gives the same text:
+
+    system: the analyst role and the regression task
+    user:   context (symbol, sector, date), then one line per registry feature with its short
+            definition, unit and value (3 significant digits), then the task for horizon h
+
+The messages are rendered with the tokenizer's own chat template
+(`apply_chat_template(..., add_generation_prompt=True)`), so a Llama 3 checkpoint sees its native
+format. Everything is compact on purpose: tokens cost training time linearly, and the feature
+definitions are the registry's short labels rather than full sentences.
+
+Batches are rendered column-wise (one formatting pass per feature, not per cell), and the chat template
+is rendered once per batch around a placeholder and verified against a direct
+`apply_chat_template` call on the first row of every batch, so a content-dependent template can
+never silently diverge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from modeling.feature_registry import FEATURES, FeatureSpec
+
+_PLACEHOLDER = "\u0000user-content\u0000"
+
+
+class PromptDataError(ValueError):
+    """A feature value cannot be written into a prompt (NaN or infinite)."""
+
+
+def format_value(value: float, sig_digits: int) -> str:
+    """Fixed significant digits, no trailing zeros, '-0' normalised to '0'."""
+    text = f"{value:.{sig_digits}g}"
+    return "0" if text in ("-0", "0") else text
+
+
+@dataclass(frozen=True)
+class PromptBuilder:
+    horizon: int = 1
+    """Label horizon in trading days, stated in the task."""
+    sig_digits: int = 3
+    """Significant digits of every feature value."""
+    features: tuple[FeatureSpec, ...] = FEATURES
+    """The registry entries, in prompt order."""
+
+    def __post_init__(self) -> None:
+        if self.horizon < 1:
+            raise ValueError(f"horizon must be >= 1, got {self.horizon}")
+        if not 1 <= self.sig_digits <= 8:
+            raise ValueError(f"sig_digits must be in [1, 8], got {self.sig_digits}")
+
+    # --- text ------------------------------------------------------------------------------------------
+    @property
+    def system_message(self) -> str:
+        return "You are a quantitative equity analyst. Regression task: answer with one number only."
+
+    @property
+    def task_line(self) -> str:
+        days = "next trading day" if self.horizon == 1 else f"next {self.horizon} trading days"
+        return f"Predict its return in % over the {days}."
+
+    def _line_prefixes(self) -> list[str]:
+        return [f"{f.label}{' ' + f.unit if f.unit else ''}=" for f in self.features]
+
+    def user_contents(self, frame: pd.DataFrame) -> list[str]:
+        """The user message of every row of `frame` (columns date, symbol, optional sector, features)."""
+        names = [f.name for f in self.features]
+        missing = [c for c in ("date", "symbol", *names) if c not in frame.columns]
+        if missing:
+            raise KeyError(f"prompt rows lack column(s) {missing}")
+        values = frame[names].to_numpy(dtype=float)
+        self._raise_on_non_finite(frame, values, names)
+        n = len(frame)
+        dates = pd.to_datetime(frame["date"]).dt.strftime("%Y-%m-%d").tolist()
+        symbols = frame["symbol"].astype(str).tolist()
+        if "sector" in frame.columns:
+            sectors = [f", sector {s}" if isinstance(s, str) and s else "" for s in frame["sector"].tolist()]
+        else:
+            sectors = [""] * n
+        headers = [
+            f"Stock {sym}{sec}, daily data to the close of {d}:"
+            for sym, sec, d in zip(symbols, sectors, dates, strict=True)
+        ]
+        scaled = values * np.array([f.prompt_scale for f in self.features])
+        digits = self.sig_digits
+        columns = [
+            [prefix + format_value(v, digits) for v in scaled[:, j].tolist()]
+            for j, prefix in enumerate(self._line_prefixes())
+        ]
+        task = self.task_line
+        return ["\n".join((header, *lines, task)) for header, *lines in zip(headers, *columns, strict=True)]
+
+    def _raise_on_non_finite(self, frame: pd.DataFrame, values: np.ndarray, names: list[str]) -> None:
+        bad = ~np.isfinite(values)
+        if bad.any():
+            row, col = map(int, np.argwhere(bad)[0])
+            date = pd.Timestamp(frame["date"].iloc[row]).strftime("%Y-%m-%d")
+            raise PromptDataError(
+                f"feature '{names[col]}' is {values[row, col]} for symbol {frame['symbol'].iloc[row]} on "
+                f"{date} ({int(bad.sum())} non-finite value(s) in this batch); prompts never contain NaN/inf"
+            )
+
+    def messages(self, row: Mapping | pd.Series) -> list[dict[str, str]]:
+        """The chat messages of one row."""
+        frame = pd.DataFrame([dict(row)])
+        return self._messages(self.user_contents(frame)[0])
+
+    def _messages(self, user_content: str) -> list[dict[str, str]]:
+        return [{"role": "system", "content": self.system_message}, {"role": "user", "content": user_content}]
+
+    # --- chat template ---------------------------------------------------------------------------------
+    def render(self, row: Mapping | pd.Series, tokenizer) -> str:
+        """One row, rendered by the tokenizer's chat template (the reference path)."""
+        return tokenizer.apply_chat_template(self.messages(row), tokenize=False, add_generation_prompt=True)
+
+    def _template_parts(self, tokenizer) -> tuple[str, str]:
+        rendered = tokenizer.apply_chat_template(
+            self._messages(_PLACEHOLDER), tokenize=False, add_generation_prompt=True
+        )
+        if rendered.count(_PLACEHOLDER) != 1:
+            raise ValueError("the chat template does not place the user content exactly once")
+        prefix, suffix = rendered.split(_PLACEHOLDER)
+        return prefix, suffix
+
+    def render_batch(self, frame: pd.DataFrame, tokenizer) -> list[str]:
+        """Every row of `frame`, rendered; identical to `render` row by row (checked on the first row)."""
+        contents = self.user_contents(frame)
+        if not contents:
+            return []
+        prefix, suffix = self._template_parts(tokenizer)
+        prompts = [prefix + c + suffix for c in contents]
+        reference = tokenizer.apply_chat_template(
+            self._messages(contents[0]), tokenize=False, add_generation_prompt=True
+        )
+        if prompts[0] != reference:
+            raise RuntimeError("the chat template depends on the message content; render rows one by one")
+        return prompts
+
+    def build(self, frame: pd.DataFrame, tokenizer, batch_size: int = 8192) -> tuple[list[str], np.ndarray]:
+        """Prompts and their token counts, in batches (tokenised by the fast tokenizer in parallel).
+
+        The template already writes the BOS token, so tokenisation adds no special tokens.
+        """
+        prompts: list[str] = []
+        counts: list[np.ndarray] = []
+        for start in range(0, len(frame), batch_size):
+            batch = self.render_batch(frame.iloc[start : start + batch_size], tokenizer)
+            ids = tokenizer(batch, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+            prompts.extend(batch)
+            counts.append(np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids)))
+        n_tokens = np.concatenate(counts) if counts else np.zeros(0, dtype=np.int32)
+        return prompts, n_tokens
+
+
+def tokenizer_training_texts(
+    builder: PromptBuilder, n_rows: int = 20_000, seed: int = 0, symbols: Sequence[str] | None = None
+) -> list[str]:
+    """Prompt-like text for training the embedded tokenizer: random but plausible feature rows.
+
+    Only the text statistics matter (words of the template, digits, signs), not the values.
+    """
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
+    if symbols is None:
+        symbols = ["".join(rng.choice(letters, size=int(rng.integers(2, 6)))) for _ in range(500)]
+    frame = pd.DataFrame(
+        {
+            "date": pd.Timestamp("2000-01-03") + pd.to_timedelta(rng.integers(0, 365 * 30, n_rows), unit="D"),
+            "symbol": rng.choice(np.asarray(symbols), n_rows),
+            "sector": rng.choice(
+                ["Technology", "Healthcare", "Financials", "Energy", "Utilities", ""], n_rows
+            ),
+        }
+    )
+    for f in builder.features:
+        # log-normal magnitudes with random signs cover the range of digits and exponents
+        frame[f.name] = (
+            rng.choice([-1.0, 1.0], n_rows) * np.exp(rng.normal(-3.0, 2.0, n_rows)) / f.prompt_scale
+        )
+    system = builder.system_message
+    return [f"system\n{system}\nuser\n{content}\nassistant\n" for content in builder.user_contents(frame)]

@@ -1,0 +1,157 @@
+"""The prompt: golden text, chat template, token counts, NaN errors, batch == row-by-row."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from tokenizers import Tokenizer, pre_tokenizers
+
+from modeling.feature_registry import FEATURE_NAMES
+from modeling.prompt import PromptBuilder, PromptDataError, format_value
+
+ROW = {
+    "date": pd.Timestamp("2021-03-04"),
+    "symbol": "ACME",
+    "sector": "Technology",
+    "ret_1d": 0.012345,
+    "ret_5d": -0.0321,
+    "ret_20d": 0.0,
+    "ret_60d": 0.25,
+    "vol_20d": 0.0154,
+    "vol_60d": 0.02,
+    "hl_range_20d": 0.031,
+    "ma_gap_20d": -0.00456,
+    "ma_gap_60d": 0.1,
+    "rsi_14d": 55.55,
+    "dist_high_60d": -0.12,
+    "volume_ratio_5_20d": 1.2345,
+    "log_dollar_volume_20d": 18.4567,
+    "amihud_20d": 0.0789,
+    "max_ret_20d": 0.05,
+    "overnight_gap": -0.001,
+}
+
+GOLDEN = (
+    "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+    "You are a quantitative equity analyst. Regression task: answer with one number only.<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\n"
+    "Stock ACME, sector Technology, daily data to the close of 2021-03-04:\n"
+    "1d return %=1.23\n"
+    "5d return %=-3.21\n"
+    "20d return %=0\n"
+    "60d return %=25\n"
+    "20d daily vol %=1.54\n"
+    "60d daily vol %=2\n"
+    "20d high-low range %=3.1\n"
+    "close vs 20d SMA %=-0.456\n"
+    "close vs 60d SMA %=10\n"
+    "14d RSI=55.5\n"
+    "close vs 60d high %=-12\n"
+    "5d/20d volume ratio=1.23\n"
+    "20d log dollar volume=18.5\n"
+    "20d Amihud per $1B=0.0789\n"
+    "20d max daily return %=5\n"
+    "overnight gap %=-0.1\n"
+    "Predict its return in % over the next trading day.<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n"
+)
+
+
+def _frame(n: int = 50, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame(
+        {
+            "date": pd.bdate_range("2022-01-03", periods=n),
+            "symbol": [f"S{i:03d}" for i in range(n)],
+            "sector": rng.choice(["Energy", None], n),
+        }
+    )
+    for name in FEATURE_NAMES:
+        frame[name] = rng.normal(0, 0.05, n)
+    return frame
+
+
+def test_golden_prompt(prompt_tokenizer):
+    assert PromptBuilder(horizon=1).render(ROW, prompt_tokenizer) == GOLDEN
+
+
+def test_chat_template_is_applied(prompt_tokenizer):
+    builder = PromptBuilder(horizon=5)
+    text = builder.render(ROW, prompt_tokenizer)
+    messages = builder.messages(ROW)
+    assert [m["role"] for m in messages] == ["system", "user"]
+    assert text == prompt_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n")
+    assert text.endswith("<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert "over the next 5 trading days." in text
+    ids = prompt_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids[0] == prompt_tokenizer.convert_tokens_to_ids("<|begin_of_text|>")
+    assert ids.count(prompt_tokenizer.convert_tokens_to_ids("<|start_header_id|>")) == 3  # one BOS, 3 turns
+
+
+def test_batch_equals_row_by_row_and_token_counts(prompt_tokenizer):
+    builder = PromptBuilder()
+    frame = _frame()
+    prompts, n_tokens = builder.build(frame, prompt_tokenizer, batch_size=16)  # several batches
+    assert len(prompts) == len(frame) == len(n_tokens)
+    for i in (0, 17, 49):
+        assert prompts[i] == builder.render(frame.iloc[i], prompt_tokenizer)
+        assert n_tokens[i] == len(prompt_tokenizer(prompts[i], add_special_tokens=False)["input_ids"])
+    no_sector = int(frame.sector.isna().to_numpy().argmax())
+    assert f"Stock S{no_sector:03d}, daily data to the close of" in prompts[no_sector]
+    assert "sector Energy" in prompts[int(frame.sector.notna().to_numpy().argmax())]
+
+
+def test_nan_feature_is_a_clear_error(prompt_tokenizer):
+    frame = _frame()
+    frame.loc[7, "vol_60d"] = np.nan
+    frame.loc[9, "ret_1d"] = np.inf
+    with pytest.raises(PromptDataError) as err:
+        PromptBuilder().build(frame, prompt_tokenizer)
+    message = str(err.value)
+    assert "'vol_60d'" in message and "S007" in message and "2022-01-12" in message
+    with pytest.raises(PromptDataError, match="'ret_1d' is inf for symbol S009"):
+        PromptBuilder().user_contents(frame.drop(index=7))
+
+
+def test_values_never_print_nan_and_use_fixed_significant_digits():
+    assert format_value(0.0123456, 3) == "0.0123"
+    assert format_value(-1234.5, 3) == "-1.23e+03"
+    assert format_value(-0.0, 3) == "0"
+    assert format_value(18.4567, 3) == "18.5"
+    contents = PromptBuilder().user_contents(_frame())
+    assert not any("nan" in c or "inf" in c for c in contents)
+
+
+def test_numbers_tokenize_digit_by_digit(prompt_tokenizer):
+    tokens = prompt_tokenizer.tokenize("5d return %=-3.21")
+    assert [t for t in tokens if any(ch.isdigit() for ch in t)] == ["5", "3", "2", "1"]
+
+
+def test_fast_encoding_pre_tokenizer_gives_the_regex_ids(prompt_tokenizer):
+    """The embedded tokenizer encodes without the GPT-2 regex split for speed; on prompt text the ids
+    must equal those of the regex pre-tokenizer the merges were learnt with."""
+    fast = prompt_tokenizer.backend_tokenizer
+    reference = Tokenizer.from_str(fast.to_str())
+    reference.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    prompts, _ = PromptBuilder().build(_frame(200, seed=3), prompt_tokenizer)
+    prompts += [
+        PromptBuilder(horizon=20).render(ROW, prompt_tokenizer),
+        "  multiple   spaces\n\n and 12,345.6 $",
+    ]
+    for text in prompts:
+        assert (
+            fast.encode(text, add_special_tokens=False).ids
+            == reference.encode(text, add_special_tokens=False).ids
+        )
+
+
+def test_missing_column_and_bad_config():
+    with pytest.raises(KeyError, match="rsi_14d"):
+        PromptBuilder().user_contents(_frame().drop(columns="rsi_14d"))
+    with pytest.raises(ValueError, match="horizon"):
+        PromptBuilder(horizon=0)
