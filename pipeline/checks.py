@@ -1,13 +1,18 @@
 """Asset checks: one per property a downstream user relies on."""
 
+import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetKey, Config, MetadataValue, asset_check
 from pydantic import Field
 
+from modeling.base_model import describe_base_model, resolve_base_model_dir
 from modeling.data.features import FEATURES_TABLE, LABEL_COLUMNS, count_non_finite
 from modeling.data.ingest import RAW_TABLE, REJECTS_TABLE
+from modeling.data.parquet_io import read_parquet_metadata
 from modeling.data.universe import UniverseSpec, universe_count_mismatches
 from modeling.feature_registry import FEATURE_NAMES, WARMUP_ROWS
-from pipeline.resources import WarehouseResource
+from pipeline.resources import StorageResource, WarehouseResource
 
 
 class RejectShareConfig(Config):
@@ -116,3 +121,73 @@ ALL_CHECKS = [
     features_finite,
     first_feature_date_after_warmup,
 ]
+
+
+def _training_set(storage: StorageResource) -> pd.DataFrame:
+    return pd.read_parquet(storage.parquet_path("training_set"), columns=["date", "split", "weight", "label"])
+
+
+@asset_check(
+    asset="training_set",
+    description="No train label window (t, t+h] reaches a validation or test "
+    "date, and no validation window reaches a test date.",
+)
+def splits_are_purged(storage: StorageResource, warehouse: WarehouseResource) -> AssetCheckResult:
+    horizon = int(read_parquet_metadata(storage.parquet_path("training_set"))["horizon"])
+    frame = _training_set(storage)
+    with warehouse.get_connection() as con:
+        calendar = pd.DatetimeIndex(
+            con.execute(f"SELECT DISTINCT date FROM {RAW_TABLE} ORDER BY 1").df()["date"]
+        )
+    position = {d: i for i, d in enumerate(calendar)}
+    first = frame.groupby("split")["date"].min()
+    last = frame.groupby("split")["date"].max()
+    gaps = {
+        "train->validation": position[first["validation"]] - position[last["train"]],
+        "validation->test": position[first["test"]] - position[last["validation"]],
+    }
+    # the label of the last date t of a segment ends at t+h, which must come before the next segment's start
+    return AssetCheckResult(
+        passed=all(g > horizon for g in gaps.values()),
+        metadata={"horizon": horizon, "gap_in_trading_days": MetadataValue.json(gaps)},
+    )
+
+
+@asset_check(asset="training_set", description="Train weights have mean 1; validation and test weigh 1.")
+def weights_are_normalised(storage: StorageResource) -> AssetCheckResult:
+    frame = _training_set(storage)
+    train_mean = float(frame.loc[frame["split"] == "train", "weight"].mean())
+    others_one = bool((frame.loc[frame["split"] != "train", "weight"] == 1.0).all())
+    return AssetCheckResult(
+        passed=abs(train_mean - 1.0) < 1e-9 and others_one,
+        metadata={"train_weight_mean": train_mean, "eval_weights_all_one": others_one},
+    )
+
+
+@asset_check(asset="prompt_corpus", description="Every prompt fits the base model's context window.")
+def prompts_fit_context(storage: StorageResource) -> AssetCheckResult:
+    model_dir, _ = resolve_base_model_dir(storage.base_model, storage.root)
+    limit = describe_base_model(model_dir)["max_position_embeddings"]
+    longest = int(
+        pq.read_table(storage.parquet_path("prompt_corpus"), columns=["n_tokens"])["n_tokens"]
+        .to_numpy()
+        .max(initial=0)
+    )
+    return AssetCheckResult(
+        passed=limit is None or longest <= limit,
+        metadata={"longest_prompt_tokens": longest, "context_window": limit or -1},
+    )
+
+
+@asset_check(asset="prompt_corpus", description="One prompt per training-set row, none with NaN/inf text.")
+def prompts_cover_training_set(storage: StorageResource) -> AssetCheckResult:
+    n_rows = pq.read_metadata(storage.parquet_path("training_set")).num_rows
+    prompts = pq.read_table(storage.parquet_path("prompt_corpus"), columns=["prompt"])["prompt"]
+    n_bad = int(pc.sum(pc.match_substring_regex(prompts, r"=-?(nan|inf)\b")).as_py() or 0)
+    return AssetCheckResult(
+        passed=len(prompts) == n_rows and n_bad == 0,
+        metadata={"training_set_rows": n_rows, "prompts": len(prompts), "nan_prompts": n_bad},
+    )
+
+
+ALL_CHECKS += [splits_are_purged, weights_are_normalised, prompts_fit_context, prompts_cover_training_set]

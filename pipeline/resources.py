@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import duckdb
 from dagster import ConfigurableResource
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
@@ -13,14 +15,33 @@ from pipeline.settings import Settings
 
 
 class WarehouseResource(DuckDBResource):
-    """DuckDB `warehouse.duckdb` under DATA_DIR; creates the directory on first use."""
+    """DuckDB `warehouse.duckdb` under DATA_DIR.
+
+    Unlike the base class, the connection is closed even when the step fails (DuckDB keeps one database
+    instance per file and process, so a leaked connection would block later ones), and the directory
+    is created on first use. Opening retries while another process holds the file lock.
+    """
 
     @contextmanager
     def get_connection(self):
         if self.database != ":memory:":
             Path(self.database).parent.mkdir(parents=True, exist_ok=True)
-        with super().get_connection() as conn:
+        conn = self._connect_with_retries()
+        try:
             yield conn
+        finally:
+            conn.close()
+
+    def _connect_with_retries(self, attempts: int = 10) -> duckdb.DuckDBPyConnection:
+        """Another process (a check, a parallel step) may hold the write lock for a while: back off."""
+        for attempt in range(attempts):
+            try:
+                return duckdb.connect(self.database, config=dict(self.connection_config))
+            except duckdb.IOException:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(min(0.1 * 2**attempt, 10.0))
+        raise AssertionError("unreachable")
 
 
 class StorageResource(ConfigurableResource):

@@ -3,10 +3,9 @@
 import numpy as np
 import pandas as pd
 import pytest
-from tokenizers import Tokenizer, pre_tokenizers
 
 from modeling.feature_registry import FEATURE_NAMES
-from modeling.prompt import PromptBuilder, PromptDataError, format_value
+from modeling.prompt import PromptBuilder, PromptDataError, count_tokens, format_value
 
 ROW = {
     "date": pd.Timestamp("2021-03-04"),
@@ -34,18 +33,18 @@ GOLDEN = (
     "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
     "You are a quantitative equity analyst. Regression task: answer with one number only.<|eot_id|>"
     "<|start_header_id|>user<|end_header_id|>\n\n"
-    "Stock ACME, sector Technology, daily data to the close of 2021-03-04:\n"
+    "Stock ACME (Technology), daily data at the 2021-03-04 close:\n"
     "1d return %=1.23\n"
     "5d return %=-3.21\n"
     "20d return %=0\n"
     "60d return %=25\n"
-    "20d daily vol %=1.54\n"
-    "60d daily vol %=2\n"
+    "20d vol %=1.54\n"
+    "60d vol %=2\n"
     "20d high-low range %=3.1\n"
-    "close vs 20d SMA %=-0.456\n"
-    "close vs 60d SMA %=10\n"
+    "20d SMA gap %=-0.456\n"
+    "60d SMA gap %=10\n"
     "14d RSI=55.5\n"
-    "close vs 60d high %=-12\n"
+    "60d high gap %=-12\n"
     "5d/20d volume ratio=1.23\n"
     "20d log dollar volume=18.5\n"
     "20d Amihud per $1B=0.0789\n"
@@ -97,8 +96,8 @@ def test_batch_equals_row_by_row_and_token_counts(prompt_tokenizer):
         assert prompts[i] == builder.render(frame.iloc[i], prompt_tokenizer)
         assert n_tokens[i] == len(prompt_tokenizer(prompts[i], add_special_tokens=False)["input_ids"])
     no_sector = int(frame.sector.isna().to_numpy().argmax())
-    assert f"Stock S{no_sector:03d}, daily data to the close of" in prompts[no_sector]
-    assert "sector Energy" in prompts[int(frame.sector.notna().to_numpy().argmax())]
+    assert f"Stock S{no_sector:03d}, daily data at the" in prompts[no_sector]
+    assert "(Energy), daily data" in prompts[int(frame.sector.notna().to_numpy().argmax())]
 
 
 def test_nan_feature_is_a_clear_error(prompt_tokenizer):
@@ -127,27 +126,21 @@ def test_numbers_tokenize_digit_by_digit(prompt_tokenizer):
     assert [t for t in tokens if any(ch.isdigit() for ch in t)] == ["5", "3", "2", "1"]
 
 
-def test_fast_encoding_pre_tokenizer_gives_the_regex_ids(prompt_tokenizer):
-    """The embedded tokenizer encodes without the GPT-2 regex split for speed; on prompt text the ids
-    must equal those of the regex pre-tokenizer the merges were learnt with."""
-    fast = prompt_tokenizer.backend_tokenizer
-    reference = Tokenizer.from_str(fast.to_str())
-    reference.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ]
-    )
-    prompts, _ = PromptBuilder().build(_frame(200, seed=3), prompt_tokenizer)
+def test_tokenizer_is_lossless_and_counts_match_the_generic_call(prompt_tokenizer):
+    """The embedded tokenizer encodes without the regex split: it must still be lossless, keep digits
+    apart, and `count_tokens` (Rust backend) must agree with `tokenizer(...)`."""
+    prompts, n_tokens = PromptBuilder().build(_frame(200, seed=3), prompt_tokenizer)
     prompts += [
         PromptBuilder(horizon=20).render(ROW, prompt_tokenizer),
-        "  multiple   spaces\n\n and 12,345.6 $",
+        "  multiple   spaces\n\n and 12,345.6 $ é",
     ]
-    for text in prompts:
-        assert (
-            fast.encode(text, add_special_tokens=False).ids
-            == reference.encode(text, add_special_tokens=False).ids
-        )
+    generic = [len(ids) for ids in prompt_tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    assert count_tokens(prompt_tokenizer, prompts, chunk=7).tolist() == generic
+    assert n_tokens.tolist() == generic[:200]
+    for text in prompts[-3:]:
+        ids = prompt_tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert prompt_tokenizer.decode(ids) == text
+    assert "1" in prompt_tokenizer.tokenize("12,345")[0] and len(prompt_tokenizer.tokenize("12345")) == 5
 
 
 def test_missing_column_and_bad_config():

@@ -54,6 +54,8 @@ def features_sql(source: str, universe: str, horizon: int) -> str:
                    (m.high - m.low) / m.close AS hl,
                    row_number() OVER w_sym AS obs_no
             FROM {source} m JOIN calendar c USING (date)
+            -- a symbol's features read only its own rows: skip symbols that never enter the universe
+            WHERE m.symbol IN (SELECT DISTINCT symbol FROM {universe})
             WINDOW w_sym AS (PARTITION BY m.symbol ORDER BY c.day_idx)
         ),
         basics2 AS (

@@ -200,12 +200,17 @@ def ingest_market_data(
         con.execute(f"CREATE OR REPLACE TEMP TABLE _staged AS SELECT *, {_ROW_REASON_SQL} AS reason FROM ({union})")
         # Duplicates among rows that are otherwise valid: identical copies keep the first (by file,
         # row), copies that disagree are all rejected because we cannot tell which one is right.
+        # Two steps: the duplicated keys are few, so versions are only counted for them.
         con.execute("""
             CREATE OR REPLACE TEMP TABLE _dupes AS
-            SELECT date, symbol,
-                   count(DISTINCT (open, high, low, close, volume, coalesce(sector, ''))) AS n_versions
-            FROM _staged WHERE reason IS NULL
-            GROUP BY date, symbol HAVING count(*) > 1
+            WITH keys AS (
+                SELECT date, symbol FROM _staged WHERE reason IS NULL GROUP BY date, symbol HAVING count(*) > 1
+            )
+            SELECT s.date, s.symbol,
+                   count(DISTINCT (s.open, s.high, s.low, s.close, s.volume, coalesce(s.sector, ''))) AS n_versions
+            FROM _staged s JOIN keys k ON s.date = k.date AND s.symbol = k.symbol
+            WHERE s.reason IS NULL
+            GROUP BY s.date, s.symbol
         """)
         con.execute("""
             UPDATE _staged AS s SET reason = CASE WHEN d.n_versions > 1 THEN 'conflicting_duplicate'

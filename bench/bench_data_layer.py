@@ -1,0 +1,219 @@
+"""Benchmark: raw_market_data -> universe -> features, DuckDB path vs the pandas reference of the tests.
+
+Workloads: synthetic markets of N symbols x Y years, every symbol listed all the time so that the
+row count is exactly N x 252 Y (500 x 10 = 1.26M rows, 3000 x 10 = 7.56M rows). The market is
+written once to Parquet (the realistic input of `raw_market_data`); each path then runs in a fresh
+process so that its peak RSS is its own.
+
+    python bench/bench_data_layer.py                      # both workloads, updates BENCHMARKS.md
+    python bench/bench_data_layer.py --workloads 500x10   # one workload
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import OUT, machine, peak_rss_gib, save_json, write_section
+
+COMMAND = "python bench/bench_data_layer.py"
+
+
+def _market_path(n_symbols: int, years: float) -> Path:
+    return OUT / f"market_{n_symbols}x{years:g}y.parquet"
+
+
+def stage_generate(n_symbols: int, years: float) -> dict:
+    from modeling.data.synthetic import SyntheticMarketConfig, generate_synthetic_market
+
+    start = time.perf_counter()
+    market = generate_synthetic_market(
+        SyntheticMarketConfig(
+            n_symbols=n_symbols, n_years=years, seed=7, late_listing_share=0.0, delisting_share=0.0
+        )
+    )
+    seconds = time.perf_counter() - start
+    path = _market_path(n_symbols, years)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    market.frame.to_parquet(path)
+    return {
+        "rows": len(market.frame),
+        "generate_s": seconds,
+        "oracle_ic_universe": market.oracle["oracle_ic_universe"],
+    }
+
+
+def stage_duckdb(path: Path) -> dict:
+    import duckdb
+
+    from modeling.data.features import LabelSpec, build_features
+    from modeling.data.ingest import ingest_market_data
+    from modeling.data.universe import UniverseSpec, build_universe
+
+    db = OUT / "bench_warehouse.duckdb"
+    db.unlink(missing_ok=True)
+    con = duckdb.connect(str(db))
+    out: dict = {}
+    start = time.perf_counter()
+    report = ingest_market_data(con, sources=[path])
+    out["ingest"] = {
+        "s": time.perf_counter() - start,
+        "rows_in": report.n_read,
+        "rows_out": report.n_accepted,
+        "peak_rss_gib": peak_rss_gib(),
+    }
+    start = time.perf_counter()
+    n_universe = build_universe(con, UniverseSpec())
+    out["universe"] = {
+        "s": time.perf_counter() - start,
+        "rows_in": report.n_accepted,
+        "rows_out": n_universe,
+        "peak_rss_gib": peak_rss_gib(),
+    }
+    start = time.perf_counter()
+    n_features = build_features(con, LabelSpec())
+    out["features"] = {
+        "s": time.perf_counter() - start,
+        "rows_in": report.n_accepted,
+        "rows_out": n_features,
+        "peak_rss_gib": peak_rss_gib(),
+    }
+    con.close()
+    db.unlink(missing_ok=True)
+    return out
+
+
+def stage_pandas(path: Path) -> dict:
+    import pandas as pd
+
+    from tests.pandas_reference import reference_features, reference_universe
+
+    out: dict = {}
+    start = time.perf_counter()
+    raw = pd.read_parquet(path)
+    out["read"] = {
+        "s": time.perf_counter() - start,
+        "rows_in": len(raw),
+        "rows_out": len(raw),
+        "peak_rss_gib": peak_rss_gib(),
+    }
+    start = time.perf_counter()
+    universe = reference_universe(raw)
+    out["universe"] = {
+        "s": time.perf_counter() - start,
+        "rows_in": len(raw),
+        "rows_out": len(universe),
+        "peak_rss_gib": peak_rss_gib(),
+    }
+    start = time.perf_counter()
+    features = reference_features(raw, universe)
+    out["features"] = {
+        "s": time.perf_counter() - start,
+        "rows_in": len(raw),
+        "rows_out": len(features),
+        "peak_rss_gib": peak_rss_gib(),
+    }
+    return out
+
+
+def _in_subprocess(*args: str) -> dict:
+    result = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"bench stage {args} failed:\n{result.stderr}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _markdown(results: dict) -> str:
+    lines = [
+        "## Data layer: ingest -> universe -> features (issue 2)",
+        "",
+        f"Command: `{COMMAND}`. Machine: {results['machine']['cores']} cores ({results['machine']['cpu']}), "
+        f"{results['machine']['memory']}. DuckDB uses all cores; input is one Parquet file of a synthetic "
+        "market with every symbol listed the whole period. Peak RSS is the process peak after the stage "
+        "(each path runs in a fresh process). rows/s = input rows / wall time.",
+        "",
+        "| workload | rows | path | ingest s | universe s | features s | total s | rows/s (total) | peak RSS GiB |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for w in results["workloads"]:
+        d, p = w["duckdb"], w.get("pandas")
+        total = d["ingest"]["s"] + d["universe"]["s"] + d["features"]["s"]
+        lines.append(
+            f"| {w['name']} | {w['rows']:,} | DuckDB | {d['ingest']['s']:.2f} | {d['universe']['s']:.2f} | "
+            f"{d['features']['s']:.2f} | {total:.2f} | {w['rows'] / total:,.0f} | "
+            f"{d['features']['peak_rss_gib']:.2f} |"
+        )
+        if p:
+            ptotal = p["universe"]["s"] + p["features"]["s"]
+            lines.append(
+                f"| {w['name']} | {w['rows']:,} | pandas reference | read {p['read']['s']:.2f} | "
+                f"{p['universe']['s']:.2f} | {p['features']['s']:.2f} | {ptotal:.2f} (+read) | "
+                f"{w['rows'] / ptotal:,.0f} | {p['features']['peak_rss_gib']:.2f} |"
+            )
+    lines += [
+        "",
+        "Speed-up of DuckDB over the pandas reference (pandas time / DuckDB time; the reference "
+        "has no ingestion step, so the ratio covers universe + features):",
+        "",
+        "| workload | universe | features | universe + features |",
+        "|---|---:|---:|---:|",
+    ]
+    for w in results["workloads"]:
+        if w.get("pandas"):
+            d, p = w["duckdb"], w["pandas"]
+            lines.append(
+                f"| {w['name']} | {p['universe']['s'] / d['universe']['s']:.1f}x | "
+                f"{p['features']['s'] / d['features']['s']:.1f}x | "
+                f"{(p['universe']['s'] + p['features']['s']) / (d['universe']['s'] + d['features']['s']):.1f}x |"
+            )
+    lines += [
+        "",
+        "Synthetic market generation (not part of the pipeline timing): "
+        + ", ".join(f"{w['name']}: {w['generate_s']:.1f} s" for w in results["workloads"])
+        + ".",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workloads", default="500x10,3000x10", help="comma-separated NxYEARS")
+    parser.add_argument("--skip-pandas", action="store_true")
+    parser.add_argument("--stage", choices=["generate", "duckdb", "pandas"], help=argparse.SUPPRESS)
+    parser.add_argument("--arg", action="append", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.stage == "generate":
+        print(json.dumps(stage_generate(int(args.arg[0]), float(args.arg[1]))))
+        return
+    if args.stage in ("duckdb", "pandas"):
+        fn = stage_duckdb if args.stage == "duckdb" else stage_pandas
+        print(json.dumps(fn(Path(args.arg[0]))))
+        return
+
+    results = {"machine": machine(), "workloads": []}
+    for spec in args.workloads.split(","):
+        n_symbols, years = spec.lower().split("x")
+        gen = _in_subprocess("--stage", "generate", "--arg", n_symbols, "--arg", years)
+        path = _market_path(int(n_symbols), float(years))
+        entry = {
+            "name": f"{n_symbols} symbols x {years} y",
+            **gen,
+            "duckdb": _in_subprocess("--stage", "duckdb", "--arg", str(path)),
+        }
+        if not args.skip_pandas:
+            entry["pandas"] = _in_subprocess("--stage", "pandas", "--arg", str(path))
+        results["workloads"].append(entry)
+        print(json.dumps(entry, indent=1))
+    save_json("data_layer", results)
+    write_section("data_layer", _markdown(results))
+
+
+if __name__ == "__main__":
+    main()

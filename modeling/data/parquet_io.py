@@ -1,0 +1,57 @@
+"""Atomic Parquet output: a failed write never replaces the previous good file.
+
+Files are written next to their destination under a temporary name and renamed into place only when
+complete (`os.replace` is atomic on one filesystem). JSON metadata travels in the Parquet schema, so
+a file describes itself (label scaling, split plan, ...) without a side file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+METADATA_KEY = b"pipeline"
+
+
+def _with_metadata(schema: pa.Schema, metadata: dict | None) -> pa.Schema:
+    if metadata is None:
+        return schema
+    return schema.with_metadata({**(schema.metadata or {}), METADATA_KEY: json.dumps(metadata).encode()})
+
+
+@contextmanager
+def atomic_parquet_writer(path: Path, schema: pa.Schema, metadata: dict | None = None) -> Iterator[pq.ParquetWriter]:
+    """Stream row groups into `path`; on any error the destination is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    writer = pq.ParquetWriter(tmp, _with_metadata(schema, metadata), compression="zstd")
+    try:
+        yield writer
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_parquet_atomic(frame: pd.DataFrame, path: Path, metadata: dict | None = None) -> Path:
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    with atomic_parquet_writer(path, table.schema, metadata) as writer:
+        writer.write_table(table, row_group_size=256_000)
+    return Path(path)
+
+
+def read_parquet_metadata(path: Path) -> dict:
+    """The JSON metadata written with the file ({} if none)."""
+    raw = (pq.read_schema(path).metadata or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else {}

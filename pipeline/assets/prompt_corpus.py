@@ -1,0 +1,103 @@
+import time
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from dagster import Config, MaterializeResult, MetadataValue, asset
+from pydantic import Field
+
+from modeling.base_model import load_tokenizer, resolve_base_model_dir
+from modeling.data.parquet_io import atomic_parquet_writer, read_parquet_metadata
+from modeling.prompt import PromptBuilder
+from pipeline.metadata import relation_metadata
+from pipeline.resources import StorageResource, WarehouseResource
+
+PROMPT_SCHEMA = pa.schema(
+    [
+        ("date", pa.timestamp("us")),
+        ("symbol", pa.string()),
+        ("split", pa.string()),
+        ("label", pa.float64()),
+        ("weight", pa.float64()),
+        ("prompt", pa.string()),
+        ("n_tokens", pa.int32()),
+    ]
+)
+
+
+class PromptCorpusConfig(Config):
+    sig_digits: int = Field(default=3, ge=1, le=8, description="Significant digits of each feature value.")
+    batch_size: int = Field(default=8192, ge=1, description="Rows rendered and tokenised per batch.")
+
+
+@asset(group_name="training_data", kinds={"parquet"}, deps=["training_set", "base_model"])
+def prompt_corpus(
+    config: PromptCorpusConfig, storage: StorageResource, warehouse: WarehouseResource
+) -> MaterializeResult:
+    """One chat-formatted, zero-shot regression prompt per training-set row (train, validation, test and
+    live), rendered with the base model's chat template, with its token count.
+    """
+    source = storage.parquet_path("training_set")
+    horizon = int(read_parquet_metadata(source)["horizon"])
+    rows = pd.read_parquet(source)
+    model_dir, _ = resolve_base_model_dir(storage.base_model, storage.root)
+    tokenizer = load_tokenizer(model_dir)
+    builder = PromptBuilder(horizon=horizon, sig_digits=config.sig_digits)
+
+    path = storage.parquet_path("prompt_corpus")
+    counts: list[np.ndarray] = []
+    started = time.perf_counter()
+    with atomic_parquet_writer(
+        path,
+        PROMPT_SCHEMA,
+        metadata={"horizon": horizon, "base_model": str(model_dir), "sig_digits": config.sig_digits},
+    ) as writer:
+        for start, (prompts, n_tokens) in zip(
+            range(0, len(rows), config.batch_size),
+            builder.iter_batches(rows, tokenizer, config.batch_size),
+            strict=True,
+        ):
+            part = rows.iloc[start : start + config.batch_size]
+            writer.write_table(
+                pa.table(
+                    {
+                        "date": part["date"].to_numpy(dtype="datetime64[us]"),
+                        "symbol": part["symbol"].astype(str),
+                        "split": part["split"].astype(str),
+                        "label": part["label"].to_numpy(float),
+                        "weight": part["weight"].to_numpy(float),
+                        "prompt": prompts,
+                        "n_tokens": n_tokens,
+                    },
+                    schema=PROMPT_SCHEMA,
+                )
+            )
+            counts.append(n_tokens)
+    elapsed = time.perf_counter() - started
+    n_tokens = np.concatenate(counts) if counts else np.zeros(0, dtype=np.int32)
+    sample = builder.render(rows.iloc[0], tokenizer) if len(rows) else ""
+    with warehouse.get_connection() as con:
+        con.execute(f"CREATE OR REPLACE VIEW prompt_corpus AS SELECT * FROM read_parquet('{path}')")
+        metadata = relation_metadata(
+            con, "prompt_corpus", preview_columns=["date", "symbol", "split", "label", "weight", "n_tokens"]
+        )
+    quantiles = np.percentile(n_tokens, [0, 5, 50, 95, 100]) if len(n_tokens) else np.zeros(5)
+    return MaterializeResult(
+        metadata={
+            **metadata,
+            "path": MetadataValue.path(str(path)),
+            "base_model": MetadataValue.path(str(model_dir)),
+            "mean_tokens_per_prompt": MetadataValue.float(
+                round(float(n_tokens.mean()), 2) if len(n_tokens) else 0.0
+            ),
+            "total_tokens": MetadataValue.int(int(n_tokens.sum())),
+            "token_count_distribution": MetadataValue.md(
+                "| min | p5 | median | p95 | max |\n|---|---|---|---|---|\n| "
+                + " | ".join(f"{q:.0f}" for q in quantiles)
+                + " |"
+            ),
+            "prompts_per_second": MetadataValue.float(round(len(rows) / elapsed, 1) if elapsed > 0 else 0.0),
+            "rows_by_split": MetadataValue.json(rows["split"].value_counts().to_dict()),
+            "sample_prompt": MetadataValue.md(f"```\n{sample}\n```"),
+        }
+    )

@@ -1,0 +1,138 @@
+"""The Dagster layer: the whole chain materialises in-process on a small synthetic market."""
+
+import importlib
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pytest
+from dagster import AssetKey, materialize
+
+from modeling.base_model import load_backbone, load_tokenizer
+from pipeline.assets import ALL_ASSETS
+from pipeline.checks import ALL_CHECKS
+from pipeline.resources import build_resources
+from pipeline.settings import Settings
+
+SMALL_RUN = {
+    "ops": {
+        "raw_market_data": {"config": {"synthetic_n_symbols": 90, "synthetic_years": 1.2}},
+        "universe": {"config": {"top_n": 40}},
+        "base_model": {
+            "config": {"vocab_size": 600, "tokenizer_rows": 1500, "hidden_size": 32, "intermediate_size": 64}
+        },
+    }
+}
+COMMON_METADATA = {"dagster/row_count", "date_range", "symbol_count", "preview"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("data")
+    settings = Settings.from_env({"DATA_DIR": str(data_dir)})
+    result = materialize(ALL_ASSETS + ALL_CHECKS, resources=build_resources(settings), run_config=SMALL_RUN)
+    return result, settings
+
+
+def test_chain_materialises_with_all_checks_passing(run):
+    result, _ = run
+    assert result.success
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert len(checks) == len(ALL_CHECKS) and all(checks.values()), checks
+    materialised = {e.asset_key for e in result.get_asset_materialization_events()}
+    assert materialised == {AssetKey(a.key.path) for a in ALL_ASSETS}
+
+
+def test_every_asset_has_group_kinds_description_and_metadata(run):
+    result, _ = run
+    for asset in ALL_ASSETS:
+        spec = next(iter(asset.specs))
+        assert spec.group_name and spec.group_name != "default", asset.key
+        assert spec.kinds and spec.description, asset.key
+    for event in result.get_asset_materialization_events():
+        keys = set(event.materialization.metadata)
+        if event.asset_key != AssetKey("base_model"):
+            assert keys >= COMMON_METADATA, (event.asset_key, keys)
+        assert event.materialization.metadata, event.asset_key
+
+
+def test_outputs_are_real_tables_and_files(run):
+    result, settings = run
+    con = duckdb.connect(str(settings.warehouse_path), read_only=True)
+    counts = dict(con.execute("SELECT table_name, estimated_size FROM duckdb_tables()").fetchall())
+    assert {"raw_market_data", "raw_market_data_rejects", "universe", "features"} <= set(counts)
+    per_date = con.execute("SELECT max(n) FROM (SELECT count(*) n FROM universe GROUP BY date)").fetchone()[0]
+    assert per_date == 40
+    n_features = con.execute("SELECT count(*) FROM features").fetchone()[0]
+    training = con.execute(
+        "SELECT split, count(*) FROM training_set GROUP BY split"
+    ).fetchall()  # DuckDB view
+    assert {s for s, _ in training} == {"train", "validation", "test", "live"}
+    prompts = pd.read_parquet(settings.data_dir / "prompt_corpus.parquet")
+    assert list(prompts.columns) == ["date", "symbol", "split", "label", "weight", "prompt", "n_tokens"]
+    assert len(prompts) == sum(n for _, n in training) <= n_features
+    assert prompts["prompt"].str.startswith("<|begin_of_text|><|start_header_id|>system").all()
+    assert (prompts["n_tokens"] > 100).all()
+    meta = {e.asset_key: e.materialization.metadata for e in result.get_asset_materialization_events()}
+    assert meta[AssetKey("prompt_corpus")]["mean_tokens_per_prompt"].value == pytest.approx(
+        prompts["n_tokens"].mean(), abs=0.01
+    )
+    assert 0.0 < meta[AssetKey("raw_market_data")]["oracle_ic_universe"].value < 0.2
+    assert (settings.data_dir / "reports" / "training_set_buckets.png").stat().st_size > 1000
+
+
+def test_base_model_loads_through_from_pretrained(run):
+    _, settings = run
+    path = settings.data_dir / "models" / "base_model"
+    tokenizer = load_tokenizer(path)
+    model = load_backbone(path)
+    ids = tokenizer("Stock ABC", return_tensors="pt")
+    assert model(**ids).last_hidden_state.shape == (1, ids["input_ids"].shape[1], 32)
+
+
+def test_failed_ingest_keeps_the_previous_good_table(run, tmp_path):
+    _, settings = run
+    bad = tmp_path / "bad.csv"
+    bad.write_text("date,symbol,close\n20200101,AAA,1\n")
+    broken = Settings.from_env({"DATA_DIR": str(settings.data_dir), "MARKET_DATA_PATH": str(bad)})
+    con = duckdb.connect(str(settings.warehouse_path), read_only=True)
+    before = con.execute("SELECT count(*), sum(close) FROM raw_market_data").fetchone()
+    con.close()
+    result = materialize([ALL_ASSETS[0]], resources=build_resources(broken), raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "missing required column(s)" in str(failure.event_specific_data.error)
+    con = duckdb.connect(str(settings.warehouse_path), read_only=True)
+    assert con.execute("SELECT count(*), sum(close) FROM raw_market_data").fetchone() == before
+
+
+def test_csv_market_data_path_is_ingested_with_its_rejects(tmp_path):
+    rows = ["Date,Ticker,Open,High,Low,Close,Volume"]
+    rows += [f"2021-01-{d:02d},AAA,10,11,9,10.5,100" for d in range(4, 9)]
+    rows += ["2021-01-11,AAA,10,9,9,10.5,100"]  # high below open/close
+    (tmp_path / "prices.csv").write_text("\n".join(rows) + "\n")
+    settings = Settings.from_env({"DATA_DIR": str(tmp_path / "data"), "MARKET_DATA_PATH": str(tmp_path)})
+    result = materialize([ALL_ASSETS[0], ALL_CHECKS[0]], resources=build_resources(settings))
+    meta = result.get_asset_materialization_events()[0].materialization.metadata
+    assert meta["rows_rejected"].value == 1
+    assert meta["rejects_by_reason"].value["high_below_open_close"] == 1
+    check = result.get_asset_check_evaluations()[0]
+    assert not check.passed  # 1 of 6 rows rejected is above the 1% threshold
+    assert check.metadata["reject_share"].value == pytest.approx(1 / 6)
+
+
+def test_definitions_load_with_one_job(monkeypatch, tmp_path):
+    monkeypatch.setenv("DATA_DIR", str(tmp_path))
+    import pipeline.definitions
+
+    defs = importlib.reload(pipeline.definitions).defs
+    assert defs.get_job_def("full_pipeline") is not None
+    assert {k.to_user_string() for k in defs.resolve_all_asset_keys()} == {
+        "raw_market_data",
+        "universe",
+        "features",
+        "training_set",
+        "base_model",
+        "prompt_corpus",
+    }
+    assert Path(defs.resources["warehouse"].database) == tmp_path / "warehouse.duckdb"
