@@ -18,9 +18,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: $(STAMP)
+$(DAGSTER_HOME)/dagster.yaml:
 	mkdir -p $(DAGSTER_HOME)
+	printf 'telemetry:\n  enabled: false\n' > $@
+
+demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/dagster asset materialize -m pipeline.definitions --select '*'
+	@echo "Done. Tables in $${DATA_DIR:-data}/warehouse.duckdb, Parquet and models under $${DATA_DIR:-data}/;"
+	@echo "runs and metadata: make dev (Dagster UI, DAGSTER_HOME=$(DAGSTER_HOME))."
 
 test: $(STAMP)
 	$(PY) -m ruff check .
@@ -31,10 +36,10 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 
 bench: $(STAMP)
-	$(PY) bench/run_all.py
+	$(PY) bench/bench_data_layer.py
+	$(PY) bench/bench_prompts.py
 
-dev: $(STAMP)
-	mkdir -p $(DAGSTER_HOME)
+dev: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/dagster dev -w workspace.yaml
 
 clean:

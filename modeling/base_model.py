@@ -340,6 +340,7 @@ def build_embedded_base_model(
             "texts_sha256": _texts_fingerprint(corpus),
         }
         (tmp / EMBEDDED_MODEL_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        tmp.chmod(0o755)  # mkdtemp creates 0700; a model directory is readable like any checkpoint
         _swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -50,7 +50,7 @@ class BucketConfig:
     """label > extreme_k * sigma is "extreme_pos", label < -extreme_k * sigma is "extreme_neg"."""
     n_bins: int = 4
     """Magnitude buckets per sign between the zero and the extreme zones."""
-    binning: str = "quantile"
+    binning: str = "equal_width"
     """How the magnitude bins split (zero_eps*sigma, extreme_k*sigma] on each side, on the winsorised
     train labels: "quantile" (quantiles of |label| of that side's labels inside the zone, so the bins
     hold about equal counts) or "equal_width"."""

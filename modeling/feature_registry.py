@@ -154,7 +154,7 @@ FEATURES: tuple[FeatureSpec, ...] = (
     FeatureSpec(
         "amihud_20d",
         "Illiquidity (Amihud): mean absolute daily return per billion dollars traded, 20 days.",
-        "mean(|r_s| / (dv_s / 1e9) over s in t-19..t with dv_s > 0)",
+        "mean(abs(r_s) / (dv_s / 1e9) over s in t-19..t with dv_s > 0)",
         "avg(amihud_day) OVER w20",
         "20d Amihud per $1B",
     ),
@@ -189,7 +189,7 @@ assert len(FEATURES) == 16, "the model and the prompt are specified for exactly 
 
 
 def registry_markdown() -> str:
-    """The registry as a markdown table (README and asset metadata)."""
+    """The registry as a markdown table (README and asset metadata); formulas avoid '|' for that reason."""
     lines = ["| feature | meaning | formula |", "|---|---|---|"]
     lines += [f"| `{f.name}` | {f.meaning} | `{f.formula}` |" for f in FEATURES]
     return "\n".join(lines)

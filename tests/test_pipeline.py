@@ -136,3 +136,25 @@ def test_definitions_load_with_one_job(monkeypatch, tmp_path):
         "prompt_corpus",
     }
     assert Path(defs.resources["warehouse"].database) == tmp_path / "warehouse.duckdb"
+
+
+def test_workspace_loads_in_the_dagster_cli(tmp_path):
+    """`dagster dev -w workspace.yaml` loads the same code location: validate it with the CLI."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "DAGSTER_HOME": str(tmp_path)}
+    dagster = Path(sys.executable).parent / "dagster"
+    result = subprocess.run(
+        [str(dagster), "definitions", "validate", "-w", "workspace.yaml"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "All code locations passed validation" in result.stderr + result.stdout

@@ -16,14 +16,26 @@ class BaseModelConfig(Config):
     """Shape of the embedded tiny Llama (ignored when BASE_MODEL names a local checkpoint)."""
 
     vocab_size: int = Field(
-        default=4096, ge=300, description="Target vocabulary of the locally trained tokenizer."
+        default=TinyLlamaSpec.vocab_size,
+        ge=300,
+        description="Target vocabulary of the locally trained tokenizer.",
     )
-    hidden_size: int = Field(default=128, ge=8, description="Hidden size of the tiny Llama.")
-    intermediate_size: int = Field(default=352, ge=8, description="MLP size of the tiny Llama.")
-    num_hidden_layers: int = Field(default=2, ge=1, description="Decoder layers.")
-    num_attention_heads: int = Field(default=4, ge=1, description="Query heads.")
-    num_key_value_heads: int = Field(default=2, ge=1, description="Key/value heads (GQA, as in Llama 3).")
-    seed: int = Field(default=0, ge=0, description="Seed of the random initialisation.")
+    hidden_size: int = Field(
+        default=TinyLlamaSpec.hidden_size, ge=8, description="Hidden size of the tiny Llama."
+    )
+    intermediate_size: int = Field(
+        default=TinyLlamaSpec.intermediate_size, ge=8, description="MLP size of the tiny Llama."
+    )
+    num_hidden_layers: int = Field(
+        default=TinyLlamaSpec.num_hidden_layers, ge=1, description="Decoder layers."
+    )
+    num_attention_heads: int = Field(
+        default=TinyLlamaSpec.num_attention_heads, ge=1, description="Query heads."
+    )
+    num_key_value_heads: int = Field(
+        default=TinyLlamaSpec.num_key_value_heads, ge=1, description="Key/value heads (GQA, as in Llama 3)."
+    )
+    seed: int = Field(default=TinyLlamaSpec.seed, ge=0, description="Seed of the random initialisation.")
     tokenizer_rows: int = Field(
         default=20_000, ge=100, description="Prompt-like rows the tokenizer learns from."
     )

@@ -9,7 +9,7 @@ from pipeline.resources import WarehouseResource
 
 class FeaturesConfig(Config):
     horizon: int = Field(
-        default=1,
+        default=LabelSpec.horizon,
         ge=1,
         le=60,
         description="Label horizon h in trading days: fwd_ret = close(t+h)/close(t) - 1.",

@@ -11,10 +11,16 @@ class RawMarketDataConfig(Config):
     """Used only when MARKET_DATA_PATH is unset: the built-in synthetic market."""
 
     synthetic_n_symbols: int = Field(
-        default=1000, ge=10, description="Symbols ever listed in the synthetic market."
+        default=SyntheticMarketConfig.n_symbols,
+        ge=10,
+        description="Symbols ever listed in the synthetic market.",
     )
-    synthetic_years: float = Field(default=5.0, gt=0.25, description="Years of business days to simulate.")
-    synthetic_seed: int = Field(default=7, description="Seed: same seed, same market.")
+    synthetic_years: float = Field(
+        default=SyntheticMarketConfig.n_years, gt=0.25, description="Years of business days to simulate."
+    )
+    synthetic_seed: int = Field(
+        default=SyntheticMarketConfig.seed, description="Seed: same seed, same market."
+    )
 
 
 @asset(group_name="market_data", kinds={"duckdb"})

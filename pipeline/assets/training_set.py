@@ -10,13 +10,15 @@ from modeling.data.training_set import LabelSpec, SplitSpec, build_training_set
 from pipeline.metadata import frame_markdown, png_markdown, relation_metadata
 from pipeline.resources import StorageResource, WarehouseResource
 
+_S, _L, _B = SplitSpec(), LabelSpec(), BucketConfig()  # defaults live in the dataclasses
+
 
 class TrainingSetConfig(Config):
     validation_fraction: float = Field(
-        default=0.15, gt=0, lt=1, description="Share of labelled dates for validation."
+        default=_S.validation_fraction, gt=0, lt=1, description="Share of labelled dates for validation."
     )
     test_fraction: float = Field(
-        default=0.20, gt=0, lt=1, description="Share of labelled dates, the last ones, for test."
+        default=_S.test_fraction, gt=0, lt=1, description="Share of labelled dates, the last ones, for test."
     )
     validation_start: str | None = Field(default=None, description="Explicit first validation date (ISO).")
     test_start: str | None = Field(default=None, description="Explicit first test date (ISO).")
@@ -24,33 +26,37 @@ class TrainingSetConfig(Config):
         default=None, ge=0, description="Dates purged between segments; None = horizon h."
     )
     label_kind: Literal["raw", "excess", "cs_zscore"] = Field(
-        default="excess", description="raw fwd_ret, cross-sectionally demeaned, or z-scored per date."
+        default=_L.kind, description="raw fwd_ret, cross-sectionally demeaned, or z-scored per date."
     )
     scale_to_unit_std: bool = Field(
-        default=True, description="Divide the label by its train std (fit on train)."
+        default=_L.scale_to_unit_std, description="Divide the label by its train std (fit on train)."
     )
-    zero_eps: float = Field(default=0.05, description="|label| <= zero_eps * sigma is the zero bucket.")
-    extreme_k: float = Field(default=3.0, description="|label| > extreme_k * sigma is an extreme bucket.")
-    n_bins: int = Field(default=4, ge=1, description="Magnitude buckets per sign.")
-    binning: Literal["quantile", "equal_width"] = Field(
-        default="quantile", description="Magnitude bin edges."
+    zero_eps: float = Field(
+        default=_B.zero_eps, description="|label| <= zero_eps * sigma is the zero bucket."
+    )
+    extreme_k: float = Field(
+        default=_B.extreme_k, description="|label| > extreme_k * sigma is an extreme bucket."
+    )
+    n_bins: int = Field(default=_B.n_bins, ge=1, description="Magnitude buckets per sign.")
+    binning: Literal["equal_width", "quantile"] = Field(
+        default=_B.binning, description="Magnitude bin edges."
     )
     winsor_quantile: float = Field(
-        default=0.005, description="Winsorisation of train labels for sigma and edges."
+        default=_B.winsor_quantile, description="Winsorisation of train labels for sigma and edges."
     )
     weight_scheme: Literal["inverse", "sqrt_inverse", "lds", "none"] = Field(
-        default="sqrt_inverse", description="How bucket frequencies (or the smoothed density) become weights."
+        default=_B.scheme, description="How bucket frequencies (or the smoothed density) become weights."
     )
     weight_clip: float = Field(
-        default=10.0, ge=1, description="Weights clipped to [1/clip, clip] around mean 1."
+        default=_B.clip, ge=1, description="Weights clipped to [1/clip, clip] around mean 1."
     )
     mode: Literal["weight", "resample"] = Field(
-        default="weight", description="Weight column or weighted resample."
+        default=_B.mode, description="Weight column or weighted resample."
     )
     target_size: int | None = Field(
         default=None, ge=1, description="Resample: train rows drawn (None = as many)."
     )
-    seed: int = Field(default=0, ge=0, description="Seed of the resample draws.")
+    seed: int = Field(default=_B.seed, ge=0, description="Seed of the resample draws.")
 
     def specs(self) -> tuple[SplitSpec, LabelSpec, BucketConfig]:
         return (

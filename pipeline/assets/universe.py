@@ -7,8 +7,12 @@ from pipeline.resources import WarehouseResource
 
 
 class UniverseConfig(Config):
-    top_n: int = Field(default=500, ge=1, description="Symbols kept per date (the most liquid).")
-    window: int = Field(default=20, ge=1, description="Trailing trading days in the mean dollar volume.")
+    top_n: int = Field(
+        default=UniverseSpec.top_n, ge=1, description="Symbols kept per date (the most liquid)."
+    )
+    window: int = Field(
+        default=UniverseSpec.window, ge=1, description="Trailing trading days in the mean dollar volume."
+    )
 
 
 @asset(group_name="market_data", kinds={"duckdb"}, deps=["raw_market_data"])
