@@ -6,7 +6,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 import pytest
-from dagster import AssetKey, materialize
+from dagster import AssetKey, DagsterInstance, materialize
 
 from modeling.base_model import load_backbone, load_tokenizer
 from pipeline.assets import ALL_ASSETS
@@ -30,12 +30,15 @@ COMMON_METADATA = {"dagster/row_count", "date_range", "symbol_count", "preview"}
 def run(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("data")
     settings = Settings.from_env({"DATA_DIR": str(data_dir)})
-    result = materialize(ALL_ASSETS + ALL_CHECKS, resources=build_resources(settings), run_config=SMALL_RUN)
-    return result, settings
+    instance = DagsterInstance.ephemeral()
+    result = materialize(
+        ALL_ASSETS + ALL_CHECKS, resources=build_resources(settings), run_config=SMALL_RUN, instance=instance
+    )
+    return result, settings, instance
 
 
 def test_chain_materialises_with_all_checks_passing(run):
-    result, _ = run
+    result, _, _ = run
     assert result.success
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert len(checks) == len(ALL_CHECKS) and all(checks.values()), checks
@@ -44,7 +47,7 @@ def test_chain_materialises_with_all_checks_passing(run):
 
 
 def test_every_asset_has_group_kinds_description_and_metadata(run):
-    result, _ = run
+    result, _, _ = run
     for asset in ALL_ASSETS:
         spec = next(iter(asset.specs))
         assert spec.group_name and spec.group_name != "default", asset.key
@@ -57,7 +60,7 @@ def test_every_asset_has_group_kinds_description_and_metadata(run):
 
 
 def test_outputs_are_real_tables_and_files(run):
-    result, settings = run
+    result, settings, _ = run
     con = duckdb.connect(str(settings.warehouse_path), read_only=True)
     counts = dict(con.execute("SELECT table_name, estimated_size FROM duckdb_tables()").fetchall())
     assert {"raw_market_data", "raw_market_data_rejects", "universe", "features"} <= set(counts)
@@ -82,7 +85,7 @@ def test_outputs_are_real_tables_and_files(run):
 
 
 def test_base_model_loads_through_from_pretrained(run):
-    _, settings = run
+    _, settings, _ = run
     path = settings.data_dir / "models" / "base_model"
     tokenizer = load_tokenizer(path)
     model = load_backbone(path)
@@ -91,7 +94,7 @@ def test_base_model_loads_through_from_pretrained(run):
 
 
 def test_failed_ingest_keeps_the_previous_good_table(run, tmp_path):
-    _, settings = run
+    _, settings, _ = run
     bad = tmp_path / "bad.csv"
     bad.write_text("date,symbol,close\n20200101,AAA,1\n")
     broken = Settings.from_env({"DATA_DIR": str(settings.data_dir), "MARKET_DATA_PATH": str(bad)})
@@ -158,3 +161,56 @@ def test_workspace_loads_in_the_dagster_cli(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "All code locations passed validation" in result.stderr + result.stdout
+
+
+def test_base_model_env_directory_is_used_as_is(tmp_path):
+    """BASE_MODEL names a local checkpoint: the asset describes it, never rebuilds or copies it."""
+    from modeling.base_model import TinyLlamaSpec, build_embedded_base_model
+    from modeling.prompt import PromptBuilder, tokenizer_training_texts
+
+    own = build_embedded_base_model(
+        tmp_path / "my-llama",
+        tokenizer_training_texts(PromptBuilder(), n_rows=300),
+        TinyLlamaSpec(
+            vocab_size=400, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1
+        ),
+    )
+    stamps = {p.name: p.stat().st_mtime_ns for p in own.iterdir()}
+    settings = Settings.from_env({"DATA_DIR": str(tmp_path / "data"), "BASE_MODEL": str(own)})
+    base_model = next(a for a in ALL_ASSETS if a.key == AssetKey("base_model"))
+    result = materialize([base_model], resources=build_resources(settings))
+    meta = result.get_asset_materialization_events()[0].materialization.metadata
+    assert meta["user_supplied"].value is True
+    assert meta["path"].value == str(own)
+    assert meta["description"].value["hidden_size"] == 16
+    assert {p.name: p.stat().st_mtime_ns for p in own.iterdir()} == stamps
+    assert not (tmp_path / "data" / "models" / "base_model").exists()
+
+
+def test_checks_fail_on_broken_tables(run, tmp_path):
+    """The checks are not vacuous: tampering with a copy of the warehouse makes them fail."""
+    import shutil
+
+    from dagster import build_asset_check_context
+
+    from pipeline.checks import exactly_16_feature_columns, features_finite, universe_size_per_date
+    from pipeline.resources import WarehouseResource
+
+    _, settings, instance = run
+    copy = tmp_path / "warehouse.duckdb"
+    shutil.copy(settings.warehouse_path, copy)
+    con = duckdb.connect(str(copy))
+    con.execute("DELETE FROM universe WHERE rank = 7 AND date = (SELECT max(date) FROM universe)")
+    con.execute("UPDATE features SET vol_20d = 'nan'::DOUBLE WHERE rowid = 3")
+    con.execute("ALTER TABLE features ADD COLUMN extra_feature DOUBLE")
+    con.close()
+    warehouse = WarehouseResource(database=str(copy))
+    assert not exactly_16_feature_columns(warehouse=warehouse).passed
+    finite = features_finite(warehouse=warehouse)
+    assert not finite.passed and finite.metadata["non_finite_by_feature"].value["vol_20d"] == 1
+    context = build_asset_check_context(instance=instance)  # reads top_n = 40 from the last run
+    assert universe_size_per_date(
+        context, warehouse=WarehouseResource(database=str(settings.warehouse_path))
+    ).passed
+    universe = universe_size_per_date(context, warehouse=warehouse)
+    assert not universe.passed and universe.metadata["dates_mismatched"].value == 1
