@@ -52,7 +52,9 @@ def universe_size_per_date(
     context: AssetCheckExecutionContext, warehouse: WarehouseResource
 ) -> AssetCheckResult:
     meta = _latest_metadata(context, "universe")  # check what the last run says it built
-    spec = UniverseSpec(top_n=int(meta.get("top_n", 500)), window=int(meta.get("window", 20)))
+    spec = UniverseSpec(
+        top_n=int(meta.get("top_n", UniverseSpec.top_n)), window=int(meta.get("window", UniverseSpec.window))
+    )
     with warehouse.get_connection() as con:
         bad = universe_count_mismatches(con, spec)
     return AssetCheckResult(
