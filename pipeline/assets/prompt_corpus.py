@@ -2,27 +2,15 @@ import time
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 from dagster import Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
 from modeling.base_model import load_tokenizer, resolve_base_model_dir
-from modeling.data.parquet_io import atomic_parquet_writer, read_parquet_metadata
+from modeling.data.parquet_io import read_parquet_metadata
+from modeling.data.prompt_corpus import write_prompt_corpus
 from modeling.prompt import PromptBuilder
 from pipeline.metadata import relation_metadata
 from pipeline.resources import StorageResource, WarehouseResource
-
-PROMPT_SCHEMA = pa.schema(
-    [
-        ("date", pa.timestamp("us")),
-        ("symbol", pa.string()),
-        ("split", pa.string()),
-        ("label", pa.float64()),
-        ("weight", pa.float64()),
-        ("prompt", pa.string()),
-        ("n_tokens", pa.int32()),
-    ]
-)
 
 
 class PromptCorpusConfig(Config):
@@ -45,36 +33,16 @@ def prompt_corpus(
     builder = PromptBuilder(horizon=horizon, sig_digits=config.sig_digits)
 
     path = storage.parquet_path("prompt_corpus")
-    counts: list[np.ndarray] = []
     started = time.perf_counter()
-    with atomic_parquet_writer(
+    n_tokens = write_prompt_corpus(
+        rows,
+        builder,
+        tokenizer,
         path,
-        PROMPT_SCHEMA,
+        config.batch_size,
         metadata={"horizon": horizon, "base_model": str(model_dir), "sig_digits": config.sig_digits},
-    ) as writer:
-        for start, (prompts, n_tokens) in zip(
-            range(0, len(rows), config.batch_size),
-            builder.iter_batches(rows, tokenizer, config.batch_size),
-            strict=True,
-        ):
-            part = rows.iloc[start : start + config.batch_size]
-            writer.write_table(
-                pa.table(
-                    {
-                        "date": part["date"].to_numpy(dtype="datetime64[us]"),
-                        "symbol": part["symbol"].astype(str),
-                        "split": part["split"].astype(str),
-                        "label": part["label"].to_numpy(float),
-                        "weight": part["weight"].to_numpy(float),
-                        "prompt": prompts,
-                        "n_tokens": n_tokens,
-                    },
-                    schema=PROMPT_SCHEMA,
-                )
-            )
-            counts.append(n_tokens)
+    )
     elapsed = time.perf_counter() - started
-    n_tokens = np.concatenate(counts) if counts else np.zeros(0, dtype=np.int32)
     sample = builder.render(rows.iloc[0], tokenizer) if len(rows) else ""
     with warehouse.get_connection() as con:
         con.execute(f"CREATE OR REPLACE VIEW prompt_corpus AS SELECT * FROM read_parquet('{path}')")
