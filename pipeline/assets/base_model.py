@@ -51,15 +51,8 @@ def base_model(
     """
     path, user_supplied = resolve_base_model_dir(storage.base_model, storage.root)
     if not user_supplied:
-        spec = TinyLlamaSpec(
-            vocab_size=config.vocab_size,
-            hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size,
-            num_hidden_layers=config.num_hidden_layers,
-            num_attention_heads=config.num_attention_heads,
-            num_key_value_heads=config.num_key_value_heads,
-            seed=config.seed,
-        )
+        # the config fields are the spec's own names, so the mapping cannot drift
+        spec = TinyLlamaSpec(**config.model_dump(exclude={"tokenizer_rows"}))
         texts = tokenizer_training_texts(PromptBuilder(), n_rows=config.tokenizer_rows, seed=config.seed)
         build_embedded_base_model(path, texts, spec)
         context.log.info(f"built the embedded base model in {path}")
