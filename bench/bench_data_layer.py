@@ -62,8 +62,11 @@ def _timed_stages(stages: list[tuple[str, object]], rows_in: int) -> dict:
     return out
 
 
-def stage_duckdb(path: Path) -> dict:
-    """ingest -> universe -> features into an on-disk warehouse, as the assets do."""
+def stage_duckdb(path: Path, threads: int | None = None) -> dict:
+    """ingest -> universe -> features into an on-disk warehouse, as the assets do.
+
+    `threads` caps DuckDB's worker threads (default: one per core), for the per-core comparison.
+    """
     import duckdb
 
     from modeling.data.features import LabelSpec, build_features
@@ -72,7 +75,7 @@ def stage_duckdb(path: Path) -> dict:
 
     db = OUT / "bench_warehouse.duckdb"
     db.unlink(missing_ok=True)
-    con = duckdb.connect(str(db))
+    con = duckdb.connect(str(db), config={"threads": threads} if threads else {})
     out = _timed_stages(
         [
             ("ingest", lambda: ingest_market_data(con, sources=[path]).n_accepted),
@@ -169,6 +172,27 @@ def _markdown(results: dict) -> str:
                 f"{p['features']['s'] / d['features']['s']:.1f}x | "
                 f"{(p['universe']['s'] + p['features']['s']) / (d['universe']['s'] + d['features']['s']):.1f}x |"
             )
+    single = [w for w in results["workloads"] if w.get("duckdb_1_thread") and w.get("pandas")]
+    if single:
+        lines += [
+            "",
+            "Per core: pandas runs on one core, DuckDB on all of them. The same DuckDB path capped at one "
+            "thread (`threads=1`), against the same pandas times:",
+            "",
+            "| workload | DuckDB 1 thread universe s | features s | universe + features s | "
+            "speed-up over pandas | DuckDB scaling 1 -> "
+            f"{results['machine']['cores']} threads |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for w in single:
+            d1, d, p = w["duckdb_1_thread"], w["duckdb"], w["pandas"]
+            t1 = d1["universe"]["s"] + d1["features"]["s"]
+            tn = d["universe"]["s"] + d["features"]["s"]
+            tp = p["universe"]["s"] + p["features"]["s"]
+            lines.append(
+                f"| {w['name']} | {d1['universe']['s']:.2f} | {d1['features']['s']:.2f} | {t1:.2f} | "
+                f"{tp / t1:.1f}x | {t1 / tn:.1f}x |"
+            )
     big = max(results["workloads"], key=lambda w: w["rows"])
     d = big["duckdb"]
     total = sum(d[k]["s"] for k in ("ingest", "universe", "features"))
@@ -212,9 +236,12 @@ def main() -> None:
     if args.stage == "generate":
         print(json.dumps(stage_generate(int(args.arg[0]), float(args.arg[1]))))
         return
-    if args.stage in ("duckdb", "pandas"):
-        fn = stage_duckdb if args.stage == "duckdb" else stage_pandas
-        print(json.dumps(fn(Path(args.arg[0]))))
+    if args.stage == "duckdb":
+        threads = int(args.arg[1]) if len(args.arg) > 1 else None
+        print(json.dumps(stage_duckdb(Path(args.arg[0]), threads)))
+        return
+    if args.stage == "pandas":
+        print(json.dumps(stage_pandas(Path(args.arg[0]))))
         return
 
     results = {"machine": machine(), "workloads": []}
@@ -229,6 +256,8 @@ def main() -> None:
         }
         if not args.skip_pandas:
             entry["pandas"] = _in_subprocess("--stage", "pandas", "--arg", str(path))
+            # pandas runs on one core; DuckDB capped at one thread gives the per-core comparison
+            entry["duckdb_1_thread"] = _in_subprocess("--stage", "duckdb", "--arg", str(path), "--arg", "1")
         results["workloads"].append(entry)
         print(json.dumps(entry, indent=1))
     save_json("data_layer", results)
