@@ -30,6 +30,19 @@ from modeling.feature_registry import FEATURES, FeatureSpec
 
 _PLACEHOLDER = "\u0000user-content\u0000"
 
+TARGET_PHRASES = {
+    "raw": "its return",
+    "excess": "its return minus the average return of the universe",
+    "cs_zscore": "the z-score of its return across the universe",
+}
+"""What the task line asks for, per label kind of the training set (`modeling.data.training_set`).
+No unit: the regression target is the label as stored (scaled to unit train std by default)."""
+
+CHAT_DATE_STRING = "26 Jul 2024"
+"""Passed to every chat template as `date_string`. Llama 3.1+ templates write "Today Date: ..." into the
+system turn from the clock (`strftime_now`) unless given one, which would make the text of a row
+depend on the day it is rendered; this fixed value (Meta's own fallback) keeps it reproducible."""
+
 
 class PromptDataError(ValueError):
     """A feature value cannot be written into a prompt (NaN or infinite)."""
@@ -49,8 +62,12 @@ class PromptBuilder:
     """Significant digits of every feature value."""
     features: tuple[FeatureSpec, ...] = FEATURES
     """The registry entries, in prompt order."""
+    target: str = "excess"
+    """Label kind of the training set (raw, excess, cs_zscore): what the task line asks for."""
 
     def __post_init__(self) -> None:
+        if self.target not in TARGET_PHRASES:
+            raise ValueError(f"target must be one of {sorted(TARGET_PHRASES)}, got {self.target!r}")
         if self.horizon < 1:
             raise ValueError(f"horizon must be >= 1, got {self.horizon}")
         if not 1 <= self.sig_digits <= 8:
@@ -64,7 +81,7 @@ class PromptBuilder:
     @property
     def task_line(self) -> str:
         days = "next trading day" if self.horizon == 1 else f"next {self.horizon} trading days"
-        return f"Predict its return in % over the {days}."
+        return f"Predict {TARGET_PHRASES[self.target]} over the {days}."
 
     def _line_prefixes(self) -> list[str]:
         return [f"{f.label}{' ' + f.unit if f.unit else ''}=" for f in self.features]
@@ -118,12 +135,10 @@ class PromptBuilder:
     # --- chat template ---------------------------------------------------------------------------------
     def render(self, row: Mapping | pd.Series, tokenizer) -> str:
         """One row, rendered by the tokenizer's chat template (the reference path)."""
-        return tokenizer.apply_chat_template(self.messages(row), tokenize=False, add_generation_prompt=True)
+        return apply_chat(tokenizer, self.messages(row))
 
     def _template_parts(self, tokenizer) -> tuple[str, str]:
-        rendered = tokenizer.apply_chat_template(
-            self._messages(_PLACEHOLDER), tokenize=False, add_generation_prompt=True
-        )
+        rendered = apply_chat(tokenizer, self._messages(_PLACEHOLDER))
         if rendered.count(_PLACEHOLDER) != 1:
             raise ValueError("the chat template does not place the user content exactly once")
         prefix, suffix = rendered.split(_PLACEHOLDER)
@@ -136,9 +151,7 @@ class PromptBuilder:
             return []
         prefix, suffix = self._template_parts(tokenizer)
         prompts = [prefix + c + suffix for c in contents]
-        reference = tokenizer.apply_chat_template(
-            self._messages(contents[0]), tokenize=False, add_generation_prompt=True
-        )
+        reference = apply_chat(tokenizer, self._messages(contents[0]))
         if prompts[0] != reference:
             raise RuntimeError("the chat template depends on the message content; render rows one by one")
         return prompts
@@ -161,6 +174,13 @@ class PromptBuilder:
         return prompts, np.concatenate(counts)
 
 
+def apply_chat(tokenizer, messages: list[dict[str, str]]) -> str:
+    """The chat template's text for `messages`, ending with the assistant header (generation prompt)."""
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, date_string=CHAT_DATE_STRING
+    )
+
+
 def count_tokens(tokenizer, texts: list[str], chunk: int = 1024) -> np.ndarray:
     """Token counts of rendered prompts (the template already wrote BOS: no special tokens added).
 
@@ -170,6 +190,14 @@ def count_tokens(tokenizer, texts: list[str], chunk: int = 1024) -> np.ndarray:
     the generic call.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and (backend.truncation is not None or backend.padding is not None):
+        # a checkpoint may ship tokenizer.json with truncation or padding switched on; the count is the
+        # full length of the prompt, so count with a copy that has neither
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(backend.to_str())
+        backend.no_truncation()
+        backend.no_padding()
     counts = np.empty(len(texts), dtype=np.int32)
     for start in range(0, len(texts), chunk):
         part = texts[start : start + chunk]

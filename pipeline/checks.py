@@ -1,5 +1,8 @@
 """Asset checks: one per property a downstream user relies on."""
 
+from pathlib import Path
+
+import duckdb
 import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -12,6 +15,7 @@ from modeling.data.ingest import RAW_TABLE, REJECTS_TABLE
 from modeling.data.parquet_io import read_parquet_metadata
 from modeling.data.universe import UniverseSpec, universe_count_mismatches
 from modeling.feature_registry import FEATURE_NAMES, WARMUP_ROWS
+from pipeline.metadata import sql_string
 from pipeline.resources import StorageResource, WarehouseResource
 
 
@@ -181,15 +185,56 @@ def prompts_fit_context(storage: StorageResource) -> AssetCheckResult:
     )
 
 
-@asset_check(asset="prompt_corpus", description="One prompt per training-set row, none with NaN/inf text.")
+@asset_check(
+    asset="prompt_corpus",
+    description="The corpus is the current training set: one prompt per training-set row, with the same "
+    "split, label and weight (a stale corpus built from an older training set fails).",
+)
 def prompts_cover_training_set(storage: StorageResource) -> AssetCheckResult:
-    n_rows = pq.read_metadata(storage.parquet_path("training_set")).num_rows
-    prompts = pq.read_table(storage.parquet_path("prompt_corpus"), columns=["prompt"])["prompt"]
-    n_bad = int(pc.sum(pc.match_substring_regex(prompts, r"=-?(nan|inf)\b")).as_py() or 0)
+    counts = corpus_vs_training_set(
+        storage.parquet_path("training_set"), storage.parquet_path("prompt_corpus")
+    )
     return AssetCheckResult(
-        passed=len(prompts) == n_rows and n_bad == 0,
-        metadata={"training_set_rows": n_rows, "prompts": len(prompts), "nan_prompts": n_bad},
+        passed=counts["missing"] == counts["extra"] == counts["different"] == 0,
+        metadata={name: MetadataValue.int(n) for name, n in counts.items()},
     )
 
 
-ALL_CHECKS += [splits_are_purged, weights_are_normalised, prompts_fit_context, prompts_cover_training_set]
+def corpus_vs_training_set(training_set: Path, corpus: Path) -> dict[str, int]:
+    """Rows of the training set without a prompt, prompts without a training-set row, and rows whose
+    split, label or weight differ, matched on (date, symbol)."""
+    con = duckdb.connect()  # in memory: two Parquet files, no warehouse lock
+    try:
+        row = con.execute(
+            f"""
+            SELECT count(*) FILTER (WHERE p.symbol IS NULL) AS missing,
+                   count(*) FILTER (WHERE t.symbol IS NULL) AS extra,
+                   count(*) FILTER (WHERE t.symbol IS NOT NULL AND p.symbol IS NOT NULL
+                                    AND (t.split IS DISTINCT FROM p.split OR t.label IS DISTINCT FROM p.label
+                                         OR t.weight IS DISTINCT FROM p.weight)) AS different,
+                   count(t.symbol) AS training_set_rows,
+                   count(p.symbol) AS prompts
+            FROM read_parquet({sql_string(str(training_set))}) t
+            FULL OUTER JOIN read_parquet({sql_string(str(corpus))}) p
+                ON t.date = p.date AND t.symbol = p.symbol
+            """
+        ).fetchall()[0]
+    finally:
+        con.close()
+    return dict(zip(("missing", "extra", "different", "training_set_rows", "prompts"), row, strict=True))
+
+
+@asset_check(asset="prompt_corpus", description="No prompt shows a NaN or infinite feature value.")
+def prompts_have_finite_values(storage: StorageResource) -> AssetCheckResult:
+    prompts = pq.read_table(storage.parquet_path("prompt_corpus"), columns=["prompt"])["prompt"]
+    n_bad = int(pc.sum(pc.match_substring_regex(prompts, r"=-?(nan|inf)\b")).as_py() or 0)
+    return AssetCheckResult(passed=n_bad == 0, metadata={"prompts": len(prompts), "nan_prompts": n_bad})
+
+
+ALL_CHECKS += [
+    splits_are_purged,
+    weights_are_normalised,
+    prompts_fit_context,
+    prompts_cover_training_set,
+    prompts_have_finite_values,
+]

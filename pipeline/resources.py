@@ -32,16 +32,23 @@ class WarehouseResource(DuckDBResource):
         finally:
             conn.close()
 
-    def _connect_with_retries(self, attempts: int = 10) -> duckdb.DuckDBPyConnection:
-        """Another process (a check, a parallel step) may hold the write lock for a while: back off."""
-        for attempt in range(attempts):
+    lock_timeout_s: float = Field(
+        default=600.0, ge=0.0, description="How long to wait for another process's lock on the file."
+    )
+
+    def _connect_with_retries(self) -> duckdb.DuckDBPyConnection:
+        """Another process (a `dagster dev` run beside a CLI run, a notebook) may hold the write lock for
+        a while: back off until `lock_timeout_s`, then fail with DuckDB's lock error."""
+        deadline = time.monotonic() + self.lock_timeout_s
+        delay = 0.1
+        while True:
             try:
                 return duckdb.connect(self.database, config=dict(self.connection_config))
             except duckdb.IOException:
-                if attempt == attempts - 1:
+                if time.monotonic() + delay > deadline:
                     raise
-                time.sleep(min(0.1 * 2**attempt, 10.0))
-        raise AssertionError("unreachable")
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
 
 class StorageResource(ConfigurableResource):

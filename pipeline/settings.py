@@ -26,10 +26,14 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
-        data_dir = Path(env.get("DATA_DIR") or "./data").expanduser().resolve()
-        market = env.get("MARKET_DATA_PATH") or None
-        base_model = env.get("BASE_MODEL") or None
-        tracking = env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{data_dir / 'mlflow.db'}"
+
+        def value(name: str) -> str | None:  # unset, empty and whitespace-only all mean "not set"
+            return (env.get(name) or "").strip() or None
+
+        data_dir = Path(value("DATA_DIR") or "./data").expanduser().resolve()
+        market = value("MARKET_DATA_PATH")
+        base_model = value("BASE_MODEL")
+        tracking = value("MLFLOW_TRACKING_URI") or f"sqlite:///{data_dir / 'mlflow.db'}"
         return cls(
             data_dir=data_dir,
             market_data_path=Path(market).expanduser().resolve() if market else None,

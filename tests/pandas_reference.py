@@ -54,15 +54,15 @@ def _rolling(df: pd.DataFrame, keys: pd.Series, columns: list[str], window: int,
 def reference_universe(raw: pd.DataFrame, top_n: int = 500, window: int = 20) -> pd.DataFrame:
     """Per date, the `top_n` symbols by the mean dollar volume of the symbol's last `window` rows.
 
-    Eligible on t: the symbol traded on t, has `window` rows up to and including t, and the mean is
-    positive. Ties break by symbol ascending; ranks start at 1.
+    Eligible on t: the symbol traded on t (volume > 0), has `window` rows up to and including t, and
+    the mean is positive. Ties break by symbol ascending; ranks start at 1.
     """
     df = _sorted_raw(raw, ["date", "symbol", "close", "volume"])
     keys = _group_keys(df)
     df["dv"] = df["close"] * df["volume"]
     adv = df["dv"].groupby(keys, sort=False).rolling(window, min_periods=window).mean()
     df["avg_dollar_volume"] = adv.droplevel(0).reindex(df.index)
-    df = df.loc[df["avg_dollar_volume"].notna() & (df["avg_dollar_volume"] > 0)]
+    df = df.loc[df["avg_dollar_volume"].notna() & (df["avg_dollar_volume"] > 0) & (df["volume"] > 0)]
     df = df.sort_values(["date", "avg_dollar_volume", "symbol"], ascending=[True, False, True], kind="stable")
     df["rank"] = df.groupby("date", sort=False).cumcount() + 1
     out = df.loc[df["rank"] <= top_n, UNIVERSE_COLUMNS]

@@ -401,3 +401,24 @@ def test_label_null_when_the_target_day_is_missing():
     assert a[day[62]] == pytest.approx(167.0 / 162.0 - 1.0)  # day 67 exists
     assert b[day[63]] == pytest.approx(118.0 / 113.0 - 1.0)
     assert b[b.index >= day[65]].isna().all() and a[a.index >= day[65]].isna().all()  # past the end
+
+
+def test_zero_volume_days_are_not_in_the_universe_so_volume_features_stay_defined():
+    """A 25-day run of zero volume inside a 60-day universe window: the 60-day mean dollar volume stays
+    positive, but a symbol with no trade on t is not eligible on t, so no feature row has an undefined
+    volume ratio, dollar volume or Amihud value (they need a traded day in the last 20)."""
+    frame = _tiny_market(120, {})
+    zero = (frame["symbol"] == "A") & frame.index.isin(frame.index[(frame["symbol"] == "A")][70:95])
+    frame.loc[zero, "volume"] = 0
+    con = duckdb.connect()
+    ingest_market_data(con, frame=frame)
+    build_universe(con, UniverseSpec(top_n=2, window=60))
+    build_features(con, LabelSpec(horizon=1))
+    zero_dates = set(frame.loc[zero, "date"])
+    members = con.execute("SELECT date, symbol FROM universe WHERE symbol = 'A'").df()
+    assert not set(members["date"]) & zero_dates  # out on every zero-volume day ...
+    assert len(members) == 120 - 59 - 25  # ... and in on every other day with a full window
+    assert count_non_finite(con) == dict.fromkeys(FEATURE_NAMES, 0)
+    expected = reference_features(frame, reference_universe(frame, top_n=2, window=60))
+    actual = con.execute("SELECT * FROM features").df()
+    assert_features_close(actual, expected)

@@ -11,6 +11,7 @@ from modeling.data.ingest import (
     MissingColumnsError,
     discover_files,
     ingest_market_data,
+    skipped_entries,
 )
 
 GOOD = "{d},{s},10.0,11.0,9.5,10.5,1000,Tech"
@@ -164,8 +165,12 @@ def test_directory_of_csv_and_parquet_files_is_concatenated(tmp_path):
         }
     ).to_parquet(src / "b.parquet")
     (src / "notes.txt").write_text("ignored")
+    (src / "part=1").mkdir()
+    (src / "_SUCCESS").write_text("")
     files = discover_files(src)
     assert [f.name for f in files] == ["a.csv", "b.parquet"]
+    # what is not read is named (the asset logs it and puts it in its metadata), markers aside
+    assert skipped_entries(src) == ["notes.txt", "part=1/"]
     con = duckdb.connect()
     report = ingest_market_data(con, sources=files)
     assert report.n_accepted == 7 and report.n_rejected == 0
@@ -200,3 +205,96 @@ def test_missing_path_and_empty_directory_are_clear_errors(tmp_path):
         discover_files(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="no CSV or Parquet"):
         discover_files(tmp_path)
+
+
+def test_malformed_csv_lines_are_quarantined_with_their_file_row(tmp_path):
+    header = "date,symbol,open,high,low,close,volume"
+    lines = [
+        "2020-01-02,AAA,10,11,9,10.5,100",  # data row 1
+        "2020-01-03,AAA,10,11,9,10.5,100,EXTRA",  # 2: too many fields
+        "2020-01-06,AAA,10,11,9,10.5",  # 3: too few fields
+        "2020-01-07,AAA,10,11,9,10.5,100",  # 4
+        "2020-01-08,AAA,10,11,9,-1,100",  # 5: parsed, then rejected for its price
+        "2020-01-09,AAA,10,11,9,10.5,100,1,2",  # 6: too many fields
+        "2020-01-10,AAA,10,11,9,10.5,100",  # 7
+    ]
+    path = _write_csv(tmp_path / "m.csv", header, lines)
+    con = duckdb.connect()
+    report = ingest_market_data(con, sources=[path])
+    assert (report.n_read, report.n_accepted, report.n_rejected) == (7, 3, 4)
+    assert report.rejects_by_reason["malformed_line"] == 3
+    assert report.rejects_by_reason["non_positive_price"] == 1
+    rejects = con.execute(
+        "SELECT source_row, reason, raw_line FROM raw_market_data_rejects ORDER BY source_row"
+    ).fetchall()
+    assert [(r[0], r[1]) for r in rejects] == [
+        (2, "malformed_line"),
+        (3, "malformed_line"),
+        (5, "non_positive_price"),
+        (6, "malformed_line"),
+    ]
+    assert rejects[0][2] == lines[1]  # the whole line is kept for the user
+    kept = con.execute("SELECT date::VARCHAR FROM raw_market_data ORDER BY date").fetchall()
+    assert [k[0] for k in kept] == ["2020-01-02", "2020-01-07", "2020-01-10"]
+    # the load leaves no temp tables of its own behind
+    assert not con.execute("SELECT table_name FROM duckdb_tables() WHERE temporary").fetchall()
+
+
+def test_malformed_first_data_line_does_not_break_column_detection(tmp_path):
+    path = _write_csv(
+        tmp_path / "m.csv",
+        "date,symbol,open,high,low,close,volume",
+        ["2020-01-02,AAA,10,11,9,10.5,100,EXTRA", "2020-01-03,AAA,10,11,9,10.5,100"],
+    )
+    con = duckdb.connect()
+    report = ingest_market_data(con, sources=[path])
+    assert (report.n_accepted, report.rejects_by_reason["malformed_line"]) == (1, 1)
+    assert con.execute("SELECT source_row FROM raw_market_data_rejects").fetchall() == [(1,)]
+
+
+def test_the_same_file_twice_keeps_one_copy_of_each_row(tmp_path):
+    path = _write_csv(
+        tmp_path / "a.csv",
+        "date,symbol,open,high,low,close,volume",
+        [f"2020-01-0{d},AAA,10,11,9,10.5,100" for d in (2, 3, 6)],
+    )
+    con = duckdb.connect()
+    report = ingest_market_data(con, sources=[path, path])
+    assert (report.n_read, report.n_accepted) == (6, 3)
+    assert report.rejects_by_reason["duplicate_date_symbol"] == 3
+
+
+def test_no_sources_is_a_clear_error():
+    with pytest.raises(ValueError, match="no sources"):
+        ingest_market_data(duckdb.connect(), sources=[])
+
+
+@pytest.mark.parametrize("machine_zone", ["UTC", "America/New_York", "Asia/Tokyo"])
+def test_time_zone_aware_dates_keep_their_own_calendar_date(tmp_path, machine_zone):
+    """A tz-aware timestamp is dated in the zone it was written with, whatever the machine's zone."""
+    dates = pd.to_datetime(["2020-01-02", "2020-01-03"])
+    frame = pd.DataFrame(
+        {
+            "symbol": ["AAA", "AAA"],
+            "open": [10.0, 10.0],
+            "high": [11.0, 11.0],
+            "low": [9.0, 9.0],
+            "close": [10.5, 10.5],
+            "volume": [100.0, 100.0],
+        }
+    )
+    utc = frame.assign(date=dates.tz_localize("UTC"))
+    tokyo = frame.assign(date=dates.tz_localize("Asia/Tokyo"), symbol="BBB")
+    utc.to_parquet(tmp_path / "utc.parquet")
+    tokyo.to_parquet(tmp_path / "tokyo.parquet")
+    con = duckdb.connect()
+    con.execute(f"SET TimeZone = '{machine_zone}'")
+    ingest_market_data(con, sources=[tmp_path / "utc.parquet", tmp_path / "tokyo.parquet"])
+    got = con.execute("SELECT symbol, date::VARCHAR FROM raw_market_data ORDER BY ALL").fetchall()
+    expected_dates = ["2020-01-02", "2020-01-03"]
+    assert got == [("AAA", d) for d in expected_dates] + [("BBB", d) for d in expected_dates]
+    # the in-memory path (the synthetic market's) too
+    ingest_market_data(con, frame=tokyo)
+    assert con.execute("SELECT date::VARCHAR FROM raw_market_data ORDER BY 1").fetchall() == [
+        (d,) for d in expected_dates
+    ]

@@ -1,17 +1,20 @@
 """The Dagster layer: the whole chain materialises in-process on a small synthetic market."""
 
 import importlib
+import shutil
 from pathlib import Path
 
 import duckdb
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from dagster import AssetKey, DagsterInstance, materialize
 
 from modeling.base_model import load_backbone, load_tokenizer
 from pipeline.assets import ALL_ASSETS
-from pipeline.checks import ALL_CHECKS
-from pipeline.resources import build_resources
+from pipeline.checks import ALL_CHECKS, prompts_cover_training_set, splits_are_purged, weights_are_normalised
+from pipeline.resources import StorageResource, WarehouseResource, build_resources
 from pipeline.settings import Settings
 
 SMALL_RUN = {
@@ -214,3 +217,70 @@ def test_checks_fail_on_broken_tables(run, tmp_path):
     ).passed
     universe = universe_size_per_date(context, warehouse=warehouse)
     assert not universe.passed and universe.metadata["dates_mismatched"].value == 1
+
+
+def _copy_outputs(settings: Settings, tmp_path: Path) -> StorageResource:
+    """A private copy of the run's Parquet outputs (the module's run stays untouched)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("training_set", "prompt_corpus"):
+        shutil.copy(settings.data_dir / f"{name}.parquet", data / f"{name}.parquet")
+    return StorageResource(data_dir=str(data))
+
+
+def test_corpus_check_fails_on_a_stale_or_partial_corpus(run, tmp_path):
+    _, settings, _ = run
+    storage = _copy_outputs(settings, tmp_path)
+    assert prompts_cover_training_set(storage=storage).passed
+    path = storage.parquet_path("training_set")
+    table = pq.read_table(path)
+    frame = table.to_pandas()
+    train = frame.index[frame["split"] == "train"]
+    frame.loc[train[:3], "label"] += 0.5  # the training set was rebuilt with other labels ...
+    frame = frame.drop(index=train[3:5])  # ... and two rows fewer
+    pq.write_table(pa.Table.from_pandas(frame, schema=table.schema, preserve_index=False), path)
+    result = prompts_cover_training_set(storage=storage)
+    assert not result.passed
+    counts = {k: v.value for k, v in result.metadata.items()}
+    assert (counts["missing"], counts["extra"], counts["different"]) == (0, 2, 3)
+
+
+def test_purge_check_fails_when_train_reaches_into_validation(run, tmp_path):
+    _, settings, _ = run
+    storage = _copy_outputs(settings, tmp_path)
+    shutil.copy(settings.warehouse_path, tmp_path / "data" / "warehouse.duckdb")
+    warehouse = WarehouseResource(database=str(tmp_path / "data" / "warehouse.duckdb"))
+    assert splits_are_purged(storage=storage, warehouse=warehouse).passed
+    path = storage.parquet_path("training_set")
+    table = pq.read_table(path)
+    frame = table.to_pandas()
+    first_validation = frame.loc[frame["split"] == "validation", "date"].min()
+    frame.loc[frame["date"] == first_validation, "split"] = "train"
+    pq.write_table(pa.Table.from_pandas(frame, schema=table.schema, preserve_index=False), path)
+    result = splits_are_purged(storage=storage, warehouse=warehouse)
+    assert not result.passed
+    assert result.metadata["gap_in_trading_days"].value["train->validation"] == 1
+
+
+def test_weights_check_fails_on_unnormalised_train_weights(run, tmp_path):
+    _, settings, _ = run
+    storage = _copy_outputs(settings, tmp_path)
+    path = storage.parquet_path("training_set")
+    table = pq.read_table(path)
+    frame = table.to_pandas()
+    frame.loc[frame["split"] == "train", "weight"] *= 1.01
+    pq.write_table(pa.Table.from_pandas(frame, schema=table.schema, preserve_index=False), path)
+    result = weights_are_normalised(storage=storage)
+    assert not result.passed and result.metadata["train_weight_mean"].value == pytest.approx(1.01)
+
+
+def test_settings_defaults_follow_the_contract(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s = Settings.from_env({})
+    assert s.data_dir == (tmp_path / "data").resolve() and s.data_dir.is_absolute()
+    assert s.mlflow_tracking_uri == f"sqlite:///{(tmp_path / 'data' / 'mlflow.db').resolve()}"
+    assert s.market_data_path is None and s.base_model is None
+    blank = Settings.from_env({"BASE_MODEL": "  ", "MARKET_DATA_PATH": "", "DATA_DIR": " "})
+    assert blank.base_model is None and blank.market_data_path is None and blank.data_dir == s.data_dir
+    own = Settings.from_env({"DATA_DIR": "x", "MLFLOW_TRACKING_URI": "http://mlflow:5000"})
+    assert own.data_dir == tmp_path / "x" and own.mlflow_tracking_uri == "http://mlflow:5000"

@@ -1,11 +1,14 @@
 """The prompt: golden text, chat template, token counts, NaN errors, batch == row-by-row."""
 
+import copy
+import time
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from modeling.feature_registry import FEATURE_NAMES
-from modeling.prompt import PromptBuilder, PromptDataError, count_tokens, format_value
+from modeling.prompt import CHAT_DATE_STRING, PromptBuilder, PromptDataError, count_tokens, format_value
 
 ROW = {
     "date": pd.Timestamp("2021-03-04"),
@@ -50,7 +53,7 @@ GOLDEN = (
     "20d Amihud per $1B=0.0789\n"
     "20d max daily return %=5\n"
     "overnight gap %=-0.1\n"
-    "Predict its return in % over the next trading day.<|eot_id|>"
+    "Predict its return minus the average return of the universe over the next trading day.<|eot_id|>"
     "<|start_header_id|>assistant<|end_header_id|>\n\n"
 )
 
@@ -117,8 +120,11 @@ def test_values_never_print_nan_and_use_fixed_significant_digits():
     assert format_value(-1234.5, 3) == "-1.23e+03"
     assert format_value(-0.0, 3) == "0"
     assert format_value(18.4567, 3) == "18.5"
-    contents = PromptBuilder().user_contents(_frame())
-    assert not any("nan" in c or "inf" in c for c in contents)
+    # tiny, huge and negative-zero values as they reach the prompt (returns are shown in %)
+    row = {**ROW, "ret_1d": -1e-9, "ret_60d": -0.0, "amihud_20d": 123456.0}
+    content = PromptBuilder().user_contents(pd.DataFrame([row]))[0].splitlines()
+    assert "1d return %=-1e-07" in content and "60d return %=0" in content
+    assert "20d Amihud per $1B=1.23e+05" in content
 
 
 def test_numbers_tokenize_digit_by_digit(prompt_tokenizer):
@@ -148,3 +154,52 @@ def test_missing_column_and_bad_config():
         PromptBuilder().user_contents(_frame().drop(columns="rsi_14d"))
     with pytest.raises(ValueError, match="horizon"):
         PromptBuilder(horizon=0)
+    with pytest.raises(ValueError, match="target"):
+        PromptBuilder(target="log_return")
+
+
+def test_task_line_names_the_label_kind():
+    assert PromptBuilder(target="raw").task_line == "Predict its return over the next trading day."
+    assert PromptBuilder(horizon=5, target="cs_zscore").task_line == (
+        "Predict the z-score of its return across the universe over the next 5 trading days."
+    )
+    assert "%" not in PromptBuilder().task_line  # the label is not in percent
+
+
+LLAMA31_STYLE_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- if not date_string is defined %}{%- if strftime_now is defined %}"
+    "{%- set date_string = strftime_now('%d %b %Y') %}{%- else %}{%- set date_string = 'x' %}{%- endif %}"
+    "{%- endif %}"
+    "<|start_header_id|>system<|end_header_id|>\n\nToday Date: {{ date_string }}\n\n"
+    "{{ messages[0]['content'] }}<|eot_id|>"
+    "{%- for m in messages[1:] %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{%- endfor %}"
+    "{%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{%- endif %}"
+)
+
+
+def test_clock_dependent_chat_template_renders_the_same_text_every_day(prompt_tokenizer):
+    """Llama 3.1+ templates write today's date unless given `date_string`: the prompt passes a fixed one,
+    so a row's text does not depend on the day it is rendered (training vs inference)."""
+    tok = copy.deepcopy(prompt_tokenizer)
+    tok.chat_template = LLAMA31_STYLE_TEMPLATE
+    builder = PromptBuilder()
+    today = time.strftime("%d %b %Y")
+    unpinned = tok.apply_chat_template(builder.messages(ROW), tokenize=False, add_generation_prompt=True)
+    assert f"Today Date: {today}" in unpinned  # what the template does on its own
+    text = builder.render(ROW, tok)
+    assert f"Today Date: {CHAT_DATE_STRING}\n\n" in text and today not in text.split("close:")[0]
+    assert builder.render_batch(pd.DataFrame([ROW]), tok) == [text]
+
+
+def test_token_counts_ignore_truncation_and_padding_stored_in_the_tokenizer(prompt_tokenizer):
+    """A checkpoint's tokenizer.json may switch truncation/padding on; n_tokens is the full length."""
+    prompts, _ = PromptBuilder().build(_frame(20, seed=5), prompt_tokenizer)
+    expected = count_tokens(prompt_tokenizer, prompts)
+    tok = copy.deepcopy(prompt_tokenizer)
+    tok.backend_tokenizer.enable_truncation(max_length=16)
+    tok.backend_tokenizer.enable_padding(length=400)
+    assert (expected > 16).all() and (expected < 400).all()
+    assert count_tokens(tok, prompts).tolist() == expected.tolist()
+    assert tok.backend_tokenizer.truncation is not None  # the caller's tokenizer is left as it was

@@ -141,3 +141,13 @@ def test_too_short_history_is_a_clear_error(features_h1):
         plan_splits(pd.DatetimeIndex(dates), SplitSpec(), horizon=5)
     with pytest.raises(ValueError, match="both validation_start and test_start"):
         SplitSpec(validation_start="2020-01-01")
+
+
+def test_purge_shorter_than_the_horizon_is_refused():
+    """purge_days < h would let the last train labels read closes inside validation."""
+    dates = pd.bdate_range("2020-01-01", periods=300)
+    with pytest.raises(ValueError, match="shorter than the label horizon"):
+        plan_splits(dates, SplitSpec(purge_days=2), horizon=5)
+    plan = plan_splits(dates, SplitSpec(purge_days=7), horizon=5)  # a longer embargo is fine
+    assert plan.purge_days == 7
+    assert dates.get_loc(plan.validation[0]) - dates.get_loc(plan.train[1]) == 8

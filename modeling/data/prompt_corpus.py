@@ -35,7 +35,8 @@ def write_prompt_corpus(rows: pd.DataFrame, builder: PromptBuilder, tokenizer, p
                 "date": part["date"].to_numpy(dtype="datetime64[us]"),
                 "symbol": part["symbol"].astype(str),
                 "split": part["split"].astype(str),
-                "label": part["label"].to_numpy(float),
+                # NULL, as in the training set, where the label is unknown (live rows), not NaN
+                "label": pa.array(part["label"].to_numpy(float), type=pa.float64(), from_pandas=True),
                 "weight": part["weight"].to_numpy(float),
                 "prompt": prompts,
                 "n_tokens": n_tokens,

@@ -37,7 +37,7 @@ class SplitSpec:
     test_start: str | None = None
     """Explicit first test date (ISO)."""
     purge_days: int | None = None
-    """Trading dates dropped at the end of train and of validation; None = the label horizon h."""
+    """Trading dates dropped at the end of train and of validation; None = the label horizon h (never less)."""
 
     def __post_init__(self) -> None:
         explicit = (self.validation_start is None, self.test_start is None)
@@ -78,6 +78,10 @@ def plan_splits(labelled_dates: pd.DatetimeIndex, spec: SplitSpec, horizon: int)
     dates = pd.DatetimeIndex(sorted(set(labelled_dates)))
     n = len(dates)
     purge = horizon if spec.purge_days is None else spec.purge_days
+    if purge < horizon:
+        # the label of the last train date would read closes inside validation (look-ahead)
+        raise ValueError(f"purge_days={purge} is shorter than the label horizon h={horizon}: the last train "
+                         f"labels would overlap validation; use purge_days >= {horizon} (or None = h)")
     if spec.validation_start is not None:
         v0 = int(dates.searchsorted(pd.Timestamp(spec.validation_start)))
         t0 = int(dates.searchsorted(pd.Timestamp(spec.test_start)))

@@ -1,7 +1,8 @@
 """Point-in-time liquidity universe: the top N symbols by trailing mean dollar volume, per date.
 
-A symbol is eligible on date t when it traded on t and has `window` rows up to and including t
-(a full window) with a positive mean dollar volume. Only data up to t enters the rank of t, and the
+A symbol is eligible on date t when it traded on t (a row with positive volume: a zero-volume day
+cannot be traded, and it would leave the volume features of the last 20 days undefined) and has
+`window` rows up to and including t (a full window) with a positive mean dollar volume. Only data up to t enters the rank of t, and the
 ranking runs over whatever traded on t, so a symbol that later delists is in the universe while it
 traded (no survivorship bias). Ties break by symbol so the table is deterministic.
 """
@@ -34,7 +35,7 @@ def eligibility_sql(source: str, window: int) -> str:
     return f"""
         SELECT date, symbol,
                avg(close * volume) OVER w AS avg_dollar_volume,
-               count(*) OVER w = {window} AND avg(close * volume) OVER w > 0 AS eligible
+               volume > 0 AND count(*) OVER w = {window} AND avg(close * volume) OVER w > 0 AS eligible
         FROM {source}
         WINDOW w AS (PARTITION BY symbol ORDER BY date ROWS BETWEEN {window - 1} PRECEDING AND CURRENT ROW)
     """

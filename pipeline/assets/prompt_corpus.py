@@ -9,7 +9,7 @@ from modeling.base_model import load_tokenizer, resolve_base_model_dir
 from modeling.data.parquet_io import read_parquet_metadata
 from modeling.data.prompt_corpus import write_prompt_corpus
 from modeling.prompt import PromptBuilder
-from pipeline.metadata import relation_metadata
+from pipeline.metadata import relation_metadata, sql_string
 from pipeline.resources import StorageResource, WarehouseResource
 
 
@@ -26,11 +26,12 @@ def prompt_corpus(
     live), rendered with the base model's chat template, with its token count.
     """
     source = storage.parquet_path("training_set")
-    horizon = int(read_parquet_metadata(source)["horizon"])
+    facts = read_parquet_metadata(source)
+    horizon, label_kind = int(facts["horizon"]), str(facts["label"]["kind"])
     rows = pd.read_parquet(source)
     model_dir, _ = resolve_base_model_dir(storage.base_model, storage.root)
     tokenizer = load_tokenizer(model_dir)
-    builder = PromptBuilder(horizon=horizon, sig_digits=config.sig_digits)
+    builder = PromptBuilder(horizon=horizon, sig_digits=config.sig_digits, target=label_kind)
 
     path = storage.parquet_path("prompt_corpus")
     started = time.perf_counter()
@@ -40,12 +41,19 @@ def prompt_corpus(
         tokenizer,
         path,
         config.batch_size,
-        metadata={"horizon": horizon, "base_model": str(model_dir), "sig_digits": config.sig_digits},
+        metadata={
+            "horizon": horizon,
+            "label_kind": label_kind,
+            "base_model": str(model_dir),
+            "sig_digits": config.sig_digits,
+        },
     )
     elapsed = time.perf_counter() - started
     sample = builder.render(rows.iloc[0], tokenizer) if len(rows) else ""
     with warehouse.get_connection() as con:
-        con.execute(f"CREATE OR REPLACE VIEW prompt_corpus AS SELECT * FROM read_parquet('{path}')")
+        con.execute(
+            f"CREATE OR REPLACE VIEW prompt_corpus AS SELECT * FROM read_parquet({sql_string(str(path))})"
+        )
         metadata = relation_metadata(
             con, "prompt_corpus", preview_columns=["date", "symbol", "split", "label", "weight", "n_tokens"]
         )

@@ -1,7 +1,13 @@
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
-from modeling.data.ingest import RAW_TABLE, REJECTS_TABLE, discover_files, ingest_market_data
+from modeling.data.ingest import (
+    RAW_TABLE,
+    REJECTS_TABLE,
+    discover_files,
+    ingest_market_data,
+    skipped_entries,
+)
 from modeling.data.synthetic import SyntheticMarketConfig, generate_synthetic_market
 from pipeline.metadata import relation_metadata
 from pipeline.resources import StorageResource, WarehouseResource
@@ -35,10 +41,14 @@ def raw_market_data(
     Bad rows are quarantined with a `reason` in `raw_market_data_rejects`, never dropped silently.
     """
     oracle: dict = {}
+    skipped: list[str] = []
     with warehouse.get_connection() as con:
         if storage.market_data_path:
             files = discover_files(storage.market_data_path)
+            skipped = skipped_entries(storage.market_data_path)
             context.log.info(f"ingesting {len(files)} file(s) from {storage.market_data_path}")
+            if skipped:
+                context.log.warning(f"not market data files, not read: {skipped}")
             report = ingest_market_data(con, sources=files)
             source = f"{len(files)} file(s) under {storage.market_data_path}"
         else:
@@ -61,6 +71,7 @@ def raw_market_data(
             "reject_share": MetadataValue.float(round(report.reject_share, 6)),
             "rejects_by_reason": MetadataValue.json(report.rejects_by_reason),
             "rejects_table": MetadataValue.text(REJECTS_TABLE),
+            "skipped_entries": MetadataValue.json(skipped),
         }
     )
     if oracle:
