@@ -1,5 +1,6 @@
 """Ingestion: aliases, date formats, the quarantine with exact counts, idempotence, atomic replace."""
 
+import datetime
 from pathlib import Path
 
 import duckdb
@@ -293,6 +294,13 @@ def test_time_zone_aware_dates_keep_their_own_calendar_date(tmp_path, machine_zo
     got = con.execute("SELECT symbol, date::VARCHAR FROM raw_market_data ORDER BY ALL").fetchall()
     expected_dates = ["2020-01-02", "2020-01-03"]
     assert got == [("AAA", d) for d in expected_dates] + [("BBB", d) for d in expected_dates]
+    # a fixed offset (no zone name) is honoured too
+    fixed = frame.assign(date=dates.tz_localize(datetime.timezone(datetime.timedelta(hours=9))))
+    fixed.to_parquet(tmp_path / "fixed.parquet")
+    ingest_market_data(con, sources=[tmp_path / "fixed.parquet"])
+    assert con.execute("SELECT date::VARCHAR FROM raw_market_data ORDER BY 1").fetchall() == [
+        (d,) for d in expected_dates
+    ]
     # the in-memory path (the synthetic market's) too
     ingest_market_data(con, frame=tokyo)
     assert con.execute("SELECT date::VARCHAR FROM raw_market_data ORDER BY 1").fetchall() == [

@@ -24,6 +24,7 @@ place, and loading the same files twice gives the same tables (idempotent).
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,6 +166,10 @@ def _date_expr(column: str, dtype: str, zone: str | None) -> str:
     written with; UTC when the source does not say), not in the session's (machine's) zone.
     """
     if dtype.upper().startswith("TIMESTAMP WITH TIME ZONE"):
+        offset = re.fullmatch(r"([+-])(\d{2}):?(\d{2})", zone or "")
+        if offset:  # a fixed offset such as "+09:00" (not a zone name DuckDB knows)
+            minutes = (1 if offset[1] == "+" else -1) * (int(offset[2]) * 60 + int(offset[3]))
+            return f"CAST(timezone('UTC', {column}) + INTERVAL ({minutes}) MINUTE AS DATE)"
         return f"CAST(timezone({_sql_str(zone or 'UTC')}, {column}) AS DATE)"
     if dtype.upper().startswith(("DATE", "TIMESTAMP")):
         return f"CAST({column} AS DATE)"
