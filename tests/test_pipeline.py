@@ -13,7 +13,16 @@ from dagster import AssetKey, DagsterInstance, materialize
 
 from modeling.base_model import load_backbone, load_tokenizer
 from pipeline.assets import ALL_ASSETS
-from pipeline.checks import ALL_CHECKS, prompts_cover_training_set, splits_are_purged, weights_are_normalised
+from pipeline.checks import (
+    ALL_CHECKS,
+    exactly_16_feature_columns,
+    features_finite,
+    first_feature_date_after_warmup,
+    prompts_cover_training_set,
+    prompts_fit_context,
+    splits_are_purged,
+    weights_are_normalised,
+)
 from pipeline.resources import StorageResource, WarehouseResource, build_resources
 from pipeline.settings import Settings
 
@@ -284,3 +293,43 @@ def test_settings_defaults_follow_the_contract(tmp_path, monkeypatch):
     assert blank.base_model is None and blank.market_data_path is None and blank.data_dir == s.data_dir
     own = Settings.from_env({"DATA_DIR": "x", "MLFLOW_TRACKING_URI": "http://mlflow:5000"})
     assert own.data_dir == tmp_path / "x" and own.mlflow_tracking_uri == "http://mlflow:5000"
+
+
+def test_feature_checks_fail_on_a_corrupted_features_table(run, tmp_path):
+    _, settings, _ = run
+    db = tmp_path / "warehouse.duckdb"
+    shutil.copy(settings.warehouse_path, db)
+    warehouse = WarehouseResource(database=str(db))
+    checks = (first_feature_date_after_warmup, features_finite, exactly_16_feature_columns)
+    assert all(check(warehouse=warehouse).passed for check in checks)
+    con = duckdb.connect(str(db))
+    # a row inside some symbol's warm-up (its 10th bar), with a NaN feature, and a 17th column
+    con.execute("""
+        INSERT INTO features BY NAME
+        SELECT r.date, r.symbol, 'nan'::DOUBLE AS ret_1d
+        FROM (SELECT date, symbol, row_number() OVER (PARTITION BY symbol ORDER BY date) AS n
+              FROM raw_market_data) r
+        WHERE r.n = 10 AND r.symbol = (SELECT min(symbol) FROM features)
+    """)
+    con.execute("ALTER TABLE features ADD COLUMN extra_feature DOUBLE")
+    con.close()
+    early = first_feature_date_after_warmup(warehouse=warehouse)
+    assert not early.passed and early.metadata["symbols_starting_inside_warmup"].value == 1
+    finite = features_finite(warehouse=warehouse)
+    assert not finite.passed and finite.metadata["non_finite_by_feature"].value["ret_1d"] == 1
+    columns = exactly_16_feature_columns(warehouse=warehouse)
+    assert not columns.passed and columns.metadata["n_feature_columns"].value == 17
+
+
+def test_context_check_fails_when_a_prompt_exceeds_the_window(run, tmp_path):
+    _, settings, _ = run
+    storage = _copy_outputs(settings, tmp_path)
+    shutil.copytree(settings.data_dir / "models", tmp_path / "data" / "models")
+    assert prompts_fit_context(storage=storage).passed
+    path = storage.parquet_path("prompt_corpus")
+    table = pq.read_table(path)
+    frame = table.to_pandas()
+    frame.loc[0, "n_tokens"] = 10**6
+    pq.write_table(pa.Table.from_pandas(frame, schema=table.schema, preserve_index=False), path)
+    result = prompts_fit_context(storage=storage)
+    assert not result.passed and result.metadata["longest_prompt_tokens"].value == 10**6
