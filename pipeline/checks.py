@@ -1,8 +1,5 @@
 """Asset checks: one per property a downstream user relies on."""
 
-from pathlib import Path
-
-import duckdb
 import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -13,9 +10,9 @@ from modeling.base_model import describe_base_model, resolve_base_model_dir
 from modeling.data.features import FEATURES_TABLE, LABEL_COLUMNS, count_non_finite
 from modeling.data.ingest import RAW_TABLE, REJECTS_TABLE
 from modeling.data.parquet_io import read_parquet_metadata
+from modeling.data.prompt_corpus import corpus_vs_training_set
 from modeling.data.universe import UniverseSpec, universe_count_mismatches
 from modeling.feature_registry import FEATURE_NAMES, WARMUP_ROWS
-from pipeline.metadata import sql_string
 from pipeline.resources import StorageResource, WarehouseResource
 
 
@@ -198,30 +195,6 @@ def prompts_cover_training_set(storage: StorageResource) -> AssetCheckResult:
         passed=counts["missing"] == counts["extra"] == counts["different"] == 0,
         metadata={name: MetadataValue.int(n) for name, n in counts.items()},
     )
-
-
-def corpus_vs_training_set(training_set: Path, corpus: Path) -> dict[str, int]:
-    """Rows of the training set without a prompt, prompts without a training-set row, and rows whose
-    split, label or weight differ, matched on (date, symbol)."""
-    con = duckdb.connect()  # in memory: two Parquet files, no warehouse lock
-    try:
-        row = con.execute(
-            f"""
-            SELECT count(*) FILTER (WHERE p.symbol IS NULL) AS missing,
-                   count(*) FILTER (WHERE t.symbol IS NULL) AS extra,
-                   count(*) FILTER (WHERE t.symbol IS NOT NULL AND p.symbol IS NOT NULL
-                                    AND (t.split IS DISTINCT FROM p.split OR t.label IS DISTINCT FROM p.label
-                                         OR t.weight IS DISTINCT FROM p.weight)) AS different,
-                   count(t.symbol) AS training_set_rows,
-                   count(p.symbol) AS prompts
-            FROM read_parquet({sql_string(str(training_set))}) t
-            FULL OUTER JOIN read_parquet({sql_string(str(corpus))}) p
-                ON t.date = p.date AND t.symbol = p.symbol
-            """
-        ).fetchall()[0]
-    finally:
-        con.close()
-    return dict(zip(("missing", "extra", "different", "training_set_rows", "prompts"), row, strict=True))
 
 
 @asset_check(asset="prompt_corpus", description="No prompt shows a NaN or infinite feature value.")

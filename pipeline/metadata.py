@@ -10,11 +10,6 @@ import pandas as pd
 from dagster import MetadataValue
 
 
-def sql_string(value: str) -> str:
-    """`value` as a SQL string literal (quotes doubled), e.g. a file path under any DATA_DIR."""
-    return "'" + value.replace("'", "''") + "'"
-
-
 def relation_metadata(
     con: duckdb.DuckDBPyConnection,
     relation: str,

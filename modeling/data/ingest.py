@@ -32,6 +32,8 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
+from modeling.data.parquet_io import sql_string
+
 REQUIRED_COLUMNS = ("date", "symbol", "open", "high", "low", "close", "volume")
 OPTIONAL_COLUMNS = ("sector",)
 COLUMN_ALIASES = {"ticker": "symbol"}
@@ -112,10 +114,6 @@ def _is_supported(path: Path) -> bool:
     return path.name.lower().endswith(SUPPORTED_SUFFIXES)
 
 
-def _sql_str(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 def _is_csv(source: Path | str) -> bool:
     return isinstance(source, Path) and not source.name.lower().endswith((".parquet", ".pq"))
 
@@ -129,13 +127,13 @@ def _scan_sql(source: Path | str, rejects: str | None = None) -> str:
     if isinstance(source, str):  # a registered view (in-memory DataFrame)
         return source
     if not _is_csv(source):
-        return f"read_parquet({_sql_str(str(source))})"
+        return f"read_parquet({sql_string(str(source))})"
     store = (
         f", store_rejects = true, rejects_table = '{rejects}_errors', rejects_scan = '{rejects}_scans'"
         if rejects
         else ""
     )
-    return f"read_csv({_sql_str(str(source))}, header = true, all_varchar = true{store})"
+    return f"read_csv({sql_string(str(source))}, header = true, all_varchar = true{store})"
 
 
 def _resolve_columns(con: duckdb.DuckDBPyConnection, scan: str, label: str) -> dict[str, tuple[str, str]]:
@@ -170,7 +168,7 @@ def _date_expr(column: str, dtype: str, zone: str | None) -> str:
         if offset:  # a fixed offset such as "+09:00" (not a zone name DuckDB knows)
             minutes = (1 if offset[1] == "+" else -1) * (int(offset[2]) * 60 + int(offset[3]))
             return f"CAST(timezone('UTC', {column}) + INTERVAL ({minutes}) MINUTE AS DATE)"
-        return f"CAST(timezone({_sql_str(zone or 'UTC')}, {column}) AS DATE)"
+        return f"CAST(timezone({sql_string(zone or 'UTC')}, {column}) AS DATE)"
     if dtype.upper().startswith(("DATE", "TIMESTAMP")):
         return f"CAST({column} AS DATE)"
     text = f"trim(CAST({column} AS VARCHAR))"
@@ -222,7 +220,7 @@ def _normalised_select(
     return f"""
         SELECT
             {source_idx} AS source_idx,
-            {_sql_str(label)} AS source_file,
+            {sql_string(label)} AS source_file,
             row_number() OVER () AS source_row,
             {_date_expr(q("date"), cols["date"][1], _parquet_time_zone(source, cols["date"][0]))} AS date,
             NULLIF(upper(trim(CAST({q("symbol")} AS VARCHAR))), '') AS symbol,
@@ -361,11 +359,6 @@ def _quarantine_malformed_lines(
     to their data-row number in the file: with skipped data rows d_1 < d_2 < ... (file line - 1, the
     header being line 1), parsed row k sits at k + #{i : d_i - i < k}.
     """
-    exists = con.execute(
-        "SELECT count(*) FROM duckdb_tables() WHERE table_name = ? AND temporary", [errors_table]
-    ).fetchall()[0][0]
-    if not exists:
-        return
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE _malformed AS
         SELECT line - 1 AS source_row, row_number() OVER (ORDER BY line) AS nth,
@@ -374,8 +367,8 @@ def _quarantine_malformed_lines(
                      string_agg(error_message, '; ' ORDER BY column_idx) AS detail
               FROM {errors_table} GROUP BY line)
     """)
-    if not con.execute("SELECT count(*) FROM _malformed").fetchall()[0][0]:
-        con.execute("DROP TABLE _malformed")
+    if not con.execute("SELECT count(*) FROM _malformed").fetchall()[0][0]:  # the usual case: skip the
+        con.execute("DROP TABLE _malformed")  # renumbering pass over every row of the source
         return
     con.execute(f"""
         UPDATE _staged AS s SET source_row = s.source_row + m.n_before
@@ -389,7 +382,7 @@ def _quarantine_malformed_lines(
     """)
     con.execute(f"""
         INSERT INTO _staged (source_idx, source_file, source_row, raw_line, detail, reason)
-        SELECT {source_idx}, {_sql_str(label)}, source_row, raw_line, detail, 'malformed_line' FROM _malformed
+        SELECT {source_idx}, {sql_string(label)}, source_row, raw_line, detail, 'malformed_line' FROM _malformed
     """)
     con.execute("DROP TABLE _malformed")
 

@@ -55,3 +55,13 @@ def read_parquet_metadata(path: Path) -> dict:
     """The JSON metadata written with the file ({} if none)."""
     raw = (pq.read_schema(path).metadata or {}).get(METADATA_KEY)
     return json.loads(raw) if raw else {}
+
+
+def sql_string(value: str) -> str:
+    """`value` as a SQL string literal (quotes doubled), e.g. a file path under any DATA_DIR."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def create_parquet_view(con, name: str, path: Path) -> None:
+    """(Re)define the DuckDB view `name` over the Parquet file `path` (the file stays the storage)."""
+    con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet({sql_string(str(path))})")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from modeling.data.parquet_io import atomic_parquet_writer
+from modeling.data.parquet_io import atomic_parquet_writer, sql_string
 from modeling.prompt import PromptBuilder
 
 PROMPT_SCHEMA = pa.schema([
@@ -43,3 +44,27 @@ def write_prompt_corpus(rows: pd.DataFrame, builder: PromptBuilder, tokenizer, p
             }, schema=PROMPT_SCHEMA))
             counts.append(n_tokens)
     return np.concatenate(counts)
+
+
+def corpus_vs_training_set(training_set: Path, corpus: Path) -> dict[str, int]:
+    """Rows of the training set without a prompt, prompts without a training-set row, and rows whose
+    split, label or weight differ, matched on (date, symbol)."""
+    con = duckdb.connect()  # in memory: two Parquet files, no warehouse lock
+    try:
+        row = con.execute(
+            f"""
+            SELECT count(*) FILTER (WHERE p.symbol IS NULL) AS missing,
+                   count(*) FILTER (WHERE t.symbol IS NULL) AS extra,
+                   count(*) FILTER (WHERE t.symbol IS NOT NULL AND p.symbol IS NOT NULL
+                                    AND (t.split IS DISTINCT FROM p.split OR t.label IS DISTINCT FROM p.label
+                                         OR t.weight IS DISTINCT FROM p.weight)) AS different,
+                   count(t.symbol) AS training_set_rows,
+                   count(p.symbol) AS prompts
+            FROM read_parquet({sql_string(str(training_set))}) t
+            FULL OUTER JOIN read_parquet({sql_string(str(corpus))}) p
+                ON t.date = p.date AND t.symbol = p.symbol
+            """
+        ).fetchall()[0]
+    finally:
+        con.close()
+    return dict(zip(("missing", "extra", "different", "training_set_rows", "prompts"), row, strict=True))

@@ -6,10 +6,10 @@ from dagster import Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
 from modeling.base_model import load_tokenizer, resolve_base_model_dir
-from modeling.data.parquet_io import read_parquet_metadata
+from modeling.data.parquet_io import create_parquet_view, read_parquet_metadata
 from modeling.data.prompt_corpus import write_prompt_corpus
 from modeling.prompt import PromptBuilder
-from pipeline.metadata import relation_metadata, sql_string
+from pipeline.metadata import relation_metadata
 from pipeline.resources import StorageResource, WarehouseResource
 
 
@@ -51,9 +51,7 @@ def prompt_corpus(
     elapsed = time.perf_counter() - started
     sample = builder.render(rows.iloc[0], tokenizer) if len(rows) else ""
     with warehouse.get_connection() as con:
-        con.execute(
-            f"CREATE OR REPLACE VIEW prompt_corpus AS SELECT * FROM read_parquet({sql_string(str(path))})"
-        )
+        create_parquet_view(con, "prompt_corpus", path)
         metadata = relation_metadata(
             con, "prompt_corpus", preview_columns=["date", "symbol", "split", "label", "weight", "n_tokens"]
         )

@@ -5,9 +5,9 @@ from pydantic import Field
 
 from modeling.buckets import BucketConfig, histogram_png
 from modeling.data.features import FEATURES_TABLE
-from modeling.data.parquet_io import write_parquet_atomic
+from modeling.data.parquet_io import create_parquet_view, write_parquet_atomic
 from modeling.data.training_set import LabelSpec, SplitSpec, build_training_set
-from pipeline.metadata import frame_markdown, png_markdown, relation_metadata, sql_string
+from pipeline.metadata import frame_markdown, png_markdown, relation_metadata
 from pipeline.resources import StorageResource, WarehouseResource
 
 _S, _L, _B = SplitSpec(), LabelSpec(), BucketConfig()  # defaults live in the dataclasses
@@ -108,9 +108,7 @@ def training_set(
         storage.reports_dir / "training_set_buckets.png",
     )
     with warehouse.get_connection() as con:
-        con.execute(
-            f"CREATE OR REPLACE VIEW training_set AS SELECT * FROM read_parquet({sql_string(str(path))})"
-        )
+        create_parquet_view(con, "training_set", path)
         metadata = relation_metadata(
             con, "training_set", preview_columns=["date", "symbol", "split", "label", "bucket", "weight"]
         )
