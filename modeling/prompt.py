@@ -19,7 +19,7 @@ never silently diverge.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -160,9 +160,10 @@ class PromptBuilder:
         self, frame: pd.DataFrame, tokenizer, batch_size: int = 8192
     ) -> Iterator[tuple[list[str], np.ndarray]]:
         """(prompts, token counts) per batch of rows, so a large corpus streams to disk."""
+        count = token_counter(tokenizer)  # prepared once per corpus, not per batch
         for start in range(0, len(frame), batch_size):
             prompts = self.render_batch(frame.iloc[start : start + batch_size], tokenizer)
-            yield prompts, count_tokens(tokenizer, prompts)
+            yield prompts, count(prompts)
 
     def build(self, frame: pd.DataFrame, tokenizer, batch_size: int = 8192) -> tuple[list[str], np.ndarray]:
         """All prompts and their token counts."""
@@ -182,7 +183,12 @@ def apply_chat(tokenizer, messages: list[dict[str, str]]) -> str:
 
 
 def count_tokens(tokenizer, texts: list[str], chunk: int = 1024) -> np.ndarray:
-    """Token counts of rendered prompts (the template already wrote BOS: no special tokens added).
+    """Token counts of rendered prompts (the template already wrote BOS: no special tokens added)."""
+    return token_counter(tokenizer, chunk)(texts)
+
+
+def token_counter(tokenizer, chunk: int = 1024) -> Callable[[list[str]], np.ndarray]:
+    """A function giving the token counts of rendered prompts, prepared once for many batches.
 
     A fast tokenizer counts through its Rust backend (`encode_batch_fast`, parallel, no offsets and no
     Python id lists), in chunks of about a thousand texts, which keeps its working set in cache; this
@@ -198,15 +204,19 @@ def count_tokens(tokenizer, texts: list[str], chunk: int = 1024) -> np.ndarray:
         backend = Tokenizer.from_str(backend.to_str())
         backend.no_truncation()
         backend.no_padding()
-    counts = np.empty(len(texts), dtype=np.int32)
-    for start in range(0, len(texts), chunk):
-        part = texts[start : start + chunk]
-        if backend is not None:
-            lengths = [len(e) for e in backend.encode_batch_fast(part, add_special_tokens=False)]
-        else:
-            lengths = [len(ids) for ids in tokenizer(part, add_special_tokens=False)["input_ids"]]
-        counts[start : start + len(part)] = lengths
-    return counts
+
+    def count(texts: list[str]) -> np.ndarray:
+        counts = np.empty(len(texts), dtype=np.int32)
+        for start in range(0, len(texts), chunk):
+            part = texts[start : start + chunk]
+            if backend is not None:
+                lengths = [len(e) for e in backend.encode_batch_fast(part, add_special_tokens=False)]
+            else:
+                lengths = [len(ids) for ids in tokenizer(part, add_special_tokens=False)["input_ids"]]
+            counts[start : start + len(part)] = lengths
+        return counts
+
+    return count
 
 
 def tokenizer_training_texts(
