@@ -55,7 +55,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8192)
     args = parser.parse_args()
 
-    from modeling.base_model import build_embedded_base_model, load_tokenizer
+    from modeling.backbones.common import load_tokenizer
+    from modeling.backbones.embedded import build_embedded_base_model
     from modeling.prompt import PromptBuilder, count_tokens, tokenizer_training_texts
 
     rows = feature_rows(args.dates)

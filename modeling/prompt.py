@@ -44,6 +44,11 @@ system turn from the clock (`strftime_now`) unless given one, which would make t
 depend on the day it is rendered; this fixed value (Meta's own fallback) keeps it reproducible."""
 
 
+PROMPT_TEMPLATE_VERSION = 3
+"""Version of the prompt text (system message, header, feature lines, task line). Bumped whenever the
+text a row renders to changes, so a saved model can refuse prompts it was not trained on."""
+
+
 class PromptDataError(ValueError):
     """A feature value cannot be written into a prompt (NaN or infinite)."""
 
@@ -72,6 +77,21 @@ class PromptBuilder:
             raise ValueError(f"horizon must be >= 1, got {self.horizon}")
         if not 1 <= self.sig_digits <= 8:
             raise ValueError(f"sig_digits must be in [1, 8], got {self.sig_digits}")
+
+    # --- settings --------------------------------------------------------------------------------------
+    def settings(self) -> dict:
+        """What a saved model records to render the same text at inference (features are the registry)."""
+        return {"horizon": self.horizon, "sig_digits": self.sig_digits, "target": self.target,
+                "template_version": PROMPT_TEMPLATE_VERSION}
+
+    @classmethod
+    def from_settings(cls, settings: Mapping) -> PromptBuilder:
+        version = settings.get("template_version", PROMPT_TEMPLATE_VERSION)
+        if version != PROMPT_TEMPLATE_VERSION:
+            raise ValueError(f"the model was trained on prompt template v{version}; this code renders "
+                             f"v{PROMPT_TEMPLATE_VERSION}, so its prompts would differ")
+        return cls(horizon=int(settings["horizon"]), sig_digits=int(settings["sig_digits"]),
+                   target=str(settings["target"]))
 
     # --- text ------------------------------------------------------------------------------------------
     @property

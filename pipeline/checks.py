@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetKey, Config, MetadataValue, asset_check
 from pydantic import Field
 
-from modeling.base_model import describe_base_model, resolve_base_model_dir
+from modeling.backbones.common import describe_base_model
 from modeling.data.features import FEATURES_TABLE, LABEL_COLUMNS, count_non_finite
 from modeling.data.ingest import RAW_TABLE, REJECTS_TABLE
 from modeling.data.parquet_io import read_parquet_metadata
@@ -169,7 +169,7 @@ def weights_are_normalised(storage: StorageResource) -> AssetCheckResult:
 
 @asset_check(asset="prompt_corpus", description="Every prompt fits the base model's context window.")
 def prompts_fit_context(storage: StorageResource) -> AssetCheckResult:
-    model_dir, _ = resolve_base_model_dir(storage.base_model, storage.root)
+    model_dir = storage.base_model_dir
     limit = describe_base_model(model_dir)["max_position_embeddings"]
     longest = int(
         pq.read_table(storage.parquet_path("prompt_corpus"), columns=["n_tokens"])["n_tokens"]

@@ -11,6 +11,7 @@ from dagster import ConfigurableResource
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
+from modeling.backbones import BaseModelSource, resolve_base_model
 from pipeline.settings import Settings
 
 
@@ -59,7 +60,9 @@ class StorageResource(ConfigurableResource):
         default=None, description="CSV/Parquet file or directory of OHLCV; None = built-in synthetic market."
     )
     base_model: str | None = Field(
-        default=None, description="Local Hugging Face model directory; None = embedded tiny Llama."
+        default=None,
+        description="BASE_MODEL: a local Hugging Face model directory, a GGUF file or smollm2-135m-instruct; "
+        "None = the embedded tiny Llama built and pretrained locally.",
     )
 
     @property
@@ -69,6 +72,15 @@ class StorageResource(ConfigurableResource):
     def parquet_path(self, asset_name: str) -> Path:
         """`DATA_DIR/<asset>.parquet`: the asset's name is also its file's name."""
         return self.root / f"{asset_name}.parquet"
+
+    @property
+    def base_model_source(self) -> BaseModelSource:
+        """Which backbone BASE_MODEL selects and the checkpoint directory everything loads."""
+        return resolve_base_model(self.base_model, self.root)
+
+    @property
+    def base_model_dir(self) -> Path:
+        return self.base_model_source.path
 
     @property
     def reports_dir(self) -> Path:

@@ -18,8 +18,9 @@ class Settings:
     """Root of `warehouse.duckdb`, the Parquet outputs, model directories and the MLflow store."""
     market_data_path: Path | None
     """A CSV/Parquet file or a directory of them; None = the built-in synthetic market."""
-    base_model: Path | None
-    """A local Hugging Face model directory; None = the embedded tiny Llama built locally."""
+    base_model: str | None
+    """A local Hugging Face model directory or GGUF file (absolute), or `smollm2-135m-instruct`;
+    None = the embedded tiny Llama built and pretrained locally."""
     mlflow_tracking_uri: str
     """MLflow tracking store (SQLite under DATA_DIR unless overridden)."""
 
@@ -37,10 +38,26 @@ class Settings:
         return cls(
             data_dir=data_dir,
             market_data_path=Path(market).expanduser().resolve() if market else None,
-            base_model=Path(base_model).expanduser().resolve() if base_model else None,
+            base_model=_base_model_value(base_model),
             mlflow_tracking_uri=tracking,
         )
 
     @property
+    def mlflow_artifacts_dir(self) -> Path:
+        """Artifact root of the MLflow experiments this pipeline creates."""
+        return self.data_dir / "mlartifacts"
+
+    @property
     def warehouse_path(self) -> Path:
         return self.data_dir / "warehouse.duckdb"
+
+
+def _base_model_value(value: str | None) -> str | None:
+    """A path made absolute (so it means the same from any working directory); a model name as given."""
+    if value is None:
+        return None
+    from modeling.backbones import SMOLLM2_NAME
+
+    if value.lower() == SMOLLM2_NAME:
+        return SMOLLM2_NAME
+    return str(Path(value).expanduser().resolve())

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from dagster import AssetKey, DagsterInstance, materialize
 
-from modeling.base_model import load_backbone, load_tokenizer
+from modeling.backbones.common import load_backbone, load_tokenizer
 from pipeline.assets import ALL_ASSETS
 from pipeline.checks import (
     ALL_CHECKS,
@@ -31,7 +31,15 @@ SMALL_RUN = {
         "raw_market_data": {"config": {"synthetic_n_symbols": 90, "synthetic_years": 1.2}},
         "universe": {"config": {"top_n": 40}},
         "base_model": {
-            "config": {"vocab_size": 600, "tokenizer_rows": 1500, "hidden_size": 32, "intermediate_size": 64}
+            "config": {
+                "vocab_size": 600,
+                "tokenizer_rows": 1500,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "pretrain_rows": 64,
+                "pretrain_batch_size": 16,
+                "pretrain_eval_rows": 16,
+            }
         },
     }
 }
@@ -177,7 +185,7 @@ def test_workspace_loads_in_the_dagster_cli(tmp_path):
 
 def test_base_model_env_directory_is_used_as_is(tmp_path):
     """BASE_MODEL names a local checkpoint: the asset describes it, never rebuilds or copies it."""
-    from modeling.base_model import TinyLlamaSpec, build_embedded_base_model
+    from modeling.backbones.embedded import TinyLlamaSpec, build_embedded_base_model
     from modeling.prompt import PromptBuilder, tokenizer_training_texts
 
     own = build_embedded_base_model(

@@ -5,7 +5,7 @@ import pandas as pd
 from dagster import Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
-from modeling.base_model import load_tokenizer, resolve_base_model_dir
+from modeling.backbones.common import load_tokenizer
 from modeling.data.parquet_io import create_parquet_view, read_parquet_metadata
 from modeling.data.prompt_corpus import write_prompt_corpus
 from modeling.prompt import PromptBuilder
@@ -29,7 +29,7 @@ def prompt_corpus(
     facts = read_parquet_metadata(source)
     horizon, label_kind = int(facts["horizon"]), str(facts["label"]["kind"])
     rows = pd.read_parquet(source)
-    model_dir, _ = resolve_base_model_dir(storage.base_model, storage.root)
+    model_dir = storage.base_model_dir
     tokenizer = load_tokenizer(model_dir)
     builder = PromptBuilder(horizon=horizon, sig_digits=config.sig_digits, target=label_kind)
 

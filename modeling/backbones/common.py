@@ -1,0 +1,260 @@
+"""Loading any base model the same way: a local Hugging Face directory through `from_pretrained`.
+
+Every backbone source (the embedded tiny Llama, a converted GGUF file, SmolLM2, a user's Llama 3
+directory) ends as a standard checkpoint directory, and everything downstream loads it through the
+functions here, exactly as it would load Meta-Llama-3-8B-Instruct. Nothing touches the Hugging Face hub:
+every load passes `local_files_only=True`.
+
+This module must not import dagster, duckdb or mlflow: it runs on the GPU image, which lacks them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+PAD_TOKEN = "<|finetune_right_pad_id|>"
+"""Padding token of Llama 3.1; distinct from eos so that padding is never confused with a real turn end."""
+
+EMBEDDED_MODEL_INFO_FILE = "embedded_model.json"
+"""File in an embedded model's directory that records how it was built (spec, pretraining, build key)."""
+
+SOURCE_INFO_FILE = "source.json"
+"""File in a converted model's directory (GGUF, SmolLM2) naming the file it was converted from."""
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+"""Any one of these marks a directory as holding a Hugging Face tokenizer."""
+
+
+def require_model_dir(path: str | os.PathLike[str]) -> Path:
+    """Check that `path` is a local Hugging Face model directory (config + tokenizer); return it as a Path.
+
+    Checked up front because `from_pretrained` on a missing local path treats the string as a hub repo id
+    and fails with a message about the hub, which hides the real problem.
+    """
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise FileNotFoundError(
+            f"Base model directory {str(p)!r} does not exist or is not a directory "
+            "(a local Hugging Face checkpoint directory is required; hub ids are not supported)"
+        )
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{str(p)!r} is not a Hugging Face model directory: it has no config.json")
+    if not any((p / name).is_file() for name in _TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{str(p)!r} is not a Hugging Face model directory: it has no tokenizer files "
+            f"(expected one of {', '.join(_TOKENIZER_FILES)})"
+        )
+    return p
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Give `tokenizer` a pad token if it lacks one; return where the pad token came from.
+
+    Real Llama 3 ships without a pad token. `<|finetune_right_pad_id|>` (Llama 3.1's reserved pad) is
+    preferred because it is distinct from eos; failing that eos is used, which is harmless because
+    padded positions are masked out by the attention mask and the pooling.
+    """
+    if tokenizer.pad_token is not None:
+        return "tokenizer"
+    if PAD_TOKEN in tokenizer.get_vocab():
+        tokenizer.pad_token = PAD_TOKEN
+        return "finetune_right_pad_id"
+    if tokenizer.eos_token is None:
+        raise ValueError("Tokenizer has neither a pad token nor an eos token to pad with")
+    tokenizer.pad_token = tokenizer.eos_token
+    return "eos"
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
+    """Load the base model's tokenizer from a local directory, with a pad token and a chat template.
+
+    The pipeline pads batches, so a pad token is set when the checkpoint has none (see
+    `ensure_pad_token`). The prompts are chat-formatted, so a tokenizer without a chat template (a base,
+    non-Instruct checkpoint) is rejected rather than silently formatting prompts differently.
+    """
+    p = require_model_dir(path)
+    tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    ensure_pad_token(tokenizer)
+    if not tokenizer.chat_template:
+        raise ValueError(
+            f"The tokenizer in {str(p)!r} has no chat template; the pipeline's prompts are chat-formatted, "
+            "so an Instruct checkpoint (e.g. Meta-Llama-3-8B-Instruct) is required"
+        )
+    return tokenizer
+
+
+def _load_kwargs(dtype: torch.dtype | str | None, device_map: str | dict[str, Any] | None) -> dict[str, Any]:
+    """`from_pretrained` options: offline always, dtype/device_map only when given (else library default)."""
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    return kwargs
+
+
+def load_backbone(
+    path: str | os.PathLike[str],
+    dtype: torch.dtype | str | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> PreTrainedModel:
+    """Load the base model without its LM head (`AutoModel`): the regression head replaces the head.
+
+    `dtype` (e.g. `torch.bfloat16` on GPU) and `device_map` are passed through when given; otherwise the
+    transformers defaults apply. Further keyword arguments (`quantization_config`, ...) go to
+    `from_pretrained` unchanged.
+    """
+    p = require_model_dir(path)
+    return AutoModel.from_pretrained(p, **_load_kwargs(dtype, device_map), **kwargs)
+
+
+def load_causal_lm(
+    path: str | os.PathLike[str],
+    dtype: torch.dtype | str | None = None,
+    device_map: str | dict[str, Any] | None = None,
+) -> PreTrainedModel:
+    """Load the base model with its LM head (`AutoModelForCausalLM`): pretraining, generation, round trips."""
+    p = require_model_dir(path)
+    return AutoModelForCausalLM.from_pretrained(p, **_load_kwargs(dtype, device_map))
+
+
+def _count_parameters_from_safetensors(files: list[Path]) -> int:
+    """Sum of the tensor sizes declared in the safetensors headers; reads no weight data."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                total += math.prod(f.get_slice(name).get_shape())
+    return total
+
+
+def _count_parameters_from_config(config: Any) -> int:
+    """Parameter count of the architecture `config` describes, instantiated on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+_FINGERPRINT_EDGE_BYTES = 1 << 20
+"""Bytes read from each end of a weight file for its fingerprint (the header and the last tensors)."""
+
+
+def model_fingerprint(path: str | os.PathLike[str]) -> str:
+    """A SHA-256 identifying the checkpoint in `path` without reading 16 GB of weights.
+
+    It covers `config.json` in full and, per weight file (sorted by name), its name, size and first and
+    last MiB: a re-trained or re-converted checkpoint changes the tensor bytes at both ends (the
+    safetensors header, the first and last tensors), so the fingerprint changes too. Used to recognise
+    the base model a regressor was trained on when it is loaded again.
+    """
+    p = require_model_dir(path)
+    h = hashlib.sha256((p / "config.json").read_bytes())
+    for file in sorted([*p.glob("*.safetensors"), *p.glob("*.bin")]):
+        size = file.stat().st_size
+        h.update(file.name.encode() + size.to_bytes(8, "little"))
+        with file.open("rb") as f:
+            h.update(f.read(_FINGERPRINT_EDGE_BYTES))
+            if size > 2 * _FINGERPRINT_EDGE_BYTES:
+                f.seek(size - _FINGERPRINT_EDGE_BYTES)
+                h.update(f.read())
+    return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+    """Content hash of a whole file (a GGUF source, a downloaded wheel), read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe_base_model(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """JSON-serialisable facts about the base model in `path`, for logs and asset metadata.
+
+    Never loads the weights: the parameter count comes from the safetensors headers, or (for other
+    weight formats) from the architecture built on the meta device.
+    """
+    p = require_model_dir(path)
+    config = AutoConfig.from_pretrained(p, local_files_only=True)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    pad_source = ensure_pad_token(tokenizer)
+
+    weight_files = sorted(p.glob("*.safetensors"))
+    if weight_files:
+        n_parameters, n_parameters_source = _count_parameters_from_safetensors(weight_files), "safetensors"
+    else:
+        n_parameters, n_parameters_source = _count_parameters_from_config(config), "config"
+
+    def _int_or_none(value: Any) -> int | None:
+        return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+    return {
+        "path": str(p.resolve()),
+        "model_type": str(config.model_type),
+        "architectures": list(getattr(config, "architectures", None) or []),
+        "hidden_size": _int_or_none(getattr(text_config, "hidden_size", None)),
+        "num_hidden_layers": _int_or_none(getattr(text_config, "num_hidden_layers", None)),
+        "num_attention_heads": _int_or_none(getattr(text_config, "num_attention_heads", None)),
+        "num_key_value_heads": _int_or_none(getattr(text_config, "num_key_value_heads", None)),
+        "max_position_embeddings": _int_or_none(getattr(text_config, "max_position_embeddings", None)),
+        "vocab_size": _int_or_none(getattr(text_config, "vocab_size", None)),
+        "tokenizer_size": len(tokenizer),
+        "n_parameters": int(n_parameters),
+        "n_parameters_source": n_parameters_source,
+        "has_chat_template": bool(tokenizer.chat_template),
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.pad_token,
+        "pad_token_source": pad_source,
+        "is_embedded": (p / EMBEDDED_MODEL_INFO_FILE).is_file(),
+    }
+
+
+def swap_into_place(built: Path, out_dir: Path) -> None:
+    """Move the finished build `built` to `out_dir`, replacing any previous model there.
+
+    POSIX cannot rename a directory over a non-empty one, so the old model is first renamed aside,
+    then the new one renamed in, then the old one deleted. If the second rename fails the old model is
+    renamed back, so `out_dir` always ends up holding a complete model, old or new.
+    """
+    if not out_dir.exists():
+        os.replace(built, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    old.rmdir()  # only its unique name is wanted
+    os.replace(out_dir, old)
+    try:
+        os.replace(built, out_dir)
+    except BaseException:
+        os.replace(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def build_dir_next_to(out_dir: Path) -> Path:
+    """A fresh temporary directory beside `out_dir` (same filesystem, so `swap_into_place` is a rename)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp creates 0700; a model directory is readable like any checkpoint
+    return tmp

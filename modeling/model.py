@@ -1,0 +1,521 @@
+"""LLMRegressor: a frozen pretrained LM with LoRA adapters and an MLP head that reads the last token.
+
+Reading order: the head (what turns a hidden state into a return forecast) -> pooling (which hidden
+state it reads) -> the wrapper (backbone + head, one forward) -> the constructor (from a `base_model`
+directory) -> save/load (safetensors and JSON only) -> batched prediction.
+
+    input_ids, attention_mask [B, T]
+      -> backbone (AutoModel: frozen weights + peft LoRA on every attention and MLP projection)
+      -> hidden state of the last non-padding token [B, H]
+      -> MLP head in fp32 -> prediction [B]
+
+The LM head is never loaded (`AutoModel`, not `AutoModelForCausalLM`) and never computed.
+
+Last-layer shortcut: the head reads one position, so in the last decoder layer only that position's
+query, attention output and MLP matter; every other position's output there is discarded. For
+Llama-family backbones (Llama 3, SmolLM2, the embedded tiny Llama) `pooled_hidden` runs the last layer
+on the last token only (its keys and values still cover the whole prompt). The result is the same
+hidden state as the full forward (tested to 1e-5); it skips most of one layer's work, which is about
+40% of the compute of the 2-layer embedded backbone and 1/L of an L-layer one. Other architectures take
+the full forward.
+
+This module must not import dagster, duckdb or mlflow: it runs on the GPU image, which lacks them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from modeling.backbones.common import load_backbone, model_fingerprint, require_model_dir
+
+REGRESSOR_FORMAT_VERSION = 1
+"""Version of the saved layout below; bumped when it changes."""
+REGRESSOR_CONFIG_FILE = "regressor.json"
+"""Config, base model reference and prompt settings of a saved regressor."""
+HEAD_FILE = "head.safetensors"
+"""The MLP head's weights."""
+ADAPTER_DIR = "adapter"
+"""The LoRA adapter, written by peft's `save_pretrained` (safetensors + adapter_config.json)."""
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
+"""Head activations by name."""
+LLAMA_FAMILY = frozenset({"llama"})
+"""`config.model_type`s whose decoder layers the last-layer shortcut knows (Llama 3, SmolLM2, embedded)."""
+
+
+# --- head -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HeadConfig:
+    """The MLP regression head."""
+
+    hidden_sizes: tuple[int, ...] = (256,)
+    """Widths of the hidden layers; () = a linear head."""
+    activation: str = "gelu"
+    """Activation between layers: gelu, relu, silu or tanh."""
+    dropout: float = 0.1
+    """Dropout after each hidden layer (training only)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in self.hidden_sizes))
+        if any(h < 1 for h in self.hidden_sizes):
+            raise ValueError(f"head hidden_sizes must be positive, got {self.hidden_sizes}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"head activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"head dropout must be in [0, 1), got {self.dropout}")
+
+
+class RegressionHead(nn.Module):
+    """MLP from a hidden state to one number: [Linear -> activation -> dropout] x depth -> Linear(., 1).
+
+    The output layer starts small (weights scaled by 0.1, bias 0), so the first predictions are close
+    to 0, the mean of a demeaned label, and the first gradients do not shake the adapters.
+    """
+
+    def __init__(self, in_features: int, config: HeadConfig = HeadConfig()) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_features
+        for hidden in config.hidden_sizes:
+            layers += [nn.Linear(width, hidden), ACTIVATIONS[config.activation](), nn.Dropout(config.dropout)]
+            width = hidden
+        out = nn.Linear(width, 1)
+        with torch.no_grad():
+            out.weight.mul_(0.1)
+            out.bias.zero_()
+        self.net = nn.Sequential(*layers, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1)  # [B, H] -> [B]
+
+
+# --- pooling --------------------------------------------------------------------------------------------
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last non-padding token of each row, under left or right padding: [B, T] -> [B]."""
+    mask = attention_mask.to(torch.int64)
+    if bool((mask.sum(dim=1) == 0).any()):
+        raise ValueError("a row of the batch has no tokens (all padding)")
+    t = mask.shape[1]
+    return t - 1 - mask.flip(1).argmax(dim=1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so a left-padded row gets the positions of the unpadded
+    one (padding positions get 0; they are masked anyway): [B, T] -> [B, T]."""
+    return (attention_mask.to(torch.int64).cumsum(dim=1) - 1).clamp(min=0)
+
+
+def _full_forward_last_hidden(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Any architecture: the whole forward, then the last real token's final hidden state."""
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    hidden = out.last_hidden_state  # [B, T, H]
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return hidden[rows, last_token_index(attention_mask)]  # [B, H]
+
+
+def _llama_last_hidden(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Llama family: layers 0..L-2 on every token as `LlamaModel.forward` runs them, then the last layer
+    on the last real token only, attending over the whole prompt. Same result as the full forward."""
+    from transformers.masking_utils import create_causal_mask
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+    embeds = model.embed_tokens(input_ids)  # [B, T, H]
+    position_ids = position_ids_from_mask(attention_mask)
+    causal_mask = create_causal_mask(
+        config=model.config,
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        past_key_values=None,
+        position_ids=position_ids,
+    )
+    cos, sin = model.rotary_emb(embeds, position_ids=position_ids)  # [B, T, D] each
+    hidden = embeds
+    for layer in model.layers[: model.config.num_hidden_layers - 1]:
+        hidden = layer(
+            hidden, attention_mask=causal_mask, position_embeddings=(cos, sin), position_ids=position_ids
+        )
+
+    layer = model.layers[model.config.num_hidden_layers - 1]
+    attn = layer.self_attn
+    b, t, _ = hidden.shape
+    rows = torch.arange(b, device=hidden.device)
+    last = last_token_index(attention_mask)  # [B]
+    normed = layer.input_layernorm(hidden)  # [B, T, H]
+    # keys and values of every position; the query of the last real token only
+    k = attn.k_proj(normed).view(b, t, -1, attn.head_dim).transpose(1, 2)  # [B, KV, T, D]
+    v = attn.v_proj(normed).view(b, t, -1, attn.head_dim).transpose(1, 2)
+    q = attn.q_proj(normed[rows, last].unsqueeze(1))  # [B, 1, NH * D]
+    q = q.view(b, 1, -1, attn.head_dim).transpose(1, 2)  # [B, NH, 1, D]
+    q, _ = apply_rotary_pos_emb(q, q, cos[rows, last].unsqueeze(1), sin[rows, last].unsqueeze(1))
+    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    k, v = repeat_kv(k, attn.num_key_value_groups), repeat_kv(v, attn.num_key_value_groups)
+    # the last real token sees every real token (all precede it); padding is masked out
+    key_mask = attention_mask.to(torch.bool)[:, None, None, :]  # [B, 1, 1, T]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=attn.scaling)  # [B, NH, 1, D]
+    out = attn.o_proj(out.transpose(1, 2).reshape(b, 1, -1))  # [B, 1, H]
+    h = hidden[rows, last].unsqueeze(1) + out
+    h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return model.norm(h).squeeze(1)  # [B, H]
+
+
+def supports_last_layer_shortcut(model: nn.Module) -> bool:
+    """True for a Llama-family base model with the module layout `_llama_last_hidden` reads."""
+    config = getattr(model, "config", None)
+    layers = getattr(model, "layers", None)
+    return (
+        getattr(config, "model_type", None) in LLAMA_FAMILY
+        and layers is not None
+        and len(layers) >= 1
+        and all(hasattr(model, name) for name in ("embed_tokens", "rotary_emb", "norm"))
+    )
+
+
+# --- config ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoraSettings:
+    """The LoRA adapters peft puts into the frozen backbone."""
+
+    r: int = 8
+    """Rank of each adapter."""
+    alpha: float = 16.0
+    """Scaling numerator: the update is (alpha / r) * B A (alpha / sqrt(r) with rsLoRA)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: tuple[str, ...] | str = "all-linear"
+    """Module names to adapt, or "all-linear": every linear layer of the backbone, i.e. every attention
+    and MLP projection (q, k, v, o, gate, up, down for Llama); the LM head is not loaded at all."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.target_modules, str):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+            if not self.target_modules:
+                raise ValueError("LoRA target_modules must name at least one module (or be 'all-linear')")
+        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA needs r >= 1, alpha > 0, 0 <= dropout < 1; got {self}")
+
+    def peft_config(self) -> Any:
+        from peft import LoraConfig
+
+        targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=targets,
+            use_rslora=self.use_rslora,
+            use_dora=self.use_dora,
+            bias="none",
+        )
+
+
+@dataclass(frozen=True)
+class RegressorConfig:
+    """Everything that defines the model's shape (not how it is trained)."""
+
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """The adapters."""
+    head: HeadConfig = field(default_factory=HeadConfig)
+    """The regression head."""
+    quantization: Literal["none", "4bit"] = "none"
+    """none, or 4bit: QLoRA, the frozen backbone in NF4 through bitsandbytes (CUDA GPUs only)."""
+    last_layer_shortcut: bool = True
+    """Run the last decoder layer on the pooled token only (Llama family; same output, less work)."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder-layer activations in the backward pass (less memory, ~30% more compute)."""
+
+    def __post_init__(self) -> None:
+        if self.quantization not in ("none", "4bit"):
+            raise ValueError(f"quantization must be 'none' or '4bit', got {self.quantization!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RegressorConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown regressor config keys {sorted(unknown)}")
+        values = dict(data)
+        if isinstance(values.get("lora"), dict):
+            values["lora"] = LoraSettings(**values["lora"])
+        if isinstance(values.get("head"), dict):
+            values["head"] = HeadConfig(**values["head"])
+        return cls(**values)
+
+
+# --- wrapper --------------------------------------------------------------------------------------------
+class LLMRegressor(nn.Module):
+    """Frozen backbone with LoRA adapters (a peft model) and an fp32 MLP head on the last token."""
+
+    def __init__(
+        self, backbone: nn.Module, head: RegressionHead, config: RegressorConfig, base_model: dict[str, Any]
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.config = config
+        self.base_model = base_model
+        """Reference to the base model: path, fingerprint, model type (saved with the regressor)."""
+
+    @property
+    def base(self) -> nn.Module:
+        """The transformer under the adapters (a `LlamaModel` for Llama), its modules LoRA-wrapped."""
+        return self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
+
+    def pooled_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden state of the last non-padding token: [B, T] -> [B, H]."""
+        base = self.base
+        if self.config.last_layer_shortcut and supports_last_layer_shortcut(base):
+            return _llama_last_hidden(base, input_ids, attention_mask)
+        return _full_forward_last_hidden(base, input_ids, attention_mask)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        pooled = self.pooled_hidden(input_ids, attention_mask)  # [B, H], backbone dtype
+        # the head runs in fp32 even under bf16 autocast: its output is the forecast, and small
+        # differences between stocks (the cross-section) are what matters
+        with torch.autocast(device_type=pooled.device.type, enabled=False):
+            return self.head(pooled.float())  # [B]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The parameters that train (adapters and head), detached copies: a best-checkpoint snapshot."""
+        return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
+
+# --- constructor ----------------------------------------------------------------------------------------
+def describe_reference(base_model_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """How a saved regressor names its base model: the directory and a content fingerprint."""
+    from transformers import AutoConfig
+
+    path = require_model_dir(base_model_dir).resolve()
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    return {"path": str(path), "fingerprint": model_fingerprint(path), "model_type": config.model_type}
+
+
+def _load_quantized_backbone(base_model_dir: Path, dtype: torch.dtype | None) -> nn.Module:
+    """QLoRA: the frozen backbone in 4-bit NF4 on the GPU (bitsandbytes), prepared for k-bit training."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "quantization='4bit' (QLoRA through bitsandbytes) needs a CUDA GPU and this machine has none; "
+            "use quantization='none' on CPU"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        raise RuntimeError(
+            "quantization='4bit' needs the bitsandbytes package: pip install bitsandbytes"
+        ) from error
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    compute = dtype or torch.bfloat16
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    model = load_backbone(
+        base_model_dir, dtype=compute, device_map={"": local_rank}, quantization_config=quant
+    )
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def build_regressor(
+    base_model_dir: str | os.PathLike[str],
+    config: RegressorConfig = RegressorConfig(),
+    dtype: torch.dtype | None = None,
+    base_model: dict[str, Any] | None = None,
+) -> LLMRegressor:
+    """Backbone from `base_model_dir` (`AutoModel.from_pretrained`, frozen), LoRA via peft, a new head.
+
+    `dtype` is the backbone's (bf16 on GPU, fp32 on CPU; None = as saved); adapters and head stay fp32.
+    Initialisation draws from torch's global RNG: seed it first for a reproducible model.
+    """
+    from peft import get_peft_model
+
+    path = require_model_dir(base_model_dir)
+    if config.quantization == "4bit":
+        backbone = _load_quantized_backbone(path, dtype)
+    else:
+        backbone = load_backbone(path, dtype=dtype, attn_implementation="sdpa")
+    backbone.config.use_cache = False  # no KV cache: one forward per prompt, no generation
+    backbone.requires_grad_(False)
+    if config.gradient_checkpointing:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model = get_peft_model(backbone, config.lora.peft_config())  # adapters trainable, fp32
+    hidden = int(backbone.config.get_text_config().hidden_size)
+    head = RegressionHead(hidden, config.head).to(device=next(peft_model.parameters()).device)
+    return LLMRegressor(peft_model, head, config, base_model or describe_reference(path))
+
+
+# --- save / load ----------------------------------------------------------------------------------------
+def save_regressor(
+    model: LLMRegressor,
+    out_dir: str | os.PathLike[str],
+    prompt: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write adapter (peft, safetensors), head (safetensors) and `regressor.json`; no pickle anywhere.
+
+    `prompt` holds the `PromptBuilder` settings the model was trained with, so inference renders the
+    same text; `extra` anything else worth keeping (training summary, data ranges).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.backbone.save_pretrained(out / ADAPTER_DIR, safe_serialization=True)
+    head_state = {k: v.detach().float().contiguous().cpu() for k, v in model.head.state_dict().items()}
+    save_file(head_state, out / HEAD_FILE)
+    info = {
+        "format_version": REGRESSOR_FORMAT_VERSION,
+        "config": model.config.to_dict(),
+        "base_model": model.base_model,
+        "hidden_size": int(model.head.net[0].in_features),
+        "prompt": prompt,
+        "extra": extra or {},
+    }
+    (out / REGRESSOR_CONFIG_FILE).write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
+    return out
+
+
+def read_regressor_info(path: str | os.PathLike[str]) -> dict[str, Any]:
+    file = Path(path) / REGRESSOR_CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{str(path)!r} holds no saved regressor ({REGRESSOR_CONFIG_FILE} missing)")
+    info = json.loads(file.read_text())
+    if info.get("format_version") != REGRESSOR_FORMAT_VERSION:
+        raise ValueError(
+            f"saved regressor format {info.get('format_version')} is not {REGRESSOR_FORMAT_VERSION}"
+        )
+    return info
+
+
+def load_regressor(
+    path: str | os.PathLike[str],
+    base_model_dir: str | os.PathLike[str] | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    check_fingerprint: bool = True,
+) -> LLMRegressor:
+    """A saved regressor on its base model (the one it names, or `base_model_dir`), in eval mode.
+
+    The base model's fingerprint must match the one saved: a backbone rebuilt or replaced under the same
+    path would otherwise silently produce different forecasts.
+    """
+    from peft import PeftModel
+
+    path = Path(path)
+    info = read_regressor_info(path)
+    base_dir = Path(base_model_dir or info["base_model"]["path"])
+    reference = describe_reference(base_dir)
+    saved = info["base_model"].get("fingerprint")
+    if check_fingerprint and saved and reference["fingerprint"] != saved:
+        raise ValueError(
+            f"the base model in {str(base_dir)!r} is not the one this regressor was trained on (fingerprint "
+            f"{reference['fingerprint'][:12]} != {saved[:12]}); point base_model_dir at the right checkpoint"
+        )
+    config = RegressorConfig.from_dict(info["config"])
+    if config.quantization == "4bit":
+        backbone = _load_quantized_backbone(base_dir, dtype)
+    else:
+        backbone = load_backbone(base_dir, dtype=dtype, attn_implementation="sdpa")
+    backbone.config.use_cache = False
+    peft_model = PeftModel.from_pretrained(backbone, path / ADAPTER_DIR, is_trainable=False)
+    head = RegressionHead(int(info["hidden_size"]), config.head)
+    head.load_state_dict(load_file(path / HEAD_FILE))
+    model = LLMRegressor(peft_model, head, config, info["base_model"])
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+# --- batched prediction ---------------------------------------------------------------------------------
+def encode_prompts(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
+    """Token ids of rendered prompts (the chat template already wrote bos: no special tokens added)."""
+    return tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if len(prompts) else []
+
+
+def pad_batch(
+    tokenizer: Any,
+    ids: list[list[int]],
+    device: torch.device | str | None = None,
+    pad_to_multiple_of: int | None = 8,
+) -> dict[str, torch.Tensor]:
+    """Dynamic padding of a batch (to the longest row, rounded up to a multiple of 8), on the tokenizer's
+    padding side."""
+    batch = tokenizer.pad({"input_ids": ids}, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
+    return {k: v.to(device) for k, v in batch.items()} if device is not None else dict(batch)
+
+
+@torch.no_grad()
+def predict_ids(
+    model: LLMRegressor,
+    tokenizer: Any,
+    ids: list[list[int]],
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Forecasts for tokenised prompts, in their order. Rows are batched by length (less padding)."""
+    device = device or next(model.parameters()).device
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    out = np.empty(len(ids), dtype=np.float64)
+    was_training = model.training
+    model.eval()
+    starts = range(0, len(ids), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="predict", unit="batch", leave=False)
+    for start in starts:
+        idx = order[start : start + batch_size]
+        batch = pad_batch(tokenizer, [ids[i] for i in idx], device)
+        with torch.autocast(
+            device_type=torch.device(device).type,
+            dtype=torch.bfloat16,
+            enabled=torch.device(device).type == "cuda",
+        ):
+            out[idx] = model(batch["input_ids"], batch["attention_mask"]).float().cpu().numpy()
+    model.train(was_training)
+    return out
+
+
+def predict_prompts(
+    model: LLMRegressor,
+    tokenizer: Any,
+    prompts: list[str],
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+) -> np.ndarray:
+    """Forecasts for rendered prompts, in their order."""
+    return predict_ids(model, tokenizer, encode_prompts(tokenizer, prompts), batch_size, device)

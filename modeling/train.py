@@ -1,0 +1,768 @@
+"""The training recipe for `LLMRegressor`, on accelerate; also the entry point of the training process.
+
+    python -m modeling.train --job job.json                                   # one process
+    accelerate launch --num_processes 2 --cpu -m modeling.train --job job.json  # DDP (gloo on CPU)
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m modeling.train --job job.json
+
+accelerate owns devices, mixed precision (bf16 on GPU, fp32 on CPU) and DDP; this file owns what is
+specific to the method:
+
+- data: the prompt corpus's train rows (optionally a seeded sample), tokenised once, served in
+  length-grouped batches (transformers' `LengthGroupedSampler`) with dynamic padding to a multiple of 8;
+  `batch_size` is the *global* batch of one optimizer step, whatever the number of processes and
+  accumulation steps, so runs with different process counts see the same batches;
+- loss: the bucket weights of the training set in a weighted MSE (or Huber) loss, normalised by the
+  global weight sum so that a DDP run computes exactly the single-process loss (a resampled training
+  set has weight 1 everywhere, which is the plain loss);
+- AdamW (adapters and head may take different learning rates), linear warm-up then cosine decay,
+  gradient accumulation and clipping;
+- validation RankIC every N steps on a fixed set of validation dates, early stopping on it, and the best
+  weights restored at the end;
+- caps: `max_train_samples`, `max_steps`, `time_budget_s` (under a time budget the cosine schedule runs
+  on elapsed time, so the learning rate still decays to its floor when the budget ends);
+- checkpoints of the trainable weights, optimizer, scheduler, RNG states and loop position, written
+  atomically; a killed run resumes from the last one to the same weights as an uninterrupted run.
+
+This module imports neither dagster nor mlflow: it trains on a bare GPU image with torch, transformers,
+peft and accelerate. When the job names an MLflow experiment, the main process hands the trained
+model to `modeling.experiment` (imported only then) for evaluation, logging and registration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset
+
+from modeling.backbones.common import load_tokenizer
+from modeling.metrics import rank_ic
+from modeling.model import LLMRegressor, RegressorConfig, build_regressor, encode_prompts, save_regressor
+
+TRAIN_STATE_FILE = "trainer_state.json"
+TRAINABLE_FILE = "trainable.safetensors"
+BEST_FILE = "best_trainable.safetensors"
+
+
+# --- configuration --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the regressor is trained: optimiser, schedule, batches, loss, caps, evaluation, checkpoints."""
+
+    learning_rate: float = 1e-3
+    """Peak learning rate of the LoRA adapters."""
+    head_learning_rate: float | None = None
+    """Peak learning rate of the MLP head (None = learning_rate)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (adapters and head weights; biases and norms are never decayed)."""
+    warmup_ratio: float = 0.05
+    """Share of the schedule spent in linear warm-up."""
+    min_lr_ratio: float = 0.05
+    """The cosine decays to this fraction of the peak."""
+    batch_size: int = 32
+    """Global batch per optimizer step (all processes x accumulation steps)."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    epochs: int = 1
+    """Passes over the (sampled) train rows."""
+    max_train_samples: int | None = None
+    """Train rows drawn (seeded) from the corpus (None = all)."""
+    max_steps: int | None = None
+    """Optimizer steps cap (None = epochs x steps per epoch)."""
+    time_budget_s: float | None = None
+    """Wall-clock cap of the training loop in seconds, across resumes (None = none)."""
+    loss: Literal["mse", "huber"] = "mse"
+    """Pointwise loss, weighted by the bucket weights."""
+    huber_delta: float = 1.0
+    """Huber transition point, in label units (unit train std by default)."""
+    eval_every_steps: int = 100
+    """Validation RankIC every N optimizer steps (and at the end); 0 = only at the end."""
+    eval_max_dates: int | None = 20
+    """Validation dates evaluated during training, evenly spaced over the validation period (None = all)."""
+    eval_batch_size: int = 64
+    """Rows per forward pass at evaluation."""
+    early_stopping_patience: int | None = 4
+    """Stop after this many evaluations without a better validation RankIC (None = never)."""
+    checkpoint_every_steps: int = 200
+    """Checkpoint every N optimizer steps (0 = never; the end of training is not checkpointed)."""
+    group_by_length: bool = True
+    """Length-grouped batches: rows of similar length together, less padding."""
+    seed: int = 0
+    """Seed of the sample, the batch order, the LoRA and head initialisation and dropout."""
+    bf16: bool = True
+    """bf16 autocast on GPU (ignored on CPU, which trains in fp32)."""
+    progress: bool = True
+    """tqdm progress bar with loss, lr and samples/s (main process)."""
+
+    def __post_init__(self) -> None:
+        positive = (
+            "learning_rate",
+            "batch_size",
+            "grad_accum_steps",
+            "max_grad_norm",
+            "epochs",
+            "eval_batch_size",
+            "huber_delta",
+        )
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("max_train_samples", "max_steps", "eval_max_dates", "early_stopping_patience"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1 or None, got {value!r}")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ValueError(f"TrainConfig.time_budget_s must be > 0 or None, got {self.time_budget_s}")
+        if self.head_learning_rate is not None and not self.head_learning_rate > 0:
+            raise ValueError("TrainConfig.head_learning_rate must be > 0 or None")
+        if not (0 <= self.warmup_ratio < 1 and 0 <= self.min_lr_ratio <= 1 and self.weight_decay >= 0):
+            raise ValueError(
+                "TrainConfig needs 0 <= warmup_ratio < 1, 0 <= min_lr_ratio <= 1 and weight_decay >= 0"
+            )
+        if self.loss not in ("mse", "huber"):
+            raise ValueError(f"TrainConfig.loss must be mse or huber, got {self.loss!r}")
+        if self.eval_every_steps < 0 or self.checkpoint_every_steps < 0:
+            raise ValueError("TrainConfig.eval_every_steps and checkpoint_every_steps must be >= 0")
+        if self.batch_size % self.grad_accum_steps:
+            raise ValueError(
+                f"batch_size {self.batch_size} is not a multiple of grad_accum_steps {self.grad_accum_steps}"
+            )
+
+
+@dataclass
+class TrainJob:
+    """Everything a training process needs, as one JSON file (what the orchestrator hands the child)."""
+
+    base_model_dir: str
+    """The `base_model` checkpoint directory."""
+    corpus_path: str
+    """The `prompt_corpus` Parquet file."""
+    output_dir: str
+    """Where checkpoints, the trained model (`model/`) and `train_report.json` go."""
+    prompt: dict[str, Any]
+    """The `PromptBuilder` settings of the corpus (horizon, sig_digits, target), saved with the model."""
+    regressor: RegressorConfig = field(default_factory=RegressorConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    resume: bool = True
+    """Continue from the last checkpoint in output_dir when there is one."""
+    experiment: dict[str, Any] | None = None
+    """When set: evaluate, log to MLflow and register after training (see `modeling.experiment`)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "regressor": self.regressor.to_dict(), "train": asdict(self.train)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainJob:
+        values = dict(data)
+        values["regressor"] = RegressorConfig.from_dict(values.get("regressor") or {})
+        train = values.get("train") or {}
+        unknown = set(train) - {f.name for f in fields(TrainConfig)}
+        if unknown:
+            raise ValueError(f"unknown train config keys {sorted(unknown)}")
+        values["train"] = TrainConfig(**train)
+        return cls(**values)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> TrainJob:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+# --- data -----------------------------------------------------------------------------------------------
+CORPUS_COLUMNS = ["date", "symbol", "split", "label", "weight", "prompt"]
+
+
+def read_corpus_split(
+    corpus_path: str | os.PathLike[str], split: str, columns: list[str] | None = None
+) -> pd.DataFrame:
+    """The rows of one split of the prompt corpus (Parquet predicate pushdown: other splits not read)."""
+    table = pq.read_table(corpus_path, columns=columns or CORPUS_COLUMNS, filters=[("split", "=", split)])
+    return table.to_pandas()
+
+
+def sample_rows(frame: pd.DataFrame, max_rows: int | None, seed: int) -> pd.DataFrame:
+    """A seeded sample of `max_rows` rows without replacement (all rows when None or more)."""
+    if max_rows is None or max_rows >= len(frame):
+        return frame.reset_index(drop=True)
+    keep = np.sort(np.random.default_rng(seed).choice(len(frame), size=max_rows, replace=False))
+    return frame.iloc[keep].reset_index(drop=True)
+
+
+def evenly_spaced_dates(dates: pd.Series | np.ndarray, max_dates: int | None) -> np.ndarray:
+    """`max_dates` dates spread evenly over the sorted unique `dates` (all when None or fewer): a fixed,
+    deterministic evaluation set that covers the whole period rather than its first weeks."""
+    unique = np.sort(pd.unique(pd.Series(dates)))
+    if max_dates is None or max_dates >= len(unique):
+        return unique
+    return unique[np.unique(np.round(np.linspace(0, len(unique) - 1, max_dates)).astype(int))]
+
+
+@dataclass
+class TokenisedRows:
+    """One split's rows, tokenised: what the training loop and the evaluation read."""
+
+    ids: list[list[int]]
+    label: np.ndarray
+    weight: np.ndarray
+    frame: pd.DataFrame
+    """date, symbol (and whatever else came in), aligned with `ids`."""
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def n_tokens(self) -> np.ndarray:
+        return np.fromiter((len(x) for x in self.ids), dtype=np.int64, count=len(self.ids))
+
+
+def tokenise_rows(frame: pd.DataFrame, tokenizer: Any) -> TokenisedRows:
+    ids = encode_prompts(tokenizer, frame["prompt"].tolist())
+    return TokenisedRows(
+        ids=ids,
+        label=frame["label"].to_numpy(np.float32),
+        weight=frame["weight"].to_numpy(np.float32) if "weight" in frame else np.ones(len(frame), np.float32),
+        frame=frame.drop(columns=["prompt"]).reset_index(drop=True),
+    )
+
+
+class _RowsDataset(Dataset):
+    def __init__(self, rows: TokenisedRows) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {
+            "input_ids": self.rows.ids[i],
+            "label": self.rows.label[i],
+            "weight": self.rows.weight[i],
+            "index": i,
+        }
+
+
+def make_collate(tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+    """Dynamic padding (longest row of the batch, rounded up to a multiple of 8) plus labels, weights and
+    row indices."""
+
+    def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = tokenizer.pad(
+            {"input_ids": [it["input_ids"] for it in items]}, pad_to_multiple_of=8, return_tensors="pt"
+        )
+        return {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "label": torch.tensor([it["label"] for it in items], dtype=torch.float32),
+            "weight": torch.tensor([it["weight"] for it in items], dtype=torch.float32),
+            "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
+        }
+
+    return collate
+
+
+def epoch_batches(
+    lengths: np.ndarray, micro_batch: int, seed: int, epoch: int, group_by_length: bool, multiple_of: int = 1
+) -> list[list[int]]:
+    """The micro-batches (global, before splitting across processes) of one epoch, deterministic in
+    (seed, epoch). The last incomplete batch is dropped, and the count is cut to a multiple of the
+    accumulation steps, so every optimizer step sees the same number of rows."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    if group_by_length:
+        order = list(LengthGroupedSampler(micro_batch, lengths=lengths.tolist(), generator=generator))
+    else:
+        order = torch.randperm(len(lengths), generator=generator).tolist()
+    n = (len(order) // micro_batch) // multiple_of * multiple_of
+    return [order[i * micro_batch : (i + 1) * micro_batch] for i in range(n)]
+
+
+class _FixedBatches(torch.utils.data.Sampler[list[int]]):
+    def __init__(self, batches: list[list[int]], batch_size: int) -> None:
+        self.batches = batches
+        self.batch_size = batch_size  # accelerate's split_batches reads it
+        self.drop_last = True
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+# --- loss and schedule ----------------------------------------------------------------------------------
+def pointwise_loss(
+    pred: torch.Tensor, target: torch.Tensor, kind: str, huber_delta: float = 1.0
+) -> torch.Tensor:
+    """Per-row loss: squared error or Huber."""
+    if kind == "mse":
+        return (pred - target) ** 2
+    if kind == "huber":
+        return F.huber_loss(pred, target, reduction="none", delta=huber_delta)
+    raise ValueError(f"unknown loss {kind!r}")
+
+
+def weighted_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor,
+    kind: str,
+    huber_delta: float = 1.0,
+    weight_total: torch.Tensor | None = None,
+    n_processes: int = 1,
+) -> torch.Tensor:
+    """sum(w * loss) / sum(w): the weighted mean over the global batch.
+
+    Under DDP each process holds part of the batch and gradients are averaged over processes, so the
+    local sum is divided by the global weight sum `weight_total` and multiplied by the process count:
+    the average of the processes' values is then exactly the global weighted mean.
+    """
+    total = weight.sum() if weight_total is None else weight_total
+    return (weight * pointwise_loss(pred.float(), target, kind, huber_delta)).sum() * n_processes / total
+
+
+def lr_factor(progress: float, warmup_ratio: float, min_lr_ratio: float) -> float:
+    """Learning-rate multiplier at a schedule progress in [0, 1]: linear warm-up, then cosine to the floor."""
+    progress = min(max(progress, 0.0), 1.0)
+    if warmup_ratio > 0 and progress < warmup_ratio:
+        return progress / warmup_ratio
+    span = (progress - warmup_ratio) / (1 - warmup_ratio) if warmup_ratio < 1 else 1.0
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * span))
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under `root` (incomplete ones never have the final name)."""
+    done = sorted(p for p in root.glob("step-*") if (p / TRAIN_STATE_FILE).is_file() and "." not in p.name)
+    return done[-1] if done else None
+
+
+@dataclass
+class LoopState:
+    """Where the loop is: saved in every checkpoint as JSON."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    samples: int = 0
+    tokens: int = 0
+    elapsed_s: float = 0.0
+    eval_s: float = 0.0
+    best_rank_ic: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped_by: str | None = None
+
+
+# --- the loop -------------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    model_dir: Path
+    state: LoopState
+    n_train_rows: int
+    n_eval_rows: int
+    eval_dates: list[str]
+    wall_s: float
+    n_processes: int
+
+    def report(self) -> dict[str, Any]:
+        s = self.state
+        train_s = s.elapsed_s - s.eval_s
+        return {
+            "model_dir": str(self.model_dir),
+            "steps": s.step,
+            "samples": s.samples,
+            "tokens": s.tokens,
+            "train_loop_s": round(s.elapsed_s, 3),
+            "eval_s": round(s.eval_s, 3),
+            # throughput of the training steps alone (periodic evaluations excluded)
+            "samples_per_s": round(s.samples / train_s, 2) if train_s > 0 else None,
+            "tokens_per_s": round(s.tokens / train_s, 1) if train_s > 0 else None,
+            "best_step": s.best_step,
+            "best_val_rank_ic": s.best_rank_ic,
+            "stopped_by": s.stopped_by,
+            "n_train_rows": self.n_train_rows,
+            "n_eval_rows": self.n_eval_rows,
+            "eval_dates": self.eval_dates,
+            "n_processes": self.n_processes,
+            "history": s.history,
+        }
+
+
+def _param_groups(model: LLMRegressor, cfg: TrainConfig) -> list[dict[str, Any]]:
+    groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        part = "head" if name.startswith("head.") else "adapter"
+        decay = param.ndim >= 2
+        groups.setdefault((part, decay), []).append(param)
+    head_lr = cfg.head_learning_rate or cfg.learning_rate
+    return [
+        {
+            "params": params,
+            "lr": head_lr if part == "head" else cfg.learning_rate,
+            "weight_decay": cfg.weight_decay if decay else 0.0,
+            "name": f"{part}{'' if decay else '_no_decay'}",
+        }
+        for (part, decay), params in sorted(groups.items())
+    ]
+
+
+def train_regressor(job: TrainJob, log: Callable[[str], None] = print) -> TrainResult:
+    """Train `job` (every process of an `accelerate launch` runs this); the main process saves the model."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+
+    cfg = job.train
+    use_cuda = torch.cuda.is_available()
+    accelerator = Accelerator(
+        cpu=not use_cuda,  # on a CPU-only box: MULTI_CPU (gloo) under torchrun, not one process per rank
+        mixed_precision="bf16" if use_cuda and cfg.bf16 else "no",
+        gradient_accumulation_steps=cfg.grad_accum_steps,
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        rng_types=[],  # batches are precomputed from the seed; no sampler RNG to synchronise
+    )
+    n_proc = accelerator.num_processes
+    micro = cfg.batch_size // cfg.grad_accum_steps
+    if micro % n_proc:
+        raise ValueError(
+            f"the micro-batch {micro} (batch_size / grad_accum_steps) does not split over {n_proc} processes"
+        )
+    main = accelerator.is_main_process
+    say = log if main else (lambda _msg: None)
+    out = Path(job.output_dir)
+    ckpt_root = out / "checkpoints"
+    if main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+
+    started_wall = time.perf_counter()
+    tokenizer = load_tokenizer(job.base_model_dir)
+    train_frame = sample_rows(read_corpus_split(job.corpus_path, "train"), cfg.max_train_samples, cfg.seed)
+    if train_frame.empty:
+        raise ValueError(f"the prompt corpus {job.corpus_path} has no train rows")
+    val_frame = read_corpus_split(job.corpus_path, "validation")
+    eval_dates = evenly_spaced_dates(val_frame["date"], cfg.eval_max_dates)
+    val_frame = val_frame[val_frame["date"].isin(eval_dates)].reset_index(drop=True)
+    train_rows, val_rows = tokenise_rows(train_frame, tokenizer), tokenise_rows(val_frame, tokenizer)
+    say(
+        f"train rows {len(train_rows)}, validation rows {len(val_rows)} on {len(eval_dates)} dates, "
+        f"{n_proc} process(es), device {accelerator.device}"
+    )
+
+    set_seed(cfg.seed)
+    dtype = torch.bfloat16 if use_cuda and cfg.bf16 else torch.float32
+    model = build_regressor(job.base_model_dir, job.regressor, dtype=dtype)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg))
+    batches_per_epoch = len(
+        epoch_batches(train_rows.n_tokens, micro, cfg.seed, 0, cfg.group_by_length, cfg.grad_accum_steps)
+    )
+    steps_per_epoch = batches_per_epoch // cfg.grad_accum_steps
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_rows)} train rows do not fill one batch of {cfg.batch_size}")
+    total_steps = (
+        cfg.epochs * steps_per_epoch
+        if cfg.max_steps is None
+        else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    )
+    state = LoopState()
+    peak_lrs = [group["lr"] for group in optimizer.param_groups]
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped: LLMRegressor = accelerator.unwrap_model(model)
+    best_state: dict[str, torch.Tensor] | None = None
+
+    checkpoint = latest_checkpoint(ckpt_root) if job.resume else None
+    if checkpoint is not None:
+        unwrapped.load_trainable_state_dict(load_file(checkpoint / TRAINABLE_FILE))
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
+        state = LoopState(**json.loads((checkpoint / TRAIN_STATE_FILE).read_text()))
+        if (checkpoint / BEST_FILE).is_file():
+            best_state = load_file(checkpoint / BEST_FILE)
+        _set_rng_state(torch.load(checkpoint / f"rng_{accelerator.process_index}.pt", weights_only=False))
+        say(f"resumed from {checkpoint.name} (step {state.step}, {state.samples} samples)")
+
+    def progress_now(elapsed: float, step: int) -> float:
+        by_steps = step / total_steps
+        by_time = elapsed / cfg.time_budget_s if cfg.time_budget_s else 0.0
+        return max(by_steps, by_time)
+
+    def set_lr(elapsed: float) -> None:
+        # the schedule is a function of progress (steps, or elapsed time under a budget), not of a step
+        # counter, so it is set directly rather than through an LRScheduler
+        factor = lr_factor(progress_now(elapsed, state.step), cfg.warmup_ratio, cfg.min_lr_ratio)
+        for group, peak in zip(optimizer.param_groups, peak_lrs, strict=True):
+            group["lr"] = peak * factor
+
+    def evaluate_now() -> float:
+        preds = evaluate_rows(model, tokenizer, val_rows, cfg.eval_batch_size, accelerator)
+        frame = val_rows.frame.assign(prediction=preds, label=val_rows.label)
+        return rank_ic(frame)
+
+    def save_checkpoint() -> None:
+        accelerator.wait_for_everyone()
+        final = ckpt_root / f"step-{state.step:08d}"
+        tmp = ckpt_root / f"step-{state.step:08d}.tmp"
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_file(
+                {k: v.contiguous().cpu() for k, v in unwrapped.trainable_state_dict().items()},
+                tmp / TRAINABLE_FILE,
+            )
+            if best_state is not None:
+                save_file({k: v.contiguous().cpu() for k, v in best_state.items()}, tmp / BEST_FILE)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        accelerator.wait_for_everyone()
+        torch.save(_rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+        accelerator.wait_for_everyone()
+        if main:
+            (tmp / TRAIN_STATE_FILE).write_text(json.dumps(asdict(state), indent=1, default=float))
+            os.replace(tmp, final)  # a kill before this line leaves only a .tmp, never used
+            for old in ckpt_root.glob("step-*"):
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    def record_eval(train_loss: float | None) -> bool:
+        """Evaluate, keep the best weights; True when early stopping says stop."""
+        nonlocal best_state
+        eval_started = time.perf_counter()
+        score = evaluate_now()
+        state.eval_s += time.perf_counter() - eval_started
+        improved = state.best_rank_ic is None or (np.isfinite(score) and score > state.best_rank_ic)
+        if improved:
+            state.best_rank_ic, state.best_step = float(score), state.step
+            best_state = {k: v.cpu() for k, v in unwrapped.trainable_state_dict().items()}
+            state.evals_without_improvement = 0
+        else:
+            state.evals_without_improvement += 1
+        state.history.append(
+            {
+                "step": state.step,
+                "samples": state.samples,
+                "elapsed_s": round(state.elapsed_s, 2),
+                "train_loss": train_loss,
+                "lr": float(optimizer.param_groups[0]["lr"]),
+                "val_rank_ic": float(score),
+            }
+        )
+        say(
+            f"step {state.step}: validation RankIC {score:.4f} (best {state.best_rank_ic:.4f} at step "
+            f"{state.best_step})"
+        )
+        patience = cfg.early_stopping_patience
+        return patience is not None and state.evals_without_improvement >= patience
+
+    bar = None
+    if main and cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", mininterval=2.0)
+    model.train()
+    segment_start = time.perf_counter() - state.elapsed_s
+    set_lr(state.elapsed_s)
+    running: list[float] = []
+    last_eval_step = state.history[-1]["step"] if state.history else -1
+    stop = state.stopped_by is not None or state.step >= total_steps
+    while not stop and state.epoch < cfg.epochs:
+        batches = epoch_batches(
+            train_rows.n_tokens, micro, cfg.seed, state.epoch, cfg.group_by_length, cfg.grad_accum_steps
+        )
+        loader = DataLoader(
+            _RowsDataset(train_rows),
+            batch_sampler=_FixedBatches(batches, micro),
+            collate_fn=make_collate(tokenizer),
+        )
+        loader = accelerator.prepare(loader)
+        if state.batch_in_epoch:
+            loader = accelerator.skip_first_batches(loader, state.batch_in_epoch)
+        step_loss = 0.0
+        for batch in loader:
+            with accelerator.accumulate(model):
+                pred = model(batch["input_ids"], batch["attention_mask"])
+                weight_total = accelerator.reduce(batch["weight"].sum(), reduction="sum")
+                loss = weighted_loss(
+                    pred, batch["label"], batch["weight"], cfg.loss, cfg.huber_delta, weight_total, n_proc
+                )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            state.batch_in_epoch += 1
+            step_loss += float(loss.detach()) / n_proc / cfg.grad_accum_steps
+            global_rows = int(accelerator.reduce(torch.tensor(len(batch["label"])), reduction="sum"))
+            global_tokens = int(accelerator.reduce(batch["attention_mask"].sum(), reduction="sum"))
+            state.samples += global_rows
+            state.tokens += global_tokens
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            state.elapsed_s = time.perf_counter() - segment_start
+            set_lr(state.elapsed_s)
+            loss_value = float(accelerator.reduce(torch.tensor(step_loss), reduction="sum"))
+            running = [*running[-19:], loss_value]
+            step_loss = 0.0
+            if bar is not None:
+                bar.update(1)
+                rate = state.samples / max(state.elapsed_s - state.eval_s, 1e-9)
+                bar.set_postfix(
+                    loss=f"{np.mean(running):.4f}",
+                    lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                    samples_s=f"{rate:.1f}",
+                )
+            if cfg.eval_every_steps and state.step % cfg.eval_every_steps == 0:
+                last_eval_step = state.step
+                if record_eval(float(np.mean(running))):
+                    state.stopped_by = "early_stopping"
+                model.train()
+            # every process must take the same decision: the main process's clock decides
+            over_time = cfg.time_budget_s is not None and state.elapsed_s >= cfg.time_budget_s
+            over_time = bool(accelerator.reduce(torch.tensor(int(over_time)), reduction="max"))
+            if state.stopped_by is None and state.step >= total_steps:
+                state.stopped_by = (
+                    "max_steps" if cfg.max_steps is not None and state.step == cfg.max_steps else "data"
+                )
+            elif state.stopped_by is None and over_time:
+                state.stopped_by = "time_budget"
+            if (
+                cfg.checkpoint_every_steps
+                and state.step % cfg.checkpoint_every_steps == 0
+                and state.stopped_by is None
+            ):
+                save_checkpoint()
+            if state.stopped_by is not None:
+                stop = True
+                break
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+    if state.stopped_by is None:
+        state.stopped_by = "data"
+    if bar is not None:
+        bar.close()
+
+    if last_eval_step != state.step and (cfg.eval_every_steps or not state.history):
+        record_eval(float(np.mean(running)) if running else None)
+    if best_state is not None:
+        unwrapped.load_trainable_state_dict(best_state)
+    model_dir = out / "model"
+    accelerator.wait_for_everyone()
+    if main:
+        extra = {"train": asdict(cfg), "best_step": state.best_step, "best_val_rank_ic": state.best_rank_ic}
+        save_regressor(unwrapped, model_dir, job.prompt, extra)
+    dates = [str(pd.Timestamp(d).date()) for d in eval_dates]
+    result = TrainResult(
+        model_dir, state, len(train_rows), len(val_rows), dates, time.perf_counter() - started_wall, n_proc
+    )
+    if main:
+        (out / "train_report.json").write_text(json.dumps(result.report(), indent=1, default=float) + "\n")
+    accelerator.wait_for_everyone()
+    return result
+
+
+@torch.no_grad()
+def evaluate_rows(
+    model: torch.nn.Module, tokenizer: Any, rows: TokenisedRows, batch_size: int, accelerator: Any
+) -> np.ndarray:
+    """Predictions for `rows` in their order, the work split across processes (every process gets all)."""
+    order = np.argsort(rows.n_tokens, kind="stable")  # similar lengths together: less padding
+    batches = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    per_process = [
+        b[p :: accelerator.num_processes] for b in batches for p in range(accelerator.num_processes)
+    ]
+    mine = per_process[accelerator.process_index :: accelerator.num_processes]
+    collate = make_collate(tokenizer)
+    dataset = _RowsDataset(rows)
+    net = accelerator.unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    indices, values = [], []
+    for part in mine:
+        if not part:
+            continue
+        batch = collate([dataset[i] for i in part])
+        with accelerator.autocast():
+            device = accelerator.device
+            pred = net(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        indices.append(batch["index"])
+        values.append(pred.float().cpu())
+    net.train(was_training)
+    local_idx = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.int64)
+    local_val = torch.cat(values) if values else torch.zeros(0)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        pairs = gather_object([(local_idx.tolist(), local_val.tolist())])
+        local_idx = torch.tensor([i for idx, _ in pairs for i in idx], dtype=torch.int64)
+        local_val = torch.tensor([v for _, val in pairs for v in val])
+    out = np.full(len(rows), np.nan)
+    out[local_idx.numpy()] = local_val.numpy()
+    if np.isnan(out).any():
+        raise RuntimeError(f"{int(np.isnan(out).sum())} evaluation rows got no prediction")
+    return out
+
+
+# --- entry point ----------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--job", required=True, help="TrainJob JSON file")
+    args = parser.parse_args(argv)
+    job = TrainJob.load(args.job)
+    from modeling.pipes_reporting import child_reporter
+
+    with child_reporter() as report:
+        result = train_regressor(job, log=report.log)
+        if job.experiment is not None and int(os.environ.get("RANK", "0")) == 0:
+            from modeling.experiment import run_experiment
+
+            outcome = run_experiment(job, result, log=report.log)
+            report.done(outcome)
+        elif int(os.environ.get("RANK", "0")) == 0:
+            report.done({"train": result.report()})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
