@@ -1,0 +1,199 @@
+"""Baselines the LLM regressor must beat, fit on the same train rows, labels and weights.
+
+- `zero`: predicts 0 for every row (the label is demeaned per date by default: no view at all);
+- `ridge`: linear ridge regression on the 16 features, standardised;
+- `lightgbm`: gradient-boosted trees on the 16 raw features, early-stopped on validation loss;
+- `mlp_features`: the regressor's own MLP head (same `RegressionHead`, same loss and bucket weights) on
+  the 16 standardised features instead of the LLM's hidden state: the no-LLM ablation. If the LLM
+  regressor does not beat it, the language model adds nothing over its inputs.
+
+Every statistic (feature means and standard deviations, clipping) is fit on the train rows only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from modeling.feature_registry import FEATURE_NAMES
+from modeling.metrics import rank_ic
+from modeling.model import HeadConfig, RegressionHead
+
+BASELINES = ("zero", "ridge", "lightgbm", "mlp_features")
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """Settings of the baselines (fixed, not searched: they are references, not contenders)."""
+
+    ridge_alpha: float = 10.0
+    """L2 penalty of ridge on standardised features."""
+    lgbm_estimators: int = 400
+    """Boosting rounds cap (early stopping on validation l2 usually ends sooner)."""
+    lgbm_learning_rate: float = 0.05
+    """Shrinkage per round."""
+    lgbm_num_leaves: int = 15
+    """Leaves per tree (small: daily returns are mostly noise)."""
+    lgbm_min_child_samples: int = 200
+    """Rows per leaf at least."""
+    mlp_head: HeadConfig = field(default_factory=HeadConfig)
+    """The head shape (the regressor's own by default)."""
+    mlp_epochs: int = 20
+    """Epochs cap of the feature MLP (early stopping on validation RankIC)."""
+    mlp_batch_size: int = 512
+    """Rows per step of the feature MLP."""
+    mlp_learning_rate: float = 1e-3
+    """AdamW learning rate of the feature MLP."""
+    mlp_patience: int = 3
+    """Epochs without a better validation RankIC before stopping."""
+    clip_z: float = 5.0
+    """Standardised features are clipped to +- this (fit on train)."""
+    seed: int = 0
+    """Seed of LightGBM and of the MLP's initialisation and batch order."""
+
+
+@dataclass(frozen=True)
+class FeatureScaler:
+    """z-score with the train mean and std, clipped: fit on train rows only."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    clip: float
+
+    @classmethod
+    def fit(cls, frame: pd.DataFrame, clip: float) -> FeatureScaler:
+        values = frame[list(FEATURE_NAMES)].to_numpy(float)
+        std = values.std(axis=0)
+        return cls(values.mean(axis=0), np.where(std > 0, std, 1.0), clip)
+
+    def transform(self, frame: pd.DataFrame) -> np.ndarray:
+        z = (frame[list(FEATURE_NAMES)].to_numpy(float) - self.mean) / self.std
+        return np.clip(z, -self.clip, self.clip)
+
+
+def _weights(frame: pd.DataFrame) -> np.ndarray:
+    return frame["weight"].to_numpy(float) if "weight" in frame else np.ones(len(frame))
+
+
+def fit_ridge(train: pd.DataFrame, scaler: FeatureScaler, cfg: BaselineConfig):
+    from sklearn.linear_model import Ridge
+
+    model = Ridge(alpha=cfg.ridge_alpha)
+    model.fit(scaler.transform(train), train["label"].to_numpy(float), sample_weight=_weights(train))
+    return lambda frame: model.predict(scaler.transform(frame))
+
+
+def fit_lightgbm(train: pd.DataFrame, validation: pd.DataFrame, cfg: BaselineConfig):
+    import lightgbm as lgb
+
+    model = lgb.LGBMRegressor(
+        n_estimators=cfg.lgbm_estimators,
+        learning_rate=cfg.lgbm_learning_rate,
+        num_leaves=cfg.lgbm_num_leaves,
+        min_child_samples=cfg.lgbm_min_child_samples,
+        subsample=0.8,
+        subsample_freq=1,
+        colsample_bytree=0.8,
+        random_state=cfg.seed,
+        n_jobs=0,
+        verbose=-1,
+    )
+    features = list(FEATURE_NAMES)
+    model.fit(
+        train[features],
+        train["label"],
+        sample_weight=_weights(train),
+        eval_set=[(validation[features], validation["label"])],
+        callbacks=[lgb.early_stopping(30, verbose=False)],
+    )
+    return lambda frame: model.predict(frame[features], num_iteration=model.best_iteration_)
+
+
+def fit_mlp_features(
+    train: pd.DataFrame,
+    validation: pd.DataFrame,
+    scaler: FeatureScaler,
+    cfg: BaselineConfig,
+    loss: str = "mse",
+    huber_delta: float = 1.0,
+):
+    """The regressor's head on the standardised features, trained with the same weighted loss."""
+    from modeling.train import weighted_loss
+
+    generator = torch.Generator().manual_seed(cfg.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        head = RegressionHead(len(FEATURE_NAMES), cfg.mlp_head)
+    x = torch.tensor(scaler.transform(train), dtype=torch.float32)
+    y = torch.tensor(train["label"].to_numpy(float), dtype=torch.float32)
+    w = torch.tensor(_weights(train), dtype=torch.float32)
+    x_val = torch.tensor(scaler.transform(validation), dtype=torch.float32)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.mlp_learning_rate)
+    best, best_state, waited = -np.inf, None, 0
+    for _ in range(cfg.mlp_epochs):
+        head.train()
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), cfg.mlp_batch_size):
+            idx = order[start : start + cfg.mlp_batch_size]
+            batch_loss = weighted_loss(head(x[idx]), y[idx], w[idx], loss, huber_delta)
+            optimizer.zero_grad(set_to_none=True)
+            batch_loss.backward()
+            optimizer.step()
+        head.eval()
+        with torch.no_grad():
+            score = rank_ic(validation.assign(prediction=head(x_val).numpy()))
+        if np.isfinite(score) and score > best:
+            best, best_state, waited = score, {k: v.clone() for k, v in head.state_dict().items()}, 0
+        else:
+            waited += 1
+            if waited >= cfg.mlp_patience:
+                break
+    if best_state is not None:
+        head.load_state_dict(best_state)
+    head.eval()
+
+    def predict(frame: pd.DataFrame) -> np.ndarray:
+        with torch.no_grad():
+            return head(torch.tensor(scaler.transform(frame), dtype=torch.float32)).numpy().astype(float)
+
+    return predict
+
+
+def fit_predict_baselines(
+    train: pd.DataFrame,
+    validation: pd.DataFrame,
+    evaluate_on: Mapping[str, pd.DataFrame],
+    cfg: BaselineConfig = BaselineConfig(),
+    loss: str = "mse",
+    huber_delta: float = 1.0,
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, float]]:
+    """Fit every baseline on `train` (columns: the 16 features, label, weight), use `validation` for early
+    stopping, and predict every frame of `evaluate_on` (e.g. {"validation": ..., "test": ...}).
+
+    Returns ({baseline: {name: predictions}}, {baseline: fit seconds}).
+    """
+    missing = [c for c in (*FEATURE_NAMES, "label") if c not in train.columns]
+    if missing:
+        raise KeyError(f"baseline train rows lack column(s) {missing}")
+    scaler = FeatureScaler.fit(train, cfg.clip_z)
+    fitters = {
+        "zero": lambda: lambda frame: np.zeros(len(frame)),
+        "ridge": lambda: fit_ridge(train, scaler, cfg),
+        "lightgbm": lambda: fit_lightgbm(train, validation, cfg),
+        "mlp_features": lambda: fit_mlp_features(train, validation, scaler, cfg, loss, huber_delta),
+    }
+    predictions: dict[str, dict[str, np.ndarray]] = {}
+    seconds: dict[str, float] = {}
+    for name, fit in fitters.items():
+        started = time.perf_counter()
+        predict = fit()
+        seconds[name] = round(time.perf_counter() - started, 3)
+        predictions[name] = {
+            split: np.asarray(predict(frame), dtype=float) for split, frame in evaluate_on.items()
+        }
+    return predictions, seconds

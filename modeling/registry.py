@@ -1,0 +1,285 @@
+"""MLflow: the only module of `modeling` that imports it. Runs, the pyfunc model, the registry and its gate.
+
+The registered model `return-regressor` is an `mlflow.pyfunc` model logged *from code* (this file is the
+model's code; MLflow executes it at load time and it registers `RegressorPyfunc` through `set_model`),
+so the model artefact holds no pickle: the code file, the adapter and head (safetensors), the
+regressor's JSON config, the tokenizer, and either a copy of a small base model or, for a large one
+(Llama 3 8B), a reference to its directory checked by fingerprint at load time.
+
+    mlflow.pyfunc.load_model("models:/return-regressor@champion").predict(rows)
+
+takes raw feature rows (date, symbol, the 16 features, optional sector) and returns one forecast per
+row, rendering the prompts with the same `PromptBuilder` settings the model was trained on.
+
+Aliases: every new version gets `challenger`; `champion` moves to it only when its validation RankIC
+beats the current champion's on the same validation dates (`champion_gate`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.models import ModelSignature, set_model
+from mlflow.pyfunc import PythonModel
+from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, Schema
+
+from modeling.feature_registry import FEATURE_NAMES
+
+REGISTERED_MODEL_NAME = "return-regressor"
+"""Default registry name (configurable, fixed by the interface contract)."""
+CHAMPION, CHALLENGER = "champion", "challenger"
+"""Registry aliases."""
+EMBED_BASE_MODEL_MAX_BYTES = 200 * 1024**2
+"""Base models up to this size are copied into the pyfunc artefact (self-contained); larger ones are
+referenced by path and fingerprint."""
+VERSION_TAGS = ("val_rank_ic", "validation_dates_sha", "inputs_sha", "run_id")
+"""Tags set on every registered version."""
+
+
+# --- the pyfunc model ------------------------------------------------------------------------------------
+class RegressorPyfunc(PythonModel):
+    """Raw feature rows in, forecasts out: prompts are rendered with the training-time `PromptBuilder`."""
+
+    def load_context(self, context: Any) -> None:
+        from transformers import AutoTokenizer
+
+        from modeling.backbones.common import ensure_pad_token
+        from modeling.model import load_regressor, read_regressor_info
+        from modeling.prompt import PromptBuilder
+
+        regressor_dir = context.artifacts["regressor"]
+        info = read_regressor_info(regressor_dir)
+        base = context.artifacts.get("base_model") or info["base_model"]["path"]
+        self.model = load_regressor(regressor_dir, base_model_dir=base)
+        self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["tokenizer"], local_files_only=True)
+        ensure_pad_token(self.tokenizer)
+        self.builder = PromptBuilder.from_settings(info["prompt"])
+        self.batch_size = int(os.environ.get("REGRESSOR_PREDICT_BATCH_SIZE", "64"))
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
+        from modeling.model import predict_prompts
+
+        frame = pd.DataFrame(model_input)
+        missing = [c for c in ("date", "symbol", *FEATURE_NAMES) if c not in frame.columns]
+        if missing:
+            raise ValueError(f"input rows lack column(s) {missing}")
+        frame = frame.assign(date=pd.to_datetime(frame["date"]))
+        if len(frame) == 0:
+            return np.zeros(0)
+        prompts = self.builder.render_batch(frame.reset_index(drop=True), self.tokenizer)
+        return predict_prompts(self.model, self.tokenizer, prompts, self.batch_size)
+
+
+if __name__ != "modeling.registry":  # MLflow is executing this file to load (or validate) a logged model
+    set_model(RegressorPyfunc())
+
+
+def signature() -> ModelSignature:
+    """Input: date, symbol, the 16 features, optional sector; output: one double per row."""
+    inputs = [ColSpec("datetime", "date"), ColSpec("string", "symbol")]
+    inputs += [ColSpec("double", name) for name in FEATURE_NAMES]
+    inputs.append(ColSpec("string", "sector", required=False))
+    return ModelSignature(inputs=Schema(inputs), outputs=Schema([ColSpec("double")]))
+
+
+def pip_requirements() -> list[str]:
+    """The libraries the pyfunc model needs, pinned to the versions it was logged with."""
+    names = (
+        "torch",
+        "transformers",
+        "tokenizers",
+        "peft",
+        "accelerate",
+        "safetensors",
+        "pandas",
+        "numpy",
+        "mlflow",
+    )
+    return [f"{name}=={importlib_metadata.version(name)}" for name in names]
+
+
+# --- store ----------------------------------------------------------------------------------------------
+def configure(tracking_uri: str, experiment_name: str, artifact_root: str | Path | None = None) -> str:
+    """Point MLflow at the store and return the experiment's id (created with its artifacts under
+    `artifact_root` when new)."""
+    mlflow.set_tracking_uri(tracking_uri)
+    experiment = mlflow.get_experiment_by_name(experiment_name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = Path(artifact_root).resolve().as_uri() + f"/{experiment_name}" if artifact_root else None
+    return mlflow.create_experiment(experiment_name, artifact_location=location)
+
+
+def flatten(prefix: str, value: Any) -> dict[str, str]:
+    """Nested config -> MLflow params {"a.b.c": "value"} (values as strings, 500 characters at most)."""
+    if isinstance(value, dict):
+        out: dict[str, str] = {}
+        for key, item in value.items():
+            out.update(flatten(f"{prefix}.{key}" if prefix else str(key), item))
+        return out
+    text = json.dumps(value, default=str) if isinstance(value, list | tuple) else str(value)
+    return {prefix: text[:500]}
+
+
+def dates_key(dates: Iterable[Any]) -> str:
+    """Identifies a set of validation dates (the champion gate compares on the same dates only)."""
+    text = ",".join(sorted(str(pd.Timestamp(d).date()) for d in dates))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _package_dir(model_dir: Path, tokenizer_dir: Path, base_model_dir: Path) -> tuple[dict[str, str], Path]:
+    """Artifacts of the pyfunc model, staged in a temporary directory (the base model copied when small)."""
+    stage = Path(tempfile.mkdtemp(prefix="pyfunc-"))
+    artifacts = {"regressor": str(model_dir), "tokenizer": str(tokenizer_dir)}
+    weights = sum(f.stat().st_size for f in base_model_dir.glob("*.safetensors"))
+    if weights <= EMBED_BASE_MODEL_MAX_BYTES:
+        copy = stage / "base_model"
+        shutil.copytree(base_model_dir, copy)
+        artifacts["base_model"] = str(copy)
+    return artifacts, stage
+
+
+def log_run(
+    experiment_id: str,
+    run_name: str,
+    params: dict[str, Any],
+    history: list[dict[str, Any]],
+    metrics: dict[str, float],
+    artifact_files: Iterable[Path],
+    model_dir: Path,
+    tokenizer_dir: Path,
+    base_model_dir: Path,
+    input_example: pd.DataFrame,
+    registry_name: str | None,
+    version_tags: dict[str, Any] | None = None,
+    parent_run_id: str | None = None,
+) -> dict[str, Any]:
+    """One MLflow run: params, per-eval metrics, final metrics, artifacts and the pyfunc model, registered
+    as a new version of `registry_name` with alias `challenger` (None: logged, not registered).
+
+    Returns {"run_id", "model_uri", "model_version"}.
+    """
+    client = MlflowClient()
+    tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=run_name, tags=tags, nested=parent_run_id is not None
+    ) as run:
+        flat = flatten("", params)
+        for start in range(0, len(flat), 90):  # MLflow takes at most 100 params per batch
+            mlflow.log_params(dict(list(flat.items())[start : start + 90]))
+        for record in history:
+            step = int(record["step"])
+            for key in ("val_rank_ic", "train_loss", "lr"):
+                if record.get(key) is not None and np.isfinite(record[key]):
+                    mlflow.log_metric(f"eval/{key}", float(record[key]), step=step)
+        finite = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
+        mlflow.log_metrics(finite)
+        for path in artifact_files:
+            mlflow.log_artifact(str(path), artifact_path="report")
+        artifacts, stage = _package_dir(Path(model_dir), Path(tokenizer_dir), Path(base_model_dir))
+        try:
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=__file__,
+                artifacts=artifacts,
+                signature=signature(),
+                input_example=input_example,
+                pip_requirements=pip_requirements(),
+                registered_model_name=registry_name,
+            )
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        version = str(info.registered_model_version) if registry_name else None
+        if registry_name and version:
+            for key, value in {**(version_tags or {}), "run_id": run.info.run_id}.items():
+                client.set_model_version_tag(registry_name, version, key, str(value))
+            client.set_registered_model_alias(registry_name, CHALLENGER, version)
+    return {"run_id": run.info.run_id, "model_uri": info.model_uri, "model_version": version}
+
+
+def alias_version(name: str, alias: str) -> str | None:
+    """The version an alias points at, or None."""
+    try:
+        return str(MlflowClient().get_model_version_by_alias(name, alias).version)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def version_tags(name: str, version: str) -> dict[str, str]:
+    return dict(MlflowClient().get_model_version(name, version).tags)
+
+
+def find_version(name: str, tag: str, value: str) -> str | None:
+    """The newest version of `name` whose `tag` equals `value` (None when none or no such model)."""
+    try:
+        versions = MlflowClient().search_model_versions(f"name = '{name}'")
+    except mlflow.exceptions.MlflowException:
+        return None
+    matches = [v for v in versions if v.tags.get(tag) == value]
+    return str(max(int(v.version) for v in matches)) if matches else None
+
+
+def champion_gate(
+    name: str,
+    version: str,
+    score: float,
+    validation_key: str,
+    rescore_champion: Callable[[str], float],
+) -> dict[str, Any]:
+    """Move `champion` to `version` when there is none, or when `score` (validation RankIC) beats the
+    champion's on the same validation dates: its stored score when it was evaluated on the same dates
+    (tag `validation_dates_sha`), else `rescore_champion(model_uri)` on the current ones. A worse or
+    equal model never moves it."""
+    client = MlflowClient()
+    current = alias_version(name, CHAMPION)
+    if current is None:
+        client.set_registered_model_alias(name, CHAMPION, version)
+        return {
+            "promoted": True,
+            "champion_before": None,
+            "champion_score": None,
+            "reason": "no champion yet",
+        }
+    if current == version:
+        return {
+            "promoted": False,
+            "champion_before": current,
+            "champion_score": score,
+            "reason": "already champion",
+        }
+    tags = version_tags(name, current)
+    if tags.get("validation_dates_sha") == validation_key and "val_rank_ic" in tags:
+        champion_score, how = float(tags["val_rank_ic"]), "stored score on the same dates"
+    else:
+        champion_score, how = (
+            float(rescore_champion(f"models:/{name}@{CHAMPION}")),
+            "re-scored on these dates",
+        )
+    promoted = bool(np.isfinite(score) and (not np.isfinite(champion_score) or score > champion_score))
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    verdict = "beats" if promoted else "does not beat"
+    return {
+        "promoted": promoted,
+        "champion_before": current,
+        "champion_score": champion_score,
+        "reason": f"validation RankIC {score:.5f} {verdict} champion v{current}'s "
+        f"{champion_score:.5f} ({how})",
+    }
+
+
+def load_model(uri: str) -> Any:
+    """`mlflow.pyfunc.load_model`, for callers that must not import mlflow themselves."""
+    return mlflow.pyfunc.load_model(uri)
