@@ -750,17 +750,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job", required=True, help="TrainJob JSON file")
     args = parser.parse_args(argv)
     job = TrainJob.load(args.job)
-    from modeling.pipes_reporting import child_reporter
+    from modeling.pipes_reporting import child_reporter, is_main_rank
 
-    with child_reporter() as report:
-        result = train_regressor(job, log=report.log)
-        if job.experiment is not None and int(os.environ.get("RANK", "0")) == 0:
-            from modeling.experiment import run_experiment
+    error_file = Path(job.output_dir) / f"error_rank{os.environ.get('RANK', '0')}.txt"
+    error_file.unlink(missing_ok=True)
+    try:
+        with child_reporter() as report:
+            result = train_regressor(job, log=report.log)
+            if job.experiment is not None and is_main_rank():
+                from modeling.experiment import run_experiment
 
-            outcome = run_experiment(job, result, log=report.log)
-            report.done(outcome)
-        elif int(os.environ.get("RANK", "0")) == 0:
-            report.done({"train": result.report()})
+                report.done(run_experiment(job, result, log=report.log))
+            elif is_main_rank():
+                report.done({"train": result.report()})
+    except BaseException:
+        import traceback
+
+        # the orchestrator reads this to fail the step with the child's own error text
+        error_file.parent.mkdir(parents=True, exist_ok=True)
+        error_file.write_text(traceback.format_exc()[-4000:])
+        raise
     return 0
 
 

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, PipesSubprocessClient
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
@@ -89,6 +89,15 @@ class StorageResource(ConfigurableResource):
         return path
 
 
+class MlflowResource(ConfigurableResource):
+    """The MLflow tracking store and model registry (SQLite under DATA_DIR unless MLFLOW_TRACKING_URI)."""
+
+    tracking_uri: str = Field(description="MLFLOW_TRACKING_URI, e.g. sqlite:////abs/DATA_DIR/mlflow.db.")
+    artifact_root: str = Field(description="Artifact root of the experiments created here.")
+    experiment_name: str = Field(default="return-regressor", description="Experiment of the training runs.")
+    registry_name: str = Field(default="return-regressor", description="Registered model name.")
+
+
 def build_resources(settings: Settings) -> dict[str, object]:
     return {
         "warehouse": WarehouseResource(database=str(settings.warehouse_path)),
@@ -96,5 +105,10 @@ def build_resources(settings: Settings) -> dict[str, object]:
             data_dir=str(settings.data_dir),
             market_data_path=str(settings.market_data_path) if settings.market_data_path else None,
             base_model=str(settings.base_model) if settings.base_model else None,
+        ),
+        # the training child process: logs, metrics and results come back through Dagster Pipes
+        "pipes_subprocess_client": PipesSubprocessClient(),
+        "mlflow": MlflowResource(
+            tracking_uri=settings.mlflow_tracking_uri, artifact_root=str(settings.mlflow_artifacts_dir)
         ),
     }

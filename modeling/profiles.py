@@ -1,0 +1,124 @@
+"""Named training profiles: what `regressor` trains with unless its config or the search overrides it.
+
+- `cpu`: the demo on 2 CPU cores. Bounded so that `make demo` finishes in minutes: a seeded sample of
+  the train rows, one pass, periodic validation on a few evenly spaced dates, the final comparison on
+  more of them. The embedded tiny Llama trains at about 220 samples/s here.
+- `gpu`: Llama 3 8B (or any large `BASE_MODEL`) on GPUs: every train row, bf16, LoRA r=16 on every
+  projection, the final comparison on every validation and test date.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from modeling.model import HeadConfig, LoraSettings, RegressorConfig
+from modeling.train import TrainConfig
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    regressor: RegressorConfig = field(default_factory=RegressorConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    final_eval_max_dates: int | None = None
+    """Validation and test dates of the final comparison (evenly spaced; None = all)."""
+    num_processes: int | None = 1
+    """Training processes (None = one per visible GPU)."""
+
+
+PROFILES: dict[str, Profile] = {
+    "cpu": Profile(
+        name="cpu",
+        description="2 CPU cores, fp32: 24k sampled train rows, one pass, ~2 minutes of training",
+        regressor=RegressorConfig(lora=LoraSettings(r=8, alpha=16.0), head=HeadConfig(hidden_sizes=(256,))),
+        train=TrainConfig(
+            learning_rate=1e-3,
+            batch_size=32,
+            max_train_samples=24_000,
+            epochs=1,
+            time_budget_s=240.0,
+            eval_every_steps=250,
+            eval_max_dates=10,
+            early_stopping_patience=4,
+            checkpoint_every_steps=250,
+        ),
+        final_eval_max_dates=30,
+        num_processes=1,
+    ),
+    "gpu": Profile(
+        name="gpu",
+        description="GPU(s), bf16: every train row, LoRA r=16 on every projection, full evaluation",
+        regressor=RegressorConfig(
+            lora=LoraSettings(r=16, alpha=32.0, dropout=0.05), head=HeadConfig(hidden_sizes=(1024, 256))
+        ),
+        train=TrainConfig(
+            learning_rate=2e-4,
+            head_learning_rate=1e-3,
+            batch_size=64,
+            max_train_samples=None,
+            epochs=1,
+            eval_every_steps=500,
+            eval_max_dates=60,
+            early_stopping_patience=6,
+            checkpoint_every_steps=500,
+            eval_batch_size=256,
+        ),
+        final_eval_max_dates=None,
+        num_processes=None,
+    ),
+}
+
+
+OVERRIDABLE = {
+    # flat name -> (section, field); section "lora" / "head" are parts of the regressor config
+    "learning_rate": ("train", "learning_rate"),
+    "head_learning_rate": ("train", "head_learning_rate"),
+    "weight_decay": ("train", "weight_decay"),
+    "batch_size": ("train", "batch_size"),
+    "grad_accum_steps": ("train", "grad_accum_steps"),
+    "epochs": ("train", "epochs"),
+    "max_train_samples": ("train", "max_train_samples"),
+    "max_steps": ("train", "max_steps"),
+    "time_budget_s": ("train", "time_budget_s"),
+    "loss": ("train", "loss"),
+    "huber_delta": ("train", "huber_delta"),
+    "eval_every_steps": ("train", "eval_every_steps"),
+    "eval_max_dates": ("train", "eval_max_dates"),
+    "early_stopping_patience": ("train", "early_stopping_patience"),
+    "checkpoint_every_steps": ("train", "checkpoint_every_steps"),
+    "seed": ("train", "seed"),
+    "lora_r": ("lora", "r"),
+    "lora_alpha": ("lora", "alpha"),
+    "lora_dropout": ("lora", "dropout"),
+    "target_modules": ("lora", "target_modules"),
+    "use_rslora": ("lora", "use_rslora"),
+    "use_dora": ("lora", "use_dora"),
+    "head_hidden_sizes": ("head", "hidden_sizes"),
+    "head_activation": ("head", "activation"),
+    "head_dropout": ("head", "dropout"),
+    "quantization": ("regressor", "quantization"),
+    "gradient_checkpointing": ("regressor", "gradient_checkpointing"),
+    "last_layer_shortcut": ("regressor", "last_layer_shortcut"),
+}
+"""Settings a run may override by flat name (asset config, the search's best parameters)."""
+
+
+def apply_overrides(
+    regressor: RegressorConfig, train: TrainConfig, overrides: dict[str, object]
+) -> tuple[RegressorConfig, TrainConfig]:
+    """New configs with `overrides` applied (validated again by the dataclasses); unknown names refused."""
+    from dataclasses import replace
+
+    unknown = sorted(set(overrides) - set(OVERRIDABLE))
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown}; known: {sorted(OVERRIDABLE)}")
+    parts: dict[str, dict[str, object]] = {"train": {}, "lora": {}, "head": {}, "regressor": {}}
+    for name, value in overrides.items():
+        section, field_name = OVERRIDABLE[name]
+        if isinstance(value, list):
+            value = tuple(value)
+        parts[section][field_name] = value
+    lora = replace(regressor.lora, **parts["lora"])
+    head = replace(regressor.head, **parts["head"])
+    return replace(regressor, lora=lora, head=head, **parts["regressor"]), replace(train, **parts["train"])

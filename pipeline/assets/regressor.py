@@ -1,0 +1,243 @@
+import hashlib
+import json
+from pathlib import Path
+
+from dagster import (
+    AssetExecutionContext,
+    Backoff,
+    Config,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    PipesSubprocessClient,
+    RetryPolicy,
+    asset,
+)
+from pydantic import Field
+
+from modeling.backbones.common import model_fingerprint
+from modeling.backbones.embedded import build_key
+from modeling.data.parquet_io import read_parquet_metadata
+from modeling.launch import launch_command, visible_gpus
+from modeling.profiles import PROFILES, apply_overrides
+from modeling.prompt import PromptBuilder
+from modeling.train import TrainJob
+from pipeline.metadata import png_markdown
+from pipeline.resources import MlflowResource, StorageResource
+
+REGRESSOR_CODE_VERSION = "regressor-v1"
+"""Dagster code version; also part of the inputs fingerprint that decides whether to retrain."""
+
+
+class RegressorAssetConfig(Config):
+    """Which profile trains the LoRA regressor, and settings that override it (None = the profile's)."""
+
+    profile: str = Field(default="cpu", description="Training profile: cpu (the demo) or gpu (everything).")
+    use_hyperparameters: bool = Field(
+        default=True, description="Apply DATA_DIR/hyperparameters.json (the search's best) when it exists."
+    )
+    learning_rate: float | None = Field(default=None, gt=0, description="Peak LoRA learning rate.")
+    max_train_samples: int | None = Field(default=None, ge=1, description="Train rows sampled (seeded).")
+    max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps cap.")
+    time_budget_s: float | None = Field(default=None, gt=0, description="Training wall-clock cap, seconds.")
+    batch_size: int | None = Field(default=None, ge=1, description="Global batch per optimizer step.")
+    epochs: int | None = Field(default=None, ge=1, description="Passes over the sampled train rows.")
+    lora_r: int | None = Field(default=None, ge=1, description="LoRA rank.")
+    lora_alpha: float | None = Field(default=None, gt=0, description="LoRA alpha.")
+    loss: str | None = Field(default=None, description="mse or huber.")
+    eval_every_steps: int | None = Field(default=None, ge=0, description="Validation RankIC every N steps.")
+    eval_max_dates: int | None = Field(default=None, ge=1, description="Validation dates during training.")
+    final_eval_max_dates: int | None = Field(
+        default=None,
+        ge=1,
+        description="Validation/test dates of the final comparison (None = the profile's).",
+    )
+    quantization: str | None = Field(default=None, description="none, or 4bit (QLoRA, CUDA GPUs only).")
+    seed: int | None = Field(default=None, ge=0, description="Seed of sample, batches, initialisation.")
+    num_processes: int | None = Field(
+        default=None, ge=1, description="Training processes (None = the profile's; gpu: one per GPU)."
+    )
+    accelerate_config_file: str | None = Field(
+        default=None, description="An accelerate config file (e.g. configs/accelerate/multi_gpu.yaml)."
+    )
+    force_retrain: bool = Field(
+        default=False, description="Train even when a registered version was trained on identical inputs."
+    )
+
+    def overrides(self) -> dict:
+        names = (
+            "learning_rate",
+            "max_train_samples",
+            "max_steps",
+            "time_budget_s",
+            "batch_size",
+            "epochs",
+            "lora_r",
+            "lora_alpha",
+            "loss",
+            "eval_every_steps",
+            "eval_max_dates",
+            "quantization",
+            "seed",
+        )
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _hyperparameters(storage: StorageResource, use: bool) -> dict:
+    path = storage.root / "hyperparameters.json"
+    if not use or not path.is_file():
+        return {}
+    return dict(json.loads(path.read_text())["best_params"])
+
+
+@asset(
+    group_name="training",
+    kinds={"pytorch", "mlflow"},
+    deps=["prompt_corpus", "base_model", "training_set"],
+    code_version=REGRESSOR_CODE_VERSION,
+    retry_policy=RetryPolicy(max_retries=2, delay=5, backoff=Backoff.LINEAR),
+)
+def regressor(
+    context: AssetExecutionContext,
+    config: RegressorAssetConfig,
+    storage: StorageResource,
+    mlflow: MlflowResource,
+    pipes_subprocess_client: PipesSubprocessClient,
+) -> MaterializeResult:
+    """The LoRA-finetuned LLM regressor: the frozen `base_model` with LoRA adapters and an MLP head on the
+    last token, trained on the bucket-weighted `prompt_corpus`, judged against ridge, LightGBM, the same
+    head on the raw features and the zero predictor, logged to MLflow and registered as a new version of
+    `return-regressor` (alias `challenger`; `champion` only if it beats the champion on validation RankIC).
+
+    Training runs as its own process (`accelerate launch -m modeling.train`) through Dagster Pipes; the
+    weights never pass through the orchestrator. A version trained on identical inputs is not trained again.
+    """
+    profile = PROFILES.get(config.profile)
+    if profile is None:
+        raise ValueError(f"unknown profile {config.profile!r}; choose one of {sorted(PROFILES)}")
+    best = _hyperparameters(storage, config.use_hyperparameters)
+    regressor_cfg, train_cfg = apply_overrides(
+        profile.regressor, profile.train, {**best, **config.overrides()}
+    )
+    corpus = storage.parquet_path("prompt_corpus")
+    training_set = storage.parquet_path("training_set")
+    corpus_facts, set_facts = read_parquet_metadata(corpus), read_parquet_metadata(training_set)
+    prompt = PromptBuilder(
+        horizon=int(corpus_facts["horizon"]),
+        sig_digits=int(corpus_facts["sig_digits"]),
+        target=str(corpus_facts["label_kind"]),
+    ).settings()
+    base_dir = storage.base_model_dir
+    final_dates = config.final_eval_max_dates or profile.final_eval_max_dates
+    job_config = {
+        "regressor": regressor_cfg.to_dict(),
+        "train": TrainJob("", "", "", prompt, regressor_cfg, train_cfg).to_dict()["train"],
+        "prompt": prompt,
+        "final_eval_max_dates": final_dates,
+        "registry": mlflow.registry_name,
+    }
+    inputs_sha = build_key(
+        {
+            "code_version": REGRESSOR_CODE_VERSION,
+            "corpus": _file_sha256(corpus),
+            "base_model": model_fingerprint(base_dir),
+            "job": job_config,
+        }
+    )
+
+    from modeling import registry
+
+    registry.configure(mlflow.tracking_uri, mlflow.experiment_name, mlflow.artifact_root)
+    existing = registry.find_version(mlflow.registry_name, "inputs_sha", inputs_sha)
+    if existing is not None and not config.force_retrain:
+        context.log.info(f"version {existing} was trained on identical inputs ({inputs_sha}); not retrained")
+        tags = registry.version_tags(mlflow.registry_name, existing)
+        return MaterializeResult(
+            metadata={
+                "retrained": MetadataValue.bool(False),
+                "model_version": MetadataValue.text(existing),
+                "run_id": MetadataValue.text(tags.get("run_id", "")),
+                "val_rank_ic": MetadataValue.float(float(tags.get("val_rank_ic", "nan"))),
+                "champion_version": MetadataValue.text(
+                    str(registry.alias_version(mlflow.registry_name, "champion"))
+                ),
+                "inputs_sha": MetadataValue.text(inputs_sha),
+            }
+        )
+
+    # one directory per inputs fingerprint: a retry after a killed child resumes from its checkpoints
+    out = storage.root / "runs" / "regressor" / inputs_sha
+    out.mkdir(parents=True, exist_ok=True)
+    splits = set_facts["splits"]
+    job = TrainJob(
+        base_model_dir=str(base_dir),
+        corpus_path=str(corpus),
+        output_dir=str(out),
+        prompt=prompt,
+        regressor=regressor_cfg,
+        train=train_cfg,
+        resume=True,
+        experiment={
+            "tracking_uri": mlflow.tracking_uri,
+            "training_set_path": str(training_set),
+            "experiment_name": mlflow.experiment_name,
+            "registry_name": mlflow.registry_name,
+            "artifact_root": mlflow.artifact_root,
+            "eval_max_dates": final_dates,
+            "run_name": f"regressor-{context.run_id[:8]}",
+            "reports_dir": str(storage.reports_dir / "regressor"),
+            "params": {
+                "profile": profile.name,
+                "hyperparameters_source": "hyperparameters.json" if best else "profile",
+                "hyperparameters": best,
+                "buckets": set_facts.get("buckets"),
+                "label": set_facts.get("label"),
+                "data_splits": {k: splits[k] for k in ("train", "validation", "test")},
+                "base_model": {
+                    "path": str(base_dir),
+                    "fingerprint": model_fingerprint(base_dir),
+                    "source": storage.base_model_source.kind,
+                },
+                "prompt_template_version": prompt["template_version"],
+                "dagster_run_id": context.run_id,
+            },
+            "version_tags": {"inputs_sha": inputs_sha, "dagster_run_id": context.run_id},
+        },
+    )
+    job_path = job.save(out / "job.json")
+    processes = config.num_processes or profile.num_processes or max(1, visible_gpus())
+    command = launch_command(job_path, processes, config.accelerate_config_file)
+    context.log.info(f"launching: {' '.join(command)}")
+    try:
+        invocation = pipes_subprocess_client.run(command=command, context=context, cwd=str(Path.cwd()))
+    except Exception as error:  # the Pipes client raises when the child exits with an error
+        texts = [p.read_text() for p in sorted(out.glob("error_rank*.txt"))]
+        if not texts:
+            raise
+        raise Failure(
+            description="the training process failed:\n" + "\n".join(texts),
+            metadata={"job": MetadataValue.path(str(job_path))},
+        ) from error
+    result = invocation.get_materialize_result()
+    outcome = json.loads((out / "outcome.json").read_text())
+    reported = dict(result.metadata or {})
+    plots = {name: png_markdown(Path(path), name) for name, path in outcome["plots"].items()}
+    return MaterializeResult(
+        metadata={
+            **reported,
+            "retrained": MetadataValue.bool(True),
+            "comparison": MetadataValue.md(outcome["comparison"]),
+            **{f"plot_{name}": value for name, value in plots.items()},
+            "inputs_sha": MetadataValue.text(inputs_sha),
+            "job": MetadataValue.path(str(job_path)),
+            "profile": MetadataValue.text(profile.name),
+        }
+    )
