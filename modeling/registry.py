@@ -184,8 +184,8 @@ def log_run(
             for key in ("val_rank_ic", "train_loss", "lr"):
                 if record.get(key) is not None and np.isfinite(record[key]):
                     mlflow.log_metric(f"eval/{key}", float(record[key]), step=step)
-        finite = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
-        mlflow.log_metrics(finite)
+        # NaN is kept (an undefined metric, e.g. the RankIC of a constant forecast); inf is not a value
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and not np.isinf(v)})
         for path in artifact_files:
             mlflow.log_artifact(str(path), artifact_path="report")
         artifacts, stage = _package_dir(Path(model_dir), Path(tokenizer_dir), Path(base_model_dir))
@@ -207,6 +207,54 @@ def log_run(
                 client.set_model_version_tag(registry_name, version, key, str(value))
             client.set_registered_model_alias(registry_name, CHALLENGER, version)
     return {"run_id": run.info.run_id, "model_uri": info.model_uri, "model_version": version}
+
+
+def start_parent_run(experiment_id: str, run_name: str, params: dict[str, Any]) -> str:
+    """Open a run that nested runs (search trials) hang under; returns its id (ended by `end_run`)."""
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
+    flat = flatten("", params)
+    for start in range(0, len(flat), 90):
+        mlflow.log_params(dict(list(flat.items())[start : start + 90]))
+    return run.info.run_id
+
+
+def end_run(
+    metrics: dict[str, float] | None = None, artifacts: Iterable[Path] = (), status: str = "FINISHED"
+) -> None:
+    if metrics:
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)})
+    for path in artifacts:
+        mlflow.log_artifact(str(path))
+    mlflow.end_run(status=status)
+
+
+def log_trial_run(
+    experiment_id: str,
+    parent_run_id: str,
+    trial: int,
+    params: dict[str, Any],
+    value: float,
+    history: list[dict[str, Any]],
+    state: str,
+) -> str:
+    """One search trial as a nested run: its params, per-eval validation RankIC and result."""
+    client = MlflowClient()
+    run = client.create_run(
+        experiment_id,
+        run_name=f"trial-{trial:04d}",
+        tags={"mlflow.parentRunId": parent_run_id, "trial_state": state},
+    )
+    for key, text in flatten("", params).items():
+        client.log_param(run.info.run_id, key, text)
+    for record in history:
+        if record.get("val_rank_ic") is not None and np.isfinite(record["val_rank_ic"]):
+            client.log_metric(
+                run.info.run_id, "eval/val_rank_ic", float(record["val_rank_ic"]), step=int(record["step"])
+            )
+    if np.isfinite(value):
+        client.log_metric(run.info.run_id, "val_rank_ic", float(value))
+    client.set_terminated(run.info.run_id, status="FINISHED" if state == "complete" else "KILLED")
+    return run.info.run_id
 
 
 def alias_version(name: str, alias: str) -> str | None:

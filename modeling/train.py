@@ -164,6 +164,9 @@ class TrainJob:
     """Continue from the last checkpoint in output_dir when there is one."""
     experiment: dict[str, Any] | None = None
     """When set: evaluate, log to MLflow and register after training (see `modeling.experiment`)."""
+    reweight: dict[str, Any] | None = None
+    """A `BucketConfig` (as a dict) to recompute the train weights with, fit on the train labels of the
+    corpus (a search trial trying another weight scheme); None = the training set's own weights."""
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "regressor": self.regressor.to_dict(), "train": asdict(self.train)}
@@ -199,6 +202,16 @@ def read_corpus_split(
     """The rows of one split of the prompt corpus (Parquet predicate pushdown: other splits not read)."""
     table = pq.read_table(corpus_path, columns=columns or CORPUS_COLUMNS, filters=[("split", "=", split)])
     return table.to_pandas()
+
+
+def bucket_weights(train_labels: np.ndarray, bucket_config: dict[str, Any]) -> np.ndarray:
+    """Weights of every train row under another bucket scheme, fit on these train labels only."""
+    from modeling.buckets import BucketConfig, fit_buckets
+
+    cfg = BucketConfig(**bucket_config)
+    if cfg.mode != "weight":
+        raise ValueError("re-weighting needs bucket mode 'weight' (a resampled training set has no weights)")
+    return fit_buckets(train_labels, cfg).train_weights(train_labels)
 
 
 def sample_rows(frame: pd.DataFrame, max_rows: int | None, seed: int) -> pd.DataFrame:
@@ -450,8 +463,16 @@ def _param_groups(model: LLMRegressor, cfg: TrainConfig) -> list[dict[str, Any]]
     ]
 
 
-def train_regressor(job: TrainJob, log: Callable[[str], None] = print) -> TrainResult:
-    """Train `job` (every process of an `accelerate launch` runs this); the main process saves the model."""
+def train_regressor(
+    job: TrainJob,
+    log: Callable[[str], None] = print,
+    on_eval: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Train `job` (every process of an `accelerate launch` runs this); the main process saves the model.
+
+    `on_eval(step, validation_rank_ic)` is called after every evaluation (a search reports to its pruner
+    there; an exception it raises ends the run).
+    """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
@@ -479,7 +500,10 @@ def train_regressor(job: TrainJob, log: Callable[[str], None] = print) -> TrainR
 
     started_wall = time.perf_counter()
     tokenizer = load_tokenizer(job.base_model_dir)
-    train_frame = sample_rows(read_corpus_split(job.corpus_path, "train"), cfg.max_train_samples, cfg.seed)
+    train_frame = read_corpus_split(job.corpus_path, "train")
+    if job.reweight is not None:
+        train_frame = train_frame.assign(weight=bucket_weights(train_frame["label"].to_numpy(), job.reweight))
+    train_frame = sample_rows(train_frame, cfg.max_train_samples, cfg.seed)
     if train_frame.empty:
         raise ValueError(f"the prompt corpus {job.corpus_path} has no train rows")
     val_frame = read_corpus_split(job.corpus_path, "validation")
@@ -562,6 +586,7 @@ def train_regressor(job: TrainJob, log: Callable[[str], None] = print) -> TrainR
             for old in ckpt_root.glob("step-*"):
                 if old != final:
                     shutil.rmtree(old, ignore_errors=True)
+            say(f"checkpoint {final.name} saved")
         accelerator.wait_for_everyone()
 
     def record_eval(train_loss: float | None) -> bool:
@@ -587,6 +612,8 @@ def train_regressor(job: TrainJob, log: Callable[[str], None] = print) -> TrainR
                 "val_rank_ic": float(score),
             }
         )
+        if on_eval is not None:
+            on_eval(state.step, float(score))
         say(
             f"step {state.step}: validation RankIC {score:.4f} (best {state.best_rank_ic:.4f} at step "
             f"{state.best_step})"
@@ -609,10 +636,13 @@ def train_regressor(job: TrainJob, log: Callable[[str], None] = print) -> TrainR
         batches = epoch_batches(
             train_rows.n_tokens, micro, cfg.seed, state.epoch, cfg.group_by_length, cfg.grad_accum_steps
         )
+        # its own generator: a DataLoader without one draws a seed from the global RNG whenever an iterator
+        # starts, which would shift the dropout stream of a resumed run against an uninterrupted one
         loader = DataLoader(
             _RowsDataset(train_rows),
             batch_sampler=_FixedBatches(batches, micro),
             collate_fn=make_collate(tokenizer),
+            generator=torch.Generator().manual_seed(cfg.seed),
         )
         loader = accelerator.prepare(loader)
         if state.batch_in_epoch:

@@ -3,7 +3,15 @@
 import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetKey, Config, MetadataValue, asset_check
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetKey,
+    Config,
+    MetadataValue,
+    asset_check,
+)
 from pydantic import Field
 
 from modeling.backbones.common import describe_base_model
@@ -48,7 +56,11 @@ def _latest_metadata(context: AssetCheckExecutionContext, asset: str) -> dict:
     return {k: v.value for k, v in event.asset_materialization.metadata.items()}
 
 
-@asset_check(asset="universe", description="Per date, the universe holds min(N, symbols with a full window).")
+@asset_check(
+    asset="universe",
+    description="Per date, the universe holds min(N, symbols with a full window).",
+    blocking=True,  # the model is never trained on a broken universe
+)
 def universe_size_per_date(
     context: AssetCheckExecutionContext, warehouse: WarehouseResource
 ) -> AssetCheckResult:
@@ -82,7 +94,9 @@ def exactly_16_feature_columns(warehouse: WarehouseResource) -> AssetCheckResult
     )
 
 
-@asset_check(asset="features", description="No NULL, NaN or infinite feature value after the warm-up.")
+@asset_check(
+    asset="features", description="No NULL, NaN or infinite feature value after the warm-up.", blocking=True
+)
 def features_finite(warehouse: WarehouseResource) -> AssetCheckResult:
     with warehouse.get_connection() as con:
         bad = count_non_finite(con)
@@ -134,6 +148,7 @@ def _training_set(storage: StorageResource) -> pd.DataFrame:
     asset="training_set",
     description="No train label window (t, t+h] reaches a validation or test "
     "date, and no validation window reaches a test date.",
+    blocking=True,
 )
 def splits_are_purged(storage: StorageResource, warehouse: WarehouseResource) -> AssetCheckResult:
     horizon = int(read_parquet_metadata(storage.parquet_path("training_set"))["horizon"])
@@ -167,7 +182,9 @@ def weights_are_normalised(storage: StorageResource) -> AssetCheckResult:
     )
 
 
-@asset_check(asset="prompt_corpus", description="Every prompt fits the base model's context window.")
+@asset_check(
+    asset="prompt_corpus", description="Every prompt fits the base model's context window.", blocking=True
+)
 def prompts_fit_context(storage: StorageResource) -> AssetCheckResult:
     model_dir = storage.base_model_dir
     limit = describe_base_model(model_dir)["max_position_embeddings"]
@@ -211,3 +228,64 @@ ALL_CHECKS += [
     prompts_cover_training_set,
     prompts_have_finite_values,
 ]
+
+
+@asset_check(
+    asset="regressor",
+    description="Warning: the LLM regressor beats the zero predictor and the same MLP head on the raw "
+    "features (the no-LLM ablation) on validation RankIC.",
+)
+def regressor_beats_baselines(context: AssetCheckExecutionContext) -> AssetCheckResult:
+    meta = _latest_metadata(context, "regressor")
+    score = float(meta.get("val_rank_ic", float("nan")))
+    baselines = meta.get("baselines_val_rank_ic") or {}
+    zero = 0.0  # a constant forecast ranks nothing: its RankIC is undefined, i.e. no skill
+    ablation = float(baselines.get("mlp_features", float("nan")))
+    passed = bool(score > zero and (ablation != ablation or score > ablation))
+    return AssetCheckResult(
+        passed=passed,
+        severity=AssetCheckSeverity.WARN,
+        metadata={
+            "val_rank_ic": score,
+            "zero_predictor": zero,
+            "mlp_features_val_rank_ic": ablation,
+            "retrained": bool(meta.get("retrained", True)),
+        },
+    )
+
+
+@asset_check(
+    asset="predictions",
+    description="Exactly one finite prediction per live universe row (a symbol with features) on each "
+    "live date.",
+)
+def predictions_cover_live_universe(
+    storage: StorageResource, warehouse: WarehouseResource
+) -> AssetCheckResult:
+    from modeling.data.predictions import coverage
+    from pipeline.assets.predictions import live_rows
+
+    live = live_rows(storage)
+    with warehouse.get_connection() as con:
+        counts = coverage(con, live)
+        con.register("_live_dates", pd.DataFrame({"date": live["date"].unique()}))
+        # universe members of a live date still in their feature warm-up have no features to score
+        in_warmup = con.execute(f"""
+            SELECT count(*) FROM universe u ANTI JOIN {FEATURES_TABLE} f USING (date, symbol)
+            WHERE u.date IN (SELECT date FROM _live_dates)
+        """).fetchone()[0]
+    passed = (
+        counts["live_rows"] > 0
+        and counts["missing"] == counts["extra"] == counts["duplicated"] == 0
+        and counts["non_finite"] == 0
+    )
+    return AssetCheckResult(
+        passed=passed,
+        metadata={
+            **{k: MetadataValue.int(v) for k, v in counts.items()},
+            "universe_rows_in_feature_warmup": MetadataValue.int(int(in_warmup)),
+        },
+    )
+
+
+ALL_CHECKS += [regressor_beats_baselines, predictions_cover_live_universe]

@@ -1,4 +1,4 @@
-"""The one Definitions object: assets, checks, jobs, schedules and resources (configured here)."""
+"""The one Definitions object: assets, checks, jobs, schedules, sensors and resources (configured here)."""
 
 from __future__ import annotations
 
@@ -7,21 +7,29 @@ from dagster import AssetSelection, Definitions, define_asset_job, in_process_ex
 from pipeline.assets import ALL_ASSETS
 from pipeline.checks import ALL_CHECKS
 from pipeline.resources import build_resources
+from pipeline.schedules import WAREHOUSE_TAG, build_automation, daily_retrain_job
 from pipeline.settings import Settings
 
 full_pipeline_job = define_asset_job(
     "full_pipeline",
-    selection=AssetSelection.all(),
-    description="Materialise the whole chain, from raw market data to the last asset.",
+    selection=AssetSelection.all() - AssetSelection.assets("hyperparameters"),
+    description="Materialise the whole chain, raw market data to predictions (what `make demo` runs).",
+    tags=WAREHOUSE_TAG,
 )
+
+_settings = Settings.from_env()
+_schedules, _sensors = build_automation(_settings)
 
 defs = Definitions(
     assets=ALL_ASSETS,
     asset_checks=ALL_CHECKS,
-    jobs=[full_pipeline_job],
-    resources=build_resources(Settings.from_env()),
+    jobs=[full_pipeline_job, daily_retrain_job],
+    schedules=_schedules,
+    sensors=_sensors,
+    resources=build_resources(_settings),
     # DuckDB takes one writer per file: steps that touch the warehouse cannot overlap, and a check
     # running beside a long `features` build in another process would wait on the file lock. One
-    # process, one step at a time (the heavy steps use all cores themselves).
+    # process, one step at a time (the heavy steps use all cores themselves; training runs in its own
+    # process, launched through Dagster Pipes).
     executor=in_process_executor,
 )

@@ -1,7 +1,8 @@
 """Settings: every environment variable the project reads, read here and nowhere else.
 
 Names and defaults are fixed by the interface contract (see README): `DATA_DIR`,
-`MARKET_DATA_PATH`, `BASE_MODEL`, `MLFLOW_TRACKING_URI` (`DAGSTER_HOME` is Dagster's own).
+`MARKET_DATA_PATH`, `BASE_MODEL`, `MLFLOW_TRACKING_URI` (`DAGSTER_HOME` is Dagster's own); this project
+adds `DAILY_RETRAIN_CRON` and `DAILY_RETRAIN_TIMEZONE` for the daily retrain schedule.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ class Settings:
     None = the embedded tiny Llama built and pretrained locally."""
     mlflow_tracking_uri: str
     """MLflow tracking store (SQLite under DATA_DIR unless overridden)."""
+    retrain_cron: str = "30 17 * * 1-5"
+    """DAILY_RETRAIN_CRON: when the daily retrain runs (default weekdays 17:30, after the US close)."""
+    retrain_timezone: str = "America/New_York"
+    """DAILY_RETRAIN_TIMEZONE: the time zone of that schedule."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -40,6 +45,8 @@ class Settings:
             market_data_path=Path(market).expanduser().resolve() if market else None,
             base_model=_base_model_value(base_model),
             mlflow_tracking_uri=tracking,
+            retrain_cron=value("DAILY_RETRAIN_CRON") or cls.retrain_cron,
+            retrain_timezone=value("DAILY_RETRAIN_TIMEZONE") or cls.retrain_timezone,
         )
 
     @property

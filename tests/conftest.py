@@ -1,9 +1,14 @@
-"""Shared fixtures: a locally trained Llama-3-style tokenizer (built once per session)."""
+"""Shared fixtures: tokenizers, tiny models and data, SmolLM2, a registered MLflow store (built once)."""
+
+from pathlib import Path
 
 import pytest
 
 from modeling.backbones.embedded import train_tokenizer
+from modeling.experiment import run_experiment
+from modeling.model import HeadConfig, LoraSettings, RegressorConfig
 from modeling.prompt import PromptBuilder, tokenizer_training_texts
+from modeling.train import TrainConfig, TrainJob, train_regressor
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +27,122 @@ def smollm2_dir(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct"
     prepare_smollm2(cache, out)
     return out
+
+
+def make_training_set(n_dates: int = 40, n_symbols: int = 12, seed: int = 0):
+    """A small training-set frame with a learnable label (a reversal on ret_5d plus noise), the columns
+    of the `training_set` asset, splits train / validation / test by date (the last date: live)."""
+    import numpy as np
+    import pandas as pd
+
+    from modeling.feature_registry import FEATURE_NAMES
+
+    rng = np.random.default_rng(seed)
+    dates = pd.bdate_range("2021-01-04", periods=n_dates)
+    frame = pd.DataFrame(
+        [(d, f"S{i:02d}") for d in dates for i in range(n_symbols)], columns=["date", "symbol"]
+    )
+    frame["sector"] = np.where(frame["symbol"].str[-1].astype(int) % 2 == 0, "Technology", "Energy")
+    for name in FEATURE_NAMES:
+        frame[name] = rng.normal(0, 0.02, len(frame))
+    frame["rsi_14d"] = rng.uniform(20, 80, len(frame))
+    frame["log_dollar_volume_20d"] = rng.uniform(15, 22, len(frame))
+    frame["label"] = -40 * frame["ret_5d"] + rng.normal(0, 0.5, len(frame))
+    frame["fwd_ret"] = frame["label"] * 0.01
+    position = np.searchsorted(dates, frame["date"])
+    frame["split"] = np.select(
+        [position < 24, position < 32, position < n_dates - 1], ["train", "validation", "test"], "live"
+    )
+    frame.loc[frame["split"] == "live", ["label", "fwd_ret"]] = np.nan
+    frame["weight"] = np.where(frame["split"] == "train", rng.uniform(0.5, 1.5, len(frame)), 1.0)
+    frame["bucket"] = "zero"
+    return frame
+
+
+@pytest.fixture(scope="session")
+def tiny_base_model(tmp_path_factory):
+    """A small embedded Llama (hidden 32, 2 layers) with a tokenizer fit to prompt text."""
+    from modeling.backbones.embedded import TinyLlamaSpec, build_embedded_base_model
+
+    spec = TinyLlamaSpec(
+        vocab_size=600,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
+    texts = tokenizer_training_texts(PromptBuilder(), n_rows=400, seed=3)
+    return build_embedded_base_model(tmp_path_factory.mktemp("tiny") / "base_model", texts, spec)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, tiny_base_model):
+    """(training_set.parquet, prompt_corpus.parquet) of `make_training_set`, rendered for the tiny model."""
+    from modeling.backbones.common import load_tokenizer
+    from modeling.data.parquet_io import write_parquet_atomic
+    from modeling.data.prompt_corpus import write_prompt_corpus
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    frame = make_training_set()
+    training_set = write_parquet_atomic(frame, root / "training_set.parquet", metadata={"horizon": 1})
+    corpus = root / "prompt_corpus.parquet"
+    builder = PromptBuilder()
+    write_prompt_corpus(
+        frame,
+        builder,
+        load_tokenizer(tiny_base_model),
+        corpus,
+        metadata={"horizon": 1, "label_kind": "excess", "sig_digits": 3},
+    )
+    return training_set, corpus
+
+
+def registry_job(base: Path, training_set: Path, corpus: Path, out: Path, store: Path, **train) -> TrainJob:
+    return TrainJob(
+        base_model_dir=str(base),
+        corpus_path=str(corpus),
+        output_dir=str(out),
+        prompt=PromptBuilder().settings(),
+        regressor=RegressorConfig(lora=LoraSettings(r=4, alpha=8), head=HeadConfig(hidden_sizes=(16,))),
+        train=TrainConfig(
+            **{
+                "batch_size": 8,
+                "learning_rate": 3e-3,
+                "max_steps": 36,
+                "eval_every_steps": 12,
+                "eval_max_dates": 8,
+                "progress": False,
+                "checkpoint_every_steps": 0,
+                **train,
+            }
+        ),
+        experiment={
+            "tracking_uri": f"sqlite:///{store / 'mlflow.db'}",
+            "artifact_root": str(store / "mlartifacts"),
+            "training_set_path": str(training_set),
+            "eval_max_dates": None,
+            "params": {"buckets": {"scheme": "sqrt_inverse"}, "data_splits": {"train": ["2021-01-04", "x"]}},
+        },
+    )
+
+
+@pytest.fixture(scope="session")
+def registered_store(tiny_base_model, tiny_data, tmp_path_factory):
+    """Version 1 (trained) and version 2: the same model with its output layer negated, so its
+    validation RankIC is exactly minus version 1's (a worse model by construction)."""
+    from safetensors.torch import load_file, save_file
+
+    training_set, corpus = tiny_data
+    store = tmp_path_factory.mktemp("store")
+    good = registry_job(tiny_base_model, training_set, corpus, store / "run1", store)
+    first = run_experiment(good, train_regressor(good, log=lambda _: None), log=lambda _: None)
+    bad = registry_job(tiny_base_model, training_set, corpus, store / "run2", store)
+    trained = train_regressor(bad, log=lambda _: None)
+    head = load_file(trained.model_dir / "head.safetensors")
+    last = max(int(k.split(".")[1]) for k in head)
+    for key in (f"net.{last}.weight", f"net.{last}.bias"):
+        head[key] = -head[key]
+    save_file(head, trained.model_dir / "head.safetensors")
+    second = run_experiment(bad, trained, log=lambda _: None)
+    return store, first, second, good

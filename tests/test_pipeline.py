@@ -41,8 +41,19 @@ SMALL_RUN = {
                 "pretrain_eval_rows": 16,
             }
         },
+        "regressor": {
+            "config": {
+                "max_train_samples": 192,
+                "batch_size": 16,
+                "eval_every_steps": 6,
+                "eval_max_dates": 3,
+                "final_eval_max_dates": 4,
+            }
+        },
     }
 }
+CHAIN = [a for a in ALL_ASSETS if a.key != AssetKey("hyperparameters")]
+WARNINGS = {"regressor_beats_baselines"}  # warning severity: a tiny model on a tiny market may not win
 COMMON_METADATA = {"dagster/row_count", "date_range", "symbol_count", "preview"}
 
 
@@ -52,7 +63,7 @@ def run(tmp_path_factory):
     settings = Settings.from_env({"DATA_DIR": str(data_dir)})
     instance = DagsterInstance.ephemeral()
     result = materialize(
-        ALL_ASSETS + ALL_CHECKS, resources=build_resources(settings), run_config=SMALL_RUN, instance=instance
+        CHAIN + ALL_CHECKS, resources=build_resources(settings), run_config=SMALL_RUN, instance=instance
     )
     return result, settings, instance
 
@@ -61,20 +72,33 @@ def test_chain_materialises_with_all_checks_passing(run):
     result, _, _ = run
     assert result.success
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert len(checks) == len(ALL_CHECKS) and all(checks.values()), checks
+    assert len(checks) == len(ALL_CHECKS), checks
+    assert all(passed for name, passed in checks.items() if name not in WARNINGS), checks
     materialised = {e.asset_key for e in result.get_asset_materialization_events()}
-    assert materialised == {AssetKey(a.key.path) for a in ALL_ASSETS}
+    assert materialised == {AssetKey(a.key.path) for a in CHAIN}
 
 
 def test_every_asset_has_group_kinds_description_and_metadata(run):
     result, _, _ = run
+    groups = {}
     for asset in ALL_ASSETS:
         spec = next(iter(asset.specs))
-        assert spec.group_name and spec.group_name != "default", asset.key
-        assert spec.kinds and spec.description, asset.key
+        groups[spec.key.to_user_string()] = spec.group_name
+        assert spec.kinds and spec.description and spec.code_version, asset.key
+    assert groups == {
+        "raw_market_data": "data",
+        "universe": "data",
+        "features": "features",
+        "training_set": "training",
+        "base_model": "training",
+        "prompt_corpus": "training",
+        "hyperparameters": "training",
+        "regressor": "training",
+        "predictions": "serving",
+    }
     for event in result.get_asset_materialization_events():
         keys = set(event.materialization.metadata)
-        if event.asset_key != AssetKey("base_model"):
+        if event.asset_key not in (AssetKey("base_model"), AssetKey("regressor")):
             assert keys >= COMMON_METADATA, (event.asset_key, keys)
         assert event.materialization.metadata, event.asset_key
 
@@ -157,7 +181,12 @@ def test_definitions_load_with_one_job(monkeypatch, tmp_path):
         "training_set",
         "base_model",
         "prompt_corpus",
+        "hyperparameters",
+        "regressor",
+        "predictions",
     }
+    assert defs.get_job_def("daily_retrain") is not None
+    assert defs.get_schedule_def("daily_retrain_schedule").execution_timezone == "America/New_York"
     assert Path(defs.resources["warehouse"].database) == tmp_path / "warehouse.duckdb"
 
 

@@ -272,6 +272,10 @@ _ROW_REASON_SQL = """
 """
 
 
+class EmptyInputError(ValueError):
+    """The input yields no data rows (a header-only file) or no clean row at all."""
+
+
 def ingest_market_data(
     con: duckdb.DuckDBPyConnection,
     sources: list[Path] | None = None,
@@ -303,6 +307,20 @@ def ingest_market_data(
             )
             for i, name in rejects.items():
                 _quarantine_malformed_lines(con, i, labelled[i][1], f"{name}_errors")
+            n_staged, n_clean = con.execute(
+                "SELECT count(*), count(*) FILTER (WHERE reason IS NULL) FROM _staged"
+            ).fetchall()[0]
+            if n_staged == 0:
+                # a header-only file (or files): replacing good tables with empty ones would be silent loss
+                raise EmptyInputError(
+                    f"no data rows in {', '.join(label for _, label in labelled)}: the input has a header "
+                    "but no rows; the previous tables are kept"
+                )
+            if n_clean == 0:
+                raise EmptyInputError(
+                    f"all {n_staged} rows of the input were rejected; the previous tables are kept "
+                    "(see the reasons by ingesting the file into an empty DATA_DIR)"
+                )
             _mark_duplicates(con)
             con.execute(f"""
                 CREATE OR REPLACE TABLE {RAW_TABLE} AS

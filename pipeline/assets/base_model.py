@@ -144,7 +144,7 @@ def _embedded(context: AssetExecutionContext, config: BaseModelConfig, storage: 
 
 
 @asset(
-    group_name="model",
+    group_name="training",
     kinds={"pytorch", "huggingface"},
     deps=["training_set"],
     code_version=BASE_MODEL_CODE_VERSION,

@@ -16,7 +16,9 @@ class FeaturesConfig(Config):
     )
 
 
-@asset(group_name="market_data", kinds={"duckdb"}, deps=["raw_market_data", "universe"])
+@asset(
+    group_name="features", kinds={"duckdb"}, deps=["raw_market_data", "universe"], code_version="features-v2"
+)
 def features(config: FeaturesConfig, warehouse: WarehouseResource) -> MaterializeResult:
     """Per (date, symbol) in the universe: the 16 registry features (data up to t only) and the labels
     `fwd_ret`, `fwd_ret_excess` (t+1..t+h; NULL where the future is unknown: the rows to predict).

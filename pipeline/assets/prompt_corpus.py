@@ -18,7 +18,12 @@ class PromptCorpusConfig(Config):
     batch_size: int = Field(default=8192, ge=1, description="Rows rendered and tokenised per batch.")
 
 
-@asset(group_name="training_data", kinds={"parquet"}, deps=["training_set", "base_model"])
+@asset(
+    group_name="training",
+    kinds={"parquet"},
+    deps=["training_set", "base_model"],
+    code_version="prompt-corpus-v3",
+)
 def prompt_corpus(
     config: PromptCorpusConfig, storage: StorageResource, warehouse: WarehouseResource
 ) -> MaterializeResult:

@@ -29,7 +29,7 @@ class RawMarketDataConfig(Config):
     )
 
 
-@asset(group_name="market_data", kinds={"duckdb"})
+@asset(group_name="data", kinds={"duckdb"}, code_version="raw-market-data-v3")
 def raw_market_data(
     context: AssetExecutionContext,
     config: RawMarketDataConfig,

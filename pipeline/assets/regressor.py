@@ -101,7 +101,7 @@ def _hyperparameters(storage: StorageResource, use: bool) -> dict:
 @asset(
     group_name="training",
     kinds={"pytorch", "mlflow"},
-    deps=["prompt_corpus", "base_model", "training_set"],
+    deps=["prompt_corpus", "base_model", "training_set", "hyperparameters"],
     code_version=REGRESSOR_CODE_VERSION,
     retry_policy=RetryPolicy(max_retries=2, delay=5, backoff=Backoff.LINEAR),
 )
@@ -124,12 +124,21 @@ def regressor(
     if profile is None:
         raise ValueError(f"unknown profile {config.profile!r}; choose one of {sorted(PROFILES)}")
     best = _hyperparameters(storage, config.use_hyperparameters)
+    weight_scheme = best.pop("weight_scheme", None)
     regressor_cfg, train_cfg = apply_overrides(
         profile.regressor, profile.train, {**best, **config.overrides()}
     )
     corpus = storage.parquet_path("prompt_corpus")
     training_set = storage.parquet_path("training_set")
     corpus_facts, set_facts = read_parquet_metadata(corpus), read_parquet_metadata(training_set)
+    bucket_config = (set_facts.get("buckets") or {}).get("config") or {}
+    reweight = None
+    if (
+        weight_scheme
+        and weight_scheme != bucket_config.get("scheme")
+        and bucket_config.get("mode") == "weight"
+    ):
+        reweight = {**bucket_config, "scheme": weight_scheme}  # the search found another scheme better
     prompt = PromptBuilder(
         horizon=int(corpus_facts["horizon"]),
         sig_digits=int(corpus_facts["sig_digits"]),
@@ -143,6 +152,7 @@ def regressor(
         "prompt": prompt,
         "final_eval_max_dates": final_dates,
         "registry": mlflow.registry_name,
+        "reweight": reweight,
     }
     inputs_sha = build_key(
         {
@@ -185,6 +195,7 @@ def regressor(
         regressor=regressor_cfg,
         train=train_cfg,
         resume=True,
+        reweight=reweight,
         experiment={
             "tracking_uri": mlflow.tracking_uri,
             "training_set_path": str(training_set),

@@ -83,7 +83,7 @@ class TrainingSetConfig(Config):
         )
 
 
-@asset(group_name="training_data", kinds={"parquet", "pandas"}, deps=["features"])
+@asset(group_name="training", kinds={"parquet", "pandas"}, deps=["features"], code_version="training-set-v2")
 def training_set(
     config: TrainingSetConfig, storage: StorageResource, warehouse: WarehouseResource
 ) -> MaterializeResult:

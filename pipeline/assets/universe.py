@@ -15,7 +15,7 @@ class UniverseConfig(Config):
     )
 
 
-@asset(group_name="market_data", kinds={"duckdb"}, deps=["raw_market_data"])
+@asset(group_name="data", kinds={"duckdb"}, deps=["raw_market_data"], code_version="universe-v2")
 def universe(config: UniverseConfig, warehouse: WarehouseResource) -> MaterializeResult:
     """Per date, the top N symbols by trailing mean dollar volume (close x volume), with their rank.
 

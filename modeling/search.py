@@ -1,0 +1,243 @@
+"""Hyperparameter search: Optuna TPE over the regressor's settings, on validation RankIC.
+
+Each trial trains one regressor with `train_regressor` (in process) and reports the periodic validation
+RankIC to Optuna's median pruner, which stops trials running below the median of earlier trials at the
+same step. The objective is the trial's best validation RankIC (the checkpoint it would keep).
+
+The study lives in SQLite under DATA_DIR with a heartbeat: a search killed mid-trial resumes from the
+stored study on the next run, and the trial that was running when it died is marked failed and
+re-queued with the same parameters (`RetryFailedTrialCallback`). Each trial is a nested MLflow run under
+the search's run (params, per-eval and final validation RankIC; no model is registered).
+
+The search space (flat names, as `modeling.profiles.OVERRIDABLE` understands them, plus the bucket
+weight scheme): learning rate (log-uniform), LoRA rank / alpha multiple / dropout, target-module set,
+head width / depth / dropout, batch size, steps, bucket weight scheme, loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from modeling.profiles import apply_overrides
+from modeling.train import TrainJob, train_regressor
+
+TARGET_MODULE_SETS: dict[str, tuple[str, ...] | str] = {
+    "all": "all-linear",
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+}
+"""Named target-module sets (Llama naming; "all" is every linear layer of any architecture)."""
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Ranges and choices of the search."""
+
+    learning_rate: tuple[float, float] = (2e-4, 3e-3)
+    lora_r: tuple[int, ...] = (4, 8, 16)
+    lora_alpha_multiple: tuple[float, ...] = (1.0, 2.0, 4.0)
+    lora_dropout: tuple[float, ...] = (0.0, 0.05, 0.1)
+    target_modules: tuple[str, ...] = ("all", "attention", "mlp")
+    head_width: tuple[int, ...] = (64, 128, 256, 512)
+    head_depth: tuple[int, ...] = (1, 2)
+    head_dropout: tuple[float, float] = (0.0, 0.3)
+    batch_size: tuple[int, ...] = (16, 32, 64)
+    steps: tuple[int, ...] = (250, 500, 750)
+    """Optimizer steps per trial (the training budget; `max_train_samples` is set to cover them)."""
+    weight_scheme: tuple[str, ...] = ("sqrt_inverse", "inverse", "lds", "none")
+    loss: tuple[str, ...] = ("mse", "huber")
+
+
+def suggest(trial: Any, space: SearchSpace, reweight: bool) -> dict[str, Any]:
+    """One trial's parameters (flat names)."""
+    r = trial.suggest_categorical("lora_r", list(space.lora_r))
+    multiple = trial.suggest_categorical("lora_alpha_multiple", list(space.lora_alpha_multiple))
+    depth = trial.suggest_categorical("head_depth", list(space.head_depth))
+    width = trial.suggest_categorical("head_width", list(space.head_width))
+    params = {
+        "learning_rate": trial.suggest_float("learning_rate", *space.learning_rate, log=True),
+        "lora_r": r,
+        "lora_alpha": float(r * multiple),
+        "lora_dropout": trial.suggest_categorical("lora_dropout", list(space.lora_dropout)),
+        "target_modules": trial.suggest_categorical("target_modules", list(space.target_modules)),
+        "head_hidden_sizes": [width] * depth,
+        "head_dropout": trial.suggest_float("head_dropout", *space.head_dropout),
+        "batch_size": trial.suggest_categorical("batch_size", list(space.batch_size)),
+        "max_steps": trial.suggest_categorical("max_steps", list(space.steps)),
+        "loss": trial.suggest_categorical("loss", list(space.loss)),
+    }
+    if reweight:
+        params["weight_scheme"] = trial.suggest_categorical("weight_scheme", list(space.weight_scheme))
+    return params
+
+
+def trial_job(template: TrainJob, params: dict[str, Any], out: Path, bucket_config: dict | None) -> TrainJob:
+    """The template job with one trial's parameters applied."""
+    overrides = {k: v for k, v in params.items() if k != "weight_scheme"}
+    if isinstance(overrides.get("target_modules"), str):
+        overrides["target_modules"] = TARGET_MODULE_SETS[overrides["target_modules"]]
+    steps, batch = overrides["max_steps"], overrides["batch_size"]
+    overrides["max_train_samples"] = steps * batch  # one pass: every step sees new rows
+    overrides["epochs"] = 1
+    regressor, train = apply_overrides(template.regressor, template.train, overrides)
+    reweight = None
+    if params.get("weight_scheme") and bucket_config is not None:
+        reweight = {**bucket_config, "scheme": params["weight_scheme"]}
+    return replace(
+        template,
+        output_dir=str(out),
+        regressor=regressor,
+        train=train,
+        reweight=reweight,
+        resume=False,
+        experiment=None,
+    )
+
+
+def best_params_to_overrides(best: dict[str, Any]) -> dict[str, Any]:
+    """The study's best trial as the overrides `regressor` applies (JSON-friendly)."""
+    params = dict(best)
+    multiple = params.pop("lora_alpha_multiple", None)
+    depth, width = params.pop("head_depth", None), params.pop("head_width", None)
+    if multiple is not None:
+        params["lora_alpha"] = float(params["lora_r"] * multiple)
+    if depth is not None and width is not None:
+        params["head_hidden_sizes"] = [width] * depth
+    if isinstance(params.get("target_modules"), str):
+        target = TARGET_MODULE_SETS[params["target_modules"]]
+        params["target_modules"] = target if isinstance(target, str) else list(target)
+    params["max_train_samples"] = int(params["max_steps"]) * int(params["batch_size"])
+    params["epochs"] = 1
+    return params
+
+
+@dataclass
+class SearchResult:
+    best_value: float
+    best_params: dict[str, Any]
+    """The best trial in `regressor` override form (plus `weight_scheme` when searched)."""
+    trials: pd.DataFrame
+    n_new_trials: int
+    history_png: Path | None
+    wall_s: float
+
+
+def run_search(
+    template: TrainJob,
+    storage_path: Path,
+    study_name: str,
+    n_trials: int,
+    timeout_s: float | None,
+    out_dir: Path,
+    space: SearchSpace = SearchSpace(),
+    bucket_config: dict | None = None,
+    seed: int = 0,
+    log_trial: Callable[[int, dict[str, Any], float, list[dict[str, Any]], str], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> SearchResult:
+    """Run `n_trials` more trials (or until `timeout_s`) of the study stored at `storage_path`."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = RDBStorage(
+        f"sqlite:///{Path(storage_path).resolve()}",
+        heartbeat_interval=30,
+        grace_period=90,
+        failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
+    )
+    study = optuna.create_study(
+        study_name=study_name,
+        storage=storage,
+        load_if_exists=True,
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=5),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
+    )
+    # a killed search left its running trial RUNNING: optimize() fails it (no heartbeat for grace_period)
+    # and RetryFailedTrialCallback queues it again with the same parameters
+    reweight = bucket_config is not None and bucket_config.get("mode", "weight") == "weight"
+    started = time.perf_counter()
+
+    def objective(trial: optuna.Trial) -> float:
+        params = suggest(trial, space, reweight)
+        job = trial_job(template, params, Path(out_dir) / f"trial-{trial.number:04d}", bucket_config)
+
+        def report(step: int, score: float) -> None:
+            trial.report(score if math.isfinite(score) else -1.0, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {step} (validation RankIC {score:.4f})")
+
+        state = "complete"
+        history: list[dict[str, Any]] = []
+        try:
+            result = train_regressor(job, log=lambda _msg: None, on_eval=report)
+            history = result.state.history
+            value = result.state.best_rank_ic if result.state.best_rank_ic is not None else float("nan")
+        except optuna.TrialPruned:
+            state, value = "pruned", float("nan")
+            raise
+        finally:
+            if log_trial is not None:
+                log_trial(
+                    trial.number, params, value if state == "complete" else float("nan"), history, state
+                )
+            log(f"trial {trial.number} {state}: {json.dumps(params, default=str)} -> {value:.5f}")
+        return value
+
+    before = len(study.trials)
+    study.optimize(objective, n_trials=n_trials, timeout=timeout_s, catch=())
+    trials = study.trials_dataframe(attrs=("number", "value", "state", "params", "duration"))
+    completed = [
+        t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None
+    ]
+    if not completed:
+        raise RuntimeError("no trial of the search completed")
+    best = max(completed, key=lambda t: t.value)
+    png = None
+    if len(completed) >= 1:
+        png = Path(out_dir) / "optimisation_history.png"
+        history_png(trials, png)
+    return SearchResult(
+        best_value=float(best.value),
+        best_params=best_params_to_overrides(best.params),
+        trials=trials,
+        n_new_trials=len(study.trials) - before,
+        history_png=png,
+        wall_s=time.perf_counter() - started,
+    )
+
+
+def history_png(trials: pd.DataFrame, path: Path) -> Path:
+    """Validation RankIC per trial and the running best (pruned and failed trials marked)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 3.6))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    done = trials[trials["state"] == "COMPLETE"]
+    ax.scatter(done["number"], done["value"], color="tab:blue", label="trial")
+    ax.plot(
+        done["number"], done["value"].cummax(), color="tab:red", drawstyle="steps-post", label="best so far"
+    )
+    others = trials[trials["state"] != "COMPLETE"]
+    if len(others):
+        ymin = float(done["value"].min()) if len(done) else 0.0
+        ax.scatter(others["number"], [ymin] * len(others), marker="x", color="0.5", label="pruned / failed")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("validation RankIC")
+    ax.set_title("optimisation history")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    return Path(path)

@@ -1,0 +1,145 @@
+import json
+import os
+import time
+from dataclasses import replace
+
+from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
+from pydantic import Field
+
+from modeling.data.parquet_io import read_parquet_metadata
+from modeling.profiles import PROFILES
+from modeling.prompt import PromptBuilder
+from modeling.search import SearchSpace, run_search
+from modeling.train import TrainJob
+from pipeline.metadata import frame_markdown, png_markdown
+from pipeline.resources import MlflowResource, StorageResource
+
+HYPERPARAMETERS_CODE_VERSION = "search-v1"
+_S = SearchSpace()
+
+
+class HyperparametersConfig(Config):
+    """Budget and space of the search (on demand; the daily job does not run it)."""
+
+    n_trials: int = Field(
+        default=8, ge=1, description="New trials this run (the stored study keeps earlier ones)."
+    )
+    timeout_s: float | None = Field(
+        default=3600.0, gt=0, description="Stop starting trials after this many seconds."
+    )
+    profile: str = Field(default="cpu", description="Profile the trials start from (cpu or gpu).")
+    study_name: str = Field(
+        default="regressor-search", description="Optuna study (stored in DATA_DIR/optuna.db)."
+    )
+    seed: int = Field(default=0, ge=0, description="Seed of the TPE sampler.")
+    steps: list[int] = Field(default=list(_S.steps), description="Optimizer-step budgets a trial may take.")
+    batch_sizes: list[int] = Field(default=list(_S.batch_size), description="Batch sizes a trial may take.")
+    eval_every_steps: int = Field(
+        default=125, ge=1, description="Validation RankIC (and pruning) every N steps."
+    )
+    eval_max_dates: int = Field(default=10, ge=1, description="Validation dates of each evaluation.")
+
+
+@asset(
+    group_name="training",
+    kinds={"optuna", "mlflow"},
+    deps=["prompt_corpus", "base_model", "training_set"],
+    code_version=HYPERPARAMETERS_CODE_VERSION,
+)
+def hyperparameters(
+    context: AssetExecutionContext,
+    config: HyperparametersConfig,
+    storage: StorageResource,
+    mlflow: MlflowResource,
+) -> MaterializeResult:
+    """The best regressor settings found by an Optuna TPE search on validation RankIC (median pruning on the
+    periodic validation RankIC), saved as DATA_DIR/hyperparameters.json; `regressor` uses them when present.
+    The study is stored in DATA_DIR/optuna.db, so a killed search resumes; each trial is a nested MLflow run.
+    """
+    from modeling import registry
+
+    profile = PROFILES[config.profile]
+    corpus = storage.parquet_path("prompt_corpus")
+    corpus_facts = read_parquet_metadata(corpus)
+    set_facts = read_parquet_metadata(storage.parquet_path("training_set"))
+    prompt = PromptBuilder(
+        horizon=int(corpus_facts["horizon"]),
+        sig_digits=int(corpus_facts["sig_digits"]),
+        target=str(corpus_facts["label_kind"]),
+    ).settings()
+    train = replace(
+        profile.train,
+        eval_every_steps=config.eval_every_steps,
+        eval_max_dates=config.eval_max_dates,
+        checkpoint_every_steps=0,
+        time_budget_s=None,
+        early_stopping_patience=None,
+        progress=False,
+    )
+    out = storage.root / "runs" / "search"
+    template = TrainJob(str(storage.base_model_dir), str(corpus), str(out), prompt, profile.regressor, train)
+    bucket_config = (set_facts.get("buckets") or {}).get("config")
+    space = replace(_S, steps=tuple(config.steps), batch_size=tuple(config.batch_sizes))
+
+    experiment_id = registry.configure(mlflow.tracking_uri, mlflow.experiment_name, mlflow.artifact_root)
+    parent = registry.start_parent_run(
+        experiment_id,
+        f"search-{context.run_id[:8]}",
+        {
+            "study": config.study_name,
+            "n_trials": config.n_trials,
+            "profile": config.profile,
+            "space": space.__dict__,
+        },
+    )
+    try:
+        result = run_search(
+            template,
+            storage.root / "optuna.db",
+            config.study_name,
+            config.n_trials,
+            config.timeout_s,
+            out,
+            space,
+            bucket_config,
+            config.seed,
+            log_trial=lambda n, params, value, history, state: registry.log_trial_run(
+                experiment_id, parent, n, params, value, history, state
+            ),
+            log=context.log.info,
+        )
+    except BaseException:
+        registry.end_run(status="FAILED")
+        raise
+    registry.end_run(
+        {"best_val_rank_ic": result.best_value}, [result.history_png] if result.history_png else []
+    )
+
+    path = storage.root / "hyperparameters.json"
+    payload = {
+        "best_params": result.best_params,
+        "best_val_rank_ic": result.best_value,
+        "study": config.study_name,
+        "n_trials_in_study": len(result.trials),
+        "mlflow_run_id": parent,
+        "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    trials = result.trials.rename(columns=lambda c: c.removeprefix("params_"))
+    if "duration" in trials:
+        trials["duration"] = trials["duration"].dt.total_seconds().round(1)
+    metadata = {
+        "path": MetadataValue.path(str(path)),
+        "best_val_rank_ic": MetadataValue.float(result.best_value),
+        "best_params": MetadataValue.json(result.best_params),
+        "trials": MetadataValue.md(frame_markdown(trials)),
+        "n_new_trials": MetadataValue.int(result.n_new_trials),
+        "n_trials_in_study": MetadataValue.int(len(result.trials)),
+        "search_wall_s": MetadataValue.float(round(result.wall_s, 1)),
+        "mlflow_run_id": MetadataValue.text(parent),
+    }
+    if result.history_png:
+        metadata["optimisation_history"] = png_markdown(result.history_png, "optimisation history")
+    return MaterializeResult(metadata=metadata)

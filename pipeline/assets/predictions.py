@@ -1,0 +1,66 @@
+import pandas as pd
+from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+
+from modeling.data.predictions import PREDICTIONS_TABLE, rank_predictions, write_predictions
+from modeling.feature_registry import FEATURE_NAMES
+from pipeline.metadata import frame_markdown, relation_metadata
+from pipeline.resources import MlflowResource, StorageResource, WarehouseResource
+
+PREDICTIONS_CODE_VERSION = "predictions-v1"
+
+
+def live_rows(storage: StorageResource) -> pd.DataFrame:
+    """The training set's live rows: universe members with features on the dates without a label yet."""
+    rows = pd.read_parquet(
+        storage.parquet_path("training_set"),
+        columns=["date", "symbol", "sector", "split", *FEATURE_NAMES],
+        filters=[("split", "=", "live")],
+    )
+    return rows.drop(columns=["split"]).drop_duplicates(["date", "symbol"]).reset_index(drop=True)
+
+
+@asset(
+    group_name="serving",
+    kinds={"duckdb", "mlflow"},
+    deps=["regressor", "training_set"],
+    code_version=PREDICTIONS_CODE_VERSION,
+)
+def predictions(
+    context: AssetExecutionContext,
+    storage: StorageResource,
+    warehouse: WarehouseResource,
+    mlflow: MlflowResource,
+) -> MaterializeResult:
+    """Forecasts of the registry's champion (`models:/return-regressor@champion`, loaded from MLflow, not
+    from memory) for every live row: (date, symbol, prediction, rank, decile, model_version); rank 1 and
+    decile 10 are the highest forecasts of a date. Re-scoring a date replaces its rows.
+    """
+    from modeling import registry
+
+    registry.configure(mlflow.tracking_uri, mlflow.experiment_name, mlflow.artifact_root)
+    version = registry.alias_version(mlflow.registry_name, registry.CHAMPION)
+    if version is None:
+        raise RuntimeError(f"the registry has no {mlflow.registry_name}@champion to predict with")
+    rows = live_rows(storage)
+    if rows.empty:
+        raise ValueError("the training set has no live rows (dates without a label) to predict")
+    model = registry.load_model(f"models:/{mlflow.registry_name}@{registry.CHAMPION}")
+    scored = rows.assign(prediction=model.predict(rows[["date", "symbol", "sector", *FEATURE_NAMES]]))
+    table = rank_predictions(scored, version)
+    with warehouse.get_connection() as con:
+        write_predictions(con, table)
+        metadata = relation_metadata(con, PREDICTIONS_TABLE, preview_columns=list(table.columns))
+    top = table.sort_values(["date", "rank"]).groupby("date").head(5)
+    bottom = table.sort_values(["date", "rank"]).groupby("date").tail(5)
+    context.log.info(f"scored {len(table)} live rows on {table['date'].nunique()} date(s) with v{version}")
+    return MaterializeResult(
+        metadata={
+            **metadata,
+            "model_version": MetadataValue.text(version),
+            "live_dates": MetadataValue.json(sorted(str(d.date()) for d in table["date"].unique())),
+            "rows_scored": MetadataValue.int(len(table)),
+            "prediction_std": MetadataValue.float(float(table["prediction"].std(ddof=0))),
+            "top_5": MetadataValue.md(frame_markdown(top)),
+            "bottom_5": MetadataValue.md(frame_markdown(bottom)),
+        }
+    )

@@ -1,0 +1,207 @@
+"""LLMRegressor: pooling under padding, the last-layer shortcut, what trains, the loss, save/load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from modeling.backbones.common import load_tokenizer
+from modeling.model import (
+    HeadConfig,
+    LoraSettings,
+    RegressionHead,
+    RegressorConfig,
+    build_regressor,
+    encode_prompts,
+    last_token_index,
+    load_regressor,
+    pad_batch,
+    predict_prompts,
+    save_regressor,
+)
+from modeling.prompt import PromptBuilder
+from modeling.train import pointwise_loss, weighted_loss
+from tests.conftest import make_training_set
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_base_model: Path) -> list[str]:
+    rows = make_training_set().head(6)
+    return PromptBuilder().render_batch(rows, load_tokenizer(tiny_base_model))
+
+
+def _model(base: Path, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_regressor(base, RegressorConfig(**kwargs))
+    # LoRA B starts at zero (adapters are a no-op at init): make them matter for these tests
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return model.eval()
+
+
+def test_last_token_index_under_left_and_right_padding() -> None:
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    left = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]])
+    assert last_token_index(right).tolist() == [2, 3, 0]
+    assert last_token_index(left).tolist() == [3, 3, 3]
+    with pytest.raises(ValueError, match="no tokens"):
+        last_token_index(torch.tensor([[0, 0]]))
+
+
+@pytest.mark.parametrize("shortcut", [True, False])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_pooled_hidden_of_a_padded_batch_matches_the_unpadded_rows(
+    tiny_base_model: Path, prompts: list[str], shortcut: bool, side: str
+) -> None:
+    model = _model(tiny_base_model, last_layer_shortcut=shortcut)
+    tok = load_tokenizer(tiny_base_model)
+    tok.padding_side = side
+    ids = encode_prompts(tok, prompts)
+    ids[1] = ids[1][:-17]  # lengths differ: real padding in the batch
+    assert len({len(x) for x in ids}) > 1
+    with torch.no_grad():
+        alone = torch.cat(
+            [model.pooled_hidden(torch.tensor([x]), torch.ones(1, len(x), dtype=torch.long)) for x in ids]
+        )
+        batch = pad_batch(tok, ids)
+        padded = model.pooled_hidden(batch["input_ids"], batch["attention_mask"])
+    assert (batch["attention_mask"] == 0).any()
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=0)
+
+
+def test_last_layer_shortcut_equals_the_full_forward(tiny_base_model: Path, prompts: list[str]) -> None:
+    fast, full = _model(tiny_base_model), _model(tiny_base_model, last_layer_shortcut=False)
+    tok = load_tokenizer(tiny_base_model)
+    batch = pad_batch(tok, encode_prompts(tok, prompts))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(**batch), full(**batch), atol=1e-5, rtol=0)
+
+
+def test_only_lora_and_head_train_and_the_backbone_stays_frozen(
+    tiny_base_model: Path, prompts: list[str]
+) -> None:
+    model = _model(tiny_base_model).train()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)
+    # "all-linear": every attention and MLP projection of every layer has an adapter
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable if "lora_A" in n}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert not any("lm_head" in n for n, _ in model.named_parameters())  # never loaded
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    tok = load_tokenizer(tiny_base_model)
+    batch = pad_batch(tok, encode_prompts(tok, prompts))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    loss = ((model(**batch) - torch.ones(len(prompts))) ** 2).mean()
+    loss.backward()
+    optimizer.step()
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], v) for n, v in frozen.items())
+    assert any(not torch.equal(after[n], v) for n, v in lora.items())
+
+
+def test_loss_falls_when_overfitting_a_tiny_batch(tiny_base_model: Path, prompts: list[str]) -> None:
+    torch.manual_seed(0)
+    model = build_regressor(tiny_base_model, RegressorConfig(head=HeadConfig(dropout=0.0))).train()
+    tok = load_tokenizer(tiny_base_model)
+    batch = pad_batch(tok, encode_prompts(tok, prompts))
+    target = torch.linspace(-1.5, 1.5, len(prompts))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss = weighted_loss(model(**batch), target, torch.ones(len(prompts)), "mse")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.1 * losses[0], losses[::10]
+
+
+def test_weighted_loss_equals_a_manual_computation() -> None:
+    pred = torch.tensor([0.5, -1.0, 2.0, 0.0])
+    target = torch.tensor([1.0, -1.5, -1.0, 0.25])
+    weight = torch.tensor([1.0, 2.0, 0.5, 3.0])
+    manual_mse = sum(w * (p - t) ** 2 for p, t, w in zip(pred, target, weight, strict=True)) / weight.sum()
+    assert float(weighted_loss(pred, target, weight, "mse")) == pytest.approx(float(manual_mse))
+    err = (pred - target).abs()
+    huber = torch.where(err <= 1.0, 0.5 * err**2, err - 0.5)
+    assert float(weighted_loss(pred, target, weight, "huber", 1.0)) == pytest.approx(
+        float((weight * huber).sum() / weight.sum())
+    )
+    # DDP: two halves, each divided by the global weight sum and multiplied by 2, average to the global mean
+    halves = [
+        weighted_loss(pred[s], target[s], weight[s], "mse", weight_total=weight.sum(), n_processes=2)
+        for s in (slice(0, 2), slice(2, 4))
+    ]
+    assert float(sum(halves) / 2) == pytest.approx(float(manual_mse))
+    assert torch.equal(pointwise_loss(pred, target, "mse"), (pred - target) ** 2)
+
+
+def test_head_is_an_mlp_in_fp32_that_starts_near_zero() -> None:
+    head = RegressionHead(32, HeadConfig(hidden_sizes=(64, 16), activation="silu", dropout=0.2))
+    linears = [m for m in head.net if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(32, 64), (64, 16), (16, 1)]
+    assert sum(isinstance(m, torch.nn.SiLU) for m in head.net) == 2
+    assert all(p.dtype == torch.float32 for p in head.parameters())
+    head.eval()
+    assert head(torch.randn(5, 32)).shape == (5,)
+    assert float(head(torch.randn(256, 32)).abs().mean()) < 0.2
+    with pytest.raises(ValueError, match="activation"):
+        HeadConfig(activation="swish")
+
+
+def test_save_and_load_round_trip_without_pickle(
+    tiny_base_model: Path, prompts: list[str], tmp_path: Path
+) -> None:
+    model = _model(
+        tiny_base_model, lora=LoraSettings(r=4, alpha=8, use_rslora=True), head=HeadConfig(hidden_sizes=(48,))
+    )
+    tok = load_tokenizer(tiny_base_model)
+    expected = predict_prompts(model, tok, prompts)
+    prompt = PromptBuilder().settings()
+    out = save_regressor(model, tmp_path / "saved", prompt, {"note": "x"})
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert files == [
+        "adapter/README.md",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "head.safetensors",
+        "regressor.json",
+    ]
+    info = json.loads((out / "regressor.json").read_text())
+    assert info["prompt"] == prompt and info["config"]["lora"]["use_rslora"] is True
+    assert info["base_model"]["path"] == str(tiny_base_model.resolve())
+    loaded = load_regressor(out)
+    assert not loaded.training
+    np.testing.assert_allclose(predict_prompts(loaded, tok, prompts), expected, atol=1e-6)
+
+
+def test_load_refuses_a_different_base_model(tiny_base_model: Path, tmp_path: Path) -> None:
+    import shutil
+
+    out = save_regressor(_model(tiny_base_model), tmp_path / "saved", PromptBuilder().settings())
+    other = tmp_path / "other_base"
+    shutil.copytree(tiny_base_model, other)
+    config = json.loads((other / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-6  # a different checkpoint under the same layout
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="not the one this regressor was trained on"):
+        load_regressor(out, base_model_dir=other)
+
+
+def test_dora_builds_and_4bit_needs_a_gpu(tiny_base_model: Path) -> None:
+    dora = _model(tiny_base_model, lora=LoraSettings(use_dora=True, target_modules=("q_proj", "v_proj")))
+    names = [n for n, p in dora.named_parameters() if p.requires_grad]
+    assert any("lora_magnitude_vector" in n for n in names)
+    assert not any("k_proj" in n for n in names)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+            build_regressor(tiny_base_model, RegressorConfig(quantization="4bit"))
+    with pytest.raises(ValueError, match="quantization"):
+        RegressorConfig(quantization="8bit")

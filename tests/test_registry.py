@@ -1,0 +1,172 @@
+"""MLflow: the run, the pyfunc model from the registry in a fresh process, and the champion gate."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from modeling.backbones.common import load_tokenizer
+from modeling.experiment import run_experiment
+from modeling.feature_registry import FEATURE_NAMES
+from modeling.model import load_regressor, predict_prompts
+from modeling.prompt import PromptBuilder
+from modeling.train import train_regressor
+from tests.conftest import make_training_set, registry_job
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "return-regressor"
+
+
+def test_run_has_params_metrics_artifacts_and_the_registered_model(registered_store) -> None:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    store, first, _, _ = registered_store
+    mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
+    client = MlflowClient()
+    run = client.get_run(first["run_id"])
+    assert run.data.params["regressor.lora.r"] == "4"
+    assert run.data.params["train.learning_rate"] == "0.003"
+    assert run.data.params["buckets.scheme"] == "sqrt_inverse"
+    assert run.data.params["prompt.template_version"] == str(PromptBuilder().settings()["template_version"])
+    metrics = run.data.metrics
+    for key in (
+        "validation_rank_ic",
+        "test_rank_ic",
+        "validation_rank_icir",
+        "test_top_bottom_decile",
+        "ridge/validation_rank_ic",
+        "lightgbm/test_rank_ic",
+        "mlp_features/validation_rank_ic",
+        "zero/test_mse",
+    ):
+        assert key in metrics, key
+    assert metrics["validation_rank_ic"] == pytest.approx(first["val_rank_ic"])
+    history = client.get_metric_history(first["run_id"], "eval/val_rank_ic")
+    assert [m.step for m in history] == [12, 24, 36]
+    artifacts = {a.path for a in client.list_artifacts(first["run_id"], "report")}
+    assert {
+        "report/comparison.csv",
+        "report/ic_by_date.png",
+        "report/cumulative_long_short.png",
+        "report/predicted_vs_realised.png",
+        "report/decile_returns.png",
+    } <= artifacts
+    version = client.get_model_version(NAME, first["model_version"])
+    assert version.tags["run_id"] == first["run_id"]
+    assert float(version.tags["val_rank_ic"]) == pytest.approx(first["val_rank_ic"])
+
+
+def test_champion_pyfunc_in_a_fresh_process_predicts_what_the_model_predicts(
+    registered_store, tiny_base_model, tmp_path
+) -> None:
+    store, first, _, good = registered_store
+    rows = make_training_set(n_dates=3, n_symbols=5, seed=11)[["date", "symbol", "sector", *FEATURE_NAMES]]
+    rows = rows.drop(columns=["sector"]).iloc[:7]  # sector is optional
+    rows_path, out_path = tmp_path / "rows.parquet", tmp_path / "pred.npy"
+    rows.to_parquet(rows_path)
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    script = (
+        "import sys, mlflow, numpy as np, pandas as pd\n"
+        f"mlflow.set_tracking_uri({uri!r})\n"
+        f"model = mlflow.pyfunc.load_model('models:/{NAME}@champion')\n"
+        f"np.save({str(out_path)!r}, np.asarray(model.predict(pd.read_parquet({str(rows_path)!r}))))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    fresh = np.load(out_path)
+    model = load_regressor(Path(good.output_dir) / "model")
+    expected = predict_prompts(
+        model,
+        load_tokenizer(tiny_base_model),
+        PromptBuilder().render_batch(rows.reset_index(drop=True), load_tokenizer(tiny_base_model)),
+    )
+    assert fresh.shape == (7,)
+    np.testing.assert_allclose(fresh, expected, atol=1e-6, rtol=0)
+    # the artefact holds no pickle: code file, safetensors, JSON, the tokenizer and the small base model
+    files = [p for p in (store / "mlartifacts").rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in (".pkl", ".pickle", ".pt", ".bin")]
+    assert any(p.name == "registry.py" for p in files)
+
+
+def test_a_worse_model_never_moves_the_champion(registered_store) -> None:
+    import mlflow
+
+    from modeling import registry
+
+    store, first, second, _ = registered_store
+    mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
+    assert first["promoted"] is True and first["model_version"] == "1"
+    assert second["val_rank_ic"] < first["val_rank_ic"]  # precondition: version 2 is worse
+    assert second["promoted"] is False and "does not beat" in second["gate"]
+    assert registry.alias_version(NAME, "champion") == "1"
+    assert registry.alias_version(NAME, "challenger") == "2"
+    # on other validation dates the champion is re-scored, not compared on its stored number
+    calls: list[str] = []
+
+    def rescore(uri: str) -> float:
+        calls.append(uri)
+        return 0.05
+
+    gate = registry.champion_gate(NAME, "2", 0.04, "other-dates", rescore)
+    assert calls == [f"models:/{NAME}@champion"] and gate["promoted"] is False
+    assert registry.alias_version(NAME, "champion") == "1"
+    gate = registry.champion_gate(NAME, "2", 0.06, "other-dates", rescore)
+    assert gate["promoted"] is True and registry.alias_version(NAME, "champion") == "2"
+    registry.champion_gate(NAME, "1", 1.0, "k", rescore)  # restore for other tests in this module
+    assert registry.alias_version(NAME, "champion") == "1"
+
+
+def test_smollm2_trains_a_few_lora_steps_and_packages_like_the_tiny_model(smollm2_dir, tmp_path) -> None:
+    import mlflow
+
+    from modeling import registry
+    from modeling.data.parquet_io import write_parquet_atomic
+    from modeling.data.prompt_corpus import write_prompt_corpus
+
+    frame = make_training_set(n_dates=40, n_symbols=4)
+    training_set = write_parquet_atomic(frame, tmp_path / "training_set.parquet", metadata={"horizon": 1})
+    corpus = tmp_path / "prompt_corpus.parquet"
+    n_tokens = write_prompt_corpus(frame, PromptBuilder(), load_tokenizer(smollm2_dir), corpus)
+    assert n_tokens.mean() > 150
+    job = registry_job(
+        smollm2_dir,
+        training_set,
+        corpus,
+        tmp_path / "run",
+        tmp_path / "store",
+        max_steps=3,
+        batch_size=4,
+        eval_every_steps=0,
+        eval_max_dates=1,
+        max_train_samples=12,
+    )
+    job = replace(job, experiment={**job.experiment, "eval_max_dates": 1, "baselines": False})
+    result = train_regressor(job, log=lambda _: None)
+    assert result.state.step == 3
+    outcome = run_experiment(job, result, log=lambda _: None)
+    assert outcome["model_version"] == "1"
+    mlflow.set_tracking_uri(job.experiment["tracking_uri"])
+    loaded = registry.load_model(f"models:/{NAME}/1")
+    rows = frame[frame["split"] == "live"][["date", "symbol", "sector", *FEATURE_NAMES]].reset_index(
+        drop=True
+    )
+    tok = load_tokenizer(smollm2_dir)
+    expected = predict_prompts(load_regressor(result.model_dir), tok, PromptBuilder().render_batch(rows, tok))
+    np.testing.assert_allclose(np.asarray(loaded.predict(rows)), expected, atol=1e-5, rtol=0)
+    # a 540 MB base model is referenced by path and fingerprint, not copied into the artefact
+    info = json.loads((result.model_dir / "regressor.json").read_text())
+    assert info["base_model"]["path"] == str(smollm2_dir.resolve())
+    assert not list((tmp_path / "store" / "mlartifacts").rglob("model.safetensors"))
+    assert isinstance(pd.Timestamp(rows["date"].iloc[0]), pd.Timestamp)

@@ -1,0 +1,186 @@
+"""The training recipe: determinism, resume after a kill, DDP equivalence, caps, schedule, early stopping."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+
+from modeling.backbones.common import load_tokenizer
+from modeling.launch import launch_command
+from modeling.model import HeadConfig, RegressorConfig, load_regressor, predict_ids
+from modeling.prompt import PromptBuilder
+from modeling.train import (
+    TrainConfig,
+    TrainJob,
+    epoch_batches,
+    evenly_spaced_dates,
+    lr_factor,
+    read_corpus_split,
+    sample_rows,
+    tokenise_rows,
+    train_regressor,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = TrainConfig(
+    batch_size=8,
+    learning_rate=3e-3,
+    eval_every_steps=0,
+    eval_max_dates=4,
+    checkpoint_every_steps=0,
+    progress=False,
+    seed=3,
+)
+
+
+def _job(base: Path, corpus: Path, out: Path, dropout: float = 0.1, **train) -> TrainJob:
+    return TrainJob(
+        base_model_dir=str(base),
+        corpus_path=str(corpus),
+        output_dir=str(out),
+        prompt=PromptBuilder().settings(),
+        regressor=RegressorConfig(head=HeadConfig(hidden_sizes=(16,), dropout=dropout)),
+        train=replace(CONFIG, **train),
+    )
+
+
+def _weights(model_dir: Path) -> dict:
+    return {
+        **load_file(model_dir / "adapter" / "adapter_model.safetensors"),
+        **load_file(model_dir / "head.safetensors"),
+    }
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def test_killed_training_resumes_to_the_same_weights(tiny_base_model, tiny_data, tmp_path: Path) -> None:
+    _, corpus = tiny_data
+    settings = {"max_steps": 60, "epochs": 3, "checkpoint_every_steps": 5}
+    reference = train_regressor(
+        _job(tiny_base_model, corpus, tmp_path / "ref", **settings), log=lambda _: None
+    )
+
+    job_path = _job(tiny_base_model, corpus, tmp_path / "run", **settings).save(tmp_path / "job.json")
+    command = [sys.executable, "-m", "modeling.train", "--job", str(job_path)]
+    child = subprocess.Popen(command, cwd=ROOT, env=_env(), stderr=subprocess.PIPE, text=True)
+    for line in child.stderr:  # kill -9 right after the first checkpoint is on disk
+        if "checkpoint step-00000005 saved" in line:
+            child.send_signal(signal.SIGKILL)
+            break
+    child.wait(timeout=120)
+    assert child.returncode == -signal.SIGKILL
+    assert not (tmp_path / "run" / "model").exists()  # it died mid-training
+    assert (tmp_path / "run" / "checkpoints" / "step-00000005").is_dir()
+
+    resumed = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step-" in resumed.stderr
+    expected, got = _weights(reference.model_dir), _weights(tmp_path / "run" / "model")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert np.array_equal(expected[name].numpy(), got[name].numpy()), name
+
+
+def test_two_process_ddp_matches_one_process(tiny_base_model, tiny_data, tmp_path: Path) -> None:
+    """`accelerate launch` with 2 gloo processes and the same global batch gives the same model.
+
+    Tolerance: predictions within 1e-4 (labels have unit scale); the two runs differ only in the order of
+    floating-point sums (per-process halves, then the all-reduce). Dropout is off: each process draws its
+    own masks, so dropout noise cannot match a single process's draws."""
+    _, corpus = tiny_data
+    settings = {"max_steps": 12, "epochs": 2, "dropout": 0.0}
+    single = train_regressor(_job(tiny_base_model, corpus, tmp_path / "one", **settings), log=lambda _: None)
+    job_path = _job(tiny_base_model, corpus, tmp_path / "two", **settings).save(tmp_path / "job2.json")
+    done = subprocess.run(
+        launch_command(job_path, num_processes=2),
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = __import__("json").loads((tmp_path / "two" / "train_report.json").read_text())
+    assert report["n_processes"] == 2 and report["steps"] == 12 and report["samples"] == 12 * 8
+    tokenizer = load_tokenizer(tiny_base_model)
+    rows = tokenise_rows(read_corpus_split(corpus, "test"), tokenizer)
+    a = predict_ids(load_regressor(single.model_dir), tokenizer, rows.ids)
+    b = predict_ids(load_regressor(tmp_path / "two" / "model"), tokenizer, rows.ids)
+    assert np.abs(a).max() > 1e-3  # the model moved away from zero
+    np.testing.assert_allclose(b, a, atol=1e-4, rtol=0)
+
+
+def test_training_is_seeded_and_learns_the_planted_signal(tiny_base_model, tiny_data, tmp_path: Path) -> None:
+    _, corpus = tiny_data
+    job = _job(tiny_base_model, corpus, tmp_path / "a", max_steps=36, eval_every_steps=9, eval_max_dates=8)
+    result = train_regressor(job, log=lambda _: None)
+    again = train_regressor(replace(job, output_dir=str(tmp_path / "b")), log=lambda _: None)
+    first, second = _weights(result.model_dir), _weights(again.model_dir)
+    assert all(np.array_equal(first[k].numpy(), second[k].numpy()) for k in first)
+    history = result.state.history
+    assert [h["step"] for h in history] == [9, 18, 27, 36]
+    assert result.state.best_rank_ic == max(h["val_rank_ic"] for h in history)
+    assert result.state.best_rank_ic > 0.2  # label = -40 ret_5d + noise: learnable from the prompt digits
+    report = result.report()
+    assert report["samples"] == 36 * 8 and report["samples_per_s"] > 0 and report["tokens_per_s"] > 0
+
+
+def test_caps_and_early_stopping(tiny_base_model, tiny_data, tmp_path: Path) -> None:
+    _, corpus = tiny_data
+    capped = train_regressor(
+        _job(tiny_base_model, corpus, tmp_path / "s", max_steps=5, max_train_samples=64), log=lambda _: None
+    )
+    assert (capped.state.step, capped.state.stopped_by, capped.n_train_rows) == (5, "max_steps", 64)
+    timed = train_regressor(
+        _job(tiny_base_model, corpus, tmp_path / "t", epochs=50, time_budget_s=1.0), log=lambda _: None
+    )
+    assert timed.state.stopped_by == "time_budget" and timed.state.epoch < 50
+    # learning rate 0: nothing improves after the first evaluation, patience 2 stops at the third
+    frozen = train_regressor(
+        _job(
+            tiny_base_model,
+            corpus,
+            tmp_path / "e",
+            epochs=20,
+            learning_rate=1e-12,
+            eval_every_steps=3,
+            early_stopping_patience=2,
+        ),
+        log=lambda _: None,
+    )
+    assert frozen.state.stopped_by == "early_stopping" and frozen.state.step == 9
+    assert frozen.state.best_step == 3
+
+
+def test_schedule_batches_and_samples() -> None:
+    assert lr_factor(0.0, 0.1, 0.05) == 0.0
+    assert lr_factor(0.05, 0.1, 0.05) == pytest.approx(0.5)
+    assert lr_factor(0.1, 0.1, 0.05) == pytest.approx(1.0)
+    assert lr_factor(1.0, 0.1, 0.05) == pytest.approx(0.05)
+    assert lr_factor(0.55, 0.1, 0.0) == pytest.approx(0.5)
+    lengths = np.random.default_rng(0).integers(200, 260, size=103)
+    batches = epoch_batches(lengths, 8, seed=1, epoch=0, group_by_length=True, multiple_of=3)
+    assert len(batches) == 12 and all(len(b) == 8 for b in batches)  # 12 full batches, a multiple of 3
+    assert batches == epoch_batches(lengths, 8, 1, 0, True, 3)
+    assert batches != epoch_batches(lengths, 8, 1, 1, True, 3)
+    spreads = [np.ptp(lengths[b]) for b in batches]
+    assert np.mean(spreads) < np.ptp(lengths) / 3  # grouped by length: little padding
+    dates = pd.Series(pd.bdate_range("2024-01-01", periods=50)).repeat(3)
+    chosen = evenly_spaced_dates(dates, 5)
+    assert len(chosen) == 5 and chosen[0] == dates.min() and chosen[-1] == dates.max()
+    frame = pd.DataFrame({"x": range(100)})
+    assert (
+        sample_rows(frame, 10, 0).equals(sample_rows(frame, 10, 0)) and len(sample_rows(frame, 10, 0)) == 10
+    )
+    assert len(sample_rows(frame, None, 0)) == 100
