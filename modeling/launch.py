@@ -14,6 +14,7 @@ Kubernetes; only the process count or the accelerate config file changes:
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 from pathlib import Path
@@ -56,6 +57,9 @@ def launch_command(
     if config_file is None:
         # precision is decided by the script (bf16 on GPU, fp32 on CPU); no torch.compile
         command += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    # without this accelerate sets OMP_NUM_THREADS=1, which halves CPU training on a 2-core machine
+    threads = max(1, (os.cpu_count() or 1) // max(1, num_processes))
+    command += ["--num_cpu_threads_per_process", str(threads)]
     return [*command, "-m", "modeling.train", "--job", str(job_path)]
 
 

@@ -280,7 +280,7 @@ def _llama_config(spec: TinyLlamaSpec, tokenizer: PreTrainedTokenizerBase) -> Ll
 class PretrainSpec:
     """Budget and optimiser of the embedded model's causal-LM pretraining on train-split prompts."""
 
-    max_rows: int = 12_000
+    max_rows: int = 8_000
     """Train-split prompts drawn (seeded, without replacement) to pretrain on; 0 = no pretraining (the
     backbone keeps its random initialisation, the ablation)."""
     epochs: int = 1
