@@ -115,7 +115,7 @@ def peer_train(base: Path, corpus: Path, n_rows: int, seed: int, out: Path) -> t
         learning_rate=5e-4,
         num_train_epochs=1,
         lr_scheduler_type="cosine",
-        warmup_ratio=0.05,
+        warmup_steps=0.05,  # a float below 1 is a ratio of the steps in transformers 5
         logging_steps=50,
         save_strategy="no",
         report_to=[],

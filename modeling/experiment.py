@@ -15,6 +15,7 @@ This module imports mlflow only through `modeling.registry`.
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from modeling.backbones.common import load_tokenizer
 from modeling.baselines import BaselineConfig, fit_predict_baselines
@@ -34,6 +36,7 @@ from modeling.report_plots import forecast_plots
 from modeling.train import (
     TrainJob,
     TrainResult,
+    bucket_weights,
     evenly_spaced_dates,
     read_corpus_split,
     sample_rows,
@@ -74,6 +77,13 @@ class ExperimentSpec:
     parent_run_id: str | None = None
     promote: bool = True
     """Run the champion gate (False: register as challenger only)."""
+    resume_version: str | None = None
+    """A version this job already registered before its run failed (before the gate): it is verified
+    and gated instead of registering another copy."""
+    gate_tags: dict[str, Any] = field(default_factory=dict)
+    """What makes validation scores comparable across versions (horizon, label kind, train end)."""
+    validation_start: str | None = None
+    """First validation date: a champion trained on or after it is not compared on its in-sample score."""
 
 
 def _feature_rows(training_set: Path) -> pd.DataFrame:
@@ -112,7 +122,10 @@ def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None
     tokenizer = load_tokenizer(job.base_model_dir)
     tokenizer_dir = model_dir / "tokenizer"
     tokenizer.save_pretrained(tokenizer_dir)
-    model = load_regressor(model_dir)
+    gc.collect()  # the training copy is gone: free its memory before loading the one that is judged
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    model = load_regressor(model_dir)  # on the GPU when there is one
     features = _feature_rows(Path(spec.training_set_path))
 
     frames: dict[str, pd.DataFrame] = {}
@@ -135,8 +148,12 @@ def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None
     baseline_seconds: dict[str, float] = {}
     others: dict[str, pd.Series] = {}
     if spec.baselines:
+        train_rows = read_corpus_split(job.corpus_path, "train", ["date", "symbol", "label", "weight"])
+        if job.reweight is not None:  # the same weights the regressor trained with
+            weights = bucket_weights(train_rows["label"].to_numpy(), job.reweight)
+            train_rows = train_rows.assign(weight=weights)
         train_keys = sample_rows(
-            read_corpus_split(job.corpus_path, "train", ["date", "symbol", "label", "weight"]),
+            train_rows,
             job.train.max_train_samples,
             job.train.seed,
         )
@@ -187,22 +204,40 @@ def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None
     }
     input_example = frames["validation"][["date", "symbol", "sector", *FEATURE_NAMES]].head(3)
     experiment_id = registry.configure(spec.tracking_uri, spec.experiment_name, spec.artifact_root)
-    logged = registry.log_run(
-        experiment_id,
-        spec.run_name,
-        params,
-        report["history"],
-        metrics,
-        [table_path, report_path, *plots.values()],
-        model_dir,
-        tokenizer_dir,
-        Path(job.base_model_dir),
-        input_example,
-        spec.registry_name,
-        {"val_rank_ic": val_score, "validation_dates_sha": validation_key, **spec.version_tags},
-        spec.parent_run_id,
-    )
+    tags = {
+        "val_rank_ic": val_score,
+        "validation_dates_sha": validation_key,
+        **spec.gate_tags,
+        **spec.version_tags,
+    }
+    if spec.resume_version is not None:
+        version_tags = registry.version_tags(spec.registry_name, spec.resume_version)
+        logged = {
+            "run_id": version_tags["run_id"],
+            "model_version": spec.resume_version,
+            "model_uri": f"models:/{spec.registry_name}/{spec.resume_version}",
+        }
+        log(f"version {spec.resume_version} was registered before the previous attempt failed: gating it")
+    else:
+        logged = registry.log_run(
+            experiment_id,
+            spec.run_name,
+            params,
+            report["history"],
+            metrics,
+            [table_path, report_path, *plots.values()],
+            model_dir,
+            tokenizer_dir,
+            Path(job.base_model_dir),
+            input_example,
+            spec.registry_name,
+            tags,
+            spec.parent_run_id,
+        )
     gate: dict[str, Any] = {"promoted": False, "reason": "not registered"}
+    if spec.registry_name and logged["model_version"] and not spec.promote:
+        gate = {"promoted": False, "reason": "the champion gate was not asked for (promote=False)"}
+        registry.finish_version(spec.registry_name, logged["model_version"], gate)
     if spec.registry_name and logged["model_version"] and spec.promote:
         validation_rows = frames["validation"]
 
@@ -213,9 +248,30 @@ def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None
                 validation_rows.assign(prediction=np.asarray(champion.predict(frame), dtype=float))
             )
 
-        gate = registry.champion_gate(
-            spec.registry_name, logged["model_version"], val_score, validation_key, rescore
+        # what gets served is what was judged: the registered pyfunc must reproduce these predictions
+        check = validation_rows.head(64)
+        served = np.asarray(
+            registry.load_model(logged["model_uri"]).predict(
+                check[["date", "symbol", "sector", *FEATURE_NAMES]]
+            ),
+            dtype=float,
         )
+        gap = float(np.max(np.abs(served - check["prediction"].to_numpy(float)))) if len(check) else 0.0
+        if not gap <= 1e-4 * max(1.0, float(np.abs(served).max(initial=0.0))):
+            raise RuntimeError(
+                f"the registered pyfunc model predicts differently from the judged model "
+                f"(max difference {gap:.3g}); it is neither challenger nor champion"
+            )
+        gate = registry.champion_gate(
+            spec.registry_name,
+            logged["model_version"],
+            val_score,
+            validation_key,
+            rescore,
+            new_tags=spec.gate_tags,
+            validation_start=spec.validation_start,
+        )
+        registry.finish_version(spec.registry_name, logged["model_version"], gate)
         log(f"champion gate: {gate['reason']}")
     outcome = {
         "run_id": logged["run_id"],

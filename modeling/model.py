@@ -424,13 +424,14 @@ def load_regressor(
     path: str | os.PathLike[str],
     base_model_dir: str | os.PathLike[str] | None = None,
     dtype: torch.dtype | None = None,
-    device: str | torch.device | None = None,
+    device: str | torch.device | None = "auto",
     check_fingerprint: bool = True,
 ) -> LLMRegressor:
     """A saved regressor on its base model (the one it names, or `base_model_dir`), in eval mode.
 
-    The base model's fingerprint must match the one saved: a backbone rebuilt or replaced under the same
-    path would otherwise silently produce different forecasts.
+    `device`: "auto" = the GPU when there is one (env `REGRESSOR_DEVICE` overrides), else the CPU; a
+    4-bit model stays where bitsandbytes put it. The base model's fingerprint must match the one saved:
+    a backbone rebuilt or replaced under the same path would otherwise silently produce other forecasts.
     """
     from peft import PeftModel
 
@@ -453,10 +454,15 @@ def load_regressor(
     peft_model = PeftModel.from_pretrained(backbone, path / ADAPTER_DIR, is_trainable=False)
     head = RegressionHead(int(info["hidden_size"]), config.head)
     head.load_state_dict(load_file(path / HEAD_FILE))
-    model = LLMRegressor(peft_model, head, config, info["base_model"])
-    if device is not None:
-        model.to(device)
-    return model.eval()
+    if device == "auto":
+        device = os.environ.get("REGRESSOR_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    if config.quantization == "4bit":
+        # the quantised backbone is already placed; the head goes where the backbone is
+        head.to(next(peft_model.parameters()).device)
+    elif device is not None:
+        peft_model.to(device)
+        head.to(device)
+    return LLMRegressor(peft_model, head, config, info["base_model"]).eval()
 
 
 # --- batched prediction ---------------------------------------------------------------------------------

@@ -81,17 +81,26 @@ class PromptBuilder:
     # --- settings --------------------------------------------------------------------------------------
     def settings(self) -> dict:
         """What a saved model records to render the same text at inference (features are the registry)."""
-        return {"horizon": self.horizon, "sig_digits": self.sig_digits, "target": self.target,
-                "template_version": PROMPT_TEMPLATE_VERSION}
+        return {
+            "horizon": self.horizon,
+            "sig_digits": self.sig_digits,
+            "target": self.target,
+            "template_version": PROMPT_TEMPLATE_VERSION,
+        }
 
     @classmethod
     def from_settings(cls, settings: Mapping) -> PromptBuilder:
         version = settings.get("template_version", PROMPT_TEMPLATE_VERSION)
         if version != PROMPT_TEMPLATE_VERSION:
-            raise ValueError(f"the model was trained on prompt template v{version}; this code renders "
-                             f"v{PROMPT_TEMPLATE_VERSION}, so its prompts would differ")
-        return cls(horizon=int(settings["horizon"]), sig_digits=int(settings["sig_digits"]),
-                   target=str(settings["target"]))
+            raise ValueError(
+                f"the model was trained on prompt template v{version}; this code renders "
+                f"v{PROMPT_TEMPLATE_VERSION}, so its prompts would differ"
+            )
+        return cls(
+            horizon=int(settings["horizon"]),
+            sig_digits=int(settings["sig_digits"]),
+            target=str(settings["target"]),
+        )
 
     # --- text ------------------------------------------------------------------------------------------
     @property

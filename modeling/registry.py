@@ -143,7 +143,11 @@ def _package_dir(model_dir: Path, tokenizer_dir: Path, base_model_dir: Path) -> 
     """Artifacts of the pyfunc model, staged in a temporary directory (the base model copied when small)."""
     stage = Path(tempfile.mkdtemp(prefix="pyfunc-"))
     artifacts = {"regressor": str(model_dir), "tokenizer": str(tokenizer_dir)}
-    weights = sum(f.stat().st_size for f in base_model_dir.glob("*.safetensors"))
+    weights = sum(
+        f.stat().st_size
+        for pattern in ("*.safetensors", "*.bin", "*.pt")
+        for f in base_model_dir.glob(pattern)
+    )
     if weights <= EMBED_BASE_MODEL_MAX_BYTES:
         copy = stage / "base_model"
         shutil.copytree(base_model_dir, copy)
@@ -203,10 +207,19 @@ def log_run(
             shutil.rmtree(stage, ignore_errors=True)
         version = str(info.registered_model_version) if registry_name else None
         if registry_name and version:
-            for key, value in {**(version_tags or {}), "run_id": run.info.run_id}.items():
+            # aliases come later, after the model was verified and gated (`finish_version`)
+            for key, value in {**(version_tags or {}), "run_id": run.info.run_id, "gate": "pending"}.items():
                 client.set_model_version_tag(registry_name, version, key, str(value))
-            client.set_registered_model_alias(registry_name, CHALLENGER, version)
     return {"run_id": run.info.run_id, "model_uri": info.model_uri, "model_version": version}
+
+
+def finish_version(name: str, version: str, gate: dict[str, Any]) -> None:
+    """Mark the version as gated (with the gate's reason) and make it the challenger."""
+    client = MlflowClient()
+    client.set_model_version_tag(name, version, "gate", "done")
+    client.set_model_version_tag(name, version, "gate_reason", str(gate.get("reason", ""))[:500])
+    client.set_model_version_tag(name, version, "promoted", str(bool(gate.get("promoted"))))
+    client.set_registered_model_alias(name, CHALLENGER, version)
 
 
 def start_parent_run(experiment_id: str, run_name: str, params: dict[str, Any]) -> str:
@@ -279,19 +292,46 @@ def find_version(name: str, tag: str, value: str) -> str | None:
     return str(max(int(v.version) for v in matches)) if matches else None
 
 
+COMPARABILITY_TAGS = ("horizon", "label_kind")
+"""Version tags that must agree for two validation RankICs to be comparable (same target)."""
+
+
 def champion_gate(
     name: str,
     version: str,
     score: float,
     validation_key: str,
     rescore_champion: Callable[[str], float],
+    new_tags: dict[str, Any] | None = None,
+    validation_start: str | None = None,
 ) -> dict[str, Any]:
     """Move `champion` to `version` when there is none, or when `score` (validation RankIC) beats the
     champion's on the same validation dates: its stored score when it was evaluated on the same dates
     (tag `validation_dates_sha`), else `rescore_champion(model_uri)` on the current ones. A worse or
-    equal model never moves it."""
+    equal model never moves it, and a model without a finite score is never promoted.
+
+    A champion that cannot be compared fairly, because it predicts another target (horizon, label kind)
+    or was trained on dates at or after the new validation start (its score there would be in-sample),
+    or because it can no longer be loaded, is replaced by a model with a finite score, and the reason
+    says why.
+    """
     client = MlflowClient()
+    finite = bool(np.isfinite(score))
     current = alias_version(name, CHAMPION)
+    if current == version:
+        return {
+            "promoted": False,
+            "champion_before": current,
+            "champion_score": score,
+            "reason": "already champion",
+        }
+    if not finite:
+        return {
+            "promoted": False,
+            "champion_before": current,
+            "champion_score": None,
+            "reason": f"validation RankIC is {score}: a model without a score is never promoted",
+        }
     if current is None:
         client.set_registered_model_alias(name, CHAMPION, version)
         return {
@@ -300,31 +340,41 @@ def champion_gate(
             "champion_score": None,
             "reason": "no champion yet",
         }
-    if current == version:
-        return {
-            "promoted": False,
-            "champion_before": current,
-            "champion_score": score,
-            "reason": "already champion",
-        }
     tags = version_tags(name, current)
-    if tags.get("validation_dates_sha") == validation_key and "val_rank_ic" in tags:
+    new_tags = {k: str(v) for k, v in (new_tags or {}).items()}
+    mismatch = [k for k in COMPARABILITY_TAGS if k in new_tags and k in tags and tags[k] != new_tags[k]]
+    in_sample = validation_start is not None and "train_end" in tags and tags["train_end"] >= validation_start
+    champion_score, how = float("nan"), ""
+    if mismatch or in_sample:
+        how = (
+            f"champion v{current} predicts another {', '.join(mismatch)}"
+            if mismatch
+            else f"champion v{current} trained up to {tags['train_end']}, inside the validation period"
+        )
+    elif tags.get("validation_dates_sha") == validation_key and "val_rank_ic" in tags:
         champion_score, how = float(tags["val_rank_ic"]), "stored score on the same dates"
     else:
-        champion_score, how = (
-            float(rescore_champion(f"models:/{name}@{CHAMPION}")),
-            "re-scored on these dates",
-        )
-    promoted = bool(np.isfinite(score) and (not np.isfinite(champion_score) or score > champion_score))
+        try:
+            champion_score, how = (
+                float(rescore_champion(f"models:/{name}@{CHAMPION}")),
+                "re-scored on these dates",
+            )
+        except Exception as error:  # noqa: BLE001 - an unloadable champion cannot serve either
+            how = f"champion v{current} could not be re-scored ({type(error).__name__}: {str(error)[:200]})"
+    comparable = bool(np.isfinite(champion_score))
+    promoted = (not comparable) or score > champion_score
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version)
-    verdict = "beats" if promoted else "does not beat"
+    if comparable:
+        verdict = "beats" if promoted else "does not beat"
+        reason = f"validation RankIC {score:.5f} {verdict} champion v{current}'s {champion_score:.5f} ({how})"
+    else:
+        reason = f"{how}: replaced by v{version} (validation RankIC {score:.5f})"
     return {
         "promoted": promoted,
         "champion_before": current,
-        "champion_score": champion_score,
-        "reason": f"validation RankIC {score:.5f} {verdict} champion v{current}'s "
-        f"{champion_score:.5f} ({how})",
+        "champion_score": champion_score if comparable else None,
+        "reason": reason,
     }
 
 

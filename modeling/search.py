@@ -176,14 +176,15 @@ def run_search(
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at step {step} (validation RankIC {score:.4f})")
 
-        state = "complete"
+        state, value = "failed", float("nan")
         history: list[dict[str, Any]] = []
         try:
             result = train_regressor(job, log=lambda _msg: None, on_eval=report)
             history = result.state.history
             value = result.state.best_rank_ic if result.state.best_rank_ic is not None else float("nan")
+            state = "complete"
         except optuna.TrialPruned:
-            state, value = "pruned", float("nan")
+            state = "pruned"
             raise
         finally:
             if log_trial is not None:

@@ -57,6 +57,7 @@ from modeling.model import LLMRegressor, RegressorConfig, build_regressor, encod
 TRAIN_STATE_FILE = "trainer_state.json"
 TRAINABLE_FILE = "trainable.safetensors"
 BEST_FILE = "best_trainable.safetensors"
+FINAL_STATE_FILE = "final_state.json"
 
 
 # --- configuration --------------------------------------------------------------------------------------
@@ -474,9 +475,23 @@ def train_regressor(
     there; an exception it raises ends the run).
     """
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from accelerate.utils import DataLoaderConfiguration, broadcast, set_seed
 
     cfg = job.train
+    finished = Path(job.output_dir) / FINAL_STATE_FILE
+    if job.resume and finished.is_file() and (Path(job.output_dir) / "model" / "regressor.json").is_file():
+        # this job already trained to the end (a later step of its run failed): nothing to redo
+        final = json.loads(finished.read_text())
+        log(f"training of {job.output_dir} already complete (step {final['state']['step']}); not repeated")
+        return TrainResult(
+            Path(job.output_dir) / "model",
+            LoopState(**final["state"]),
+            final["n_train_rows"],
+            final["n_eval_rows"],
+            final["eval_dates"],
+            final["wall_s"],
+            final["n_processes"],
+        )
     use_cuda = torch.cuda.is_available()
     accelerator = Accelerator(
         cpu=not use_cuda,  # on a CPU-only box: MULTI_CPU (gloo) under torchrun, not one process per rank
@@ -539,7 +554,9 @@ def train_regressor(
     checkpoint = latest_checkpoint(ckpt_root) if job.resume else None
     if checkpoint is not None:
         unwrapped.load_trainable_state_dict(load_file(checkpoint / TRAINABLE_FILE))
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
+        optimizer.load_state_dict(
+            torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False)
+        )
         state = LoopState(**json.loads((checkpoint / TRAIN_STATE_FILE).read_text()))
         if (checkpoint / BEST_FILE).is_file():
             best_state = load_file(checkpoint / BEST_FILE)
@@ -595,7 +612,9 @@ def train_regressor(
         eval_started = time.perf_counter()
         score = evaluate_now()
         state.eval_s += time.perf_counter() - eval_started
-        improved = state.best_rank_ic is None or (np.isfinite(score) and score > state.best_rank_ic)
+        best = state.best_rank_ic
+        # a NaN score (no spread in the predictions) never beats a real one, and a real one beats a NaN best
+        improved = best is None or (np.isfinite(score) and (not np.isfinite(best) or score > best))
         if improved:
             state.best_rank_ic, state.best_step = float(score), state.step
             best_state = {k: v.cpu() for k, v in unwrapped.trainable_state_dict().items()}
@@ -645,15 +664,33 @@ def train_regressor(
             generator=torch.Generator().manual_seed(cfg.seed),
         )
         loader = accelerator.prepare(loader)
+        # the weight sum of each optimizer step's rows (all processes, all accumulated micro-batches): the
+        # loss of every micro-batch is normalised by it, so a step's gradient is exactly the weighted mean
+        # over its rows, whatever the process count and accumulation
+        micro_weights = [float(train_rows.weight[b].sum()) for b in batches]
+        step_weights = [
+            sum(micro_weights[i : i + cfg.grad_accum_steps])
+            for i in range(0, len(batches), cfg.grad_accum_steps)
+        ]
         if state.batch_in_epoch:
             loader = accelerator.skip_first_batches(loader, state.batch_in_epoch)
         step_loss = 0.0
         for batch in loader:
             with accelerator.accumulate(model):
                 pred = model(batch["input_ids"], batch["attention_mask"])
-                weight_total = accelerator.reduce(batch["weight"].sum(), reduction="sum")
+                micro_index = state.batch_in_epoch
+                weight_total = torch.tensor(
+                    step_weights[micro_index // cfg.grad_accum_steps], device=pred.device
+                )
+                # x processes (DDP averages them) x accumulation steps (accelerate divides by them)
                 loss = weighted_loss(
-                    pred, batch["label"], batch["weight"], cfg.loss, cfg.huber_delta, weight_total, n_proc
+                    pred,
+                    batch["label"],
+                    batch["weight"],
+                    cfg.loss,
+                    cfg.huber_delta,
+                    weight_total,
+                    n_proc * cfg.grad_accum_steps,
                 )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -661,17 +698,18 @@ def train_regressor(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             state.batch_in_epoch += 1
-            step_loss += float(loss.detach()) / n_proc / cfg.grad_accum_steps
-            global_rows = int(accelerator.reduce(torch.tensor(len(batch["label"])), reduction="sum"))
-            global_tokens = int(accelerator.reduce(batch["attention_mask"].sum(), reduction="sum"))
-            state.samples += global_rows
-            state.tokens += global_tokens
+            step_loss += float(loss.detach()) / (n_proc * cfg.grad_accum_steps)
+            rows_now = batches[micro_index]  # the global micro-batch, all processes
+            state.samples += len(rows_now)
+            state.tokens += int(train_rows.n_tokens[rows_now].sum())
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
-            state.elapsed_s = time.perf_counter() - segment_start
+            # every process uses the main process's clock: the same learning rate and the same stop decision
+            elapsed = torch.tensor([time.perf_counter() - segment_start], device=accelerator.device)
+            state.elapsed_s = float(broadcast(elapsed, from_process=0)[0])
             set_lr(state.elapsed_s)
-            loss_value = float(accelerator.reduce(torch.tensor(step_loss), reduction="sum"))
+            loss_value = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum"))
             running = [*running[-19:], loss_value]
             step_loss = 0.0
             if bar is not None:
@@ -687,9 +725,7 @@ def train_regressor(
                 if record_eval(float(np.mean(running))):
                     state.stopped_by = "early_stopping"
                 model.train()
-            # every process must take the same decision: the main process's clock decides
             over_time = cfg.time_budget_s is not None and state.elapsed_s >= cfg.time_budget_s
-            over_time = bool(accelerator.reduce(torch.tensor(int(over_time)), reduction="max"))
             if state.stopped_by is None and state.step >= total_steps:
                 state.stopped_by = (
                     "max_steps" if cfg.max_steps is not None and state.step == cfg.max_steps else "data"
@@ -728,6 +764,15 @@ def train_regressor(
     )
     if main:
         (out / "train_report.json").write_text(json.dumps(result.report(), indent=1, default=float) + "\n")
+        final = {
+            "state": asdict(state),
+            "n_train_rows": len(train_rows),
+            "n_eval_rows": len(val_rows),
+            "eval_dates": dates,
+            "wall_s": result.wall_s,
+            "n_processes": n_proc,
+        }
+        (out / FINAL_STATE_FILE).write_text(json.dumps(final, default=float) + "\n")
     accelerator.wait_for_everyone()
     return result
 
@@ -768,10 +813,12 @@ def evaluate_rows(
         local_idx = torch.tensor([i for idx, _ in pairs for i in idx], dtype=torch.int64)
         local_val = torch.tensor([v for _, val in pairs for v in val])
     out = np.full(len(rows), np.nan)
+    assigned = np.zeros(len(rows), dtype=bool)
     out[local_idx.numpy()] = local_val.numpy()
-    if np.isnan(out).any():
-        raise RuntimeError(f"{int(np.isnan(out).sum())} evaluation rows got no prediction")
-    return out
+    assigned[local_idx.numpy()] = True
+    if not assigned.all():
+        raise RuntimeError(f"{int((~assigned).sum())} evaluation rows got no prediction")
+    return out  # NaN predictions (a diverged model) stay NaN: the metrics count them, they do not hide
 
 
 # --- entry point ----------------------------------------------------------------------------------------

@@ -289,3 +289,32 @@ def predictions_cover_live_universe(
 
 
 ALL_CHECKS += [regressor_beats_baselines, predictions_cover_live_universe]
+
+
+@asset_check(
+    asset="base_model",
+    description="The embedded backbone's pretraining lowered its causal-LM loss on held-out validation "
+    "prompts by a wide margin (to under half the random-init loss); other backbones come pretrained.",
+)
+def pretraining_lowered_lm_loss(storage: StorageResource) -> AssetCheckResult:
+    from modeling.backbones.embedded import read_embedded_info
+
+    source = storage.base_model_source
+    info = read_embedded_info(source.path) if source.kind == "embedded" else None
+    report = (info or {}).get("pretraining") or {}
+    if source.kind != "embedded" or not report.get("steps"):
+        # a user's or converted checkpoint is pretrained by its publisher; an embedded one without
+        # pretraining (pretrain_rows=0, the random ablation) is not what the method assumes: a warning
+        return AssetCheckResult(
+            passed=source.kind != "embedded",
+            severity=AssetCheckSeverity.WARN,
+            metadata={"source_kind": source.kind, "pretrained_here": False},
+        )
+    before, after = float(report["val_loss_before"]), float(report["val_loss_after"])
+    return AssetCheckResult(
+        passed=after < 0.5 * before,
+        metadata={"val_lm_loss_before": before, "val_lm_loss_after": after, "ratio": after / before},
+    )
+
+
+ALL_CHECKS += [pretraining_lowered_lm_loss]

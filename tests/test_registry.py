@@ -124,8 +124,21 @@ def test_a_worse_model_never_moves_the_champion(registered_store) -> None:
     assert registry.alias_version(NAME, "champion") == "1"
     gate = registry.champion_gate(NAME, "2", 0.06, "other-dates", rescore)
     assert gate["promoted"] is True and registry.alias_version(NAME, "champion") == "2"
-    registry.champion_gate(NAME, "1", 1.0, "k", rescore)  # restore for other tests in this module
-    assert registry.alias_version(NAME, "champion") == "1"
+    # never a model without a score; a champion that cannot be compared fairly is replaced
+    assert registry.champion_gate(NAME, "1", float("nan"), "k", rescore)["promoted"] is False
+
+    def broken(uri: str) -> float:
+        raise FileNotFoundError("base model moved")
+
+    gate = registry.champion_gate(NAME, "1", 0.01, "k", broken)
+    assert gate["promoted"] is True and "could not be re-scored" in gate["reason"]
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient().set_model_version_tag(NAME, "1", "train_end", "2021-02-05")
+    gate = registry.champion_gate(NAME, "2", -0.5, "k", rescore, validation_start="2021-02-01")
+    assert gate["promoted"] is True and "inside the validation period" in gate["reason"]
+    gate = registry.champion_gate(NAME, "1", 1.0, "k", rescore, new_tags={"horizon": 5})
+    assert registry.alias_version(NAME, "champion") == "1"  # restored for the other tests
 
 
 def test_smollm2_trains_a_few_lora_steps_and_packages_like_the_tiny_model(smollm2_dir, tmp_path) -> None:

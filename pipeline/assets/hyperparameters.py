@@ -6,6 +6,7 @@ from dataclasses import replace
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
+from modeling.backbones.common import model_fingerprint
 from modeling.data.parquet_io import read_parquet_metadata
 from modeling.profiles import PROFILES
 from modeling.prompt import PromptBuilder
@@ -120,6 +121,8 @@ def hyperparameters(
         "best_params": result.best_params,
         "best_val_rank_ic": result.best_value,
         "study": config.study_name,
+        "profile": config.profile,
+        "base_model_fingerprint": model_fingerprint(storage.base_model_dir),
         "n_trials_in_study": len(result.trials),
         "mlflow_run_id": parent,
         "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

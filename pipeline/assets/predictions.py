@@ -44,7 +44,8 @@ def predictions(
     rows = live_rows(storage)
     if rows.empty:
         raise ValueError("the training set has no live rows (dates without a label) to predict")
-    model = registry.load_model(f"models:/{mlflow.registry_name}@{registry.CHAMPION}")
+    # by number, not by alias: a promotion between the two calls cannot mislabel the rows
+    model = registry.load_model(f"models:/{mlflow.registry_name}/{version}")
     scored = rows.assign(prediction=model.predict(rows[["date", "symbol", "sector", *FEATURE_NAMES]]))
     table = rank_predictions(scored, version)
     with warehouse.get_connection() as con:

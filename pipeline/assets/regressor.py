@@ -91,11 +91,41 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _hyperparameters(storage: StorageResource, use: bool) -> dict:
+def _hyperparameters(storage: StorageResource, use: bool, profile: str, fingerprint: str, warn) -> dict:
+    """The search's best params, when they were found for this profile and this base model."""
     path = storage.root / "hyperparameters.json"
     if not use or not path.is_file():
         return {}
-    return dict(json.loads(path.read_text())["best_params"])
+    payload = json.loads(path.read_text())
+    if payload.get("profile") != profile or payload.get("base_model_fingerprint") != fingerprint:
+        warn(
+            f"{path} was searched for profile {payload.get('profile')!r} on another base model or profile; "
+            "not applied (run the search again for this one)"
+        )
+        return {}
+    return dict(payload["best_params"])
+
+
+def _unchanged_metadata(
+    registry, mlflow: MlflowResource, version: str, tags: dict, out: Path, inputs_sha: str
+) -> dict:
+    """Metadata of a run that reused a version: the stored numbers of the run that trained it."""
+    metadata = {
+        "retrained": MetadataValue.bool(False),
+        "model_version": MetadataValue.text(version),
+        "run_id": MetadataValue.text(tags.get("run_id", "")),
+        "val_rank_ic": MetadataValue.float(float(tags.get("val_rank_ic", "nan"))),
+        "gate": MetadataValue.text(tags.get("gate_reason", "")),
+        "champion_version": MetadataValue.text(str(registry.alias_version(mlflow.registry_name, "champion"))),
+        "inputs_sha": MetadataValue.text(inputs_sha),
+    }
+    outcome_file = out / "outcome.json"
+    if outcome_file.is_file():
+        outcome = json.loads(outcome_file.read_text())
+        metadata["baselines_val_rank_ic"] = MetadataValue.json(outcome["baselines_val_rank_ic"])
+        metadata["test_rank_ic"] = MetadataValue.float(float(outcome["test_rank_ic"]))
+        metadata["comparison"] = MetadataValue.md(outcome["comparison"])
+    return metadata
 
 
 @asset(
@@ -123,7 +153,10 @@ def regressor(
     profile = PROFILES.get(config.profile)
     if profile is None:
         raise ValueError(f"unknown profile {config.profile!r}; choose one of {sorted(PROFILES)}")
-    best = _hyperparameters(storage, config.use_hyperparameters)
+    base_dir = storage.base_model_dir
+    best = _hyperparameters(
+        storage, config.use_hyperparameters, profile.name, model_fingerprint(base_dir), context.log.warning
+    )
     weight_scheme = best.pop("weight_scheme", None)
     regressor_cfg, train_cfg = apply_overrides(
         profile.regressor, profile.train, {**best, **config.overrides()}
@@ -144,7 +177,6 @@ def regressor(
         sig_digits=int(corpus_facts["sig_digits"]),
         target=str(corpus_facts["label_kind"]),
     ).settings()
-    base_dir = storage.base_model_dir
     final_dates = config.final_eval_max_dates or profile.final_eval_max_dates
     job_config = {
         "regressor": regressor_cfg.to_dict(),
@@ -166,25 +198,16 @@ def regressor(
     from modeling import registry
 
     registry.configure(mlflow.tracking_uri, mlflow.experiment_name, mlflow.artifact_root)
-    existing = registry.find_version(mlflow.registry_name, "inputs_sha", inputs_sha)
-    if existing is not None and not config.force_retrain:
-        context.log.info(f"version {existing} was trained on identical inputs ({inputs_sha}); not retrained")
-        tags = registry.version_tags(mlflow.registry_name, existing)
-        return MaterializeResult(
-            metadata={
-                "retrained": MetadataValue.bool(False),
-                "model_version": MetadataValue.text(existing),
-                "run_id": MetadataValue.text(tags.get("run_id", "")),
-                "val_rank_ic": MetadataValue.float(float(tags.get("val_rank_ic", "nan"))),
-                "champion_version": MetadataValue.text(
-                    str(registry.alias_version(mlflow.registry_name, "champion"))
-                ),
-                "inputs_sha": MetadataValue.text(inputs_sha),
-            }
-        )
-
     # one directory per inputs fingerprint: a retry after a killed child resumes from its checkpoints
     out = storage.root / "runs" / "regressor" / inputs_sha
+    existing = registry.find_version(mlflow.registry_name, "inputs_sha", inputs_sha)
+    tags = registry.version_tags(mlflow.registry_name, existing) if existing else {}
+    if existing is not None and tags.get("gate") == "done" and not config.force_retrain:
+        context.log.info(f"version {existing} was trained on identical inputs ({inputs_sha}); not retrained")
+        return MaterializeResult(
+            metadata=_unchanged_metadata(registry, mlflow, existing, tags, out, inputs_sha)
+        )
+    resume_version = existing if existing is not None and not config.force_retrain else None
     out.mkdir(parents=True, exist_ok=True)
     splits = set_facts["splits"]
     job = TrainJob(
@@ -221,6 +244,13 @@ def regressor(
                 "dagster_run_id": context.run_id,
             },
             "version_tags": {"inputs_sha": inputs_sha, "dagster_run_id": context.run_id},
+            "gate_tags": {
+                "horizon": prompt["horizon"],
+                "label_kind": prompt["target"],
+                "train_end": splits["train"][1],
+            },
+            "validation_start": splits["validation"][0],
+            "resume_version": resume_version,
         },
     )
     job_path = job.save(out / "job.json")
