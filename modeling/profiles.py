@@ -75,6 +75,7 @@ OVERRIDABLE = {
     "learning_rate": ("train", "learning_rate"),
     "head_learning_rate": ("train", "head_learning_rate"),
     "weight_decay": ("train", "weight_decay"),
+    "ema_decay": ("train", "ema_decay"),
     "batch_size": ("train", "batch_size"),
     "grad_accum_steps": ("train", "grad_accum_steps"),
     "epochs": ("train", "epochs"),

@@ -57,6 +57,7 @@ from modeling.model import LLMRegressor, RegressorConfig, build_regressor, encod
 TRAIN_STATE_FILE = "trainer_state.json"
 TRAINABLE_FILE = "trainable.safetensors"
 BEST_FILE = "best_trainable.safetensors"
+EMA_FILE = "ema_trainable.safetensors"
 FINAL_STATE_FILE = "final_state.json"
 
 
@@ -81,6 +82,11 @@ class TrainConfig:
     """Micro-batches accumulated per optimizer step."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
+    ema_decay: float | None = None
+    """Exponential moving average of the trainable weights (adapters and head), updated every optimizer
+    step with the warm-up `min(decay, (1 + step) / (10 + step))`; evaluation, best-checkpoint selection and
+    the saved model use the average (None = off). On a weak, noisy target the raw weights wander from one
+    evaluation to the next; their average does not."""
     epochs: int = 1
     """Passes over the (sampled) train rows."""
     max_train_samples: int | None = None
@@ -131,6 +137,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1 or None, got {value!r}")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise ValueError(f"TrainConfig.time_budget_s must be > 0 or None, got {self.time_budget_s}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"TrainConfig.ema_decay must be in (0, 1) or None, got {self.ema_decay!r}")
         if self.head_learning_rate is not None and not self.head_learning_rate > 0:
             raise ValueError("TrainConfig.head_learning_rate must be > 0 or None")
         if not (0 <= self.warmup_ratio < 1 and 0 <= self.min_lr_ratio <= 1 and self.weight_decay >= 0):
@@ -366,6 +374,19 @@ def lr_factor(progress: float, warmup_ratio: float, min_lr_ratio: float) -> floa
 
 
 # --- checkpoints ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def ema_update(
+    average: dict[str, torch.Tensor], params: dict[str, torch.Tensor], decay: float, step: int
+) -> float:
+    """One step of the weights' exponential moving average, in place: `average += (1 - d) (param - average)`
+    with `d = min(decay, (1 + step) / (10 + step))` (early steps weigh the fresh weights more, so the
+    average does not cling to the random initialisation). Returns `d`."""
+    d = min(decay, (1 + step) / (10 + step))
+    for name, param in params.items():
+        average[name].lerp_(param.detach().float(), 1.0 - d)
+    return d
+
+
 def _rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {
         "python": random.getstate(),
@@ -550,6 +571,11 @@ def train_regressor(
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped: LLMRegressor = accelerator.unwrap_model(model)
     best_state: dict[str, torch.Tensor] | None = None
+    # the trainable parameters by name (the same names as `trainable_state_dict`) and their average
+    trainable = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
+    ema: dict[str, torch.Tensor] | None = (
+        {n: p.detach().float().clone() for n, p in trainable.items()} if cfg.ema_decay is not None else None
+    )
 
     checkpoint = latest_checkpoint(ckpt_root) if job.resume else None
     if checkpoint is not None:
@@ -560,6 +586,8 @@ def train_regressor(
         state = LoopState(**json.loads((checkpoint / TRAIN_STATE_FILE).read_text()))
         if (checkpoint / BEST_FILE).is_file():
             best_state = load_file(checkpoint / BEST_FILE)
+        if ema is not None:
+            ema = {n: v.to(trainable[n].device) for n, v in load_file(checkpoint / EMA_FILE).items()}
         _set_rng_state(torch.load(checkpoint / f"rng_{accelerator.process_index}.pt", weights_only=False))
         say(f"resumed from {checkpoint.name} (step {state.step}, {state.samples} samples)")
 
@@ -575,8 +603,20 @@ def train_regressor(
         for group, peak in zip(optimizer.param_groups, peak_lrs, strict=True):
             group["lr"] = peak * factor
 
+    def evaluated_weights() -> dict[str, torch.Tensor]:
+        """What is judged and kept: the average when there is one, else the live weights (copies)."""
+        if ema is not None:
+            return {k: v.detach().cpu().clone() for k, v in ema.items()}
+        return {k: v.cpu() for k, v in unwrapped.trainable_state_dict().items()}
+
     def evaluate_now() -> float:
+        live = None
+        if ema is not None:  # judge the average, then put the live weights back to go on training
+            live = unwrapped.trainable_state_dict()
+            unwrapped.load_trainable_state_dict(ema)
         preds = evaluate_rows(model, tokenizer, val_rows, cfg.eval_batch_size, accelerator)
+        if live is not None:
+            unwrapped.load_trainable_state_dict(live)
         frame = val_rows.frame.assign(prediction=preds, label=val_rows.label)
         return rank_ic(frame)
 
@@ -593,6 +633,8 @@ def train_regressor(
             )
             if best_state is not None:
                 save_file({k: v.contiguous().cpu() for k, v in best_state.items()}, tmp / BEST_FILE)
+            if ema is not None:
+                save_file({k: v.contiguous().cpu() for k, v in ema.items()}, tmp / EMA_FILE)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         accelerator.wait_for_everyone()
         torch.save(_rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
@@ -617,7 +659,7 @@ def train_regressor(
         improved = best is None or (np.isfinite(score) and (not np.isfinite(best) or score > best))
         if improved:
             state.best_rank_ic, state.best_step = float(score), state.step
-            best_state = {k: v.cpu() for k, v in unwrapped.trainable_state_dict().items()}
+            best_state = evaluated_weights()
             state.evals_without_improvement = 0
         else:
             state.evals_without_improvement += 1
@@ -705,6 +747,8 @@ def train_regressor(
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
+            if ema is not None:
+                ema_update(ema, trainable, float(cfg.ema_decay), state.step)
             # every process uses the main process's clock: the same learning rate and the same stop decision
             elapsed = torch.tensor([time.perf_counter() - segment_start], device=accelerator.device)
             state.elapsed_s = float(broadcast(elapsed, from_process=0)[0])
@@ -753,6 +797,8 @@ def train_regressor(
         record_eval(float(np.mean(running)) if running else None)
     if best_state is not None:
         unwrapped.load_trainable_state_dict(best_state)
+    elif ema is not None:
+        unwrapped.load_trainable_state_dict(ema)
     model_dir = out / "model"
     accelerator.wait_for_everyone()
     if main:

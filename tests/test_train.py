@@ -21,6 +21,7 @@ from modeling.prompt import PromptBuilder
 from modeling.train import (
     TrainConfig,
     TrainJob,
+    ema_update,
     epoch_batches,
     evenly_spaced_dates,
     lr_factor,
@@ -66,7 +67,8 @@ def _env() -> dict[str, str]:
 
 def test_killed_training_resumes_to_the_same_weights(tiny_base_model, tiny_data, tmp_path: Path) -> None:
     _, corpus = tiny_data
-    settings = {"max_steps": 60, "epochs": 3, "checkpoint_every_steps": 5}
+    # with the weight average on: its state must survive the kill too
+    settings = {"max_steps": 60, "epochs": 3, "checkpoint_every_steps": 5, "ema_decay": 0.9}
     reference = train_regressor(
         _job(tiny_base_model, corpus, tmp_path / "ref", **settings), log=lambda _: None
     )
@@ -184,3 +186,30 @@ def test_schedule_batches_and_samples() -> None:
         sample_rows(frame, 10, 0).equals(sample_rows(frame, 10, 0)) and len(sample_rows(frame, 10, 0)) == 10
     )
     assert len(sample_rows(frame, None, 0)) == 100
+
+
+def test_weight_average_update_and_what_is_saved(tiny_base_model, tiny_data, tmp_path: Path) -> None:
+    import torch
+
+    average = {"w": torch.zeros(2)}
+    param = {"w": torch.tensor([1.0, -2.0])}
+    assert ema_update(average, param, 0.99, step=1) == pytest.approx(2 / 11)  # warm-up: (1+1)/(10+1)
+    np.testing.assert_allclose(average["w"].numpy(), [9 / 11, -18 / 11], rtol=1e-6)
+    assert ema_update(average, {"w": torch.zeros(2)}, 0.5, step=100) == 0.5  # the cap binds later
+    np.testing.assert_allclose(average["w"].numpy(), [9 / 22, -9 / 11], rtol=1e-6)
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainConfig(ema_decay=1.0)
+
+    # a vanishing decay averages nothing: the saved model is the live one of a run without the average
+    _, corpus = tiny_data
+    plain = train_regressor(_job(tiny_base_model, corpus, tmp_path / "p", max_steps=8), log=lambda _: None)
+    near = train_regressor(
+        _job(tiny_base_model, corpus, tmp_path / "n", max_steps=8, ema_decay=1e-9), log=lambda _: None
+    )
+    averaged = train_regressor(
+        _job(tiny_base_model, corpus, tmp_path / "a", max_steps=8, ema_decay=0.9), log=lambda _: None
+    )
+    a, b, c = _weights(plain.model_dir), _weights(near.model_dir), _weights(averaged.model_dir)
+    for name in a:
+        np.testing.assert_allclose(b[name].numpy(), a[name].numpy(), atol=1e-6, rtol=0)
+    assert any(not np.allclose(c[k].numpy(), a[k].numpy(), atol=1e-4) for k in a)  # the average differs

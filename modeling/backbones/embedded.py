@@ -474,7 +474,7 @@ def pretrain_causal_lm(
             steps += 1
             samples += len(batch["input_ids"])
             tokens += int(batch["attention_mask"].sum())
-            recent = [*recent[-9:], float(loss)]
+            recent = [*recent[-9:], float(loss.detach())]
             if log is not None and (steps % 50 == 0 or steps == total_steps):
                 elapsed = time.perf_counter() - started
                 log(

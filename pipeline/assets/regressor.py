@@ -45,6 +45,12 @@ class RegressorAssetConfig(Config):
     lora_r: int | None = Field(default=None, ge=1, description="LoRA rank.")
     lora_alpha: float | None = Field(default=None, gt=0, description="LoRA alpha.")
     loss: str | None = Field(default=None, description="mse or huber.")
+    ema_decay: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="Average the trainable weights with this EMA decay (off by default).",
+    )
     eval_every_steps: int | None = Field(default=None, ge=0, description="Validation RankIC every N steps.")
     eval_max_dates: int | None = Field(default=None, ge=1, description="Validation dates during training.")
     final_eval_max_dates: int | None = Field(
@@ -75,6 +81,7 @@ class RegressorAssetConfig(Config):
             "lora_r",
             "lora_alpha",
             "loss",
+            "ema_decay",
             "eval_every_steps",
             "eval_max_dates",
             "quantization",
