@@ -27,8 +27,9 @@ def lora_throughput(base: Path, prompts: list[str], batch: int, steps: int) -> f
     import torch
 
     from modeling.backbones.common import load_tokenizer
-    from modeling.model import RegressorConfig, build_regressor, encode_prompts, pad_batch
-    from modeling.train import weighted_loss
+    from modeling.inference import encode_prompts, pad_batch
+    from modeling.losses import weighted_loss
+    from modeling.model import RegressorConfig, build_regressor
 
     tok = load_tokenizer(base)
     torch.manual_seed(0)

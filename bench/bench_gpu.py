@@ -140,8 +140,9 @@ def bench_smollm2(args: argparse.Namespace) -> dict:
 
     from modeling.backbones import SMOLLM2_NAME
     from modeling.backbones.common import load_tokenizer
+    from modeling.inference import predict_ids
     from modeling.metrics import evaluate
-    from modeling.model import load_regressor, predict_ids
+    from modeling.model import load_regressor
     from modeling.profiles import PROFILES
     from modeling.prompt import PromptBuilder
     from modeling.train import TrainJob, read_corpus_split, tokenise_rows, train_regressor

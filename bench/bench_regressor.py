@@ -3,6 +3,8 @@ DATA_DIR with the training set, the pretrained embedded backbone and the prompt 
 
     python bench/bench_regressor.py peer       # our loop vs the stock SeqCls + peft SEQ_CLS + HF Trainer
     python bench/bench_regressor.py quality    # RankIC / ICIR: regressor (random / pretrained tiny), baselines
+    python bench/bench_regressor.py curve      # learning curve: 24k, 96k, all train rows; LLM vs ridge, MLP
+    python bench/bench_regressor.py inference  # scoring rows/s (pyfunc and trainer path) vs training rows/s
 
 peer: identical prompts, tokenizer, backbone (the pretrained embedded tiny Llama) and train rows (a
 seeded sample), batch 32, one pass, 2 CPU cores, fp32. The peer is transformers'
@@ -12,6 +14,11 @@ with the cpu profile. Both are scored on the same validation dates.
 
 quality: the cpu profile (the `make demo` budget) on the random and the pretrained tiny backbone, the
 four baselines fit on the same train rows, ridge on every train row, and the planted signal's oracle.
+
+curve: the cpu profile's recipe at 24k, 96k and every train row (3 seeds at 24k, one above), each
+model scored on every validation and test date; ridge and the feature MLP fit on exactly the same rows,
+targets and weights; the LLM minus ridge as a paired daily RankIC difference. Every finished run is
+kept in bench/out/curve/ (a rerun skips it), the table and plot go to BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -55,7 +62,8 @@ def _eval_frame(corpus: Path, training_set: Path, split: str, n_dates: int | Non
 
 def _predict(model_dir: Path, base: Path, frame) -> object:
     from modeling.backbones.common import load_tokenizer
-    from modeling.model import load_regressor, predict_ids
+    from modeling.inference import predict_ids
+    from modeling.model import load_regressor
     from modeling.train import tokenise_rows
 
     tok = load_tokenizer(base)
@@ -91,7 +99,7 @@ def peer_train(base: Path, corpus: Path, n_rows: int, seed: int, out: Path) -> t
     )
 
     from modeling.backbones.common import load_tokenizer
-    from modeling.model import encode_prompts
+    from modeling.inference import encode_prompts
     from modeling.train import read_corpus_split, sample_rows
 
     tok = load_tokenizer(base)
@@ -144,7 +152,7 @@ def peer_train(base: Path, corpus: Path, n_rows: int, seed: int, out: Path) -> t
 def peer_predict(model_tok, frame) -> object:
     import numpy as np
 
-    from modeling.model import encode_prompts, pad_batch
+    from modeling.inference import encode_prompts, pad_batch
 
     model, tok = model_tok
     model.eval()
@@ -157,7 +165,17 @@ def peer_predict(model_tok, frame) -> object:
     return out
 
 
-def ours_train(base: Path, corpus: Path, n_rows: int, seed: int, out: Path, eval_every: int = 0):
+def ours_train(
+    base: Path,
+    corpus: Path,
+    n_rows: int | None,
+    seed: int,
+    out: Path,
+    eval_every: int | None = 0,
+    **overrides,
+):
+    """The cpu profile's recipe on `n_rows` sampled train rows (None = all), no time budget;
+    `eval_every` None keeps the profile's periodic evaluation (and early stopping)."""
     from modeling.profiles import PROFILES
     from modeling.prompt import PromptBuilder
     from modeling.train import TrainJob, train_regressor
@@ -170,7 +188,8 @@ def ours_train(base: Path, corpus: Path, n_rows: int, seed: int, out: Path, eval
         time_budget_s=None,
         progress=False,
         checkpoint_every_steps=0,
-        eval_every_steps=eval_every,
+        **({} if eval_every is None else {"eval_every_steps": eval_every}),
+        **overrides,
     )
     job = TrainJob(
         str(base), str(corpus), str(out), PromptBuilder().settings(), profile.regressor, train, resume=False
@@ -335,16 +354,334 @@ Targets (pretrained embedded backbone, demo budget): validation RankIC >= 0.030:
     print(json.dumps({"results": results, "budget": budget}, indent=1, default=float))
 
 
+# --- the learning curve ---------------------------------------------------------------------------------
+RESULTS = Path(__file__).resolve().parent / "results"
+"""Committed bench outputs (plots that BENCHMARKS.md shows)."""
+
+
+def _daily(frame, column: str):
+    from modeling.metrics import per_date_correlation
+
+    return per_date_correlation(frame, column, "label", "spearman")
+
+
+def _series_json(series) -> dict:
+    return {str(d.date()): float(v) for d, v in series.items()}
+
+
+def _series_from(data: dict):
+    import pandas as pd
+
+    return pd.Series(list(data.values()), index=pd.to_datetime(list(data.keys())), dtype=float)
+
+
+def _recipe_key(train_cfg, regressor_cfg) -> str:
+    import hashlib
+    from dataclasses import asdict
+
+    text = json.dumps(
+        {"train": asdict(train_cfg), "regressor": regressor_cfg.to_dict()}, sort_keys=True, default=str
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def curve_run(
+    base: Path, corpus: Path, features, frames: dict, size: int | None, seed: int, out: Path
+) -> dict:
+    """One point of the curve: train the LLM on `size` rows, score every date of both splits, fit ridge
+    and the feature MLP on the same rows, targets and weights. Kept as JSON (daily RankIC series)."""
+    from modeling.backbones.common import load_tokenizer
+    from modeling.baselines import BaselineConfig, fit_predict_baselines
+    from modeling.evaluation import score_rows
+    from modeling.model import load_regressor
+    from modeling.profiles import PROFILES
+    from modeling.train import train_sample
+
+    profile = PROFILES["cpu"]
+    cfg = replace(profile.train, max_train_samples=size, seed=seed)
+    key = f"{size or 'all'}-seed{seed}-{_recipe_key(cfg, profile.regressor)}"
+    path = out / f"{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    started = time.perf_counter()
+    trained = ours_train(base, corpus, size, seed, out / key, eval_every=None)
+    train_s = time.perf_counter() - started
+    model, tok = load_regressor(trained.model_dir), load_tokenizer(base)
+    train = train_sample(corpus, cfg, None, ["date", "symbol", "label", "weight"]).merge(
+        features, on=["date", "symbol"], how="left"
+    )
+    mlp_loss = cfg.loss if cfg.loss != "ic" else "mse"
+    preds, _ = fit_predict_baselines(
+        train,
+        frames["validation"],
+        frames,
+        BaselineConfig(mlp_head=profile.regressor.head, seed=seed),
+        mlp_loss,
+        cfg.huber_delta,
+        only=("ridge", "mlp_features"),
+    )
+    record = {
+        "size": size,
+        "seed": seed,
+        "n_train_rows": len(train),
+        "train_s": round(train_s, 1),
+        "report": {k: v for k, v in trained.report().items() if k not in ("history", "eval_dates")},
+        "history": trained.report()["history"],
+        "daily": {},
+        "score_rows_per_s": {},
+    }
+    for split, frame in frames.items():
+        scored, rate = score_rows(model, tok, frame)
+        both = frame.drop(columns="prompt").assign(
+            prediction=scored["prediction"].to_numpy(),
+            ridge=preds["ridge"][split],
+            mlp_features=preds["mlp_features"][split],
+        )
+        record["score_rows_per_s"][split] = round(rate, 1)
+        record["daily"][split] = {
+            m: _series_json(_daily(both, m)) for m in ("prediction", "ridge", "mlp_features")
+        }
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, default=float))
+    return record
+
+
+def _stat_cell(stat) -> str:
+    return f"{stat.mean:.4f} ± {stat.se:.4f} ({stat.n_dates})"
+
+
+def bench_curve(args) -> None:
+    import numpy as np
+    import pandas as pd
+
+    from modeling.baselines import BaselineConfig, fit_predict_baselines
+    from modeling.evaluation import split_rows
+    from modeling.feature_registry import FEATURE_NAMES
+    from modeling.metrics import DailyMean, paired_series_difference
+    from modeling.profiles import PROFILES
+    from modeling.train import train_sample
+
+    base, corpus, training_set = _paths()
+    out = OUT / "curve"
+    features = pd.read_parquet(
+        training_set, columns=["date", "symbol", *FEATURE_NAMES, "fwd_ret"]
+    ).drop_duplicates(["date", "symbol"])
+    frames = {
+        s: split_rows(corpus, s, None).merge(features, on=["date", "symbol"], how="left")
+        for s in ("validation", "test")
+    }
+    sizes = [None if x == "all" else int(x) for x in args.sizes.split(",")]
+    runs: dict = {}
+    for size in sizes:
+        seeds = range(args.seeds) if size is not None and size <= args.multi_seed_max else range(1)
+        for seed in seeds:
+            print(f"curve: {size or 'all'} rows, seed {seed}", flush=True)
+            runs.setdefault(size, []).append(curve_run(base, corpus, features, frames, size, seed, out))
+    # ridge on every train row with the recipe's targets and weights: the reference line
+    cfg_all = replace(PROFILES["cpu"].train, max_train_samples=None)
+    all_rows = train_sample(corpus, cfg_all, None, ["date", "symbol", "label", "weight"]).merge(
+        features, on=["date", "symbol"], how="left"
+    )
+    ridge_all, _ = fit_predict_baselines(
+        all_rows, frames["validation"], frames, BaselineConfig(), only=("ridge",)
+    )
+    reference = {
+        s: DailyMean.of(_daily(frames[s].assign(ridge=ridge_all["ridge"][s]), "ridge")) for s in frames
+    }
+
+    def seed_mean(records, split, model):  # the seeds' daily series averaged date by date
+        return pd.concat([_series_from(r["daily"][split][model]) for r in records], axis=1).mean(axis=1)
+
+    rows, summary = [], {}
+    for size, records in runs.items():
+        label = f"{records[0]['n_train_rows']:,}" + (f" ({len(records)} seeds)" if len(records) > 1 else "")
+        for split in ("validation", "test"):
+            llm = seed_mean(records, split, "prediction")
+            per_seed = [DailyMean.of(_series_from(r["daily"][split]["prediction"])).mean for r in records]
+            ridge, mlp = seed_mean(records, split, "ridge"), seed_mean(records, split, "mlp_features")
+            summary[(size, split)] = {
+                "llm": DailyMean.of(llm),
+                "seed_sd": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else float("nan"),
+                "ridge": DailyMean.of(ridge),
+                "mlp": DailyMean.of(mlp),
+                "vs_ridge": paired_series_difference(llm, ridge),
+                "vs_mlp": paired_series_difference(llm, mlp),
+                "llm_daily": llm,
+            }
+        v, t = summary[(size, "validation")], summary[(size, "test")]
+        sd = f" (seed sd {v['seed_sd']:.4f})" if np.isfinite(v["seed_sd"]) else ""
+        train_s = np.mean([r["train_s"] for r in records])
+        rows.append(
+            f"| {label} | {_stat_cell(v['llm'])}{sd} | {_stat_cell(t['llm'])} | {_stat_cell(v['ridge'])} | "
+            f"{_stat_cell(v['mlp'])} | {v['vs_ridge']} | {t['vs_ridge']} | {v['vs_mlp']} | {train_s:.0f} |"
+        )
+    # targets
+    checks = []
+    previous = None
+    for size in runs:
+        cur = summary[(size, "validation")]
+        if previous is not None:
+            step = paired_series_difference(cur["llm_daily"], previous["llm_daily"])
+            ok = cur["llm"].mean >= previous["llm"].mean - cur["llm"].se
+            checks.append(
+                f"- rises with data, {size or 'all'} vs the previous size: {step} — "
+                f"{'met' if ok else 'not met'} (at least the previous minus 1 SE)"
+            )
+        ok = cur["vs_ridge"].delta >= 0
+        checks.append(
+            f"- ≥ ridge on the same rows at {size or 'all'}: {cur['vs_ridge']} — {'met' if ok else 'not met'}"
+        )
+        previous = cur
+    last = summary[(list(runs)[-1], "validation")]
+    goal = 0.9 * reference["validation"].mean
+    checks.append(
+        f"- at the largest size ≥ 0.9 × ridge on all rows ({goal:.4f}): {last['llm'].mean:.4f} — "
+        f"{'met' if last['llm'].mean >= goal else 'not met'}"
+    )
+    png = _curve_png(runs, summary, reference)
+    save_json("curve", {"runs": {str(k): v for k, v in runs.items()}})
+    rate = np.mean([r["score_rows_per_s"]["validation"] for rs in runs.values() for r in rs])
+    write_section(
+        "regressor_curve",
+        f"""## Learning curve of the LLM regressor (issue 13)
+
+Command: `python bench/bench_regressor.py curve --sizes {args.sizes} --seeds {args.seeds}` after `make demo`. Machine: {machine()["cores"]} cores ({machine()["cpu"]}). Recipe: the cpu profile (`modeling/profiles.py`) with `max_train_samples` = the size, one pass, its periodic validation and early stopping, no time budget. Every model is scored on **every** validation and test date; cells are mean daily RankIC ± its standard error (dates). Ridge and the MLP on the 16 features are fit on exactly the same rows, targets and weights; "LLM − ridge" is the paired daily difference on the same rows, Δ ± SE (t). With several seeds, the LLM's daily RankIC is averaged over seeds date by date (the seed sd is the spread of the seeds' means). Scoring ran at {rate:,.0f} rows/s.
+
+| train rows | LLM validation | LLM test | ridge validation | MLP validation | LLM − ridge, validation | LLM − ridge, test | LLM − MLP, validation | train s |
+|---|---:|---:|---:|---:|---:|---:|---:|---:|
+{chr(10).join(rows)}
+
+Reference: ridge on all {len(all_rows):,} train rows (same targets and weights): validation {_stat_cell(reference["validation"])}, test {_stat_cell(reference["test"])}.
+
+Targets:
+{chr(10).join(checks)}
+
+![learning curve](bench/results/learning_curve.png)
+""",
+    )
+    print("\n".join(rows + checks))
+    print(png)
+
+
+def _curve_png(runs: dict, summary: dict, reference: dict) -> Path:
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, sharey=True)
+    x = np.array([runs[s][0]["n_train_rows"] for s in runs], dtype=float)
+    for ax, split in zip(axes, ("validation", "test"), strict=True):
+        for key, name, color in (
+            ("llm", "LLM regressor", "tab:red"),
+            ("ridge", "ridge", "tab:blue"),
+            ("mlp", "MLP on features", "tab:green"),
+        ):
+            y = np.array([summary[(s, split)][key].mean for s in runs])
+            e = np.array([summary[(s, split)][key].se for s in runs])
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, color=color, label=f"{name} (± 1 SE)")
+        ax.axhline(reference[split].mean, color="tab:blue", ls="--", lw=1, label="ridge, all train rows")
+        ax.set_xscale("log")
+        ax.set_xlabel("train rows")
+        ax.set_title(f"{split}: mean daily RankIC, every date")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("RankIC")
+    axes[0].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "learning_curve.png"
+    fig.savefig(path, dpi=90)
+    return path
+
+
+# --- inference throughput ---------------------------------------------------------------------------------
+def bench_inference(args) -> None:
+    """Rows/s of training (forward + backward + step), of the trainer's evaluation path and of the
+    registered pyfunc (prompts rendered from raw feature rows), on the same machine in one run."""
+    import pandas as pd
+
+    from modeling.backbones.common import load_tokenizer
+    from modeling.evaluation import split_rows
+    from modeling.feature_registry import FEATURE_NAMES
+    from modeling.inference import predict_ids
+    from modeling.model import load_regressor
+    from modeling.train import tokenise_rows
+
+    base, corpus, training_set = _paths()
+    out = OUT / "inference"
+    trained = ours_train(base, corpus, args.rows, args.seed, out / "train", eval_every=0)
+    train_rate = trained.report()["samples_per_s"]
+    tok = load_tokenizer(base)
+    rows = split_rows(corpus, "validation", args.eval_dates)
+    ids = tokenise_rows(rows, tok).ids
+    model = load_regressor(trained.model_dir, merge_adapters=False)  # as the trainer holds it: unmerged
+    results = {"train_rows_per_s": train_rate, "eval_rows": len(ids)}
+    for name, kwargs in (("trainer evaluation (merged per call)", {}),):
+        started = time.perf_counter()
+        predict_ids(model, tok, ids, **kwargs)
+        results[name] = len(ids) / (time.perf_counter() - started)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for start in range(0, len(ids), 32):  # the unmerged forward, the path before this change
+            from modeling.inference import pad_batch
+
+            batch = pad_batch(tok, ids[start : start + 32])
+            model(batch["input_ids"], batch["attention_mask"])
+    results["unmerged forward (reference)"] = len(ids) / (time.perf_counter() - started)
+    try:
+        import mlflow
+
+        tracking = os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{DATA / 'mlflow.db'}")
+        mlflow.set_tracking_uri(tracking)
+        pyfunc = mlflow.pyfunc.load_model("models:/return-regressor@champion")
+        features = pd.read_parquet(training_set, columns=["date", "symbol", "sector", *FEATURE_NAMES])
+        raw = rows[["date", "symbol"]].merge(features, on=["date", "symbol"], how="left")
+        started = time.perf_counter()
+        pyfunc.predict(raw)
+        results["pyfunc (render + tokenise + score)"] = len(raw) / (time.perf_counter() - started)
+    except Exception as error:  # noqa: BLE001 - the pyfunc line needs `make demo`'s registry
+        print(f"pyfunc not measured: {error}")
+    save_json("inference", results)
+    lines = [
+        "| path | rows/s | × training |",
+        "|---|---:|---:|",
+        f"| training (forward + backward + step, batch 32) | {train_rate:.0f} | 1.00 |",
+    ]
+    lines += [
+        f"| {name} | {rate:.0f} | {rate / train_rate:.2f} |"
+        for name, rate in results.items()
+        if name not in ("train_rows_per_s", "eval_rows")
+    ]
+    write_section(
+        "regressor_inference",
+        f"""## Scoring throughput (issue 13)
+
+Command: `python bench/bench_regressor.py inference --rows {args.rows} --eval-dates {args.eval_dates}` after `make demo`. Machine: {machine()["cores"]} cores ({machine()["cpu"]}), fp32. Training: the cpu profile on {args.rows:,} rows; scoring: {len(ids):,} validation rows ({args.eval_dates} dates), batches of 32 by length, forward only, adapters merged, no LM head, last-layer shortcut. The pyfunc line is the registered champion of DATA_DIR's store, fed raw feature rows (it renders and tokenises the prompts too). Target: scoring ≥ 3× the training throughput.
+
+{chr(10).join(lines)}
+""",
+    )
+    print(json.dumps(results, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", choices=["peer", "quality"])
-    parser.add_argument("--rows", type=int, default=8000, help="peer: train rows for both")
+    parser.add_argument("what", choices=["peer", "quality", "curve", "inference"])
+    parser.add_argument("--rows", type=int, default=8000, help="peer / inference: train rows")
     parser.add_argument("--eval-dates", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sizes", default="24000,96000,all", help="curve: train sizes ('all' = every row)")
+    parser.add_argument("--seeds", type=int, default=3, help="curve: seeds at the small sizes")
+    parser.add_argument(
+        "--multi-seed-max", type=int, default=24000, help="curve: sizes up to this get --seeds"
+    )
     args = parser.parse_args()
-    {"peer": bench_peer, "quality": bench_quality}[args.what](args)
+    {"peer": bench_peer, "quality": bench_quality, "curve": bench_curve, "inference": bench_inference}[
+        args.what
+    ](args)
 
 
 if __name__ == "__main__":

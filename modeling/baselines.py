@@ -123,7 +123,7 @@ def fit_mlp_features(
     huber_delta: float = 1.0,
 ):
     """The regressor's head on the standardised features, trained with the same weighted loss."""
-    from modeling.train import weighted_loss
+    from modeling.losses import weighted_loss
 
     generator = torch.Generator().manual_seed(cfg.seed)
     with torch.random.fork_rng(devices=[]):
@@ -171,9 +171,11 @@ def fit_predict_baselines(
     cfg: BaselineConfig = BaselineConfig(),
     loss: str = "mse",
     huber_delta: float = 1.0,
+    only: tuple[str, ...] = BASELINES,
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, float]]:
-    """Fit every baseline on `train` (columns: the 16 features, label, weight), use `validation` for early
-    stopping, and predict every frame of `evaluate_on` (e.g. {"validation": ..., "test": ...}).
+    """Fit every baseline named in `only` on `train` (columns: the 16 features, label, weight), use
+    `validation` for early stopping, and predict every frame of `evaluate_on` (e.g. {"validation": ...,
+    "test": ...}).
 
     Returns ({baseline: {name: predictions}}, {baseline: fit seconds}).
     """
@@ -189,7 +191,11 @@ def fit_predict_baselines(
     }
     predictions: dict[str, dict[str, np.ndarray]] = {}
     seconds: dict[str, float] = {}
-    for name, fit in fitters.items():
+    unknown = set(only) - set(fitters)
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {sorted(unknown)}; known: {BASELINES}")
+    for name in only:
+        fit = fitters[name]
         started = time.perf_counter()
         predict = fit()
         seconds[name] = round(time.perf_counter() - started, 3)

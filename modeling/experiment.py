@@ -5,10 +5,14 @@ the orchestrator only launches one command and reads back its numbers. Steps:
 
 1. reload the trained model from disk (what gets packaged is what is judged);
 2. score validation and test rows (evenly spaced dates, `eval_max_dates` of each; None = all);
-3. fit the baselines on the same train rows, labels and weights (features joined from the training set);
-4. one comparison table (validation and test, every metric of `modeling.metrics`), plots;
+3. fit the baselines on the same train rows, targets and weights (features joined from the training
+   set);
+4. one comparison table (validation and test, every metric of `modeling.metrics`, each RankIC with its
+   standard error and number of dates) and one table of paired differences (the regressor's daily
+   RankIC minus each baseline's on the same rows: mean, SE, t), plots;
 5. one MLflow run with params, per-eval metrics, final metrics, artifacts and the pyfunc model,
-   registered as a new version (`challenger`), then the champion gate.
+   registered as a new version (`challenger`), then the champion gate (a paired test on the same
+   validation rows).
 
 This module imports mlflow only through `modeling.registry`.
 """
@@ -29,22 +33,22 @@ import torch
 
 from modeling.backbones.common import load_tokenizer
 from modeling.baselines import BaselineConfig, fit_predict_baselines
+from modeling.evaluation import score_rows, split_rows
 from modeling.feature_registry import FEATURE_NAMES
-from modeling.metrics import evaluate, rank_ic
-from modeling.model import load_regressor, predict_ids
+from modeling.metrics import evaluate, paired_difference, per_date_correlation
+from modeling.model import load_regressor
 from modeling.report_plots import forecast_plots
 from modeling.train import (
     TrainJob,
     TrainResult,
-    bucket_weights,
-    evenly_spaced_dates,
-    read_corpus_split,
-    sample_rows,
-    tokenise_rows,
+    train_sample,
 )
 
 METRIC_KEYS = (
     "rank_ic",
+    "rank_ic_se",
+    "rank_ic_t",
+    "rank_ic_n_dates",
     "rank_icir",
     "ic",
     "icir",
@@ -77,6 +81,10 @@ class ExperimentSpec:
     parent_run_id: str | None = None
     promote: bool = True
     """Run the champion gate (False: register as challenger only)."""
+    gate_k: float = 1.0
+    """The gate promotes when the paired RankIC difference exceeds gate_k standard errors ..."""
+    gate_min_delta: float = 0.0
+    """... and this margin."""
     resume_version: str | None = None
     """A version this job already registered before its run failed (before the gate): it is verified
     and gated instead of registering another copy."""
@@ -113,6 +121,51 @@ def comparison_table(results: dict[str, dict[str, dict[str, float]]]) -> pd.Data
     return pd.DataFrame(records)
 
 
+def paired_against(frame: pd.DataFrame, baseline: np.ndarray, horizon: int) -> dict[str, float]:
+    """The regressor (column `prediction`) minus `baseline` on the rows of `frame`: paired daily RankIC.
+    Against a constant forecast (no daily RankIC) the difference is the regressor's own RankIC."""
+    both = frame.assign(baseline=baseline)
+    if np.ptp(np.asarray(baseline, dtype=float)) == 0:
+        own = evaluate(frame, horizon=horizon)
+        return {
+            "delta": own["rank_ic"],
+            "se": own["rank_ic_se"],
+            "t": own["rank_ic_t"],
+            "n_dates": own["rank_ic_n_dates"],
+        }
+    return paired_difference(both, "prediction", "baseline", horizon=horizon).to_dict()
+
+
+def _pm(mean: float, se: float, n: float) -> str:
+    return f"{mean:.4f} ± {se:.4f} ({int(n)})" if np.isfinite(mean) else "n/a"
+
+
+def headline_table(
+    results: dict[str, dict[str, dict[str, float]]], paired: dict[str, dict[str, dict[str, float]]]
+) -> str:
+    """Markdown: every model's RankIC ± SE (dates) on validation and test, ICIR, the decile spread, and
+    the regressor's paired difference to each baseline (Δ ± SE, t) on the same rows."""
+    lines = [
+        "| model | validation RankIC ± SE (dates) | test RankIC ± SE (dates) | validation RankICIR "
+        "| test top-bottom decile | LLM − model, validation: Δ ± SE (t) | LLM − model, test: Δ ± SE (t) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, per_split in results.items():
+        v, t = per_split["validation"], per_split.get("test", {})
+        cells = [
+            name,
+            _pm(v["rank_ic"], v["rank_ic_se"], v["rank_ic_n_dates"]),
+            _pm(t.get("rank_ic", np.nan), t.get("rank_ic_se", np.nan), t.get("rank_ic_n_dates", 0)),
+            f"{v['rank_icir']:.3f}" if np.isfinite(v["rank_icir"]) else "n/a",
+            f"{t.get('top_bottom_decile', np.nan):.5f}",
+        ]
+        for split in ("validation", "test"):
+            d = paired.get(name, {}).get(split)
+            cells.append(f"{d['delta']:+.4f} ± {d['se']:.4f} ({d['t']:.2f})" if d else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None] = print) -> dict[str, Any]:
     from modeling import registry
 
@@ -129,47 +182,46 @@ def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None
     features = _feature_rows(Path(spec.training_set_path))
 
     frames: dict[str, pd.DataFrame] = {}
+    rates: dict[str, float] = {}
     for split in ("validation", "test"):
-        rows = read_corpus_split(job.corpus_path, split)
-        rows = rows[rows["date"].isin(evenly_spaced_dates(rows["date"], spec.eval_max_dates))]
-        rows = rows.reset_index(drop=True)
-        tokenised = tokenise_rows(rows, tokenizer)
-        t0 = time.perf_counter()
-        predictions = predict_ids(model, tokenizer, tokenised.ids, job.train.eval_batch_size)
-        log(
-            f"scored {len(rows)} {split} rows on {rows['date'].nunique()} dates "
-            f"in {time.perf_counter() - t0:.1f}s"
-        )
-        frames[split] = _with_features(tokenised.frame, features).assign(prediction=predictions)
+        rows = split_rows(job.corpus_path, split, spec.eval_max_dates)
+        scored, rates[split] = score_rows(model, tokenizer, rows, job.train.eval_batch_size)
+        log(f"scored {len(rows)} {split} rows on {rows['date'].nunique()} dates at {rates[split]:.0f} rows/s")
+        frames[split] = _with_features(scored, features)
 
+    horizon = int(job.prompt.get("horizon", 1))
     results: dict[str, dict[str, dict[str, float]]] = {
-        "llm_regressor": {split: evaluate(frame) for split, frame in frames.items()}
+        "llm_regressor": {split: evaluate(frame, horizon=horizon) for split, frame in frames.items()}
     }
+    paired: dict[str, dict[str, dict[str, float]]] = {}
     baseline_seconds: dict[str, float] = {}
     others: dict[str, pd.Series] = {}
     if spec.baselines:
-        train_rows = read_corpus_split(job.corpus_path, "train", ["date", "symbol", "label", "weight"])
-        if job.reweight is not None:  # the same weights the regressor trained with
-            weights = bucket_weights(train_rows["label"].to_numpy(), job.reweight)
-            train_rows = train_rows.assign(weight=weights)
-        train_keys = sample_rows(
-            train_rows,
-            job.train.max_train_samples,
-            job.train.seed,
+        # the same rows, targets and weights the regressor trained on
+        train_keys = train_sample(
+            job.corpus_path, job.train, job.reweight, ["date", "symbol", "label", "weight"]
         )
         train = _with_features(train_keys, features)
         baseline_config = BaselineConfig(mlp_head=job.regressor.head, seed=job.train.seed)
+        mlp_loss = job.train.loss if job.train.loss != "ic" else "mse"
         predictions, baseline_seconds = fit_predict_baselines(
-            train, frames["validation"], frames, baseline_config, job.train.loss, job.train.huber_delta
+            train, frames["validation"], frames, baseline_config, mlp_loss, job.train.huber_delta
         )
         for name, per_split in predictions.items():
             results[name] = {
-                split: evaluate(frames[split].assign(prediction=p)) for split, p in per_split.items()
+                split: evaluate(frames[split].assign(prediction=p), horizon=horizon)
+                for split, p in per_split.items()
+            }
+            # the regressor minus this baseline, date by date on the same rows (the zero forecast has no
+            # daily RankIC: the difference to "no view" is the regressor's own RankIC)
+            paired[name] = {
+                split: paired_against(frames[split], per_split[split], horizon) for split in per_split
             }
         best = max((n for n in predictions if n != "zero"), key=lambda n: results[n]["validation"]["rank_ic"])
         others[best] = pd.Series(predictions[best]["test"])
     table = comparison_table(results)
-    log("\n" + table.to_string(index=False, float_format=lambda v: f"{v:.5f}"))
+    headline = headline_table(results, paired)
+    log("\n" + headline)
 
     reports = Path(spec.reports_dir or model_dir.parent / "reports")
     reports.mkdir(parents=True, exist_ok=True)
@@ -178,17 +230,28 @@ def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None
     table.to_csv(table_path, index=False)
     report_path = model_dir.parent / "train_report.json"
 
-    validation_key = registry.dates_key(frames["validation"]["date"].unique())
+    validation_key = registry.rows_key(frames["validation"])
+    daily = per_date_correlation(frames["validation"], method="spearman")
     metrics: dict[str, float] = {}
     for name, per_split in results.items():
         prefix = "" if name == "llm_regressor" else f"{name}/"
         for split, values in per_split.items():
             for key in METRIC_KEYS:
                 metrics[f"{prefix}{split}_{key}"] = values[key]
+    for short, split in (("val", "validation"), ("test", "test")):
+        llm = results["llm_regressor"][split]
+        metrics[f"{short}_rank_ic"] = llm["rank_ic"]
+        metrics[f"{short}_rank_ic_se"] = llm["rank_ic_se"]
+        metrics[f"{short}_n_dates"] = llm["rank_ic_n_dates"]
+    for name, per_split in paired.items():
+        for split, values in per_split.items():
+            for key in ("delta", "se", "t", "n_dates"):
+                metrics[f"paired/{name}/{split}_{key}"] = values[key]
     report = result.report()
     metrics.update(
         {
             "train_samples_per_s": report["samples_per_s"] or float("nan"),
+            "score_rows_per_s": float(np.mean(list(rates.values()))),
             "train_samples": report["samples"],
             "best_step": report["best_step"] or 0,
         }
@@ -206,7 +269,10 @@ def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None
     experiment_id = registry.configure(spec.tracking_uri, spec.experiment_name, spec.artifact_root)
     tags = {
         "val_rank_ic": val_score,
-        "validation_dates_sha": validation_key,
+        "val_rank_ic_se": results["llm_regressor"]["validation"]["rank_ic_se"],
+        "val_n_dates": results["llm_regressor"]["validation"]["rank_ic_n_dates"],
+        "val_daily_rank_ic": registry.daily_to_tag(daily),
+        "validation_rows_sha": validation_key,
         **spec.gate_tags,
         **spec.version_tags,
     }
@@ -235,44 +301,43 @@ def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None
             spec.parent_run_id,
         )
     gate: dict[str, Any] = {"promoted": False, "reason": "not registered"}
-    if spec.registry_name and logged["model_version"] and not spec.promote:
-        gate = {"promoted": False, "reason": "the champion gate was not asked for (promote=False)"}
-        registry.finish_version(spec.registry_name, logged["model_version"], gate)
-    if spec.registry_name and logged["model_version"] and spec.promote:
-        validation_rows = frames["validation"]
+    if spec.registry_name and logged["model_version"]:
+        if spec.promote:
+            validation_rows = frames["validation"]
+            served_columns = ["date", "symbol", "sector", *FEATURE_NAMES]
 
-        def rescore(uri: str) -> float:
-            champion = registry.load_model(uri)
-            frame = validation_rows[["date", "symbol", "sector", *FEATURE_NAMES]]
-            return rank_ic(
-                validation_rows.assign(prediction=np.asarray(champion.predict(frame), dtype=float))
-            )
+            def rescore(uri: str) -> pd.Series:
+                champion = registry.load_model(uri)
+                predicted = np.asarray(champion.predict(validation_rows[served_columns]), dtype=float)
+                return per_date_correlation(validation_rows.assign(prediction=predicted), method="spearman")
 
-        # what gets served is what was judged: the registered pyfunc must reproduce these predictions
-        check = validation_rows.head(64)
-        served = np.asarray(
-            registry.load_model(logged["model_uri"]).predict(
-                check[["date", "symbol", "sector", *FEATURE_NAMES]]
-            ),
-            dtype=float,
-        )
-        gap = float(np.max(np.abs(served - check["prediction"].to_numpy(float)))) if len(check) else 0.0
-        if not gap <= 1e-4 * max(1.0, float(np.abs(served).max(initial=0.0))):
-            raise RuntimeError(
-                f"the registered pyfunc model predicts differently from the judged model "
-                f"(max difference {gap:.3g}); it is neither challenger nor champion"
+            # what gets served is what was judged: the registered pyfunc must reproduce these predictions
+            check = validation_rows.head(64)
+            served = np.asarray(
+                registry.load_model(logged["model_uri"]).predict(check[served_columns]), dtype=float
             )
-        gate = registry.champion_gate(
-            spec.registry_name,
-            logged["model_version"],
-            val_score,
-            validation_key,
-            rescore,
-            new_tags=spec.gate_tags,
-            validation_start=spec.validation_start,
-        )
+            gap = float(np.max(np.abs(served - check["prediction"].to_numpy(float)))) if len(check) else 0.0
+            if not gap <= 1e-4 * max(1.0, float(np.abs(served).max(initial=0.0))):
+                raise RuntimeError(
+                    f"the registered pyfunc model predicts differently from the judged model "
+                    f"(max difference {gap:.3g}); it is neither challenger nor champion"
+                )
+            gate = registry.champion_gate(
+                spec.registry_name,
+                logged["model_version"],
+                daily,
+                validation_key,
+                rescore,
+                new_tags=spec.gate_tags,
+                validation_start=spec.validation_start,
+                k=spec.gate_k,
+                min_delta=spec.gate_min_delta,
+                horizon=horizon,
+            )
+            log(f"champion gate: {gate['reason']}")
+        else:
+            gate = {"promoted": False, "reason": "the champion gate was not asked for (promote=False)"}
         registry.finish_version(spec.registry_name, logged["model_version"], gate)
-        log(f"champion gate: {gate['reason']}")
     outcome = {
         "run_id": logged["run_id"],
         "model_uri": logged["model_uri"],
@@ -280,17 +345,24 @@ def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None
         "promoted": gate["promoted"],
         "gate": gate["reason"],
         "val_rank_ic": val_score,
+        "val_rank_ic_se": results["llm_regressor"]["validation"]["rank_ic_se"],
+        "val_n_dates": results["llm_regressor"]["validation"]["rank_ic_n_dates"],
         "test_rank_ic": results["llm_regressor"]["test"]["rank_ic"],
+        "test_rank_ic_se": results["llm_regressor"]["test"]["rank_ic_se"],
+        "test_n_dates": results["llm_regressor"]["test"]["rank_ic_n_dates"],
         "val_rank_icir": results["llm_regressor"]["validation"]["rank_icir"],
         "test_rank_icir": results["llm_regressor"]["test"]["rank_icir"],
         "baselines_val_rank_ic": {
             n: r["validation"]["rank_ic"] for n, r in results.items() if n != "llm_regressor"
         },
-        "comparison": table.to_markdown(index=False, floatfmt=".5f"),
+        "comparison": headline,
+        "paired": paired,
+        "gate_stats": {k: gate.get(k) for k in ("delta", "se", "t", "n_dates", "bar")},
         "plots": {name: str(path) for name, path in plots.items()},
         "train": {k: v for k, v in report.items() if k not in ("history", "eval_dates")},
         "eval_history": report["history"],
         "experiment_s": round(time.perf_counter() - started, 1),
+        "score_rows_per_s": round(float(np.mean(list(rates.values()))), 1),
         "baseline_fit_s": baseline_seconds,
     }
     (model_dir.parent / "outcome.json").write_text(json.dumps(outcome, indent=1, default=str) + "\n")

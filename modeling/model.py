@@ -2,7 +2,8 @@
 
 Reading order: the head (what turns a hidden state into a return forecast) -> pooling (which hidden
 state it reads) -> the wrapper (backbone + head, one forward) -> the constructor (from a `base_model`
-directory) -> save/load (safetensors and JSON only) -> batched prediction.
+directory) -> save/load (safetensors and JSON only). Scoring (merged adapters, batches by length,
+sharding across processes) lives in `modeling.inference`.
 
     input_ids, attention_mask [B, T]
       -> backbone (AutoModel: frozen weights + peft LoRA on every attention and MLP projection)
@@ -300,6 +301,23 @@ class LLMRegressor(nn.Module):
         with torch.autocast(device_type=pooled.device.type, enabled=False):
             return self.head(pooled.float())  # [B]
 
+    def lora_layers(self) -> list[nn.Module]:
+        """The backbone's LoRA-wrapped projections."""
+        from peft.tuners.lora import LoraLayer
+
+        return [m for m in self.backbone.modules() if isinstance(m, LoraLayer)]
+
+    def adapters_mergeable(self) -> bool:
+        """True when the adapters can be folded into the frozen weights without loss: an fp32, unquantised
+        backbone whose adapters are not merged yet (see `modeling.inference.merged_adapters`)."""
+        layers = self.lora_layers()
+        return (
+            bool(layers)
+            and self.config.quantization == "none"
+            and all(not layer.merged for layer in layers)
+            and all(layer.get_base_layer().weight.dtype == torch.float32 for layer in layers)
+        )
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The parameters that train (adapters and head), detached copies: a best-checkpoint snapshot."""
         return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
@@ -426,8 +444,12 @@ def load_regressor(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = "auto",
     check_fingerprint: bool = True,
+    merge_adapters: bool = True,
 ) -> LLMRegressor:
     """A saved regressor on its base model (the one it names, or `base_model_dir`), in eval mode.
+
+    `merge_adapters`: fold the LoRA updates into an fp32 backbone's weights once (a loaded model only
+    scores; see `modeling.inference.merged_adapters`), so no scoring call has to merge them again.
 
     `device`: "auto" = the GPU when there is one (env `REGRESSOR_DEVICE` overrides), else the CPU; a
     4-bit model stays where bitsandbytes put it. The base model's fingerprint must match the one saved:
@@ -462,66 +484,15 @@ def load_regressor(
     elif device is not None:
         peft_model.to(device)
         head.to(device)
-    return LLMRegressor(peft_model, head, config, info["base_model"]).eval()
+    model = LLMRegressor(peft_model, head, config, info["base_model"]).eval()
+    if merge_adapters and model.adapters_mergeable():
+        model.backbone.merge_adapter()
+    return model
 
 
-# --- batched prediction ---------------------------------------------------------------------------------
-def encode_prompts(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
-    """Token ids of rendered prompts (the chat template already wrote bos: no special tokens added)."""
-    return tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if len(prompts) else []
+def predict_prompts(*args: Any, **kwargs: Any) -> np.ndarray:
+    """Kept for pyfunc models registered before scoring moved to `modeling.inference`: their shipped code
+    imports it from here. New code calls `modeling.inference.predict_prompts`."""
+    from modeling.inference import predict_prompts as predict
 
-
-def pad_batch(
-    tokenizer: Any,
-    ids: list[list[int]],
-    device: torch.device | str | None = None,
-    pad_to_multiple_of: int | None = 8,
-) -> dict[str, torch.Tensor]:
-    """Dynamic padding of a batch (to the longest row, rounded up to a multiple of 8), on the tokenizer's
-    padding side."""
-    batch = tokenizer.pad({"input_ids": ids}, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
-    return {k: v.to(device) for k, v in batch.items()} if device is not None else dict(batch)
-
-
-@torch.no_grad()
-def predict_ids(
-    model: LLMRegressor,
-    tokenizer: Any,
-    ids: list[list[int]],
-    batch_size: int = 64,
-    device: torch.device | str | None = None,
-    progress: bool = False,
-) -> np.ndarray:
-    """Forecasts for tokenised prompts, in their order. Rows are batched by length (less padding)."""
-    device = device or next(model.parameters()).device
-    order = np.argsort([len(x) for x in ids], kind="stable")
-    out = np.empty(len(ids), dtype=np.float64)
-    was_training = model.training
-    model.eval()
-    starts = range(0, len(ids), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="predict", unit="batch", leave=False)
-    for start in starts:
-        idx = order[start : start + batch_size]
-        batch = pad_batch(tokenizer, [ids[i] for i in idx], device)
-        with torch.autocast(
-            device_type=torch.device(device).type,
-            dtype=torch.bfloat16,
-            enabled=torch.device(device).type == "cuda",
-        ):
-            out[idx] = model(batch["input_ids"], batch["attention_mask"]).float().cpu().numpy()
-    model.train(was_training)
-    return out
-
-
-def predict_prompts(
-    model: LLMRegressor,
-    tokenizer: Any,
-    prompts: list[str],
-    batch_size: int = 64,
-    device: torch.device | str | None = None,
-) -> np.ndarray:
-    """Forecasts for rendered prompts, in their order."""
-    return predict_ids(model, tokenizer, encode_prompts(tokenizer, prompts), batch_size, device)
+    return predict(*args, **kwargs)

@@ -11,8 +11,9 @@ regressor's JSON config, the tokenizer, and either a copy of a small base model 
 takes raw feature rows (date, symbol, the 16 features, optional sector) and returns one forecast per
 row, rendering the prompts with the same `PromptBuilder` settings the model was trained on.
 
-Aliases: every new version gets `challenger`; `champion` moves to it only when its validation RankIC
-beats the current champion's on the same validation dates (`champion_gate`).
+Aliases: every new version gets `challenger`; `champion` moves to it only when a paired test on the
+same validation rows says it is better by more than the noise (`champion_gate`): the daily RankIC
+difference, new minus champion, has a mean above max(`min_delta`, `k` x its standard error).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
 
 from modeling.feature_registry import FEATURE_NAMES
+from modeling.metrics import DailyMean, PairedDifference, paired_series_difference
 
 REGISTERED_MODEL_NAME = "return-regressor"
 """Default registry name (configurable, fixed by the interface contract)."""
@@ -44,8 +46,17 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 EMBED_BASE_MODEL_MAX_BYTES = 200 * 1024**2
 """Base models up to this size are copied into the pyfunc artefact (self-contained); larger ones are
 referenced by path and fingerprint."""
-VERSION_TAGS = ("val_rank_ic", "validation_dates_sha", "inputs_sha", "run_id")
-"""Tags set on every registered version."""
+VERSION_TAGS = (
+    "val_rank_ic",
+    "val_rank_ic_se",
+    "val_n_dates",
+    "val_daily_rank_ic",
+    "validation_rows_sha",
+    "inputs_sha",
+    "run_id",
+)
+"""Tags set on every registered version (`val_daily_rank_ic`: the daily validation RankIC as JSON, what
+a later gate pairs against when it judges on the same validation rows)."""
 
 
 # --- the pyfunc model ------------------------------------------------------------------------------------
@@ -69,7 +80,7 @@ class RegressorPyfunc(PythonModel):
         self.batch_size = int(os.environ.get("REGRESSOR_PREDICT_BATCH_SIZE", "64"))
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
-        from modeling.model import predict_prompts
+        from modeling.inference import predict_prompts
 
         frame = pd.DataFrame(model_input)
         missing = [c for c in ("date", "symbol", *FEATURE_NAMES) if c not in frame.columns]
@@ -133,10 +144,25 @@ def flatten(prefix: str, value: Any) -> dict[str, str]:
     return {prefix: text[:500]}
 
 
-def dates_key(dates: Iterable[Any]) -> str:
-    """Identifies a set of validation dates (the champion gate compares on the same dates only)."""
-    text = ",".join(sorted(str(pd.Timestamp(d).date()) for d in dates))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def rows_key(frame: pd.DataFrame) -> str:
+    """Identifies a set of validation rows by their (date, symbol, label): a champion's stored daily
+    RankIC is reused only on exactly these rows; a revised label or another universe changes the key."""
+    rows = frame[["date", "symbol", "label"]].assign(
+        date=pd.to_datetime(frame["date"]).dt.strftime("%Y-%m-%d"), label=frame["label"].round(10)
+    )
+    rows = rows.sort_values(["date", "symbol"], kind="stable")
+    digest = hashlib.sha256(pd.util.hash_pandas_object(rows, index=False).to_numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def daily_to_tag(daily: pd.Series) -> str:
+    """A daily RankIC series as a compact JSON tag value ({date: value}, 6 decimals)."""
+    return json.dumps({str(pd.Timestamp(d).date()): round(float(v), 6) for d, v in daily.items()})
+
+
+def daily_from_tag(text: str) -> pd.Series:
+    data = json.loads(text)
+    return pd.Series(list(data.values()), index=pd.to_datetime(list(data.keys())), dtype=float)
 
 
 def _package_dir(model_dir: Path, tokenizer_dir: Path, base_model_dir: Path) -> tuple[dict[str, str], Path]:
@@ -296,84 +322,97 @@ COMPARABILITY_TAGS = ("horizon", "label_kind")
 """Version tags that must agree for two validation RankICs to be comparable (same target)."""
 
 
+def gate_decision(
+    new_daily: pd.Series, champion_daily: pd.Series, k: float = 1.0, min_delta: float = 0.0, horizon: int = 1
+) -> tuple[bool, PairedDifference, float]:
+    """The paired test of the gate: (promote?, the paired difference new - champion, the bar).
+
+    Promote only when the mean daily RankIC difference on the common dates exceeds
+    max(min_delta, k x SE) (SE Newey-West with lag horizon - 1). Without a standard error (fewer than
+    two common dates) nothing is promoted."""
+    paired = paired_series_difference(new_daily, champion_daily, horizon)
+    bar = max(min_delta, k * paired.se) if np.isfinite(paired.se) else float("nan")
+    return bool(np.isfinite(bar) and paired.delta > bar), paired, bar
+
+
 def champion_gate(
     name: str,
     version: str,
-    score: float,
+    daily: pd.Series,
     validation_key: str,
-    rescore_champion: Callable[[str], float],
+    rescore_champion: Callable[[str], pd.Series],
     new_tags: dict[str, Any] | None = None,
     validation_start: str | None = None,
+    k: float = 1.0,
+    min_delta: float = 0.0,
+    horizon: int = 1,
 ) -> dict[str, Any]:
-    """Move `champion` to `version` when there is none, or when `score` (validation RankIC) beats the
-    champion's on the same validation dates: its stored score when it was evaluated on the same dates
-    (tag `validation_dates_sha`), else `rescore_champion(model_uri)` on the current ones. A worse or
-    equal model never moves it, and a model without a finite score is never promoted.
+    """Move `champion` to `version` when there is none, or when the paired test on the same validation
+    rows says it is better (`gate_decision`): `daily` is the new version's daily validation RankIC, the
+    champion's is its stored series when it was scored on the same rows (tag `validation_rows_sha`),
+    else `rescore_champion(model_uri)` on these rows. A model without a finite score never moves it.
 
     A champion that cannot be compared fairly, because it predicts another target (horizon, label kind)
     or was trained on dates at or after the new validation start (its score there would be in-sample),
     or because it can no longer be loaded, is replaced by a model with a finite score, and the reason
-    says why.
+    says why. The returned dict carries the decision's numbers: delta, se, t, n_dates, bar.
     """
     client = MlflowClient()
-    finite = bool(np.isfinite(score))
+    score = DailyMean.of(daily, horizon - 1)
     current = alias_version(name, CHAMPION)
+    base = {"champion_before": current, "delta": None, "se": None, "t": None, "n_dates": score.n_dates}
     if current == version:
-        return {
-            "promoted": False,
-            "champion_before": current,
-            "champion_score": score,
-            "reason": "already champion",
-        }
-    if not finite:
-        return {
-            "promoted": False,
-            "champion_before": current,
-            "champion_score": None,
-            "reason": f"validation RankIC is {score}: a model without a score is never promoted",
-        }
+        return {**base, "promoted": False, "champion_score": score.mean, "reason": "already champion"}
+    if not np.isfinite(score.mean):
+        reason = f"validation RankIC is {score.mean}: a model without a score is never promoted"
+        return {**base, "promoted": False, "champion_score": None, "reason": reason}
     if current is None:
         client.set_registered_model_alias(name, CHAMPION, version)
-        return {
-            "promoted": True,
-            "champion_before": None,
-            "champion_score": None,
-            "reason": "no champion yet",
-        }
+        return {**base, "promoted": True, "champion_score": None, "reason": "no champion yet"}
     tags = version_tags(name, current)
-    new_tags = {k: str(v) for k, v in (new_tags or {}).items()}
-    mismatch = [k for k in COMPARABILITY_TAGS if k in new_tags and k in tags and tags[k] != new_tags[k]]
+    new_tags = {k_: str(v) for k_, v in (new_tags or {}).items()}
+    mismatch = [t for t in COMPARABILITY_TAGS if t in new_tags and t in tags and tags[t] != new_tags[t]]
     in_sample = validation_start is not None and "train_end" in tags and tags["train_end"] >= validation_start
-    champion_score, how = float("nan"), ""
+    champion_daily, how = None, ""
     if mismatch or in_sample:
         how = (
             f"champion v{current} predicts another {', '.join(mismatch)}"
             if mismatch
             else f"champion v{current} trained up to {tags['train_end']}, inside the validation period"
         )
-    elif tags.get("validation_dates_sha") == validation_key and "val_rank_ic" in tags:
-        champion_score, how = float(tags["val_rank_ic"]), "stored score on the same dates"
+    elif tags.get("validation_rows_sha") == validation_key and "val_daily_rank_ic" in tags:
+        champion_daily, how = (
+            daily_from_tag(tags["val_daily_rank_ic"]),
+            "stored daily RankIC on the same rows",
+        )
     else:
         try:
-            champion_score, how = (
-                float(rescore_champion(f"models:/{name}@{CHAMPION}")),
-                "re-scored on these dates",
-            )
+            champion_daily = rescore_champion(f"models:/{name}@{CHAMPION}")
+            how = "re-scored on these rows"
         except Exception as error:  # noqa: BLE001 - an unloadable champion cannot serve either
             how = f"champion v{current} could not be re-scored ({type(error).__name__}: {str(error)[:200]})"
-    comparable = bool(np.isfinite(champion_score))
-    promoted = (not comparable) or score > champion_score
+    if champion_daily is None or not np.isfinite(DailyMean.of(champion_daily).mean):
+        client.set_registered_model_alias(name, CHAMPION, version)
+        how = how or f"champion v{current} has no score"
+        reason = f"{how}: replaced by v{version} (validation RankIC {score})"
+        return {**base, "promoted": True, "champion_score": None, "reason": reason}
+    promoted, paired, bar = gate_decision(daily, champion_daily, k, min_delta, horizon)
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version)
-    if comparable:
-        verdict = "beats" if promoted else "does not beat"
-        reason = f"validation RankIC {score:.5f} {verdict} champion v{current}'s {champion_score:.5f} ({how})"
-    else:
-        reason = f"{how}: replaced by v{version} (validation RankIC {score:.5f})"
+    verdict = "beats" if promoted else "does not beat"
+    reason = (
+        f"v{version} {verdict} champion v{current}: paired daily RankIC {paired} ({how}); "
+        f"bar max(min_delta {min_delta:g}, {k:g} x SE) = {bar:.5f}"
+    )
     return {
+        **base,
         "promoted": promoted,
-        "champion_before": current,
-        "champion_score": champion_score if comparable else None,
+        "champion_score": paired.b.mean,
+        "delta": paired.delta,
+        "se": paired.se,
+        "t": paired.t,
+        "n_dates": paired.n_dates,
+        "bar": bar,
         "reason": reason,
     }
 

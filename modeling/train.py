@@ -46,13 +46,15 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
 from modeling.backbones.common import load_tokenizer
+from modeling.inference import encode_prompts, predict_ids
+from modeling.losses import LOSSES, ic_loss, weighted_loss
 from modeling.metrics import rank_ic
-from modeling.model import LLMRegressor, RegressorConfig, build_regressor, encode_prompts, save_regressor
+from modeling.model import LLMRegressor, RegressorConfig, build_regressor, save_regressor
+from modeling.targets import TARGET_TRANSFORMS, tempered_weights, training_targets
 
 TRAIN_STATE_FILE = "trainer_state.json"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -95,16 +97,27 @@ class TrainConfig:
     """Optimizer steps cap (None = epochs x steps per epoch)."""
     time_budget_s: float | None = None
     """Wall-clock cap of the training loop in seconds, across resumes (None = none)."""
-    loss: Literal["mse", "huber"] = "mse"
-    """Pointwise loss, weighted by the bucket weights."""
+    loss: Literal["mse", "huber", "ic"] = "mse"
+    """mse or huber: pointwise, weighted by the bucket weights; ic: minus the per-date correlation of
+    forecast and target on date-grouped batches (needs `date_group_size`; see `modeling.losses`)."""
     huber_delta: float = 1.0
     """Huber transition point, in label units (unit train std by default)."""
+    target_transform: Literal["none", "clip", "cs_zscore", "cs_rank"] = "none"
+    """What the train label becomes before the loss (`modeling.targets`): as is, clipped, per-date
+    z-score (clipped) or per-date rank-gaussian. Evaluation always uses the raw label."""
+    target_clip: float = 5.0
+    """Clip bound of the `clip` and `cs_zscore` targets, in label units."""
+    weight_power: float = 1.0
+    """The bucket weights are raised to this power (mean 1 again): 1 as built, 0 unweighted."""
+    date_group_size: int = 0
+    """0: batches by length, dates mixed. k > 0: every batch is made of whole groups of k rows of one
+    date each (the per-date loss needs them), and the train sample is drawn per date in multiples of k."""
     eval_every_steps: int = 100
     """Validation RankIC every N optimizer steps (and at the end); 0 = only at the end."""
     eval_max_dates: int | None = 20
     """Validation dates evaluated during training, evenly spaced over the validation period (None = all)."""
-    eval_batch_size: int = 64
-    """Rows per forward pass at evaluation."""
+    eval_batch_size: int = 32
+    """Rows per forward pass at evaluation (32 is fastest on 2 CPU cores; larger on a GPU)."""
     early_stopping_patience: int | None = 4
     """Stop after this many evaluations without a better validation RankIC (None = never)."""
     checkpoint_every_steps: int = 200
@@ -145,8 +158,25 @@ class TrainConfig:
             raise ValueError(
                 "TrainConfig needs 0 <= warmup_ratio < 1, 0 <= min_lr_ratio <= 1 and weight_decay >= 0"
             )
-        if self.loss not in ("mse", "huber"):
-            raise ValueError(f"TrainConfig.loss must be mse or huber, got {self.loss!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"TrainConfig.loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.target_transform not in TARGET_TRANSFORMS:
+            raise ValueError(
+                f"TrainConfig.target_transform must be in {TARGET_TRANSFORMS}, got {self.target_transform!r}"
+            )
+        if not self.target_clip > 0 or self.weight_power < 0:
+            raise ValueError("TrainConfig needs target_clip > 0 and weight_power >= 0")
+        if self.date_group_size < 0 or self.date_group_size == 1 or self.date_group_size == 2:
+            raise ValueError(
+                f"TrainConfig.date_group_size must be 0 (off) or >= 3 rows, got {self.date_group_size}"
+            )
+        if self.loss == "ic" and not self.date_group_size:
+            raise ValueError("loss 'ic' is a per-date correlation: set date_group_size (e.g. 16)")
+        if self.date_group_size and (self.batch_size // self.grad_accum_steps) % self.date_group_size:
+            raise ValueError(
+                f"the micro-batch {self.batch_size // self.grad_accum_steps} is not a multiple of "
+                f"date_group_size {self.date_group_size}"
+            )
         if self.eval_every_steps < 0 or self.checkpoint_every_steps < 0:
             raise ValueError("TrainConfig.eval_every_steps and checkpoint_every_steps must be >= 0")
         if self.batch_size % self.grad_accum_steps:
@@ -231,6 +261,49 @@ def sample_rows(frame: pd.DataFrame, max_rows: int | None, seed: int) -> pd.Data
     return frame.iloc[keep].reset_index(drop=True)
 
 
+def train_sample(
+    corpus_path: str | os.PathLike[str],
+    cfg: TrainConfig,
+    reweight: dict[str, Any] | None = None,
+    columns: list[str] | None = None,
+) -> pd.DataFrame:
+    """The train rows a job trains on, with what it trains them to fit: `label` is the training target
+    (`cfg.target_transform`, per date over the whole train split) and `raw_label` the stored label,
+    `weight` the bucket weights (re-fit when `reweight` is given, tempered by `cfg.weight_power`), then
+    the seeded sample (per date in multiples of `date_group_size` when the batches are date-grouped).
+    The baselines call this too, so they fit the same rows, targets and weights."""
+    frame = read_corpus_split(corpus_path, "train", columns)
+    if reweight is not None:
+        frame = frame.assign(weight=bucket_weights(frame["label"].to_numpy(), reweight))
+    frame = frame.assign(
+        raw_label=frame["label"],
+        label=training_targets(frame, cfg.target_transform, cfg.target_clip),
+        weight=tempered_weights(frame["weight"].to_numpy(), cfg.weight_power),
+    )
+    if cfg.date_group_size:
+        return sample_rows_by_date(frame, cfg.max_train_samples, cfg.date_group_size, cfg.seed)
+    return sample_rows(frame, cfg.max_train_samples, cfg.seed)
+
+
+def sample_rows_by_date(frame: pd.DataFrame, max_rows: int | None, group: int, seed: int) -> pd.DataFrame:
+    """A seeded sample of about `max_rows` rows drawn per date in multiples of `group` (so that date
+    groups of `group` rows lose no row): each date keeps `group` x (its share rounded at random, so the
+    expected total is `max_rows`). With max_rows None: every date's rows cut down to a multiple of
+    `group`. Rows keep the frame's order."""
+    rng = np.random.default_rng(seed)
+    codes, _ = pd.factorize(frame["date"], sort=True)
+    counts = np.bincount(codes)
+    share = 1.0 if max_rows is None else min(1.0, max_rows / max(len(frame), 1))
+    groups = counts * share / group
+    keep_groups = np.floor(groups + rng.random(len(groups))).astype(int)
+    keep_groups = np.minimum(keep_groups, counts // group)
+    keep = np.zeros(len(frame), dtype=bool)
+    for code in np.flatnonzero(keep_groups):
+        rows = np.flatnonzero(codes == code)
+        keep[rng.choice(rows, size=keep_groups[code] * group, replace=False)] = True
+    return frame[keep].reset_index(drop=True)
+
+
 def evenly_spaced_dates(dates: pd.Series | np.ndarray, max_dates: int | None) -> np.ndarray:
     """`max_dates` dates spread evenly over the sorted unique `dates` (all when None or fewer): a fixed,
     deterministic evaluation set that covers the whole period rather than its first weeks."""
@@ -304,15 +377,36 @@ def make_collate(tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, t
 
 
 def epoch_batches(
-    lengths: np.ndarray, micro_batch: int, seed: int, epoch: int, group_by_length: bool, multiple_of: int = 1
+    lengths: np.ndarray,
+    micro_batch: int,
+    seed: int,
+    epoch: int,
+    group_by_length: bool,
+    multiple_of: int = 1,
+    dates: np.ndarray | None = None,
+    date_group_size: int = 0,
 ) -> list[list[int]]:
     """The micro-batches (global, before splitting across processes) of one epoch, deterministic in
     (seed, epoch). The last incomplete batch is dropped, and the count is cut to a multiple of the
-    accumulation steps, so every optimizer step sees the same number of rows."""
+    accumulation steps, so every optimizer step sees the same number of rows.
+
+    With `date_group_size` k (and `dates`, one code per row): each date's rows are shuffled and cut into
+    groups of k (a remainder under k sits the epoch out), the groups are shuffled, and every batch is
+    micro_batch / k whole groups, contiguous, so a process's share of a batch is whole groups too."""
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    if group_by_length:
+    if date_group_size:
+        if dates is None:
+            raise ValueError("date-grouped batches need the date of every row")
+        rng = np.random.default_rng(seed * 100_003 + epoch)
+        groups = []
+        for rows in pd.Series(np.arange(len(dates))).groupby(np.asarray(dates)).indices.values():
+            rows = rng.permutation(rows)
+            last = len(rows) - date_group_size + 1
+            groups += [rows[i : i + date_group_size] for i in range(0, last, date_group_size)]
+        order = [int(i) for g in rng.permutation(len(groups)) for i in groups[g]] if groups else []
+    elif group_by_length:
         order = list(LengthGroupedSampler(micro_batch, lengths=lengths.tolist(), generator=generator))
     else:
         order = torch.randperm(len(lengths), generator=generator).tolist()
@@ -333,37 +427,7 @@ class _FixedBatches(torch.utils.data.Sampler[list[int]]):
         return len(self.batches)
 
 
-# --- loss and schedule ----------------------------------------------------------------------------------
-def pointwise_loss(
-    pred: torch.Tensor, target: torch.Tensor, kind: str, huber_delta: float = 1.0
-) -> torch.Tensor:
-    """Per-row loss: squared error or Huber."""
-    if kind == "mse":
-        return (pred - target) ** 2
-    if kind == "huber":
-        return F.huber_loss(pred, target, reduction="none", delta=huber_delta)
-    raise ValueError(f"unknown loss {kind!r}")
-
-
-def weighted_loss(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor,
-    kind: str,
-    huber_delta: float = 1.0,
-    weight_total: torch.Tensor | None = None,
-    n_processes: int = 1,
-) -> torch.Tensor:
-    """sum(w * loss) / sum(w): the weighted mean over the global batch.
-
-    Under DDP each process holds part of the batch and gradients are averaged over processes, so the
-    local sum is divided by the global weight sum `weight_total` and multiplied by the process count:
-    the average of the processes' values is then exactly the global weighted mean.
-    """
-    total = weight.sum() if weight_total is None else weight_total
-    return (weight * pointwise_loss(pred.float(), target, kind, huber_delta)).sum() * n_processes / total
-
-
+# --- schedule ----------------------------------------------------------------------------------
 def lr_factor(progress: float, warmup_ratio: float, min_lr_ratio: float) -> float:
     """Learning-rate multiplier at a schedule progress in [0, 1]: linear warm-up, then cosine to the floor."""
     progress = min(max(progress, 0.0), 1.0)
@@ -536,10 +600,7 @@ def train_regressor(
 
     started_wall = time.perf_counter()
     tokenizer = load_tokenizer(job.base_model_dir)
-    train_frame = read_corpus_split(job.corpus_path, "train")
-    if job.reweight is not None:
-        train_frame = train_frame.assign(weight=bucket_weights(train_frame["label"].to_numpy(), job.reweight))
-    train_frame = sample_rows(train_frame, cfg.max_train_samples, cfg.seed)
+    train_frame = train_sample(job.corpus_path, cfg, job.reweight)
     if train_frame.empty:
         raise ValueError(f"the prompt corpus {job.corpus_path} has no train rows")
     val_frame = read_corpus_split(job.corpus_path, "validation")
@@ -555,9 +616,21 @@ def train_regressor(
     dtype = torch.bfloat16 if use_cuda and cfg.bf16 else torch.float32
     model = build_regressor(job.base_model_dir, job.regressor, dtype=dtype)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg))
-    batches_per_epoch = len(
-        epoch_batches(train_rows.n_tokens, micro, cfg.seed, 0, cfg.group_by_length, cfg.grad_accum_steps)
-    )
+    date_codes = pd.factorize(train_frame["date"], sort=True)[0] if cfg.date_group_size else None
+
+    def batches_of(epoch: int) -> list[list[int]]:
+        return epoch_batches(
+            train_rows.n_tokens,
+            micro,
+            cfg.seed,
+            epoch,
+            cfg.group_by_length,
+            cfg.grad_accum_steps,
+            date_codes,
+            cfg.date_group_size,
+        )
+
+    batches_per_epoch = len(batches_of(0))
     steps_per_epoch = batches_per_epoch // cfg.grad_accum_steps
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_rows)} train rows do not fill one batch of {cfg.batch_size}")
@@ -614,7 +687,7 @@ def train_regressor(
         if ema is not None:  # judge the average, then put the live weights back to go on training
             live = unwrapped.trainable_state_dict()
             unwrapped.load_trainable_state_dict(ema)
-        preds = evaluate_rows(model, tokenizer, val_rows, cfg.eval_batch_size, accelerator)
+        preds = predict_ids(model, tokenizer, val_rows.ids, cfg.eval_batch_size, accelerator=accelerator)
         if live is not None:
             unwrapped.load_trainable_state_dict(live)
         frame = val_rows.frame.assign(prediction=preds, label=val_rows.label)
@@ -694,9 +767,7 @@ def train_regressor(
     last_eval_step = state.history[-1]["step"] if state.history else -1
     stop = state.stopped_by is not None or state.step >= total_steps
     while not stop and state.epoch < cfg.epochs:
-        batches = epoch_batches(
-            train_rows.n_tokens, micro, cfg.seed, state.epoch, cfg.group_by_length, cfg.grad_accum_steps
-        )
+        batches = batches_of(state.epoch)
         # its own generator: a DataLoader without one draws a seed from the global RNG whenever an iterator
         # starts, which would shift the dropout stream of a resumed run against an uninterrupted one
         loader = DataLoader(
@@ -724,16 +795,18 @@ def train_regressor(
                 weight_total = torch.tensor(
                     step_weights[micro_index // cfg.grad_accum_steps], device=pred.device
                 )
-                # x processes (DDP averages them) x accumulation steps (accelerate divides by them)
-                loss = weighted_loss(
-                    pred,
-                    batch["label"],
-                    batch["weight"],
-                    cfg.loss,
-                    cfg.huber_delta,
-                    weight_total,
-                    n_proc * cfg.grad_accum_steps,
-                )
+                if cfg.loss == "ic":  # whole date groups on every process: the mean over them is exact
+                    loss = ic_loss(pred, batch["label"], batch["weight"], cfg.date_group_size)
+                else:  # x processes (DDP averages them) x accumulation steps (accelerate divides by them)
+                    loss = weighted_loss(
+                        pred,
+                        batch["label"],
+                        batch["weight"],
+                        cfg.loss,
+                        cfg.huber_delta,
+                        weight_total,
+                        n_proc * cfg.grad_accum_steps,
+                    )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -795,10 +868,8 @@ def train_regressor(
 
     if last_eval_step != state.step and (cfg.eval_every_steps or not state.history):
         record_eval(float(np.mean(running)) if running else None)
-    if best_state is not None:
+    if best_state is not None:  # (the average, when there is one: it is what was evaluated)
         unwrapped.load_trainable_state_dict(best_state)
-    elif ema is not None:
-        unwrapped.load_trainable_state_dict(ema)
     model_dir = out / "model"
     accelerator.wait_for_everyone()
     if main:
@@ -821,50 +892,6 @@ def train_regressor(
         (out / FINAL_STATE_FILE).write_text(json.dumps(final, default=float) + "\n")
     accelerator.wait_for_everyone()
     return result
-
-
-@torch.no_grad()
-def evaluate_rows(
-    model: torch.nn.Module, tokenizer: Any, rows: TokenisedRows, batch_size: int, accelerator: Any
-) -> np.ndarray:
-    """Predictions for `rows` in their order, the work split across processes (every process gets all)."""
-    order = np.argsort(rows.n_tokens, kind="stable")  # similar lengths together: less padding
-    batches = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
-    per_process = [
-        b[p :: accelerator.num_processes] for b in batches for p in range(accelerator.num_processes)
-    ]
-    mine = per_process[accelerator.process_index :: accelerator.num_processes]
-    collate = make_collate(tokenizer)
-    dataset = _RowsDataset(rows)
-    net = accelerator.unwrap_model(model)
-    was_training = net.training
-    net.eval()
-    indices, values = [], []
-    for part in mine:
-        if not part:
-            continue
-        batch = collate([dataset[i] for i in part])
-        with accelerator.autocast():
-            device = accelerator.device
-            pred = net(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        indices.append(batch["index"])
-        values.append(pred.float().cpu())
-    net.train(was_training)
-    local_idx = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.int64)
-    local_val = torch.cat(values) if values else torch.zeros(0)
-    if accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        pairs = gather_object([(local_idx.tolist(), local_val.tolist())])
-        local_idx = torch.tensor([i for idx, _ in pairs for i in idx], dtype=torch.int64)
-        local_val = torch.tensor([v for _, val in pairs for v in val])
-    out = np.full(len(rows), np.nan)
-    assigned = np.zeros(len(rows), dtype=bool)
-    out[local_idx.numpy()] = local_val.numpy()
-    assigned[local_idx.numpy()] = True
-    if not assigned.all():
-        raise RuntimeError(f"{int((~assigned).sum())} evaluation rows got no prediction")
-    return out  # NaN predictions (a diverged model) stay NaN: the metrics count them, they do not hide
 
 
 # --- entry point ----------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Asset checks: one per property a downstream user relies on."""
 
+import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -230,28 +231,35 @@ ALL_CHECKS += [
 ]
 
 
+BEATS_K = 1.0
+"""`regressor_beats_baselines`: the paired difference must exceed this many standard errors."""
+
+
 @asset_check(
     asset="regressor",
     description="Warning: the LLM regressor beats the zero predictor and the same MLP head on the raw "
-    "features (the no-LLM ablation) on validation RankIC.",
+    "features (the no-LLM ablation), each by a paired daily RankIC difference on the same validation rows "
+    "above one standard error.",
 )
 def regressor_beats_baselines(context: AssetCheckExecutionContext) -> AssetCheckResult:
     meta = _latest_metadata(context, "regressor")
-    score = float(meta.get("val_rank_ic", float("nan")))
-    baselines = meta.get("baselines_val_rank_ic") or {}
-    zero = 0.0  # a constant forecast ranks nothing: its RankIC is undefined, i.e. no skill
-    ablation = float(baselines.get("mlp_features", float("nan")))
-    passed = bool(score > zero and (ablation != ablation or score > ablation))
-    return AssetCheckResult(
-        passed=passed,
-        severity=AssetCheckSeverity.WARN,
-        metadata={
-            "val_rank_ic": score,
-            "zero_predictor": zero,
-            "mlp_features_val_rank_ic": ablation,
-            "retrained": bool(meta.get("retrained", True)),
-        },
-    )
+    paired = meta.get("paired") or {}
+    metadata: dict = {"retrained": bool(meta.get("retrained", True))}
+    passed = bool(paired)
+    for name in ("zero", "mlp_features"):
+        d = (paired.get(name) or {}).get("validation")
+        if not d:
+            passed = False
+            metadata[f"vs_{name}"] = "not measured"
+            continue
+        delta, se, t = float(d["delta"]), float(d["se"]), float(d["t"])
+        beats = bool(np.isfinite(delta) and np.isfinite(se) and delta > BEATS_K * se)
+        passed = passed and beats
+        metadata[f"vs_{name}"] = (
+            f"Δ RankIC {delta:+.4f} ± {se:.4f} (t {t:.2f}, {int(d['n_dates'])} dates): "
+            f"{'beats' if beats else 'does not beat'}"
+        )
+    return AssetCheckResult(passed=passed, severity=AssetCheckSeverity.WARN, metadata=metadata)
 
 
 @asset_check(

@@ -13,8 +13,12 @@ from modeling.metrics import (
     evaluate,
     information_ratio,
     long_short_returns,
+    newey_west_se,
+    paired_difference,
+    paired_series_difference,
     per_date_correlation,
     rank_ic,
+    rank_ic_stats,
 )
 
 
@@ -86,3 +90,80 @@ def test_evaluate_collects_everything(frame: pd.DataFrame) -> None:
 def test_constant_predictions_have_no_ic(frame: pd.DataFrame) -> None:
     result = evaluate(frame.assign(prediction=0.0))
     assert np.isnan(result["rank_ic"]) and result["n_dates_skipped"] == 4
+
+
+# --- statistics over dates -------------------------------------------------------------------------------
+def test_newey_west_lag0_is_the_classic_standard_error() -> None:
+    x = np.array([0.02, 0.05, -0.01, 0.04, 0.00])
+    assert newey_west_se(x, 0) == pytest.approx(np.std(x, ddof=1) / np.sqrt(len(x)))
+    assert np.isnan(newey_west_se(np.array([0.1]), 0))
+
+
+def test_newey_west_with_lag_by_hand() -> None:
+    x = np.array([1.0, 2.0, 4.0, 3.0])  # mean 2.5; deviations -1.5, -0.5, 1.5, 0.5
+    n = 4
+    g0 = (2.25 + 0.25 + 2.25 + 0.25) / n  # 1.25
+    g1 = ((-0.5 * -1.5) + (1.5 * -0.5) + (0.5 * 1.5)) / n  # 0.1875
+    g2 = ((1.5 * -1.5) + (0.5 * -0.5)) / n  # -0.625
+    lrv1 = g0 + 2 * (1 - 1 / 2) * g1
+    lrv2 = g0 + 2 * (1 - 1 / 3) * g1 + 2 * (1 - 2 / 3) * g2
+    assert newey_west_se(x, 1) == pytest.approx(np.sqrt(lrv1 / (n - 1)))
+    assert newey_west_se(x, 2) == pytest.approx(np.sqrt(lrv2 / (n - 1)))
+    # positively autocorrelated series: the lag widens the standard error
+    trend = np.repeat([0.01, 0.03, -0.02, 0.04, 0.0], 4)
+    assert newey_west_se(trend, 3) > newey_west_se(trend, 0)
+
+
+def test_rank_ic_stats_and_evaluate_carry_se_and_dates(frame: pd.DataFrame) -> None:
+    daily = per_date_correlation(frame, method="spearman")
+    stats = rank_ic_stats(frame)
+    assert stats.n_dates == 3 and stats.mean == pytest.approx(daily.mean())
+    assert stats.se == pytest.approx(daily.std(ddof=1) / np.sqrt(3))
+    assert stats.t == pytest.approx(stats.mean / stats.se)
+    result = evaluate(frame)
+    assert result["rank_ic_se"] == pytest.approx(stats.se)
+    assert result["rank_ic_n_dates"] == 3 and result["rank_ic_t"] == pytest.approx(stats.t)
+    assert evaluate(frame, horizon=2)["rank_ic_se"] == pytest.approx(newey_west_se(daily.to_numpy(), 1))
+
+
+def test_paired_difference_by_hand(frame: pd.DataFrame) -> None:
+    rng = np.random.default_rng(3)
+    frame = frame.assign(other=frame["prediction"] + rng.normal(0, 1.0, len(frame)))
+    a = per_date_correlation(frame, "prediction", method="spearman")
+    b = per_date_correlation(frame, "other", method="spearman")
+    diff = (a - b).to_numpy()
+    paired = paired_difference(frame, "prediction", "other")
+    assert paired.n_dates == 3
+    assert paired.delta == pytest.approx(diff.mean())
+    assert paired.se == pytest.approx(diff.std(ddof=1) / np.sqrt(3))
+    assert paired.t == pytest.approx(diff.mean() / (diff.std(ddof=1) / np.sqrt(3)))
+    assert paired.a.mean == pytest.approx(a.mean()) and paired.b.mean == pytest.approx(b.mean())
+    # a forecast against itself: no difference, no spread
+    same = paired_difference(frame, "prediction", "prediction")
+    assert same.delta == 0 and same.se == 0 and np.isnan(same.t)
+
+
+def test_paired_difference_uses_common_dates_only() -> None:
+    a = pd.Series([0.1, 0.2, 0.3], index=pd.to_datetime(["2024-01-01", "2024-01-02", "2024-01-03"]))
+    b = pd.Series(
+        [0.0, np.nan, 0.1, 0.5],
+        index=pd.to_datetime(["2024-01-01", "2024-01-02", "2024-01-03", "2024-01-04"]),
+    )
+    paired = paired_series_difference(a, b)
+    assert paired.n_dates == 2 and paired.delta == pytest.approx((0.1 + 0.2) / 2)
+    assert paired.se == pytest.approx(np.std([0.1, 0.2], ddof=1) / np.sqrt(2))
+
+
+def test_paired_se_is_smaller_than_either_when_noise_is_shared() -> None:
+    """Two forecasts that share most of their daily noise: the paired SE is far below the SE of either."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for d in pd.bdate_range("2024-01-01", periods=60):
+        signal = rng.normal(size=200)
+        label = 0.1 * signal + rng.normal(size=200)
+        common = rng.normal(size=200)
+        rows.append(pd.DataFrame({"date": d, "label": label, "a": signal + 3 * common, "b": 3 * common}))
+    frame = pd.concat(rows, ignore_index=True)
+    paired = paired_difference(frame, "a", "b")
+    assert paired.se < 0.5 * min(paired.a.se, paired.b.se)
+    assert paired.t > 3  # a carries the signal, b does not

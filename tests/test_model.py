@@ -10,21 +10,19 @@ import pytest
 import torch
 
 from modeling.backbones.common import load_tokenizer
+from modeling.inference import encode_prompts, merged_adapters, pad_batch, predict_prompts
+from modeling.losses import pointwise_loss, weighted_loss
 from modeling.model import (
     HeadConfig,
     LoraSettings,
     RegressionHead,
     RegressorConfig,
     build_regressor,
-    encode_prompts,
     last_token_index,
     load_regressor,
-    pad_batch,
-    predict_prompts,
     save_regressor,
 )
 from modeling.prompt import PromptBuilder
-from modeling.train import pointwise_loss, weighted_loss
 from tests.conftest import make_training_set
 
 
@@ -180,6 +178,29 @@ def test_save_and_load_round_trip_without_pickle(
     loaded = load_regressor(out)
     assert not loaded.training
     np.testing.assert_allclose(predict_prompts(loaded, tok, prompts), expected, atol=1e-6)
+
+
+def test_scoring_with_merged_adapters_matches_the_unmerged_forward_and_restores_the_weights(
+    tiny_base_model: Path, prompts: list[str]
+) -> None:
+    model = _model(tiny_base_model)
+    tok = load_tokenizer(tiny_base_model)
+    batch = pad_batch(tok, encode_prompts(tok, prompts))
+    with torch.no_grad():
+        unmerged = model(batch["input_ids"], batch["attention_mask"]).numpy()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert model.adapters_mergeable()
+    with merged_adapters(model):
+        assert all(layer.merged for layer in model.lora_layers())
+        with torch.no_grad():
+            merged = model(batch["input_ids"], batch["attention_mask"]).numpy()
+    np.testing.assert_allclose(merged, unmerged, atol=1e-5)
+    assert not any(layer.merged for layer in model.lora_layers())
+    for name, param in model.named_parameters():  # bit for bit: training goes on from the same weights
+        assert torch.equal(param, before[name]), name
+    # predict_ids (merged, length batches) gives the same forecasts in the rows' own order
+    np.testing.assert_allclose(predict_prompts(model, tok, prompts, batch_size=4), unmerged, atol=1e-5)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 def test_load_refuses_a_different_base_model(tiny_base_model: Path, tmp_path: Path) -> None:

@@ -16,7 +16,8 @@ import pytest
 from modeling.backbones.common import load_tokenizer
 from modeling.experiment import run_experiment
 from modeling.feature_registry import FEATURE_NAMES
-from modeling.model import load_regressor, predict_prompts
+from modeling.inference import predict_prompts
+from modeling.model import load_regressor
 from modeling.prompt import PromptBuilder
 from modeling.train import train_regressor
 from tests.conftest import make_training_set, registry_job
@@ -100,6 +101,10 @@ def test_champion_pyfunc_in_a_fresh_process_predicts_what_the_model_predicts(
     assert any(p.name == "registry.py" for p in files)
 
 
+def _daily(values, start: str = "2021-03-01") -> pd.Series:
+    return pd.Series(values, index=pd.bdate_range(start, periods=len(values)), dtype=float)
+
+
 def test_a_worse_model_never_moves_the_champion(registered_store) -> None:
     import mlflow
 
@@ -110,35 +115,98 @@ def test_a_worse_model_never_moves_the_champion(registered_store) -> None:
     assert first["promoted"] is True and first["model_version"] == "1"
     assert second["val_rank_ic"] < first["val_rank_ic"]  # precondition: version 2 is worse
     assert second["promoted"] is False and "does not beat" in second["gate"]
+    # the decision's numbers: version 2 is version 1 negated, so the paired difference is -2 x its RankIC
+    stats = second["gate_stats"]
+    assert stats["delta"] == pytest.approx(-2 * first["val_rank_ic"], abs=1e-6)
+    assert stats["n_dates"] == first["val_n_dates"] and stats["se"] > 0
+    assert f"{stats['delta']:+.4f}" in second["gate"] and "t " in second["gate"]
     assert registry.alias_version(NAME, "champion") == "1"
     assert registry.alias_version(NAME, "challenger") == "2"
-    # on other validation dates the champion is re-scored, not compared on its stored number
+    tags = registry.version_tags(NAME, "1")
+    assert float(tags["val_rank_ic_se"]) == pytest.approx(first["val_rank_ic_se"])
+    assert len(registry.daily_from_tag(tags["val_daily_rank_ic"])) == first["val_n_dates"]
+    # on other validation rows the champion is re-scored (its daily RankIC on these rows), never compared
+    # on its stored number
     calls: list[str] = []
+    rng = np.random.default_rng(0)
+    champion_daily = _daily(0.05 + rng.normal(0, 0.05, 60))
 
-    def rescore(uri: str) -> float:
+    def rescore(uri: str) -> pd.Series:
         calls.append(uri)
-        return 0.05
+        return champion_daily
 
-    gate = registry.champion_gate(NAME, "2", 0.04, "other-dates", rescore)
+    same_plus_noise = champion_daily + rng.normal(0, 0.002, 60)
+    gate = registry.champion_gate(NAME, "2", same_plus_noise, "other-rows", rescore)
     assert calls == [f"models:/{NAME}@champion"] and gate["promoted"] is False
     assert registry.alias_version(NAME, "champion") == "1"
-    gate = registry.champion_gate(NAME, "2", 0.06, "other-dates", rescore)
+    # better on average by less than the noise: stays; by well over k x SE: moves
+    slightly = champion_daily + 0.0005 + rng.normal(0, 0.01, 60)
+    assert registry.champion_gate(NAME, "2", slightly, "other-rows", rescore)["promoted"] is False
+    clearly = champion_daily + 0.02 + rng.normal(0, 0.01, 60)
+    gate = registry.champion_gate(NAME, "2", clearly, "other-rows", rescore)
     assert gate["promoted"] is True and registry.alias_version(NAME, "champion") == "2"
-    # never a model without a score; a champion that cannot be compared fairly is replaced
-    assert registry.champion_gate(NAME, "1", float("nan"), "k", rescore)["promoted"] is False
+    assert gate["delta"] > gate["bar"] == pytest.approx(gate["se"]) and gate["t"] > 1
+    # min_delta raises the bar above k x SE
+    registry.champion_gate(NAME, "1", _daily([np.nan] * 3), "k", rescore)  # never without a score
+    assert registry.alias_version(NAME, "champion") == "2"
+    gate = registry.champion_gate(
+        NAME, "1", clearly + 0.02, "other-rows", lambda uri: clearly, min_delta=0.05
+    )
+    assert gate["promoted"] is False and "min_delta 0.05" in gate["reason"]
+    # a champion that cannot be compared fairly is replaced
 
-    def broken(uri: str) -> float:
+    def broken(uri: str) -> pd.Series:
         raise FileNotFoundError("base model moved")
 
-    gate = registry.champion_gate(NAME, "1", 0.01, "k", broken)
+    gate = registry.champion_gate(NAME, "1", _daily([0.01, 0.02, 0.0]), "k", broken)
     assert gate["promoted"] is True and "could not be re-scored" in gate["reason"]
     from mlflow.tracking import MlflowClient
 
     MlflowClient().set_model_version_tag(NAME, "1", "train_end", "2021-02-05")
-    gate = registry.champion_gate(NAME, "2", -0.5, "k", rescore, validation_start="2021-02-01")
+    gate = registry.champion_gate(
+        NAME, "2", _daily([-0.5, -0.4]), "k", rescore, validation_start="2021-02-01"
+    )
     assert gate["promoted"] is True and "inside the validation period" in gate["reason"]
-    gate = registry.champion_gate(NAME, "1", 1.0, "k", rescore, new_tags={"horizon": 5})
+    gate = registry.champion_gate(NAME, "1", _daily([1.0, 0.9]), "k", rescore, new_tags={"horizon": 5})
     assert registry.alias_version(NAME, "champion") == "1"  # restored for the other tests
+
+
+def test_gate_decision_never_promotes_noise_and_promotes_a_clear_winner() -> None:
+    """Forecasts on the same rows: a challenger that is the champion plus noise in its predictions never
+    passes the paired bar (over 30 seeds), a challenger with twice the signal always does."""
+    from modeling import registry
+    from modeling.metrics import per_date_correlation
+
+    promoted_noise, promoted_better = 0, 0
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        dates = pd.bdate_range("2024-01-01", periods=60)
+        signal = rng.normal(size=(60, 200))
+        label = 0.1 * signal + rng.normal(size=(60, 200))
+        champion = 0.5 * signal + rng.normal(size=(60, 200))
+        frame = pd.DataFrame(
+            {
+                "date": np.repeat(dates, 200),
+                "label": label.ravel(),
+                "champion": champion.ravel(),
+                "noisy": (champion + 0.6 * rng.normal(size=(60, 200))).ravel(),
+                "better": (signal + 0.2 * rng.normal(size=(60, 200))).ravel(),
+            }
+        )
+        daily = {
+            c: per_date_correlation(frame, c, method="spearman") for c in ("champion", "noisy", "better")
+        }
+        promoted_noise += registry.gate_decision(daily["noisy"], daily["champion"])[0]
+        promoted_better += registry.gate_decision(daily["better"], daily["champion"])[0]
+    assert promoted_noise == 0 and promoted_better == 30
+    # no true difference at all (two equally good daily series): promoted at about the nominal one-sided
+    # rate of k = 1, P(t > 1) = 15.9%, never more
+    rng = np.random.default_rng(1)
+    hits = sum(
+        registry.gate_decision(_daily(rng.normal(0.03, 0.05, 60)), _daily(rng.normal(0.03, 0.05, 60)))[0]
+        for _ in range(400)
+    )
+    assert 0.10 < hits / 400 < 0.21
 
 
 def test_smollm2_trains_a_few_lora_steps_and_packages_like_the_tiny_model(smollm2_dir, tmp_path) -> None:

@@ -39,6 +39,7 @@ def test_three_trials_then_a_fourth_resumes_the_stored_study(
         "seed": 0,
         "log_trial": lambda *args: logged.append(args),
         "log": lambda _m: None,
+        "objective_dates": 6,
     }
     first = run_search(template, storage, "study", 3, None, tmp_path / "search", **kwargs)
     assert first.n_new_trials == 3 and len(first.trials) == 3
@@ -49,6 +50,13 @@ def test_three_trials_then_a_fourth_resumes_the_stored_study(
     assert [entry[0] for entry in logged] == [0, 1, 2, 3]  # one nested MLflow run per trial
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert resumed.best_value == max(t.value for t in complete)
+    # every trial is judged on the objective dates with its standard error; the trials table shows it
+    for trial in complete:
+        assert trial.user_attrs["n_dates"] == 6 and trial.user_attrs["rank_ic_se"] > 0
+    assert {"se", "n_dates"} <= set(resumed.trials.columns)
+    # the best is re-scored on every validation date (the tiny set has 8)
+    assert resumed.best_full.n_dates == 8 and resumed.best_full.se > 0
+    assert resumed.best_trial in [t.number for t in complete]
     for trial in study.trials:  # the searched dimensions
         assert {
             "learning_rate",

@@ -15,8 +15,9 @@ import pytest
 from safetensors.torch import load_file
 
 from modeling.backbones.common import load_tokenizer
+from modeling.inference import predict_ids
 from modeling.launch import launch_command
-from modeling.model import HeadConfig, RegressorConfig, load_regressor, predict_ids
+from modeling.model import HeadConfig, RegressorConfig, load_regressor
 from modeling.prompt import PromptBuilder
 from modeling.train import (
     TrainConfig,

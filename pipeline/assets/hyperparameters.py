@@ -10,7 +10,7 @@ from modeling.backbones.common import model_fingerprint
 from modeling.data.parquet_io import read_parquet_metadata
 from modeling.profiles import PROFILES
 from modeling.prompt import PromptBuilder
-from modeling.search import SearchSpace, run_search
+from modeling.search import OBJECTIVE_DATES, SearchSpace, run_search
 from modeling.train import TrainJob
 from pipeline.metadata import frame_markdown, png_markdown
 from pipeline.resources import MlflowResource, StorageResource
@@ -38,7 +38,15 @@ class HyperparametersConfig(Config):
     eval_every_steps: int = Field(
         default=125, ge=1, description="Validation RankIC (and pruning) every N steps."
     )
-    eval_max_dates: int = Field(default=10, ge=1, description="Validation dates of each evaluation.")
+    eval_max_dates: int = Field(
+        default=10, ge=1, description="Validation dates of each periodic evaluation (pruning only)."
+    )
+    objective_dates: int | None = Field(
+        default=OBJECTIVE_DATES,
+        ge=2,
+        description="Validation dates each trial is judged on at its end (standard error about 0.055 / "
+        "sqrt(dates); None = all). The best trial is re-scored on every validation date.",
+    )
 
 
 @asset(
@@ -54,7 +62,9 @@ def hyperparameters(
     mlflow: MlflowResource,
 ) -> MaterializeResult:
     """The best regressor settings found by an Optuna TPE search on validation RankIC (median pruning on the
-    periodic validation RankIC), saved as DATA_DIR/hyperparameters.json; `regressor` uses them when present.
+    periodic validation RankIC; each trial judged on `objective_dates` validation dates, its standard
+    error in the trials table; the best re-scored on every validation date), saved as
+    DATA_DIR/hyperparameters.json; `regressor` uses them when present.
     The study is stored in DATA_DIR/optuna.db, so a killed search resumes; each trial is a nested MLflow run.
     """
     from modeling import registry
@@ -108,18 +118,31 @@ def hyperparameters(
                 experiment_id, parent, n, params, value, history, state
             ),
             log=context.log.info,
+            objective_dates=config.objective_dates,
         )
     except BaseException:
         registry.end_run(status="FAILED")
         raise
+    full = result.best_full
     registry.end_run(
-        {"best_val_rank_ic": result.best_value}, [result.history_png] if result.history_png else []
+        {
+            "best_trial_objective": result.best_value,
+            "best_val_rank_ic": full.mean,
+            "best_val_rank_ic_se": full.se,
+            "best_val_n_dates": full.n_dates,
+        },
+        [result.history_png] if result.history_png else [],
     )
 
     path = storage.root / "hyperparameters.json"
     payload = {
         "best_params": result.best_params,
-        "best_val_rank_ic": result.best_value,
+        "best_val_rank_ic": full.mean,
+        "best_val_rank_ic_se": full.se,
+        "best_val_n_dates": full.n_dates,
+        "best_trial": result.best_trial,
+        "best_trial_objective": result.best_value,
+        "objective_dates": config.objective_dates,
         "study": config.study_name,
         "profile": config.profile,
         "base_model_fingerprint": model_fingerprint(storage.base_model_dir),
@@ -135,7 +158,11 @@ def hyperparameters(
         trials["duration"] = trials["duration"].dt.total_seconds().round(1)
     metadata = {
         "path": MetadataValue.path(str(path)),
-        "best_val_rank_ic": MetadataValue.float(result.best_value),
+        "best_val_rank_ic": MetadataValue.float(full.mean),
+        "best_val_rank_ic_se": MetadataValue.float(full.se),
+        "best_val_n_dates": MetadataValue.int(full.n_dates),
+        "best_trial": MetadataValue.int(result.best_trial),
+        "best_trial_objective": MetadataValue.float(result.best_value),
         "best_params": MetadataValue.json(result.best_params),
         "trials": MetadataValue.md(frame_markdown(trials)),
         "n_new_trials": MetadataValue.int(result.n_new_trials),

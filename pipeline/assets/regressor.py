@@ -69,6 +69,13 @@ class RegressorAssetConfig(Config):
     force_retrain: bool = Field(
         default=False, description="Train even when a registered version was trained on identical inputs."
     )
+    gate_k: float = Field(
+        default=1.0,
+        ge=0,
+        description="Champion gate: promote only when the paired daily RankIC difference to the champion "
+        "on the same validation rows exceeds gate_k standard errors ...",
+    )
+    gate_min_delta: float = Field(default=0.0, ge=0, description="... and this margin of RankIC.")
 
     def overrides(self) -> dict:
         names = (
@@ -122,6 +129,8 @@ def _unchanged_metadata(
         "model_version": MetadataValue.text(version),
         "run_id": MetadataValue.text(tags.get("run_id", "")),
         "val_rank_ic": MetadataValue.float(float(tags.get("val_rank_ic", "nan"))),
+        "val_rank_ic_se": MetadataValue.float(float(tags.get("val_rank_ic_se", "nan"))),
+        "val_n_dates": MetadataValue.int(int(float(tags.get("val_n_dates", "0")))),
         "gate": MetadataValue.text(tags.get("gate_reason", "")),
         "champion_version": MetadataValue.text(str(registry.alias_version(mlflow.registry_name, "champion"))),
         "inputs_sha": MetadataValue.text(inputs_sha),
@@ -131,7 +140,12 @@ def _unchanged_metadata(
         outcome = json.loads(outcome_file.read_text())
         metadata["baselines_val_rank_ic"] = MetadataValue.json(outcome["baselines_val_rank_ic"])
         metadata["test_rank_ic"] = MetadataValue.float(float(outcome["test_rank_ic"]))
+        for key in ("test_rank_ic_se", "test_n_dates"):
+            if key in outcome:
+                metadata[key] = MetadataValue.float(float(outcome[key]))
         metadata["comparison"] = MetadataValue.md(outcome["comparison"])
+        if "paired" in outcome:
+            metadata["paired"] = MetadataValue.json(outcome["paired"])
     return metadata
 
 
@@ -258,6 +272,8 @@ def regressor(
             },
             "validation_start": splits["validation"][0],
             "resume_version": resume_version,
+            "gate_k": config.gate_k,
+            "gate_min_delta": config.gate_min_delta,
         },
     )
     job_path = job.save(out / "job.json")

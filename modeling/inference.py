@@ -1,0 +1,148 @@
+"""Scoring: the one inference path of the regressor (training's evaluation, the experiment, the pyfunc,
+the predictions asset and the benchmarks all call `predict_ids`).
+
+Forward only, under `torch.inference_mode` (no autograd graph), rows sorted by token length and cut
+into batches of similar length (little padding), the LoRA updates folded into the frozen weights for
+the duration (`merged_adapters`), no LM head and the last-layer shortcut (both in `LLMRegressor`).
+Given an `accelerate.Accelerator` the batches are shared out across its processes and gathered, so a
+DDP run evaluates in 1/N of the time and every process gets every prediction.
+
+This module must not import dagster, duckdb or mlflow (it runs on the GPU image).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from modeling.model import LLMRegressor
+
+DEFAULT_PREDICT_BATCH_SIZE = 32
+"""Rows per forward pass when scoring. On 2 CPU cores the embedded backbone scores fastest at 16-32 rows
+(the activations stay in cache; at 128 rows it is 40% slower); a GPU caller passes a larger one."""
+
+
+# --- tokens ---------------------------------------------------------------------------------------------
+def encode_prompts(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
+    """Token ids of rendered prompts (the chat template already wrote bos: no special tokens added)."""
+    return tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if len(prompts) else []
+
+
+def pad_batch(
+    tokenizer: Any,
+    ids: list[list[int]],
+    device: torch.device | str | None = None,
+    pad_to_multiple_of: int | None = 8,
+) -> dict[str, torch.Tensor]:
+    """Dynamic padding of a batch (to the longest row, rounded up to a multiple of 8), on the tokenizer's
+    padding side."""
+    batch = tokenizer.pad({"input_ids": ids}, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
+    return {k: v.to(device) for k, v in batch.items()} if device is not None else dict(batch)
+
+
+def length_batches(lengths: np.ndarray | list[int], batch_size: int) -> list[np.ndarray]:
+    """Row indices cut into batches of similar length (stable sort by length, then consecutive slices)."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+# --- merged adapters ------------------------------------------------------------------------------------
+@contextmanager
+def merged_adapters(model: LLMRegressor) -> Iterator[LLMRegressor]:
+    """Inference with the LoRA updates folded into the frozen weights, restored bit for bit afterwards.
+
+    Why: with a small backbone on a CPU, the adapters' cost is mostly not arithmetic but extra passes
+    over the activations (two thin matmuls, a scale and an add per projection: 42 more ops per forward
+    of the 2-layer embedded Llama); merged, each projection is one matmul, and scoring runs about 1.8x
+    faster (BENCHMARKS.md). Only fp32 backbones are merged, and their original weights are copied back
+    afterwards, so training goes on from exactly the weights it left. A bf16 or 4-bit backbone (the GPU
+    path) is scored unmerged: folding a small update into bf16 and out again would round it away, and
+    there the adapters cost little next to the large matmuls.
+    """
+    if not model.adapters_mergeable():  # (a loaded model is merged already: `load_regressor`)
+        yield model
+        return
+    layers = model.lora_layers()
+    saved = [layer.get_base_layer().weight.detach().clone() for layer in layers]
+    model.backbone.merge_adapter()
+    try:
+        yield model
+    finally:
+        model.backbone.unmerge_adapter()
+        with torch.no_grad():
+            for layer, weight in zip(layers, saved, strict=True):
+                layer.get_base_layer().weight.copy_(weight)
+
+
+# --- prediction -----------------------------------------------------------------------------------------
+@torch.inference_mode()
+def predict_ids(
+    model: LLMRegressor | nn.Module,
+    tokenizer: Any,
+    ids: list[list[int]],
+    batch_size: int = DEFAULT_PREDICT_BATCH_SIZE,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    accelerator: Any | None = None,
+) -> np.ndarray:
+    """Forecasts for tokenised prompts, in their order.
+
+    With `accelerator` (a DDP-wrapped model is unwrapped): process p scores batches p, p + N, ..., the
+    predictions are gathered, and every process returns all of them. NaN predictions (a diverged
+    model) stay NaN: the metrics count them, they never hide.
+    """
+    net: LLMRegressor = accelerator.unwrap_model(model) if accelerator is not None else model
+    device = accelerator.device if accelerator is not None else device or next(net.parameters()).device
+    n_proc = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    mine = length_batches([len(x) for x in ids], batch_size)[rank::n_proc]
+    if progress:
+        from tqdm.auto import tqdm
+
+        mine = tqdm(mine, desc="predict", unit="batch", leave=False)
+    if accelerator is not None:
+        autocast = accelerator.autocast()
+    elif torch.device(device).type == "cuda":
+        autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    else:
+        autocast = nullcontext()
+    was_training = net.training
+    net.eval()
+    indices, values = [], []
+    with merged_adapters(net), autocast:
+        for idx in mine:
+            batch = pad_batch(tokenizer, [ids[i] for i in idx], device)
+            values.append(net(batch["input_ids"], batch["attention_mask"]).float().cpu().numpy())
+            indices.append(idx)
+    net.train(was_training)
+    local_idx = np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64)
+    local_val = np.concatenate(values).astype(np.float64) if values else np.zeros(0)
+    if n_proc > 1:
+        from accelerate.utils import gather_object
+
+        pairs = gather_object([(local_idx.tolist(), local_val.tolist())])
+        local_idx = np.asarray([i for idx, _ in pairs for i in idx], dtype=np.int64)
+        local_val = np.asarray([v for _, val in pairs for v in val], dtype=np.float64)
+    out = np.full(len(ids), np.nan)
+    assigned = np.zeros(len(ids), dtype=bool)
+    out[local_idx] = local_val
+    assigned[local_idx] = True
+    if not assigned.all():
+        raise RuntimeError(f"{int((~assigned).sum())} rows got no prediction")
+    return out
+
+
+def predict_prompts(
+    model: LLMRegressor,
+    tokenizer: Any,
+    prompts: list[str],
+    batch_size: int = DEFAULT_PREDICT_BATCH_SIZE,
+    device: torch.device | str | None = None,
+) -> np.ndarray:
+    """Forecasts for rendered prompts, in their order."""
+    return predict_ids(model, tokenizer, encode_prompts(tokenizer, prompts), batch_size, device)

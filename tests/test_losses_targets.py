@@ -1,0 +1,127 @@
+"""Training targets, the per-date correlation loss and date-grouped batches, against hand computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy.stats import norm, pearsonr
+
+from modeling.losses import ic_loss, per_group_correlation
+from modeling.targets import tempered_weights, training_targets
+from modeling.train import TrainConfig, epoch_batches, sample_rows_by_date
+
+
+@pytest.fixture
+def frame() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "date": pd.to_datetime(["2024-01-02"] * 4 + ["2024-01-03"] * 3),
+            "label": [1.0, -2.0, 30.0, 0.5, 0.0, 6.0, -1.0],
+        }
+    )
+
+
+def test_clip_and_cross_sectional_targets_by_hand(frame: pd.DataFrame) -> None:
+    assert training_targets(frame, "none").tolist() == frame["label"].tolist()
+    np.testing.assert_allclose(training_targets(frame, "clip", 3.0), [1, -2, 3, 0.5, 0, 3, -1])
+    # cs_zscore: per date (x - mean) / std (ddof=1), then clipped
+    day1 = np.array([1.0, -2.0, 30.0, 0.5])
+    z1 = (day1 - day1.mean()) / day1.std(ddof=1)
+    day2 = np.array([0.0, 6.0, -1.0])
+    z2 = (day2 - day2.mean()) / day2.std(ddof=1)
+    np.testing.assert_allclose(
+        training_targets(frame, "cs_zscore", 1.2), np.clip([*z1, *z2], -1.2, 1.2), atol=1e-6
+    )
+    # cs_rank: the normal quantile of (rank - 0.5) / n within each date
+    ranks = np.array([3, 1, 4, 2, 2, 3, 1], dtype=float)
+    n = np.array([4, 4, 4, 4, 3, 3, 3], dtype=float)
+    np.testing.assert_allclose(training_targets(frame, "cs_rank"), norm.ppf((ranks - 0.5) / n), atol=1e-6)
+    # the extreme 30 is just the top rank: its target is the same as any other day-top's
+    assert training_targets(frame, "cs_rank")[2] == pytest.approx(norm.ppf(3.5 / 4))
+    with pytest.raises(ValueError, match="target transform"):
+        training_targets(frame, "log")
+
+
+def test_tempered_weights() -> None:
+    w = np.array([0.5, 1.0, 2.0, 0.5])
+    assert tempered_weights(w, 1.0).tolist() == w.tolist()
+    assert tempered_weights(w, 0.0).tolist() == [1.0] * 4
+    half = np.sqrt(w) / np.sqrt(w).mean()
+    np.testing.assert_allclose(tempered_weights(w, 0.5), half, rtol=1e-6)
+
+
+def test_per_group_correlation_and_ic_loss_by_hand() -> None:
+    rng = np.random.default_rng(0)
+    pred, target = rng.normal(size=12), rng.normal(size=12)
+    weight = np.ones(12)
+    corr = per_group_correlation(
+        torch.tensor(pred), torch.tensor(target), torch.tensor(weight), group_size=4
+    ).numpy()
+    expected = [pearsonr(pred[i : i + 4], target[i : i + 4])[0] for i in (0, 4, 8)]
+    np.testing.assert_allclose(corr, expected, atol=1e-5)
+    loss = ic_loss(torch.tensor(pred), torch.tensor(target), torch.tensor(weight), 4)
+    assert float(loss) == pytest.approx(-np.mean(expected), abs=1e-5)
+    # weighted: a weight of 2 counts a row twice
+    w = np.array([2.0, 1, 1, 1])
+    p, y = pred[:4], target[:4]
+    dup_p, dup_y = np.r_[p, p[0]], np.r_[y, y[0]]
+    weighted = per_group_correlation(torch.tensor(p), torch.tensor(y), torch.tensor(w), 4)
+    assert float(weighted[0]) == pytest.approx(pearsonr(dup_p, dup_y)[0], abs=1e-5)
+    # blind to level and scale: 3 x pred + 5 has the same loss
+    shifted = ic_loss(torch.tensor(3 * pred + 5), torch.tensor(target), torch.tensor(weight), 4)
+    assert float(shifted) == pytest.approx(float(loss), abs=1e-5)
+    with pytest.raises(ValueError, match="groups of 5"):
+        per_group_correlation(torch.tensor(pred), torch.tensor(target), torch.tensor(weight), 5)
+
+
+def test_ic_loss_gradient_pushes_towards_the_target() -> None:
+    torch.manual_seed(0)
+    target = torch.randn(32)
+    pred = torch.zeros(32, requires_grad=True)
+    opt = torch.optim.SGD([pred], lr=0.5)
+    with torch.no_grad():
+        pred.add_(0.01 * torch.randn(32))
+    for _ in range(50):
+        loss = ic_loss(pred, target, torch.ones(32), 8)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < -0.95
+
+
+def test_date_grouped_batches_hold_whole_groups_of_one_date() -> None:
+    dates = np.repeat(np.arange(10), [20, 17, 16, 3, 40, 8, 8, 12, 16, 24])
+    lengths = np.full(len(dates), 100)
+    batches = epoch_batches(
+        lengths, 16, seed=0, epoch=0, group_by_length=True, dates=dates, date_group_size=8
+    )
+    n_groups = sum(n // 8 for n in (20, 17, 16, 3, 40, 8, 8, 12, 16, 24))  # 2+2+2+0+5+1+1+1+2+3 = 19
+    assert len(batches) == n_groups // 2
+    for batch in batches:
+        assert len(batch) == 16
+        for g in (batch[:8], batch[8:]):
+            assert len(set(dates[g])) == 1  # one date per group of 8
+    flat = [i for b in batches for i in b]
+    assert len(flat) == len(set(flat))  # no row twice
+    assert batches == epoch_batches(lengths, 16, 0, 0, True, dates=dates, date_group_size=8)
+    assert batches != epoch_batches(lengths, 16, 0, 1, True, dates=dates, date_group_size=8)
+
+
+def test_sample_by_date_draws_whole_groups() -> None:
+    frame = pd.DataFrame({"date": np.repeat(pd.bdate_range("2024-01-01", periods=200), 50), "x": 1})
+    sample = sample_rows_by_date(frame, 2_000, group=16, seed=0)
+    counts = sample.groupby("date").size()
+    assert (counts % 16 == 0).all() and set(counts) <= {16, 32}
+    assert abs(len(sample) - 2_000) < 300  # the share is kept in expectation (10 rows a date)
+    everything = sample_rows_by_date(frame, None, group=16, seed=0)
+    assert len(everything) == 200 * 48  # every date cut to a multiple of 16
+
+
+def test_config_refuses_an_ic_loss_without_date_groups() -> None:
+    with pytest.raises(ValueError, match="date_group_size"):
+        TrainConfig(loss="ic")
+    with pytest.raises(ValueError, match="multiple of date_group_size"):
+        TrainConfig(loss="ic", date_group_size=12, batch_size=32)
+    assert TrainConfig(loss="ic", date_group_size=16, batch_size=32).date_group_size == 16
