@@ -191,8 +191,17 @@ def ours_train(
         **({} if eval_every is None else {"eval_every_steps": eval_every}),
         **overrides,
     )
+    from modeling.data.parquet_io import read_parquet_metadata
+
     job = TrainJob(
-        str(base), str(corpus), str(out), PromptBuilder().settings(), profile.regressor, train, resume=False
+        str(base),
+        str(corpus),
+        str(out),
+        PromptBuilder.of_corpus(read_parquet_metadata(corpus)).settings(),
+        profile.regressor,
+        train,
+        resume=False,
+        training_set_path=str(corpus.parent / "training_set.parquet"),
     )
     return train_regressor(job, log=lambda _m: None)
 
@@ -604,7 +613,7 @@ def bench_inference(args) -> None:
     from modeling.backbones.common import load_tokenizer
     from modeling.evaluation import split_rows
     from modeling.feature_registry import FEATURE_NAMES
-    from modeling.inference import predict_ids
+    from modeling.inference import length_batches, pad_batch, predict_ids
     from modeling.model import load_regressor
     from modeling.train import tokenise_rows
 
@@ -617,18 +626,15 @@ def bench_inference(args) -> None:
     ids = tokenise_rows(rows, tok).ids
     model = load_regressor(trained.model_dir, merge_adapters=False)  # as the trainer holds it: unmerged
     results = {"train_rows_per_s": train_rate, "eval_rows": len(ids)}
-    for name, kwargs in (("trainer evaluation (merged per call)", {}),):
-        started = time.perf_counter()
-        predict_ids(model, tok, ids, **kwargs)
-        results[name] = len(ids) / (time.perf_counter() - started)
     started = time.perf_counter()
-    with torch.inference_mode():
-        for start in range(0, len(ids), 32):  # the unmerged forward, the path before this change
-            from modeling.inference import pad_batch
-
-            batch = pad_batch(tok, ids[start : start + 32])
+    predict_ids(model, tok, ids)  # the trainer's evaluation: merges for the call, restores afterwards
+    results["trainer evaluation (`predict_ids`)"] = len(ids) / (time.perf_counter() - started)
+    started = time.perf_counter()
+    with torch.inference_mode():  # reference: the same batches, adapters not merged
+        for batch_rows in length_batches([len(x) for x in ids], 32):
+            batch = pad_batch(tok, [ids[i] for i in batch_rows])
             model(batch["input_ids"], batch["attention_mask"])
-    results["unmerged forward (reference)"] = len(ids) / (time.perf_counter() - started)
+    results["same batches, adapters not merged (reference)"] = len(ids) / (time.perf_counter() - started)
     try:
         import mlflow
 

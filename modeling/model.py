@@ -281,6 +281,14 @@ class LLMRegressor(nn.Module):
         self.config = config
         self.base_model = base_model
         """Reference to the base model: path, fingerprint, model type (saved with the regressor)."""
+        self.aux_head: nn.Linear | None = None
+        """Training only (`attach_aux_head`): a linear probe from the pooled state to the prompt's own
+        feature values; never saved, never used to forecast."""
+
+    def attach_aux_head(self, n_outputs: int) -> None:
+        """Add the auxiliary probe (see `TrainConfig.aux_feature_weight`), on the head's device."""
+        hidden = self.head.net[0].in_features
+        self.aux_head = nn.Linear(hidden, n_outputs).to(next(self.head.parameters()).device)
 
     @property
     def base(self) -> nn.Module:
@@ -294,12 +302,17 @@ class LLMRegressor(nn.Module):
             return _llama_last_hidden(base, input_ids, attention_mask)
         return _full_forward_last_hidden(base, input_ids, attention_mask)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_aux: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         pooled = self.pooled_hidden(input_ids, attention_mask)  # [B, H], backbone dtype
         # the head runs in fp32 even under bf16 autocast: its output is the forecast, and small
         # differences between stocks (the cross-section) are what matters
         with torch.autocast(device_type=pooled.device.type, enabled=False):
-            return self.head(pooled.float())  # [B]
+            prediction = self.head(pooled.float())  # [B]
+            if with_aux:
+                return prediction, self.aux_head(pooled.float())  # [B], [B, F]
+            return prediction
 
     def lora_layers(self) -> list[nn.Module]:
         """The backbone's LoRA-wrapped projections."""

@@ -48,6 +48,16 @@ PROMPT_TEMPLATE_VERSION = 3
 """Version of the prompt text (system message, header, feature lines, task line). Bumped whenever the
 text a row renders to changes, so a saved model can refuse prompts it was not trained on."""
 
+NUMBER_FORMATS = ("value", "percentile", "both")
+"""How a feature's number is written (`PromptBuilder.number_format`)."""
+DEFAULT_NUMBER_FORMAT = "value"
+"""The default of the prompt corpus and of the embedded backbone's pretraining prompts (BENCHMARKS.md
+compares the formats)."""
+MIN_PERCENTILE_NAMES = 20
+"""A percentile is a rank among the stocks of a date: fewer names than this make it meaningless."""
+PERCENTILE_SUFFIX = "_pct"
+"""Column suffix of precomputed percentiles (`PromptBuilder.with_percentiles`)."""
+
 
 class PromptDataError(ValueError):
     """A feature value cannot be written into a prompt (NaN or infinite)."""
@@ -69,8 +79,15 @@ class PromptBuilder:
     """The registry entries, in prompt order."""
     target: str = "excess"
     """Label kind of the training set (raw, excess, cs_zscore): what the task line asks for."""
+    number_format: str = DEFAULT_NUMBER_FORMAT
+    """value: each feature as its value (`sig_digits` significant digits, in its unit); percentile: its
+    rank among the stocks of the same date, 0-99 (two digit tokens instead of about six, no sign, no
+    decimals, blind to outliers; needs each date's whole cross-section, see `with_percentiles`); both:
+    the value, then the percentile."""
 
     def __post_init__(self) -> None:
+        if self.number_format not in NUMBER_FORMATS:
+            raise ValueError(f"number_format must be one of {NUMBER_FORMATS}, got {self.number_format!r}")
         if self.target not in TARGET_PHRASES:
             raise ValueError(f"target must be one of {sorted(TARGET_PHRASES)}, got {self.target!r}")
         if self.horizon < 1:
@@ -85,6 +102,7 @@ class PromptBuilder:
             "horizon": self.horizon,
             "sig_digits": self.sig_digits,
             "target": self.target,
+            "number_format": self.number_format,
             "template_version": PROMPT_TEMPLATE_VERSION,
         }
 
@@ -100,6 +118,18 @@ class PromptBuilder:
             horizon=int(settings["horizon"]),
             sig_digits=int(settings["sig_digits"]),
             target=str(settings["target"]),
+            # models saved before the option existed wrote values
+            number_format=str(settings.get("number_format", "value")),
+        )
+
+    @classmethod
+    def of_corpus(cls, facts: Mapping) -> PromptBuilder:
+        """The builder a prompt corpus was written with, from its Parquet metadata."""
+        return cls(
+            horizon=int(facts["horizon"]),
+            sig_digits=int(facts.get("sig_digits", 3)),
+            target=str(facts["label_kind"]),
+            number_format=str(facts.get("number_format", "value")),
         )
 
     # --- text ------------------------------------------------------------------------------------------
@@ -113,7 +143,33 @@ class PromptBuilder:
         return f"Predict {TARGET_PHRASES[self.target]} over the {days}."
 
     def _line_prefixes(self) -> list[str]:
+        if self.number_format == "percentile":
+            return [f"{f.label} pct=" for f in self.features]
         return [f"{f.label}{' ' + f.unit if f.unit else ''}=" for f in self.features]
+
+    def with_percentiles(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """`frame` with a `<feature>_pct` column per feature: its rank among the rows of the same date,
+        as floor(100 (rank - 0.5) / n), 0..99 (ties share their average rank). Uses only the date's own
+        cross-section (no other date): call it on whole dates, before any sampling or batching. A frame
+        that has the columns already is returned as is; value-format builders need none."""
+        names = [f.name for f in self.features]
+        if self.number_format == "value" or all(n + PERCENTILE_SUFFIX in frame for n in names):
+            return frame
+        counts = frame.groupby("date")["date"].transform("size")
+        if len(frame) and int(counts.min()) < MIN_PERCENTILE_NAMES:
+            thin = frame.loc[counts < MIN_PERCENTILE_NAMES, "date"]
+            day = pd.Timestamp(thin.iloc[0]).strftime("%Y-%m-%d")
+            raise PromptDataError(
+                f"number_format {self.number_format!r} writes each feature as its rank among the stocks of "
+                f"a date, and {day} has {int(counts[thin.index[0]])} rows: pass each date's whole universe "
+                f"(at least {MIN_PERCENTILE_NAMES} names)"
+            )
+        self._raise_on_non_finite(frame, frame[names].to_numpy(dtype=float), names)
+        ranks = frame.groupby("date")[names].rank(method="average")
+        pct = np.floor(100.0 * (ranks.to_numpy() - 0.5) / counts.to_numpy()[:, None]).clip(0, 99)
+        return frame.assign(
+            **{n + PERCENTILE_SUFFIX: pct[:, j].astype(np.int64) for j, n in enumerate(names)}
+        )
 
     def user_contents(self, frame: pd.DataFrame) -> list[str]:
         """The user message of every row of `frame` (columns date, symbol, optional sector, features)."""
@@ -136,10 +192,26 @@ class PromptBuilder:
         ]
         scaled = values * np.array([f.prompt_scale for f in self.features])
         digits = self.sig_digits
-        columns = [
-            [prefix + format_value(v, digits) for v in scaled[:, j].tolist()]
-            for j, prefix in enumerate(self._line_prefixes())
-        ]
+        if self.number_format == "value":
+            columns = [
+                [prefix + format_value(v, digits) for v in scaled[:, j].tolist()]
+                for j, prefix in enumerate(self._line_prefixes())
+            ]
+        else:
+            pct = self.with_percentiles(frame)[[n + PERCENTILE_SUFFIX for n in names]].to_numpy()
+            if self.number_format == "percentile":
+                columns = [
+                    [prefix + str(p) for p in pct[:, j].tolist()]
+                    for j, prefix in enumerate(self._line_prefixes())
+                ]
+            else:
+                columns = [
+                    [
+                        f"{prefix}{format_value(v, digits)} pct {p}"
+                        for v, p in zip(scaled[:, j].tolist(), pct[:, j].tolist(), strict=True)
+                    ]
+                    for j, prefix in enumerate(self._line_prefixes())
+                ]
         task = self.task_line
         return ["\n".join((header, *lines, task)) for header, *lines in zip(headers, *columns, strict=True)]
 
@@ -190,6 +262,7 @@ class PromptBuilder:
     ) -> Iterator[tuple[list[str], np.ndarray]]:
         """(prompts, token counts) per batch of rows, so a large corpus streams to disk."""
         count = token_counter(tokenizer)  # prepared once per corpus, not per batch
+        frame = self.with_percentiles(frame)  # whole dates, before the batches cut them
         for start in range(0, len(frame), batch_size):
             prompts = self.render_batch(frame.iloc[start : start + batch_size], tokenizer)
             yield prompts, count(prompts)
@@ -271,6 +344,7 @@ def tokenizer_training_texts(
         frame[f.name] = (
             rng.choice([-1.0, 1.0], n_rows) * np.exp(rng.normal(-3.0, 2.0, n_rows)) / f.prompt_scale
         )
+        frame[f.name + PERCENTILE_SUFFIX] = rng.integers(0, 100, n_rows)  # (dates here are random)
     # The Llama 3 chat layout (its special tokens are not learnt by BPE; the text around them is).
     system = builder.system_message
     return [

@@ -109,6 +109,11 @@ class TrainConfig:
     """Clip bound of the `clip` and `cs_zscore` targets, in label units."""
     weight_power: float = 1.0
     """The bucket weights are raised to this power (mean 1 again): 1 as built, 0 unweighted."""
+    aux_feature_weight: float = 0.0
+    """Weight of an auxiliary loss: a linear probe on the pooled hidden state reconstructs the prompt's
+    16 feature values (standardised on the train rows, clipped at 5). The forecast's own signal is weak
+    (R^2 under 1%), so the adapters learn slowly what the numbers in the prompt are; the probe asks for
+    exactly that with a strong signal. Training only (needs `TrainJob.training_set_path`); 0 = off."""
     date_group_size: int = 0
     """0: batches by length, dates mixed. k > 0: every batch is made of whole groups of k rows of one
     date each (the per-date loss needs them), and the train sample is drawn per date in multiples of k."""
@@ -164,8 +169,8 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.target_transform must be in {TARGET_TRANSFORMS}, got {self.target_transform!r}"
             )
-        if not self.target_clip > 0 or self.weight_power < 0:
-            raise ValueError("TrainConfig needs target_clip > 0 and weight_power >= 0")
+        if not self.target_clip > 0 or self.weight_power < 0 or self.aux_feature_weight < 0:
+            raise ValueError("TrainConfig needs target_clip > 0, weight_power >= 0, aux_feature_weight >= 0")
         if self.date_group_size < 0 or self.date_group_size == 1 or self.date_group_size == 2:
             raise ValueError(
                 f"TrainConfig.date_group_size must be 0 (off) or >= 3 rows, got {self.date_group_size}"
@@ -206,6 +211,8 @@ class TrainJob:
     reweight: dict[str, Any] | None = None
     """A `BucketConfig` (as a dict) to recompute the train weights with, fit on the train labels of the
     corpus (a search trial trying another weight scheme); None = the training set's own weights."""
+    training_set_path: str | None = None
+    """The `training_set` Parquet file: the feature values of the auxiliary loss come from it."""
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "regressor": self.regressor.to_dict(), "train": asdict(self.train)}
@@ -285,6 +292,25 @@ def train_sample(
     return sample_rows(frame, cfg.max_train_samples, cfg.seed)
 
 
+def aux_feature_targets(frame: pd.DataFrame, training_set_path: str | os.PathLike[str]) -> np.ndarray:
+    """[N, 16] float32: the feature values of `frame`'s (date, symbol) rows, z-scored with these rows'
+    own mean and std (train rows only) and clipped at +-5: the auxiliary probe's targets."""
+    from modeling.feature_registry import FEATURE_NAMES
+
+    features = pd.read_parquet(training_set_path, columns=["date", "symbol", *FEATURE_NAMES])
+    keys = frame[["date", "symbol"]].merge(
+        features.drop_duplicates(["date", "symbol"]), on=["date", "symbol"], how="left"
+    )
+    values = keys[list(FEATURE_NAMES)].to_numpy(np.float64)
+    if np.isnan(values).any():
+        raise ValueError(
+            f"{int(np.isnan(values).any(axis=1).sum())} train rows have no training-set features"
+        )
+    std = values.std(axis=0)
+    z = (values - values.mean(axis=0)) / np.where(std > 0, std, 1.0)
+    return np.clip(z, -5.0, 5.0).astype(np.float32)
+
+
 def sample_rows_by_date(frame: pd.DataFrame, max_rows: int | None, group: int, seed: int) -> pd.DataFrame:
     """A seeded sample of about `max_rows` rows drawn per date in multiples of `group` (so that date
     groups of `group` rows lose no row): each date keeps `group` x (its share rounded at random, so the
@@ -322,6 +348,8 @@ class TokenisedRows:
     weight: np.ndarray
     frame: pd.DataFrame
     """date, symbol (and whatever else came in), aligned with `ids`."""
+    aux: np.ndarray | None = None
+    """[N, F] auxiliary targets (the standardised feature values), when the auxiliary loss is on."""
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -354,6 +382,7 @@ class _RowsDataset(Dataset):
             "label": self.rows.label[i],
             "weight": self.rows.weight[i],
             "index": i,
+            **({"aux": self.rows.aux[i]} if self.rows.aux is not None else {}),
         }
 
 
@@ -371,6 +400,7 @@ def make_collate(tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, t
             "label": torch.tensor([it["label"] for it in items], dtype=torch.float32),
             "weight": torch.tensor([it["weight"] for it in items], dtype=torch.float32),
             "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
+            **({"aux": torch.tensor(np.stack([it["aux"] for it in items]))} if "aux" in items[0] else {}),
         }
 
     return collate
@@ -607,6 +637,10 @@ def train_regressor(
     eval_dates = evenly_spaced_dates(val_frame["date"], cfg.eval_max_dates)
     val_frame = val_frame[val_frame["date"].isin(eval_dates)].reset_index(drop=True)
     train_rows, val_rows = tokenise_rows(train_frame, tokenizer), tokenise_rows(val_frame, tokenizer)
+    if cfg.aux_feature_weight:
+        if not job.training_set_path:
+            raise ValueError("aux_feature_weight needs TrainJob.training_set_path (the feature values)")
+        train_rows.aux = aux_feature_targets(train_frame, job.training_set_path)
     say(
         f"train rows {len(train_rows)}, validation rows {len(val_rows)} on {len(eval_dates)} dates, "
         f"{n_proc} process(es), device {accelerator.device}"
@@ -615,6 +649,8 @@ def train_regressor(
     set_seed(cfg.seed)
     dtype = torch.bfloat16 if use_cuda and cfg.bf16 else torch.float32
     model = build_regressor(job.base_model_dir, job.regressor, dtype=dtype)
+    if train_rows.aux is not None:
+        model.attach_aux_head(train_rows.aux.shape[1])
     optimizer = torch.optim.AdamW(_param_groups(model, cfg))
     date_codes = pd.factorize(train_frame["date"], sort=True)[0] if cfg.date_group_size else None
 
@@ -790,7 +826,10 @@ def train_regressor(
         step_loss = 0.0
         for batch in loader:
             with accelerator.accumulate(model):
-                pred = model(batch["input_ids"], batch["attention_mask"])
+                if train_rows.aux is not None:
+                    pred, aux_pred = model(batch["input_ids"], batch["attention_mask"], with_aux=True)
+                else:
+                    pred = model(batch["input_ids"], batch["attention_mask"])
                 micro_index = state.batch_in_epoch
                 weight_total = torch.tensor(
                     step_weights[micro_index // cfg.grad_accum_steps], device=pred.device
@@ -807,6 +846,8 @@ def train_regressor(
                         weight_total,
                         n_proc * cfg.grad_accum_steps,
                     )
+                if train_rows.aux is not None:  # equal rows per process: DDP's average is the global mean
+                    loss = loss + cfg.aux_feature_weight * ((aux_pred - batch["aux"]) ** 2).mean()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)

@@ -203,3 +203,61 @@ def test_token_counts_ignore_truncation_and_padding_stored_in_the_tokenizer(prom
     assert (expected > 16).all() and (expected < 400).all()
     assert count_tokens(tok, prompts).tolist() == expected.tolist()
     assert tok.backend_tokenizer.truncation is not None  # the caller's tokenizer is left as it was
+
+
+def _cross_section(n_names: int = 25, n_dates: int = 2, seed: int = 1) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame(
+        [(d, f"S{i:02d}") for d in pd.bdate_range("2024-01-02", periods=n_dates) for i in range(n_names)],
+        columns=["date", "symbol"],
+    )
+    for name in FEATURE_NAMES:
+        frame[name] = rng.normal(0, 0.02, len(frame))
+    return frame
+
+
+def test_percentiles_are_per_date_ranks_by_hand():
+    frame = _cross_section()
+    frame.loc[frame["date"] == frame["date"].iloc[0], "ret_5d"] = np.arange(25.0)  # ranks 1..25
+    frame.loc[3, "ret_1d"] = frame.loc[4, "ret_1d"]  # a tie shares its average rank
+    builder = PromptBuilder(number_format="percentile")
+    out = builder.with_percentiles(frame)
+    # floor(100 (rank - 0.5) / n): the lowest of 25 names is 2, the highest 98
+    assert out["ret_5d_pct"].iloc[:25].tolist() == [int(np.floor(100 * (r - 0.5) / 25)) for r in range(1, 26)]
+    day1 = frame.iloc[:25]
+    tied_rank = day1["ret_1d"].rank(method="average").iloc[3]
+    assert (
+        out["ret_1d_pct"].iloc[3] == out["ret_1d_pct"].iloc[4] == int(np.floor(100 * (tied_rank - 0.5) / 25))
+    )
+    # the other date is ranked within itself only
+    day2 = frame.iloc[25:]
+    expected = np.floor(100 * (day2["vol_20d"].rank() - 0.5) / 25).astype(int).tolist()
+    assert out["vol_20d_pct"].iloc[25:].tolist() == expected
+    assert out[[f"{n}_pct" for n in FEATURE_NAMES]].to_numpy().min() >= 0
+    assert out[[f"{n}_pct" for n in FEATURE_NAMES]].to_numpy().max() <= 99
+    assert PromptBuilder().with_percentiles(frame) is frame  # values need none
+
+
+def test_percentile_and_both_formats_render_and_round_trip(prompt_tokenizer):
+    frame = _cross_section()
+    pct = PromptBuilder(number_format="percentile")
+    first = pct.user_contents(frame)[0]
+    expected_5d = int(pct.with_percentiles(frame)["ret_5d_pct"].iloc[0])
+    assert f"5d return pct={expected_5d}\n" in first and "%" not in first.split("\n", 1)[1]
+    both = PromptBuilder(number_format="both").user_contents(frame)[0]
+    value = format_value(frame["ret_5d"].iloc[0] * 100, 3)
+    assert f"5d return %={value} pct {expected_5d}\n" in both
+    # the same rows rendered in two batches (split inside a date) give the same text: percentiles come
+    # from whole dates, computed once before batching
+    flat = [p for batch, _ in pct.iter_batches(frame, prompt_tokenizer, batch_size=7) for p in batch]
+    assert flat == pct.render_batch(frame, prompt_tokenizer)
+    assert PromptBuilder.from_settings(pct.settings()).number_format == "percentile"
+    old = {k: v for k, v in PromptBuilder().settings().items() if k != "number_format"}
+    assert PromptBuilder.from_settings(old).number_format == "value"  # models saved before the option
+
+
+def test_percentiles_refuse_a_thin_cross_section():
+    with pytest.raises(PromptDataError, match="whole universe"):
+        PromptBuilder(number_format="percentile").user_contents(_cross_section(n_names=7))
+    with pytest.raises(ValueError, match="number_format"):
+        PromptBuilder(number_format="decile")

@@ -214,3 +214,32 @@ def test_weight_average_update_and_what_is_saved(tiny_base_model, tiny_data, tmp
     for name in a:
         np.testing.assert_allclose(b[name].numpy(), a[name].numpy(), atol=1e-6, rtol=0)
     assert any(not np.allclose(c[k].numpy(), a[k].numpy(), atol=1e-4) for k in a)  # the average differs
+
+
+def test_auxiliary_feature_probe_trains_and_is_not_saved(tiny_base_model, tiny_data, tmp_path: Path) -> None:
+    from modeling.train import aux_feature_targets
+
+    training_set, corpus = tiny_data
+    train_frame = read_corpus_split(corpus, "train")
+    targets = aux_feature_targets(train_frame, training_set)
+    assert targets.shape == (len(train_frame), 16)
+    np.testing.assert_allclose(targets.mean(axis=0), 0, atol=1e-5)  # standardised on these rows
+    with pytest.raises(ValueError, match="training_set_path"):
+        train_regressor(_job(tiny_base_model, corpus, tmp_path / "x", max_steps=2, aux_feature_weight=1.0))
+    job = replace(
+        _job(tiny_base_model, corpus, tmp_path / "a", max_steps=6, aux_feature_weight=1.0),
+        training_set_path=str(training_set),
+    )
+    result = train_regressor(job, log=lambda _: None)
+    plain = train_regressor(_job(tiny_base_model, corpus, tmp_path / "b", max_steps=6), log=lambda _: None)
+    # the probe adds its reconstruction error to the loss, and changes what the adapters learn ...
+    assert result.state.history[-1]["train_loss"] > plain.state.history[-1]["train_loss"]
+    assert not np.array_equal(
+        _weights(result.model_dir)["base_model.model.layers.0.self_attn.q_proj.lora_B.weight"].numpy(),
+        _weights(plain.model_dir)["base_model.model.layers.0.self_attn.q_proj.lora_B.weight"].numpy(),
+    )
+    # ... but is a training device only: the saved model is the same set of files and loads as usual
+    saved = sorted(p.name for p in result.model_dir.rglob("*") if p.is_file())
+    assert saved == sorted(p.name for p in plain.model_dir.rglob("*") if p.is_file())
+    assert not any("aux" in k for k in _weights(result.model_dir))
+    load_regressor(result.model_dir)

@@ -19,7 +19,7 @@ from modeling.backbones.embedded import (
 from modeling.backbones.gguf import convert_gguf
 from modeling.backbones.smollm2 import prepare_smollm2
 from modeling.data.parquet_io import read_parquet_metadata
-from modeling.prompt import PromptBuilder, tokenizer_training_texts
+from modeling.prompt import DEFAULT_NUMBER_FORMAT, PromptBuilder, tokenizer_training_texts
 from pipeline.resources import StorageResource
 
 BASE_MODEL_CODE_VERSION = f"backbones-v{EMBEDDED_MODEL_FORMAT_VERSION}"
@@ -65,6 +65,11 @@ class BaseModelConfig(Config):
         description="Validation prompts for the before/after loss (never trained on).",
     )
     pretrain_seed: int = Field(default=_P.seed, ge=0, description="Seed of the row draw and batch order.")
+    prompt_number_format: str = Field(
+        default=DEFAULT_NUMBER_FORMAT,
+        description="Number format of the pretraining prompts (value, percentile, both): keep it equal to "
+        "the prompt corpus's.",
+    )
     force_rebuild: bool = Field(
         default=False, description="Rebuild the embedded model even when its config and code are unchanged."
     )
@@ -97,7 +102,11 @@ def _embedded(context: AssetExecutionContext, config: BaseModelConfig, storage: 
     path = storage.base_model_dir
     source = storage.parquet_path("training_set")
     facts = read_parquet_metadata(source)
-    builder = PromptBuilder(horizon=int(facts["horizon"]), target=str(facts["label"]["kind"]))
+    builder = PromptBuilder(
+        horizon=int(facts["horizon"]),
+        target=str(facts["label"]["kind"]),
+        number_format=config.prompt_number_format,
+    )
     model_spec, pretrain_spec = config.specs()
     key = build_key(
         {
@@ -115,10 +124,10 @@ def _embedded(context: AssetExecutionContext, config: BaseModelConfig, storage: 
         return {"rebuilt": False, "reason": reason}
     context.log.info(f"building the embedded base model: {reason if not config.force_rebuild else 'forced'}")
     # labels and weights never leave this frame: pretraining reads prompt text only
-    rows = pd.read_parquet(source, columns=None)
+    rows = builder.with_percentiles(pd.read_parquet(source, columns=None))  # whole dates, before sampling
     train_rows, eval_rows = select_pretraining_rows(rows, pretrain_spec)
     del rows
-    texts = tokenizer_training_texts(PromptBuilder(), n_rows=config.tokenizer_rows, seed=config.seed)
+    texts = tokenizer_training_texts(builder, n_rows=config.tokenizer_rows, seed=config.seed)
     started = time.perf_counter()
     build_embedded_base_model(
         path,

@@ -73,11 +73,7 @@ def hyperparameters(
     corpus = storage.parquet_path("prompt_corpus")
     corpus_facts = read_parquet_metadata(corpus)
     set_facts = read_parquet_metadata(storage.parquet_path("training_set"))
-    prompt = PromptBuilder(
-        horizon=int(corpus_facts["horizon"]),
-        sig_digits=int(corpus_facts["sig_digits"]),
-        target=str(corpus_facts["label_kind"]),
-    ).settings()
+    prompt = PromptBuilder.of_corpus(corpus_facts).settings()
     train = replace(
         profile.train,
         eval_every_steps=config.eval_every_steps,
@@ -88,7 +84,15 @@ def hyperparameters(
         progress=False,
     )
     out = storage.root / "runs" / "search"
-    template = TrainJob(str(storage.base_model_dir), str(corpus), str(out), prompt, profile.regressor, train)
+    template = TrainJob(
+        str(storage.base_model_dir),
+        str(corpus),
+        str(out),
+        prompt,
+        profile.regressor,
+        train,
+        training_set_path=str(storage.parquet_path("training_set")),
+    )
     bucket_config = (set_facts.get("buckets") or {}).get("config")
     space = replace(_S, steps=tuple(config.steps), batch_size=tuple(config.batch_sizes))
 

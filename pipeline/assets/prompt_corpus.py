@@ -8,7 +8,7 @@ from pydantic import Field
 from modeling.backbones.common import load_tokenizer
 from modeling.data.parquet_io import create_parquet_view, read_parquet_metadata
 from modeling.data.prompt_corpus import write_prompt_corpus
-from modeling.prompt import PromptBuilder
+from modeling.prompt import DEFAULT_NUMBER_FORMAT, PromptBuilder
 from pipeline.metadata import relation_metadata
 from pipeline.resources import StorageResource, WarehouseResource
 
@@ -16,6 +16,11 @@ from pipeline.resources import StorageResource, WarehouseResource
 class PromptCorpusConfig(Config):
     sig_digits: int = Field(default=3, ge=1, le=8, description="Significant digits of each feature value.")
     batch_size: int = Field(default=8192, ge=1, description="Rows rendered and tokenised per batch.")
+    number_format: str = Field(
+        default=DEFAULT_NUMBER_FORMAT,
+        description="How each feature's number is written: value (significant digits), percentile (rank "
+        "among the date's stocks, 0-99) or both. Keep base_model's prompt_number_format equal to it.",
+    )
 
 
 @asset(
@@ -33,10 +38,12 @@ def prompt_corpus(
     source = storage.parquet_path("training_set")
     facts = read_parquet_metadata(source)
     horizon, label_kind = int(facts["horizon"]), str(facts["label"]["kind"])
-    rows = pd.read_parquet(source)
     model_dir = storage.base_model_dir
     tokenizer = load_tokenizer(model_dir)
-    builder = PromptBuilder(horizon=horizon, sig_digits=config.sig_digits, target=label_kind)
+    builder = PromptBuilder(
+        horizon=horizon, sig_digits=config.sig_digits, target=label_kind, number_format=config.number_format
+    )
+    rows = builder.with_percentiles(pd.read_parquet(source))  # each date's whole cross-section
 
     path = storage.parquet_path("prompt_corpus")
     started = time.perf_counter()
@@ -51,6 +58,7 @@ def prompt_corpus(
             "label_kind": label_kind,
             "base_model": str(model_dir),
             "sig_digits": config.sig_digits,
+            "number_format": config.number_format,
         },
     )
     elapsed = time.perf_counter() - started

@@ -193,11 +193,7 @@ def regressor(
         and bucket_config.get("mode") == "weight"
     ):
         reweight = {**bucket_config, "scheme": weight_scheme}  # the search found another scheme better
-    prompt = PromptBuilder(
-        horizon=int(corpus_facts["horizon"]),
-        sig_digits=int(corpus_facts["sig_digits"]),
-        target=str(corpus_facts["label_kind"]),
-    ).settings()
+    prompt = PromptBuilder.of_corpus(corpus_facts).settings()
     final_dates = config.final_eval_max_dates or profile.final_eval_max_dates
     job_config = {
         "regressor": regressor_cfg.to_dict(),
@@ -240,6 +236,7 @@ def regressor(
         train=train_cfg,
         resume=True,
         reweight=reweight,
+        training_set_path=str(training_set),
         experiment={
             "tracking_uri": mlflow.tracking_uri,
             "training_set_path": str(training_set),
