@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -388,3 +389,35 @@ def test_pretraining_check_fails_when_the_loss_barely_moved(run, tmp_path):
     info["pretraining"]["val_loss_after"] = 0.9 * info["pretraining"]["val_loss_before"]
     info_file.write_text(__import__("json").dumps(info))
     assert not pretraining_lowered_lm_loss(storage=storage).passed
+
+
+def test_regressor_reports_every_rankic_with_its_se_dates_and_paired_differences(run):
+    result, settings, _ = run
+    meta = {e.asset_key: e.materialization.metadata for e in result.get_asset_materialization_events()}
+    regressor = meta[AssetKey("regressor")]
+    assert (
+        regressor["val_n_dates"].value == 4 and regressor["test_n_dates"].value == 4
+    )  # final_eval_max_dates
+    assert regressor["val_rank_ic_se"].value > 0 and regressor["test_rank_ic_se"].value > 0
+    paired = regressor["paired"].value
+    assert set(paired) == {"zero", "ridge", "lightgbm", "mlp_features"}
+    for name, per_split in paired.items():
+        for split in ("validation", "test"):
+            d = per_split[split]
+            assert d["n_dates"] == 4 and np.isfinite(d["delta"]) and d["se"] >= 0, (name, split)
+    # against the zero forecast the difference is the regressor's own RankIC
+    assert paired["zero"]["validation"]["delta"] == pytest.approx(regressor["val_rank_ic"].value)
+    assert "± " in regressor["comparison"].value and "LLM − model" in regressor["comparison"].value
+    check = next(
+        e for e in result.get_asset_check_evaluations() if e.check_name == "regressor_beats_baselines"
+    )
+    for name in ("zero", "mlp_features"):
+        text = check.metadata[f"vs_{name}"].value
+        assert text.startswith("Δ RankIC ") and "(t " in text and "4 dates" in text
+    import mlflow
+
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    run_id = regressor["run_id"].value
+    metrics = mlflow.tracking.MlflowClient().get_run(run_id).data.metrics
+    assert metrics["val_rank_ic_se"] == pytest.approx(regressor["val_rank_ic_se"].value)
+    assert metrics["val_n_dates"] == 4 and "paired/ridge/validation_delta" in metrics
