@@ -172,6 +172,7 @@ def ours_train(
     seed: int,
     out: Path,
     eval_every: int | None = 0,
+    regressor=None,
     **overrides,
 ):
     """The cpu profile's recipe on `n_rows` sampled train rows (None = all), no time budget;
@@ -198,7 +199,7 @@ def ours_train(
         str(corpus),
         str(out),
         PromptBuilder.of_corpus(read_parquet_metadata(corpus)).settings(),
-        profile.regressor,
+        regressor or profile.regressor,
         train,
         resume=False,
         training_set_path=str(corpus.parent / "training_set.parquet"),
@@ -604,6 +605,212 @@ def _curve_png(runs: dict, summary: dict, reference: dict) -> Path:
     return path
 
 
+# --- routes to a recipe that learns from data -------------------------------------------------------------
+ROUTES: dict[str, tuple[int, dict]] = {
+    # name: (train rows, overrides of the cpu profile's train config; "lora." / "head." prefixes for those)
+    "base (lr 1e-3, MSE, raw label, bucket weights)": (24_000, {}),
+    "lr 3e-4": (24_000, {"learning_rate": 3e-4}),
+    "label clipped at 3": (24_000, {"target_transform": "clip", "target_clip": 3.0}),
+    "label per-date rank-gaussian (cs_rank)": (24_000, {"target_transform": "cs_rank"}),
+    "cs_rank, lr 3e-4": (24_000, {"target_transform": "cs_rank", "learning_rate": 3e-4}),
+    "cs_rank, no bucket weights": (24_000, {"target_transform": "cs_rank", "weight_power": 0.0}),
+    "cs_rank, per-date IC loss (date groups of 16)": (
+        24_000,
+        {"target_transform": "cs_rank", "loss": "ic", "date_group_size": 16},
+    ),
+    "aux feature probe 1.0": (24_000, {"aux_feature_weight": 1.0}),
+    "aux 1.0, cs_rank": (24_000, {"aux_feature_weight": 1.0, "target_transform": "cs_rank"}),
+    "aux 3.0, cs_rank": (24_000, {"aux_feature_weight": 3.0, "target_transform": "cs_rank"}),
+    "aux 1.0, cs_rank, LoRA r=32": (
+        24_000,
+        {"aux_feature_weight": 1.0, "target_transform": "cs_rank", "lora.r": 32, "lora.alpha": 64.0},
+    ),
+    "aux 1.0, cs_rank, head lr 3e-3": (
+        24_000,
+        {"aux_feature_weight": 1.0, "target_transform": "cs_rank", "head_learning_rate": 3e-3},
+    ),
+    "aux 1.0, cs_rank, 2 epochs": (
+        24_000,
+        {"aux_feature_weight": 1.0, "target_transform": "cs_rank", "epochs": 2},
+    ),
+    "aux 1.0, cs_rank, lr 2e-3": (
+        24_000,
+        {"aux_feature_weight": 1.0, "target_transform": "cs_rank", "learning_rate": 2e-3},
+    ),
+    "aux 1.0, cs_rank, EMA 0.995": (
+        24_000,
+        {"aux_feature_weight": 1.0, "target_transform": "cs_rank", "ema_decay": 0.995},
+    ),
+    "96k: base": (96_000, {}),
+    "96k: aux 1.0, cs_rank": (96_000, {"aux_feature_weight": 1.0, "target_transform": "cs_rank"}),
+    "96k: aux 1.0, cs_rank, lr 3e-4": (
+        96_000,
+        {"aux_feature_weight": 1.0, "target_transform": "cs_rank", "learning_rate": 3e-4},
+    ),
+}
+"""Each route is `ROUTE_BASE` with these changes, trained once (seed 0), judged on the final weights (no
+early stopping) on every other validation date."""
+
+
+def _route_base():
+    from modeling.train import TrainConfig
+
+    # the recipe the project started from (the cpu profile before the routes below were measured)
+    return TrainConfig(
+        learning_rate=1e-3, batch_size=32, epochs=1, checkpoint_every_steps=0, select_best=False, seed=0
+    )
+
+
+ROUTE_BASE = _route_base()
+
+
+def route_config(name: str, size: int, overrides: dict):
+    """(train config, regressor config, cache key) of a route."""
+    from modeling.profiles import PROFILES
+
+    profile = PROFILES["cpu"]
+    train_over = {k: v for k, v in overrides.items() if "." not in k}
+    lora = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("lora.")}
+    head = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("head.")}
+    regressor = profile.regressor
+    regressor = replace(regressor, lora=replace(regressor.lora, **lora), head=replace(regressor.head, **head))
+    cfg = replace(
+        ROUTE_BASE,
+        max_train_samples=size,
+        eval_every_steps=0,
+        time_budget_s=None,
+        progress=False,
+        **train_over,
+    )
+    return cfg, regressor, hashlib_key({"name": name, "train": cfg, "regressor": regressor.to_dict()})
+
+
+def route_record(
+    name, size, overrides, model_dir: Path, train_s, samples_per_s, base, corpus, features, frame
+):
+    """Score a route's trained model and ridge (same rows, targets, weights) on `frame`."""
+    from modeling.backbones.common import load_tokenizer
+    from modeling.baselines import BaselineConfig, FeatureScaler, fit_ridge
+    from modeling.evaluation import score_rows
+    from modeling.model import load_regressor
+    from modeling.train import train_sample
+
+    cfg, _, _ = route_config(name, size, overrides)
+    scored, _ = score_rows(load_regressor(model_dir), load_tokenizer(base), frame)
+    train = train_sample(corpus, cfg, None, ["date", "symbol", "label", "weight"]).merge(
+        features, on=["date", "symbol"], how="left"
+    )
+    ridge = fit_ridge(train, FeatureScaler.fit(train, 5.0), BaselineConfig())
+    both = frame.drop(columns="prompt").assign(prediction=scored["prediction"].to_numpy(), ridge=ridge(frame))
+    return {
+        "name": name,
+        "size": size,
+        "overrides": overrides,
+        "train_s": round(train_s, 1),
+        "samples_per_s": samples_per_s,
+        "daily": {m: _series_json(_daily(both, m)) for m in ("prediction", "ridge")},
+    }
+
+
+def route_run(
+    base: Path, corpus: Path, features, frame, name: str, size: int, overrides: dict, out: Path
+) -> dict:
+    from modeling.data.parquet_io import read_parquet_metadata
+    from modeling.prompt import PromptBuilder
+    from modeling.train import TrainJob, train_regressor
+
+    cfg, regressor, key = route_config(name, size, overrides)
+    path = out / f"{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    job = TrainJob(
+        str(base),
+        str(corpus),
+        str(out / key),
+        PromptBuilder.of_corpus(read_parquet_metadata(corpus)).settings(),
+        regressor,
+        cfg,
+        resume=False,
+        training_set_path=str(corpus.parent / "training_set.parquet"),
+    )
+    started = time.perf_counter()
+    trained = train_regressor(job, log=lambda _m: None)
+    record = route_record(
+        name,
+        size,
+        overrides,
+        trained.model_dir,
+        time.perf_counter() - started,
+        trained.report()["samples_per_s"],
+        base,
+        corpus,
+        features,
+        frame,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, default=float))
+    return record
+
+
+def hashlib_key(payload: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def bench_routes(args) -> None:
+    import pandas as pd
+
+    from modeling.evaluation import split_rows
+    from modeling.feature_registry import FEATURE_NAMES
+    from modeling.metrics import DailyMean, paired_series_difference
+
+    base, corpus, training_set = _paths()
+    features = pd.read_parquet(
+        training_set, columns=["date", "symbol", *FEATURE_NAMES, "fwd_ret"]
+    ).drop_duplicates(["date", "symbol"])
+    frame = split_rows(corpus, "validation", None)
+    frame = frame[frame["date"].isin(sorted(frame["date"].unique())[::2])].reset_index(drop=True)
+    frame = frame.merge(features, on=["date", "symbol"], how="left")
+    chosen = [n for n in ROUTES if not args.only or any(o in n for o in args.only.split(","))]
+    records = {}
+    for name in chosen:
+        size, overrides = ROUTES[name]
+        print(f"route: {name}", flush=True)
+        records[name] = route_run(base, corpus, features, frame, name, size, overrides, OUT / "routes")
+    reference = {
+        size: _series_from(r["daily"]["prediction"])
+        for r in records.values()
+        for size in [r["size"]]
+        if r["overrides"] == {}
+    }
+    lines = [
+        "| route | train rows | LLM validation | ridge, same rows and targets | LLM − ridge | LLM − base at its size | train s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in records.items():
+        llm, ridge = _series_from(r["daily"]["prediction"]), _series_from(r["daily"]["ridge"])
+        vs_base = (
+            str(paired_series_difference(llm, reference[r["size"]]))
+            if r["size"] in reference and r["overrides"]
+            else ""
+        )
+        lines.append(
+            f"| {name} | {r['size']:,} | {_stat_cell(DailyMean.of(llm))} | {_stat_cell(DailyMean.of(ridge))} | "
+            f"{paired_series_difference(llm, ridge)} | {vs_base} | {r['train_s']:.0f} |"
+        )
+    write_section(
+        "regressor_routes",
+        f"""## Routes to a recipe that learns from data (issue 13)
+
+Command: `python bench/bench_regressor.py routes` after `make demo`. Machine: {machine()["cores"]} cores ({machine()["cpu"]}). Each route is the cpu profile's recipe with the named change, seed 0, one pass, judged on its final weights (no early stopping) on every other validation date ({frame["date"].nunique()} dates, {len(frame):,} rows): mean daily RankIC ± SE (dates). Ridge is fit on the same rows with the same targets and weights; differences are paired daily differences on the same rows, Δ ± SE (t).
+
+{chr(10).join(lines)}
+""",
+    )
+    print("\n".join(lines))
+
+
 # --- inference throughput ---------------------------------------------------------------------------------
 def bench_inference(args) -> None:
     """Rows/s of training (forward + backward + step), of the trainer's evaluation path and of the
@@ -675,7 +882,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", choices=["peer", "quality", "curve", "inference"])
+    parser.add_argument("what", choices=["peer", "quality", "curve", "inference", "routes"])
+    parser.add_argument("--only", default="", help="routes: comma-separated substrings of route names")
     parser.add_argument("--rows", type=int, default=8000, help="peer / inference: train rows")
     parser.add_argument("--eval-dates", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)

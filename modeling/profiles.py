@@ -1,10 +1,14 @@
 """Named training profiles: what `regressor` trains with unless its config or the search overrides it.
 
 - `cpu`: the demo on 2 CPU cores. Bounded so that `make demo` finishes in minutes: a seeded sample of
-  the train rows, one pass, periodic validation on a few evenly spaced dates, the final comparison on
-  more of them. The embedded tiny Llama trains at about 220 samples/s here.
+  the train rows, one pass, periodic validation on a few evenly spaced dates (monitoring), the final
+  comparison on every validation and test date. The embedded tiny Llama trains at about 270 samples/s.
 - `gpu`: Llama 3 8B (or any large `BASE_MODEL`) on GPUs: every train row, bf16, LoRA r=16 on every
   projection, the final comparison on every validation and test date.
+
+Both share `RECIPE`, the choices the learning curve supports (BENCHMARKS.md): on the embedded backbone
+this recipe rises from 24k to 96k to every train row, where the original one (raw labels, no probe)
+fell to zero at 96k rows.
 """
 
 from __future__ import annotations
@@ -27,6 +31,18 @@ class Profile:
     """Training processes (None = one per visible GPU)."""
 
 
+RECIPE = {
+    # what the learning curve (BENCHMARKS.md, `bench/bench_regressor.py curve` and `routes`) showed to
+    # learn more from more data: rank-gaussian targets per date (a vendor jump no longer sets a whole
+    # step's direction) and the auxiliary probe that teaches the adapters the prompt's numbers
+    "target_transform": "cs_rank",
+    "aux_feature_weight": 1.0,
+    # the final weights: evaluations on a few dates pick the luckiest checkpoint, not the best one
+    "early_stopping_patience": None,
+    "select_best": False,
+}
+"""Training choices both profiles share."""
+
 PROFILES: dict[str, Profile] = {
     "cpu": Profile(
         name="cpu",
@@ -40,10 +56,10 @@ PROFILES: dict[str, Profile] = {
             time_budget_s=240.0,
             eval_every_steps=375,
             eval_max_dates=16,
-            early_stopping_patience=4,
             checkpoint_every_steps=250,
+            **RECIPE,
         ),
-        final_eval_max_dates=24,
+        final_eval_max_dates=None,
         num_processes=1,
     ),
     "gpu": Profile(
@@ -60,9 +76,9 @@ PROFILES: dict[str, Profile] = {
             epochs=1,
             eval_every_steps=500,
             eval_max_dates=60,
-            early_stopping_patience=6,
             checkpoint_every_steps=500,
             eval_batch_size=256,
+            **RECIPE,
         ),
         final_eval_max_dates=None,
         num_processes=None,
@@ -84,9 +100,17 @@ OVERRIDABLE = {
     "time_budget_s": ("train", "time_budget_s"),
     "loss": ("train", "loss"),
     "huber_delta": ("train", "huber_delta"),
+    "target_transform": ("train", "target_transform"),
+    "target_clip": ("train", "target_clip"),
+    "weight_power": ("train", "weight_power"),
+    "aux_feature_weight": ("train", "aux_feature_weight"),
+    "date_group_size": ("train", "date_group_size"),
+    "lr_reference_steps": ("train", "lr_reference_steps"),
+    "warmup_ratio": ("train", "warmup_ratio"),
     "eval_every_steps": ("train", "eval_every_steps"),
     "eval_max_dates": ("train", "eval_max_dates"),
     "early_stopping_patience": ("train", "early_stopping_patience"),
+    "select_best": ("train", "select_best"),
     "checkpoint_every_steps": ("train", "checkpoint_every_steps"),
     "seed": ("train", "seed"),
     "lora_r": ("lora", "r"),

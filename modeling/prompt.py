@@ -344,7 +344,10 @@ def tokenizer_training_texts(
         frame[f.name] = (
             rng.choice([-1.0, 1.0], n_rows) * np.exp(rng.normal(-3.0, 2.0, n_rows)) / f.prompt_scale
         )
-        frame[f.name + PERCENTILE_SUFFIX] = rng.integers(0, 100, n_rows)  # (dates here are random)
+
+    if builder.number_format != "value":  # (drawn after the values: value-format texts stay as they were)
+        for f in builder.features:
+            frame[f.name + PERCENTILE_SUFFIX] = rng.integers(0, 100, n_rows)  # the dates here are random
     # The Llama 3 chat layout (its special tokens are not learnt by BPE; the text around them is).
     system = builder.system_message
     return [

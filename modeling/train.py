@@ -76,6 +76,10 @@ class TrainConfig:
     """AdamW weight decay (adapters and head weights; biases and norms are never decayed)."""
     warmup_ratio: float = 0.05
     """Share of the schedule spent in linear warm-up."""
+    lr_reference_steps: int | None = None
+    """When set, a run of more optimizer steps than this takes a smaller peak learning rate (adapters and
+    head alike): peak x sqrt(reference / steps), never larger than peak. The noise a step adds grows with
+    lr^2 x steps; the square root keeps it at the reference run's. None = the peak for any length."""
     min_lr_ratio: float = 0.05
     """The cosine decays to this fraction of the peak."""
     batch_size: int = 32
@@ -125,6 +129,10 @@ class TrainConfig:
     """Rows per forward pass at evaluation (32 is fastest on 2 CPU cores; larger on a GPU)."""
     early_stopping_patience: int | None = 4
     """Stop after this many evaluations without a better validation RankIC (None = never)."""
+    select_best: bool = True
+    """Save the weights of the best periodic evaluation (True) or the final weights (False; the average
+    when `ema_decay` is set). With evaluations on a few dates the best of several is mostly the luckiest:
+    a run that keeps improving is better served by its final weights."""
     checkpoint_every_steps: int = 200
     """Checkpoint every N optimizer steps (0 = never; the end of training is not checkpointed)."""
     group_by_length: bool = True
@@ -149,7 +157,13 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("max_train_samples", "max_steps", "eval_max_dates", "early_stopping_patience"):
+        for name in (
+            "max_train_samples",
+            "max_steps",
+            "eval_max_dates",
+            "early_stopping_patience",
+            "lr_reference_steps",
+        ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1 or None, got {value!r}")
@@ -458,6 +472,13 @@ class _FixedBatches(torch.utils.data.Sampler[list[int]]):
 
 
 # --- schedule ----------------------------------------------------------------------------------
+def lr_length_factor(total_steps: int, reference_steps: int | None) -> float:
+    """min(1, sqrt(reference_steps / total_steps)); 1 when there is no reference."""
+    if reference_steps is None or total_steps <= reference_steps:
+        return 1.0
+    return math.sqrt(reference_steps / total_steps)
+
+
 def lr_factor(progress: float, warmup_ratio: float, min_lr_ratio: float) -> float:
     """Learning-rate multiplier at a schedule progress in [0, 1]: linear warm-up, then cosine to the floor."""
     progress = min(max(progress, 0.0), 1.0)
@@ -676,7 +697,12 @@ def train_regressor(
         else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     )
     state = LoopState()
-    peak_lrs = [group["lr"] for group in optimizer.param_groups]
+    length_factor = lr_length_factor(total_steps, cfg.lr_reference_steps)
+    peak_lrs = [group["lr"] * length_factor for group in optimizer.param_groups]
+    if length_factor < 1:
+        say(
+            f"{total_steps} steps > lr_reference_steps {cfg.lr_reference_steps}: lr x {length_factor:.3f}"
+        )
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped: LLMRegressor = accelerator.unwrap_model(model)
     best_state: dict[str, torch.Tensor] | None = None
@@ -909,8 +935,10 @@ def train_regressor(
 
     if last_eval_step != state.step and (cfg.eval_every_steps or not state.history):
         record_eval(float(np.mean(running)) if running else None)
-    if best_state is not None:  # (the average, when there is one: it is what was evaluated)
+    if cfg.select_best and best_state is not None:  # (the average, when there is one: what was judged)
         unwrapped.load_trainable_state_dict(best_state)
+    elif ema is not None:
+        unwrapped.load_trainable_state_dict(ema)
     model_dir = out / "model"
     accelerator.wait_for_everyone()
     if main:

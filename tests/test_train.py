@@ -26,6 +26,7 @@ from modeling.train import (
     epoch_batches,
     evenly_spaced_dates,
     lr_factor,
+    lr_length_factor,
     read_corpus_split,
     sample_rows,
     tokenise_rows,
@@ -172,6 +173,9 @@ def test_schedule_batches_and_samples() -> None:
     assert lr_factor(0.1, 0.1, 0.05) == pytest.approx(1.0)
     assert lr_factor(1.0, 0.1, 0.05) == pytest.approx(0.05)
     assert lr_factor(0.55, 0.1, 0.0) == pytest.approx(0.5)
+    # longer runs than the reference take a smaller peak: sqrt(reference / steps), never a larger one
+    assert lr_length_factor(3000, 750) == pytest.approx(0.5)
+    assert lr_length_factor(500, 750) == 1.0 and lr_length_factor(12_000, None) == 1.0
     lengths = np.random.default_rng(0).integers(200, 260, size=103)
     batches = epoch_batches(lengths, 8, seed=1, epoch=0, group_by_length=True, multiple_of=3)
     assert len(batches) == 12 and all(len(b) == 8 for b in batches)  # 12 full batches, a multiple of 3

@@ -44,7 +44,21 @@ class RegressorAssetConfig(Config):
     epochs: int | None = Field(default=None, ge=1, description="Passes over the sampled train rows.")
     lora_r: int | None = Field(default=None, ge=1, description="LoRA rank.")
     lora_alpha: float | None = Field(default=None, gt=0, description="LoRA alpha.")
-    loss: str | None = Field(default=None, description="mse or huber.")
+    loss: str | None = Field(
+        default=None, description="mse, huber, or ic (per-date correlation; needs date_group_size)."
+    )
+    target_transform: str | None = Field(
+        default=None, description="Training target: none, clip, cs_zscore or cs_rank (rank-gaussian)."
+    )
+    aux_feature_weight: float | None = Field(
+        default=None, ge=0, description="Weight of the auxiliary feature-reconstruction loss (0 = off)."
+    )
+    date_group_size: int | None = Field(
+        default=None, ge=0, description="Rows of one date per batch group (needed by the ic loss; 0 = off)."
+    )
+    lr_reference_steps: int | None = Field(
+        default=None, ge=1, description="Runs longer than this take peak lr x sqrt(reference / steps)."
+    )
     ema_decay: float | None = Field(
         default=None,
         gt=0,
@@ -88,6 +102,10 @@ class RegressorAssetConfig(Config):
             "lora_r",
             "lora_alpha",
             "loss",
+            "target_transform",
+            "aux_feature_weight",
+            "date_group_size",
+            "lr_reference_steps",
             "ema_decay",
             "eval_every_steps",
             "eval_max_dates",
