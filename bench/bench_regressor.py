@@ -472,15 +472,18 @@ def bench_curve(args) -> None:
     from modeling.train import train_sample
 
     base, corpus, training_set = _paths()
-    out = OUT / "curve"
     features = pd.read_parquet(
         training_set, columns=["date", "symbol", *FEATURE_NAMES, "fwd_ret"]
     ).drop_duplicates(["date", "symbol"])
-    frames = {
-        s: split_rows(corpus, s, None).merge(features, on=["date", "symbol"], how="left")
-        for s in ("validation", "test")
-    }
+    frames = {}
+    for split in ("validation", "test"):
+        rows = split_rows(corpus, split, None)
+        rows = rows[rows["date"].isin(sorted(rows["date"].unique())[:: args.date_step])].reset_index(
+            drop=True
+        )
+        frames[split] = rows.merge(features, on=["date", "symbol"], how="left")
     sizes = [None if x == "all" else int(x) for x in args.sizes.split(",")]
+    out = OUT / ("curve" if args.date_step == 1 else f"curve-every{args.date_step}")
     runs: dict = {}
     for size in sizes:
         seeds = range(args.seeds) if size is not None and size <= args.multi_seed_max else range(1)
@@ -624,6 +627,10 @@ ROUTES: dict[str, tuple[int, dict]] = {
     "aux 1.0, cs_rank, LoRA r=32": (
         24_000,
         {"aux_feature_weight": 1.0, "target_transform": "cs_rank", "lora.r": 32, "lora.alpha": 64.0},
+    ),
+    "aux 1.0, cs_rank, LoRA r=64": (
+        24_000,
+        {"aux_feature_weight": 1.0, "target_transform": "cs_rank", "lora.r": 64, "lora.alpha": 128.0},
     ),
     "aux 1.0, cs_rank, head lr 3e-3": (
         24_000,
@@ -889,13 +896,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sizes", default="24000,96000,all", help="curve: train sizes ('all' = every row)")
     parser.add_argument("--seeds", type=int, default=3, help="curve: seeds at the small sizes")
+    parser.add_argument("--date-step", type=int, default=1, help="curve: every n-th date (1 = every date)")
     parser.add_argument(
         "--multi-seed-max", type=int, default=24000, help="curve: sizes up to this get --seeds"
     )
     args = parser.parse_args()
-    {"peer": bench_peer, "quality": bench_quality, "curve": bench_curve, "inference": bench_inference}[
-        args.what
-    ](args)
+    runners = {
+        "peer": bench_peer,
+        "quality": bench_quality,
+        "curve": bench_curve,
+        "inference": bench_inference,
+        "routes": bench_routes,
+    }
+    runners[args.what](args)
 
 
 if __name__ == "__main__":
