@@ -5,6 +5,8 @@ DATA_DIR with the training set, the pretrained embedded backbone and the prompt 
     python bench/bench_regressor.py quality    # RankIC / ICIR: regressor (random / pretrained tiny), baselines
     python bench/bench_regressor.py curve      # learning curve: 24k, 96k, all train rows; LLM vs ridge, MLP
     python bench/bench_regressor.py inference  # scoring rows/s (pyfunc and trainer path) vs training rows/s
+    python bench/bench_regressor.py routes     # each change to the recipe, measured against ridge and the base
+    python bench/bench_regressor.py levers     # training samples/s: torch.compile, threads, percentile prompts
 
 peer: identical prompts, tokenizer, backbone (the pretrained embedded tiny Llama) and train rows (a
 seeded sample), batch 32, one pass, 2 CPU cores, fp32. The peer is transformers'
@@ -256,112 +258,125 @@ Throughput ratio {speedup:.2f}x (target >= 1.3x with a higher RankIC: {"met" if 
 
 
 def bench_quality(args) -> None:
+    """The demo's recipe (cpu profile) on every validation and test date: the LLM on the pretrained
+    backbone over `--seeds` seeds (the curve's 24k runs, shared through its cache), the LLM on a random
+    backbone (seed 0), the four baselines on the same rows, ridge and LightGBM on every train row, and
+    the planted signal's oracle."""
+    import numpy as np
     import pandas as pd
 
+    from modeling.backbones.common import load_tokenizer
     from modeling.backbones.embedded import TinyLlamaSpec, build_embedded_base_model
     from modeling.baselines import BaselineConfig, fit_predict_baselines
+    from modeling.evaluation import score_rows, split_rows
     from modeling.feature_registry import FEATURE_NAMES
-    from modeling.metrics import evaluate
+    from modeling.metrics import DailyMean, evaluate, paired_series_difference
+    from modeling.model import load_regressor
     from modeling.profiles import PROFILES
     from modeling.prompt import PromptBuilder, tokenizer_training_texts
-    from modeling.train import read_corpus_split, sample_rows
+    from modeling.train import train_sample
 
     base, corpus, training_set = _paths()
     out = OUT / "regressor_quality"
+    profile = PROFILES["cpu"]
+    size = profile.train.max_train_samples
+    features = pd.read_parquet(
+        training_set, columns=["date", "symbol", *FEATURE_NAMES, "fwd_ret"]
+    ).drop_duplicates(["date", "symbol"])
+    frames = {
+        s: split_rows(corpus, s, None).merge(features, on=["date", "symbol"], how="left")
+        for s in ("validation", "test")
+    }
+    seeds = [
+        curve_run(base, corpus, features, frames, size, seed, OUT / "curve") for seed in range(args.seeds)
+    ]
+    rows: list[str] = []
+
+    def llm_row(name: str, records: list[dict]) -> None:
+        cells = []
+        for split in ("validation", "test"):
+            daily = [_series_from(r["daily"][split]["prediction"]) for r in records]
+            mean = DailyMean.of(pd.concat(daily, axis=1).mean(axis=1))
+            sd = np.std([DailyMean.of(d).mean for d in daily], ddof=1) if len(daily) > 1 else float("nan")
+            cells.append(_stat_cell(mean) + (f", seed sd {sd:.4f}" if np.isfinite(sd) else ""))
+            if split == "validation":
+                ridge = pd.concat([_series_from(r["daily"][split]["ridge"]) for r in records], axis=1).mean(
+                    axis=1
+                )
+                vs_ridge = str(paired_series_difference(pd.concat(daily, axis=1).mean(axis=1), ridge))
+        rows.append(f"| {name} | {cells[0]} | {cells[1]} | {vs_ridge} |")
+
+    llm_row(f"LLM regressor, pretrained backbone ({len(seeds)} seeds)", seeds)
     random_base = out / "random_base_model"
     if not random_base.exists():  # same tokenizer recipe and init as the asset, no pretraining
         build_embedded_base_model(
             random_base, tokenizer_training_texts(PromptBuilder(), 20_000, 0), TinyLlamaSpec()
         )
-    frames = {s: _eval_frame(corpus, training_set, s, args.eval_dates) for s in ("validation", "test")}
-    profile = PROFILES["cpu"]
-    results: dict[str, dict] = {}
-    budget = {}
-    for name, backbone in (
-        ("regressor, random tiny backbone", random_base),
-        ("regressor, pretrained tiny backbone", base),
-    ):
-        started = time.perf_counter()
-        trained = ours_train(
-            backbone,
-            corpus,
-            profile.train.max_train_samples,
-            args.seed,
-            out / name.split()[1],
-            eval_every=profile.train.eval_every_steps,
-        )
-        budget[name] = {
-            "train_s": round(time.perf_counter() - started, 1),
-            **{k: trained.report()[k] for k in ("samples", "samples_per_s", "best_step", "steps")},
+    trained = ours_train(random_base, corpus, size, 0, out / "random", eval_every=None)
+    model, tok = load_regressor(trained.model_dir), load_tokenizer(random_base)
+    random_record = {"daily": {}}
+    for split, frame in frames.items():
+        scored, _ = score_rows(model, tok, frame)
+        both = frame.drop(columns="prompt").assign(prediction=scored["prediction"].to_numpy())
+        random_record["daily"][split] = {
+            "prediction": _series_json(_daily(both, "prediction")),
+            "ridge": seeds[0]["daily"][split]["ridge"],
         }
-        results[name] = {
-            s: evaluate(f.assign(prediction=_predict(trained.model_dir, backbone, f)))
-            for s, f in frames.items()
-        }
-    features = pd.read_parquet(
-        training_set, columns=["date", "symbol", *FEATURE_NAMES, "fwd_ret"]
-    ).drop_duplicates(["date", "symbol"])
-    train_keys = sample_rows(
-        read_corpus_split(corpus, "train", ["date", "symbol", "label", "weight"]),
-        profile.train.max_train_samples,
-        args.seed,
-    )
-    train = train_keys.merge(features, on=["date", "symbol"], how="left")
-    preds, _ = fit_predict_baselines(train, frames["validation"], frames, BaselineConfig(seed=args.seed))
-    for name, per_split in preds.items():
-        results[f"{name} (same {len(train):,} rows)"] = {
-            s: evaluate(frames[s].assign(prediction=p)) for s, p in per_split.items()
-        }
-    all_train = read_corpus_split(corpus, "train", ["date", "symbol", "label", "weight"]).merge(
+    llm_row("LLM regressor, random backbone (seed 0)", [random_record])
+
+    cfg = replace(profile.train, max_train_samples=size, seed=0)
+    train = train_sample(corpus, cfg, None, ["date", "symbol", "label", "weight"]).merge(
         features, on=["date", "symbol"], how="left"
     )
-    preds_all, _ = fit_predict_baselines(
-        all_train, frames["validation"], frames, BaselineConfig(seed=args.seed)
+    preds, _ = fit_predict_baselines(
+        train, frames["validation"], frames, BaselineConfig(mlp_head=profile.regressor.head)
     )
-    for name in ("ridge", "lightgbm"):
-        results[f"{name} (all {len(all_train):,} train rows)"] = {
-            s: evaluate(frames[s].assign(prediction=p)) for s, p in preds_all[name].items()
-        }
+    everything = train_sample(
+        corpus, replace(cfg, max_train_samples=None), None, ["date", "symbol", "label", "weight"]
+    ).merge(features, on=["date", "symbol"], how="left")
+    preds_all, _ = fit_predict_baselines(
+        everything, frames["validation"], frames, BaselineConfig(), only=("ridge", "lightgbm")
+    )
+    ridge_val = _daily(frames["validation"].assign(p=preds["ridge"]["validation"]), "p")
+    for label, source, names in (
+        (f"same {len(train):,} rows and targets", preds, ("ridge", "lightgbm", "mlp_features", "zero")),
+        (f"all {len(everything):,} train rows", preds_all, ("ridge", "lightgbm")),
+    ):
+        for name in names:
+            cells = []
+            for split, frame in frames.items():
+                metrics = evaluate(frame.assign(prediction=source[name][split]))
+                cells.append(
+                    f"{metrics['rank_ic']:.4f} ± {metrics['rank_ic_se']:.4f} ({metrics['rank_ic_n_dates']})"
+                    if np.isfinite(metrics["rank_ic"])
+                    else "n/a (constant)"
+                )
+            daily = _daily(frames["validation"].assign(p=source[name]["validation"]), "p")
+            vs = str(paired_series_difference(daily, ridge_val)) if name != "zero" and len(daily) else ""
+            rows.append(f"| {name} ({label}) | {cells[0]} | {cells[1]} | {vs} |")
     oracle = None
     try:
-        import duckdb  # noqa: F401
         from dagster import AssetKey, DagsterInstance
 
-        instance = DagsterInstance.get()
-        event = instance.get_latest_materialization_event(AssetKey("raw_market_data"))
+        event = DagsterInstance.get().get_latest_materialization_event(AssetKey("raw_market_data"))
         oracle = float(event.asset_materialization.metadata["oracle_ic_universe"].value)
     except Exception:  # noqa: BLE001 - the oracle is a reference line, read from the last demo run if any
         oracle = None
-    save_json(
-        "regressor_quality",
-        {"results": results, "budget": budget, "oracle": oracle, "eval_dates": args.eval_dates},
-    )
-    lines = [
-        "| model | validation RankIC | validation RankICIR | test RankIC | test RankICIR |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for name, r in results.items():
-        v, t = r["validation"], r["test"]
-        lines.append(
-            f"| {name} | {v['rank_ic']:.4f} | {v['rank_icir']:.3f} | {t['rank_ic']:.4f} | {t['rank_icir']:.3f} |"
-        )
     if oracle is not None:
-        lines.append(f"| oracle (planted signal, universe, all dates) | {oracle:.4f} | | {oracle:.4f} | |")
-    pre = results["regressor, pretrained tiny backbone"]["validation"]["rank_ic"]
-    ridge_same = next(v for k, v in results.items() if k.startswith("ridge (same"))["validation"]["rank_ic"]
-    b = budget["regressor, pretrained tiny backbone"]
+        rows.append(f"| oracle (planted signal, universe, all dates) | {oracle:.4f} | {oracle:.4f} | |")
+    save_json("regressor_quality", {"rows": rows})
     write_section(
         "regressor_quality",
-        f"""## Forecast quality on the default market (issue 8)
+        f"""## Forecast quality on the default market (issues 8 and 13)
 
-Command: `python bench/bench_regressor.py quality --eval-dates {args.eval_dates}` after `make demo`. Budget: the cpu profile (the demo's): {b["samples"]:,} sampled train rows, one pass, batch 32, {b["steps"]} steps, {b["train_s"]:.0f} s on 2 cores ({b["samples_per_s"]:.0f} samples/s, periodic validation included); scored on {args.eval_dates} evenly spaced validation and test dates ({len(frames["validation"]):,} / {len(frames["test"]):,} rows). Baselines are fit on the same train rows and weights; ridge and LightGBM on every train row are shown for reference.
+Command: `python bench/bench_regressor.py quality --seeds {args.seeds}` after `make demo`. Machine: {machine()["cores"]} cores ({machine()["cpu"]}). The demo's recipe (cpu profile: {size:,} sampled train rows, one pass); every model scored on **every** validation and test date ({len(frames["validation"]):,} / {len(frames["test"]):,} rows): mean daily RankIC ± SE (dates). The pretrained-backbone LLM is averaged over {args.seeds} seeds date by date (seed sd: the spread of the seeds' means); "vs ridge" is the paired daily difference to ridge on the same rows and targets, Δ ± SE (t).
 
-{chr(10).join(lines)}
-
-Targets (pretrained embedded backbone, demo budget): validation RankIC >= 0.030: {pre:.4f} ({"met" if pre >= 0.030 else "not met"}); >= 0.9x ridge on the same rows ({0.9 * ridge_same:.4f}): {"met" if pre >= 0.9 * ridge_same else "not met"}.
+| model | validation RankIC | test RankIC | vs ridge (same rows), validation |
+|---|---:|---:|---:|
+{chr(10).join(rows)}
 """,
     )
-    print(json.dumps({"results": results, "budget": budget}, indent=1, default=float))
+    print("\n".join(rows))
 
 
 # --- the learning curve ---------------------------------------------------------------------------------
@@ -673,13 +688,13 @@ ROUTE_BASE = _route_base()
 
 def route_config(name: str, size: int, overrides: dict):
     """(train config, regressor config, cache key) of a route."""
-    from modeling.profiles import PROFILES
+    from modeling.model import HeadConfig, LoraSettings, RegressorConfig
 
-    profile = PROFILES["cpu"]
     train_over = {k: v for k, v in overrides.items() if "." not in k}
     lora = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("lora.")}
     head = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("head.")}
-    regressor = profile.regressor
+    # the shape the project started from: LoRA r=8 on every projection, a 256-wide head
+    regressor = RegressorConfig(lora=LoraSettings(r=8, alpha=16.0), head=HeadConfig(hidden_sizes=(256,)))
     regressor = replace(regressor, lora=replace(regressor.lora, **lora), head=replace(regressor.head, **head))
     cfg = replace(
         ROUTE_BASE,
@@ -818,6 +833,86 @@ Command: `python bench/bench_regressor.py routes` after `make demo`. Machine: {m
     print("\n".join(lines))
 
 
+# --- time levers ----------------------------------------------------------------------------------------------
+def _train_rate(
+    base: Path, corpus: Path, n_rows: int, compile_model: bool = False, steps: int = 60
+) -> tuple[float, float]:
+    """(samples/s of `steps` cpu-profile training steps after a warm-up, seconds the warm-up took): the
+    forward, backward and AdamW step of the recipe, on real prompts in length-grouped batches."""
+    import torch
+
+    from modeling.backbones.common import load_tokenizer
+    from modeling.inference import length_batches, pad_batch
+    from modeling.model import build_regressor
+    from modeling.profiles import PROFILES
+    from modeling.train import read_corpus_split, sample_rows, tokenise_rows
+
+    profile = PROFILES["cpu"]
+    tok = load_tokenizer(base)
+    rows = tokenise_rows(sample_rows(read_corpus_split(corpus, "train"), n_rows, 0), tok)
+    batches = [pad_batch(tok, [rows.ids[i] for i in b]) for b in length_batches(rows.n_tokens, 32)]
+    batches = [b for b in batches if b["input_ids"].shape[0] == 32]
+    torch.manual_seed(0)
+    model = build_regressor(base, profile.regressor)
+    step_fn = torch.compile(model, dynamic=True) if compile_model else model
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+
+    def step(batch) -> None:
+        step_fn(batch["input_ids"], batch["attention_mask"]).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    started = time.perf_counter()
+    for batch in batches[:8]:  # warm-up (and, compiled, the compilation of each new length)
+        step(batch)
+    warm = time.perf_counter() - started
+    timed = [batches[8 + i % (len(batches) - 8)] for i in range(steps)]
+    started = time.perf_counter()
+    for batch in timed:
+        step(batch)
+    return 32 * steps / (time.perf_counter() - started), warm
+
+
+def bench_levers(args) -> None:
+    """What buys `make demo` time: training samples/s with torch.compile, with 1 or 2 threads, and with
+    the percentile prompt (a DATA_DIR built with number_format=percentile, `--pct-data`)."""
+    import torch
+
+    base, corpus, _ = _paths()
+    results = {}
+    threads = torch.get_num_threads()
+    results["eager, default threads"] = _train_rate(base, corpus, args.rows)
+    torch.set_num_threads(1)
+    results["eager, 1 thread"] = _train_rate(base, corpus, args.rows)
+    torch.set_num_threads(threads)
+    results["torch.compile (dynamic shapes)"] = _train_rate(base, corpus, args.rows, compile_model=True)
+    if args.pct_data:
+        pct = Path(args.pct_data)
+        results["percentile prompts (eager)"] = _train_rate(
+            pct / "models" / "base_model", pct / "prompt_corpus.parquet", args.rows
+        )
+    save_json("levers", {k: {"samples_per_s": v[0], "warmup_s": v[1]} for k, v in results.items()})
+    ref = results["eager, default threads"][0]
+    lines = [
+        "| setting | training samples/s | × default | warm-up s (8 steps; compile included) |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {name} | {rate:.0f} | {rate / ref:.2f} | {warm:.1f} |" for name, (rate, warm) in results.items()
+    ]
+    write_section(
+        "regressor_levers",
+        f"""## Time levers for `make demo` (issue 13)
+
+Command: `python bench/bench_regressor.py levers --rows {args.rows}{" --pct-data " + args.pct_data if args.pct_data else ""}` after `make demo`. Machine: {machine()["cores"]} cores ({machine()["cpu"]}), fp32, default threads = {threads}. 60 timed forward + backward + AdamW steps of the cpu profile's model (LoRA r=32, batch 32, length-grouped real prompts) after 8 warm-up steps.
+
+{chr(10).join(lines)}
+""",
+    )
+    print("\n".join(lines))
+
+
 # --- inference throughput ---------------------------------------------------------------------------------
 def bench_inference(args) -> None:
     """Rows/s of training (forward + backward + step), of the trainer's evaluation path and of the
@@ -889,13 +984,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", choices=["peer", "quality", "curve", "inference", "routes"])
+    parser.add_argument("what", choices=["peer", "quality", "curve", "inference", "routes", "levers"])
+    parser.add_argument("--pct-data", default="", help="levers: a DATA_DIR built with percentile prompts")
     parser.add_argument("--only", default="", help="routes: comma-separated substrings of route names")
     parser.add_argument("--rows", type=int, default=8000, help="peer / inference: train rows")
     parser.add_argument("--eval-dates", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sizes", default="24000,96000,all", help="curve: train sizes ('all' = every row)")
-    parser.add_argument("--seeds", type=int, default=3, help="curve: seeds at the small sizes")
+    parser.add_argument("--seeds", type=int, default=3, help="curve / quality: seeds at the small sizes")
     parser.add_argument("--date-step", type=int, default=1, help="curve: every n-th date (1 = every date)")
     parser.add_argument(
         "--multi-seed-max", type=int, default=24000, help="curve: sizes up to this get --seeds"
@@ -907,6 +1003,7 @@ def main() -> None:
         "curve": bench_curve,
         "inference": bench_inference,
         "routes": bench_routes,
+        "levers": bench_levers,
     }
     runners[args.what](args)
 

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -296,12 +297,41 @@ def log_trial_run(
     return run.info.run_id
 
 
-def alias_version(name: str, alias: str) -> str | None:
-    """The version an alias points at, or None."""
-    try:
-        return str(MlflowClient().get_model_version_by_alias(name, alias).version)
-    except mlflow.exceptions.MlflowException:
-        return None
+class RegistryError(RuntimeError):
+    """The model registry could not be read (after retries): nothing is decided on a guess."""
+
+
+REGISTRY_ATTEMPTS = 4
+"""Reads of the registry are tried this many times (back-off 0.5 s, 1 s, 2 s) before failing."""
+
+
+def _alias_missing(error: Exception) -> bool:
+    """True only for "no such alias" / "no such model": every other error is a fault, not an answer."""
+    code = getattr(error, "error_code", "")
+    text = str(error)
+    return code == "RESOURCE_DOES_NOT_EXIST" or (
+        code == "INVALID_PARAMETER_VALUE" and "alias" in text and "not found" in text
+    )
+
+
+def alias_version(name: str, alias: str, attempts: int | None = None, backoff_s: float = 0.5) -> str | None:
+    """The version an alias points at; None only when the alias (or the model) does not exist.
+
+    Any other error (a locked SQLite store, a tracking server that is down) is retried with back-off and
+    then raised as `RegistryError` with the store's message: reading "no champion" from a fault would
+    crown whatever model comes next."""
+    attempts = attempts or REGISTRY_ATTEMPTS
+    attempt = 0
+    while True:
+        try:
+            return str(MlflowClient().get_model_version_by_alias(name, alias).version)
+        except mlflow.exceptions.MlflowException as error:
+            if _alias_missing(error):
+                return None
+            attempt += 1
+            if attempt >= attempts:
+                raise RegistryError(f"could not read alias {alias!r} of {name!r}: {error}") from error
+        time.sleep(backoff_s * 2 ** (attempt - 1))
 
 
 def version_tags(name: str, version: str) -> dict[str, str]:
@@ -309,11 +339,14 @@ def version_tags(name: str, version: str) -> dict[str, str]:
 
 
 def find_version(name: str, tag: str, value: str) -> str | None:
-    """The newest version of `name` whose `tag` equals `value` (None when none or no such model)."""
+    """The newest version of `name` whose `tag` equals `value` (None when none or no such model). A store
+    error propagates: "none found" read from a fault would train and register a duplicate."""
     try:
         versions = MlflowClient().search_model_versions(f"name = '{name}'")
-    except mlflow.exceptions.MlflowException:
-        return None
+    except mlflow.exceptions.MlflowException as error:
+        if getattr(error, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
     matches = [v for v in versions if v.tags.get(tag) == value]
     return str(max(int(v.version) for v in matches)) if matches else None
 

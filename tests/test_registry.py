@@ -251,3 +251,28 @@ def test_smollm2_trains_a_few_lora_steps_and_packages_like_the_tiny_model(smollm
     assert info["base_model"]["path"] == str(smollm2_dir.resolve())
     assert not list((tmp_path / "store" / "mlartifacts").rglob("model.safetensors"))
     assert isinstance(pd.Timestamp(rows["date"].iloc[0]), pd.Timestamp)
+
+
+def test_a_locked_store_is_a_fault_never_no_champion(registered_store, monkeypatch) -> None:
+    """A real lock on the SQLite store (another process's exclusive transaction): reading the champion
+    fails with the store's error after the retries, and the gate promotes nothing."""
+    import sqlite3
+
+    import mlflow
+
+    from modeling import registry
+
+    store, *_ = registered_store
+    mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
+    champion = registry.alias_version(NAME, "champion")
+    assert registry.alias_version(NAME, "no-such-alias") is None  # a missing alias is an answer
+    monkeypatch.setattr(registry, "REGISTRY_ATTEMPTS", 1)  # MLflow waits 20 s on a locked SQLite file
+    lock = sqlite3.connect(store / "mlflow.db", timeout=0)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(registry.RegistryError, match="database is locked"):
+            registry.champion_gate(NAME, "2", _daily([0.5, 0.6, 0.7]), "k", lambda uri: _daily([0.0] * 3))
+    finally:
+        lock.rollback()
+        lock.close()
+    assert registry.alias_version(NAME, "champion") == champion
