@@ -22,10 +22,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The Dagster instance: no telemetry; runs that write the warehouse (tag warehouse=writer) queue one
-# at a time, since DuckDB takes one writer per file.
-$(DAGSTER_HOME)/dagster.yaml:
+# at a time, since DuckDB takes one writer per file; and every pool (warehouse, training: the assets that
+# write DATA_DIR, whoever launches them) runs one step at a time.
+$(DAGSTER_HOME)/dagster.yaml: Makefile
 	mkdir -p $(DAGSTER_HOME)
-	printf 'telemetry:\n  enabled: false\nconcurrency:\n  runs:\n    tag_concurrency_limits:\n      - key: warehouse\n        limit: 1\n' > $@
+	printf 'telemetry:\n  enabled: false\nconcurrency:\n  runs:\n    tag_concurrency_limits:\n      - key: warehouse\n        limit: 1\n  pools:\n    default_limit: 1\n' > $@
 
 demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/dagster job execute -m pipeline.definitions -j full_pipeline

@@ -140,12 +140,13 @@ def bench_smollm2(args: argparse.Namespace) -> dict:
 
     from modeling.backbones import SMOLLM2_NAME
     from modeling.backbones.common import load_tokenizer
+    from modeling.data.corpus import read_corpus_split, tokenise_rows
     from modeling.inference import predict_ids
     from modeling.metrics import evaluate
     from modeling.model import load_regressor
     from modeling.profiles import PROFILES
     from modeling.prompt import PromptBuilder
-    from modeling.train import TrainJob, read_corpus_split, tokenise_rows, train_regressor
+    from modeling.train import TrainJob, train_regressor
 
     data = Path(args.data).resolve()
     base, corpus = data / "models" / SMOLLM2_NAME, data / "prompt_corpus.parquet"

@@ -33,7 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from _common import OUT, machine, save_json, write_section
+from _common import OUT, ROOT, machine, save_json, write_section
 
 DATA = Path(os.environ.get("DATA_DIR", "data")).resolve()
 
@@ -53,8 +53,8 @@ def _paths() -> tuple[Path, Path, Path]:
 def _eval_frame(corpus: Path, training_set: Path, split: str, n_dates: int | None):
     import pandas as pd
 
+    from modeling.data.corpus import evenly_spaced_dates, read_corpus_split
     from modeling.feature_registry import FEATURE_NAMES
-    from modeling.train import evenly_spaced_dates, read_corpus_split
 
     rows = read_corpus_split(corpus, split)
     rows = rows[rows["date"].isin(evenly_spaced_dates(rows["date"], n_dates))].reset_index(drop=True)
@@ -64,9 +64,9 @@ def _eval_frame(corpus: Path, training_set: Path, split: str, n_dates: int | Non
 
 def _predict(model_dir: Path, base: Path, frame) -> object:
     from modeling.backbones.common import load_tokenizer
+    from modeling.data.corpus import tokenise_rows
     from modeling.inference import predict_ids
     from modeling.model import load_regressor
-    from modeling.train import tokenise_rows
 
     tok = load_tokenizer(base)
     rows = tokenise_rows(frame[["date", "symbol", "label", "weight", "prompt"]], tok)
@@ -101,8 +101,8 @@ def peer_train(base: Path, corpus: Path, n_rows: int, seed: int, out: Path) -> t
     )
 
     from modeling.backbones.common import load_tokenizer
+    from modeling.data.corpus import read_corpus_split, sample_rows
     from modeling.inference import encode_prompts
-    from modeling.train import read_corpus_split, sample_rows
 
     tok = load_tokenizer(base)
     train = sample_rows(read_corpus_split(corpus, "train"), n_rows, seed)
@@ -175,15 +175,16 @@ def ours_train(
     out: Path,
     eval_every: int | None = 0,
     regressor=None,
+    profile_name: str = "cpu",
     **overrides,
 ):
-    """The cpu profile's recipe on `n_rows` sampled train rows (None = all), no time budget;
-    `eval_every` None keeps the profile's periodic evaluation (and early stopping)."""
+    """A profile's recipe (the cpu one by default) on `n_rows` sampled train rows (None = all), no time
+    budget; `eval_every` None keeps the profile's periodic evaluation (and early stopping)."""
     from modeling.profiles import PROFILES
     from modeling.prompt import PromptBuilder
     from modeling.train import TrainJob, train_regressor
 
-    profile = PROFILES["cpu"]
+    profile = PROFILES[profile_name]
     train = replace(
         profile.train,
         max_train_samples=n_rows,
@@ -268,13 +269,13 @@ def bench_quality(args) -> None:
     from modeling.backbones.common import load_tokenizer
     from modeling.backbones.embedded import TinyLlamaSpec, build_embedded_base_model
     from modeling.baselines import BaselineConfig, fit_predict_baselines
+    from modeling.data.corpus import train_sample
     from modeling.evaluation import score_rows, split_rows
     from modeling.feature_registry import FEATURE_NAMES
     from modeling.metrics import DailyMean, evaluate, paired_series_difference
     from modeling.model import load_regressor
     from modeling.profiles import PROFILES
     from modeling.prompt import PromptBuilder, tokenizer_training_texts
-    from modeling.train import train_sample
 
     base, corpus, training_set = _paths()
     out = OUT / "regressor_quality"
@@ -411,25 +412,32 @@ def _recipe_key(train_cfg, regressor_cfg) -> str:
 
 
 def curve_run(
-    base: Path, corpus: Path, features, frames: dict, size: int | None, seed: int, out: Path
+    base: Path,
+    corpus: Path,
+    features,
+    frames: dict,
+    size: int | None,
+    seed: int,
+    out: Path,
+    profile_name: str = "cpu",
 ) -> dict:
     """One point of the curve: train the LLM on `size` rows, score every date of both splits, fit ridge
     and the feature MLP on the same rows, targets and weights. Kept as JSON (daily RankIC series)."""
     from modeling.backbones.common import load_tokenizer
     from modeling.baselines import BaselineConfig, fit_predict_baselines
+    from modeling.data.corpus import train_sample
     from modeling.evaluation import score_rows
     from modeling.model import load_regressor
     from modeling.profiles import PROFILES
-    from modeling.train import train_sample
 
-    profile = PROFILES["cpu"]
+    profile = PROFILES[profile_name]
     cfg = replace(profile.train, max_train_samples=size, seed=seed)
     key = f"{size or 'all'}-seed{seed}-{_recipe_key(cfg, profile.regressor)}"
     path = out / f"{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
     started = time.perf_counter()
-    trained = ours_train(base, corpus, size, seed, out / key, eval_every=None)
+    trained = ours_train(base, corpus, size, seed, out / key, eval_every=None, profile_name=profile_name)
     train_s = time.perf_counter() - started
     model, tok = load_regressor(trained.model_dir), load_tokenizer(base)
     train = train_sample(corpus, cfg, None, ["date", "symbol", "label", "weight"]).merge(
@@ -480,11 +488,11 @@ def bench_curve(args) -> None:
     import pandas as pd
 
     from modeling.baselines import BaselineConfig, fit_predict_baselines
+    from modeling.data.corpus import train_sample
     from modeling.evaluation import split_rows
     from modeling.feature_registry import FEATURE_NAMES
     from modeling.metrics import DailyMean, paired_series_difference
     from modeling.profiles import PROFILES
-    from modeling.train import train_sample
 
     base, corpus, training_set = _paths()
     features = pd.read_parquet(
@@ -499,12 +507,16 @@ def bench_curve(args) -> None:
         frames[split] = rows.merge(features, on=["date", "symbol"], how="left")
     sizes = [None if x == "all" else int(x) for x in args.sizes.split(",")]
     out = OUT / ("curve" if args.date_step == 1 else f"curve-every{args.date_step}")
+    if args.profile != "cpu":
+        out = out.with_name(f"{out.name}-{args.profile}")
     runs: dict = {}
     for size in sizes:
         seeds = range(args.seeds) if size is not None and size <= args.multi_seed_max else range(1)
         for seed in seeds:
             print(f"curve: {size or 'all'} rows, seed {seed}", flush=True)
-            runs.setdefault(size, []).append(curve_run(base, corpus, features, frames, size, seed, out))
+            runs.setdefault(size, []).append(
+                curve_run(base, corpus, features, frames, size, seed, out, args.profile)
+            )
     # ridge on every train row with the recipe's targets and weights: the reference line
     cfg_all = replace(PROFILES["cpu"].train, max_train_samples=None)
     all_rows = train_sample(corpus, cfg_all, None, ["date", "symbol", "label", "weight"]).merge(
@@ -566,14 +578,15 @@ def bench_curve(args) -> None:
         f"- at the largest size ≥ 0.9 × ridge on all rows ({goal:.4f}): {last['llm'].mean:.4f} — "
         f"{'met' if last['llm'].mean >= goal else 'not met'}"
     )
-    png = _curve_png(runs, summary, reference)
-    save_json("curve", {"runs": {str(k): v for k, v in runs.items()}})
+    suffix = "" if args.profile == "cpu" else f"_{args.profile}"  # each profile keeps its own section
+    png = _curve_png(runs, summary, reference, f"learning_curve{suffix}.png")
+    save_json(f"curve{suffix}", {"runs": {str(k): v for k, v in runs.items()}})
     rate = np.mean([r["score_rows_per_s"]["validation"] for rs in runs.values() for r in rs])
     write_section(
-        "regressor_curve",
-        f"""## Learning curve of the LLM regressor (issue 13)
+        f"regressor_curve{suffix}",
+        f"""## Learning curve of the LLM regressor, {args.profile} profile (issue 13)
 
-Command: `python bench/bench_regressor.py curve --sizes {args.sizes} --seeds {args.seeds}` after `make demo`. Machine: {machine()["cores"]} cores ({machine()["cpu"]}). Recipe: the cpu profile (`modeling/profiles.py`) with `max_train_samples` = the size, one pass, its periodic validation and early stopping, no time budget. Every model is scored on **every** validation and test date; cells are mean daily RankIC ± its standard error (dates). Ridge and the MLP on the 16 features are fit on exactly the same rows, targets and weights; "LLM − ridge" is the paired daily difference on the same rows, Δ ± SE (t). With several seeds, the LLM's daily RankIC is averaged over seeds date by date (the seed sd is the spread of the seeds' means). Scoring ran at {rate:,.0f} rows/s.
+Command: `python bench/bench_regressor.py curve --sizes {args.sizes} --seeds {args.seeds} --profile {args.profile}` after `make demo`. Machine: {machine()["cores"]} cores ({machine()["cpu"]}). Recipe: the {args.profile} profile (`modeling/profiles.py`) with `max_train_samples` = the size, one pass, no time budget, the final weights (its periodic validation on 16 dates only monitors; no early stopping). The `train s` column is wall time, which other jobs on the same cores may have stretched: not a speed measurement. Every model is scored on **every** validation and test date; cells are mean daily RankIC ± its standard error (dates). Ridge and the MLP on the 16 features are fit on exactly the same rows, targets and weights; "LLM − ridge" is the paired daily difference on the same rows, Δ ± SE (t). With several seeds, the LLM's daily RankIC is averaged over seeds date by date (the seed sd is the spread of the seeds' means). Scoring ran at {rate:,.0f} rows/s.
 
 | train rows | LLM validation | LLM test | ridge validation | MLP validation | LLM − ridge, validation | LLM − ridge, test | LLM − MLP, validation | train s |
 |---|---:|---:|---:|---:|---:|---:|---:|---:|
@@ -584,14 +597,14 @@ Reference: ridge on all {len(all_rows):,} train rows (same targets and weights):
 Targets:
 {chr(10).join(checks)}
 
-![learning curve](bench/results/learning_curve.png)
+![learning curve]({png.relative_to(ROOT)})
 """,
     )
     print("\n".join(rows + checks))
     print(png)
 
 
-def _curve_png(runs: dict, summary: dict, reference: dict) -> Path:
+def _curve_png(runs: dict, summary: dict, reference: dict, name: str = "learning_curve.png") -> Path:
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -618,7 +631,7 @@ def _curve_png(runs: dict, summary: dict, reference: dict) -> Path:
     axes[0].legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "learning_curve.png"
+    path = RESULTS / name
     fig.savefig(path, dpi=90)
     return path
 
@@ -713,9 +726,9 @@ def route_record(
     """Score a route's trained model and ridge (same rows, targets, weights) on `frame`."""
     from modeling.backbones.common import load_tokenizer
     from modeling.baselines import BaselineConfig, FeatureScaler, fit_ridge
+    from modeling.data.corpus import train_sample
     from modeling.evaluation import score_rows
     from modeling.model import load_regressor
-    from modeling.train import train_sample
 
     cfg, _, _ = route_config(name, size, overrides)
     scored, _ = score_rows(load_regressor(model_dir), load_tokenizer(base), frame)
@@ -842,10 +855,10 @@ def _train_rate(
     import torch
 
     from modeling.backbones.common import load_tokenizer
+    from modeling.data.corpus import read_corpus_split, sample_rows, tokenise_rows
     from modeling.inference import length_batches, pad_batch
     from modeling.model import build_regressor
     from modeling.profiles import PROFILES
-    from modeling.train import read_corpus_split, sample_rows, tokenise_rows
 
     profile = PROFILES["cpu"]
     tok = load_tokenizer(base)
@@ -920,11 +933,11 @@ def bench_inference(args) -> None:
     import pandas as pd
 
     from modeling.backbones.common import load_tokenizer
+    from modeling.data.corpus import tokenise_rows
     from modeling.evaluation import split_rows
     from modeling.feature_registry import FEATURE_NAMES
     from modeling.inference import length_batches, pad_batch, predict_ids
     from modeling.model import load_regressor
-    from modeling.train import tokenise_rows
 
     base, corpus, training_set = _paths()
     out = OUT / "inference"
@@ -991,6 +1004,11 @@ def main() -> None:
     parser.add_argument("--eval-dates", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sizes", default="24000,96000,all", help="curve: train sizes ('all' = every row)")
+    parser.add_argument(
+        "--profile",
+        default="cpu",
+        help="curve: the training profile (gpu: on a GPU machine, see BENCHMARKS.md)",
+    )
     parser.add_argument("--seeds", type=int, default=3, help="curve / quality: seeds at the small sizes")
     parser.add_argument("--date-step", type=int, default=1, help="curve: every n-th date (1 = every date)")
     parser.add_argument(

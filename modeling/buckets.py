@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 import pandas as pd
@@ -341,10 +341,18 @@ def fit_buckets(train_labels: np.ndarray, cfg: BucketConfig) -> BucketModel:
     )
     weights = _normalise(model._raw_weights(y, codes), cfg.clip)
     sums = np.bincount(codes, weights=weights, minlength=len(names))
-    bucket_weights = {
+    mean_weights = {
         name: (float(s / c) if c else None) for name, c, s in zip(names, counts, sums, strict=True)
     }
-    return replace(model, bucket_weights=bucket_weights)
+    return replace(model, bucket_weights=mean_weights)
+
+
+def bucket_weights(train_labels: np.ndarray, bucket_config: dict[str, Any]) -> np.ndarray:
+    """Weights of every train row under another bucket scheme, fit on these train labels only."""
+    cfg = BucketConfig(**bucket_config)
+    if cfg.mode != "weight":
+        raise ValueError("re-weighting needs bucket mode 'weight' (a resampled training set has no weights)")
+    return fit_buckets(train_labels, cfg).train_weights(train_labels)
 
 
 def resample_indices(weights: np.ndarray, target_size: int, seed: int) -> np.ndarray:

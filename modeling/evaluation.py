@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from modeling.data.corpus import evenly_spaced_dates, read_corpus_split, tokenise_rows
 from modeling.inference import DEFAULT_PREDICT_BATCH_SIZE, predict_ids
 from modeling.metrics import DailyMean, rank_ic_stats
-from modeling.train import evenly_spaced_dates, read_corpus_split, tokenise_rows
 
 
 def split_rows(corpus_path: str | os.PathLike[str], split: str, max_dates: int | None) -> pd.DataFrame:

@@ -1,7 +1,7 @@
 """After training: judge the regressor against the baselines, log everything to MLflow, register, gate.
 
-Run by the training process's main rank when the job names an experiment (`TrainJob.experiment`), so
-the orchestrator only launches one command and reads back its numbers. Steps:
+Run by the training process's main rank (`modeling.run_job`) when the job names an experiment
+(`TrainJob.experiment`), so the orchestrator only launches one command and reads back its numbers. Steps:
 
 1. reload the trained model from disk (what gets packaged is what is judged);
 2. score validation and test rows (evenly spaced dates, `eval_max_dates` of each; None = all);
@@ -33,16 +33,13 @@ import torch
 
 from modeling.backbones.common import load_tokenizer
 from modeling.baselines import BaselineConfig, fit_predict_baselines
+from modeling.data.corpus import train_sample
 from modeling.evaluation import score_rows, split_rows
 from modeling.feature_registry import FEATURE_NAMES
 from modeling.metrics import evaluate, paired_difference, per_date_correlation
 from modeling.model import load_regressor
 from modeling.report_plots import forecast_plots
-from modeling.train import (
-    TrainJob,
-    TrainResult,
-    train_sample,
-)
+from modeling.train import TrainJob, TrainResult
 
 METRIC_KEYS = (
     "rank_ic",
@@ -273,6 +270,8 @@ def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None
         "val_n_dates": results["llm_regressor"]["validation"]["rank_ic_n_dates"],
         "val_daily_rank_ic": registry.daily_to_tag(daily),
         "validation_rows_sha": validation_key,
+        # the feature definitions the model was trained on: `predictions` refuses rows computed otherwise
+        "feature_registry_sha": job.prompt.get("feature_registry_sha", ""),
         **spec.gate_tags,
         **spec.version_tags,
     }

@@ -17,6 +17,9 @@ This module is plain Python so that the GPU image can import it without DuckDB.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -186,6 +189,16 @@ FEATURES_BY_NAME: dict[str, FeatureSpec] = {f.name: f for f in FEATURES}
 WARMUP_ROWS = 60
 
 assert len(FEATURES) == 16, "the model and the prompt are specified for exactly 16 features"
+
+
+def registry_fingerprint(features: Sequence[FeatureSpec] | None = None) -> str:
+    """A hash of what gives the features their values and their prompt text: each feature's name, SQL,
+    label, unit and scale, in order (the prose, `meaning` and `formula`, is left out). A saved model
+    records it; scoring rows computed by other definitions is refused (`PromptBuilder.from_settings`, the
+    `predictions` asset). `features` defaults to this module's `FEATURES` at call time."""
+    specs = FEATURES if features is None else features
+    text = json.dumps([[f.name, f.sql, f.label, f.unit, f.prompt_scale] for f in specs])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def registry_markdown() -> str:

@@ -7,7 +7,10 @@ the duration (`merged_adapters`), no LM head and the last-layer shortcut (both i
 Given an `accelerate.Accelerator` the batches are shared out across its processes and gathered, so a
 DDP run evaluates in 1/N of the time and every process gets every prediction.
 
-This module must not import dagster, duckdb or mlflow (it runs on the GPU image).
+This module must not import dagster, duckdb or mlflow (it runs on the GPU image). It does not import
+`modeling.model` either (which re-exports `predict_prompts` for old pyfunc code): a model here is an
+`LLMRegressor` by its interface (`adapters_mergeable`, `lora_layers`, `backbone`, a forward on ids and
+mask), so it is typed as a torch module.
 """
 
 from __future__ import annotations
@@ -19,8 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-
-from modeling.model import LLMRegressor
 
 DEFAULT_PREDICT_BATCH_SIZE = 32
 """Rows per forward pass when scoring. On 2 CPU cores the embedded backbone scores fastest at 16-32 rows
@@ -53,7 +54,7 @@ def length_batches(lengths: np.ndarray | list[int], batch_size: int) -> list[np.
 
 # --- merged adapters ------------------------------------------------------------------------------------
 @contextmanager
-def merged_adapters(model: LLMRegressor) -> Iterator[LLMRegressor]:
+def merged_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Inference with the LoRA updates folded into the frozen weights, restored bit for bit afterwards.
 
     Why: with a small backbone on a CPU, the adapters' cost is mostly not arithmetic but extra passes
@@ -82,7 +83,7 @@ def merged_adapters(model: LLMRegressor) -> Iterator[LLMRegressor]:
 # --- prediction -----------------------------------------------------------------------------------------
 @torch.inference_mode()
 def predict_ids(
-    model: LLMRegressor | nn.Module,
+    model: nn.Module,
     tokenizer: Any,
     ids: list[list[int]],
     batch_size: int = DEFAULT_PREDICT_BATCH_SIZE,
@@ -96,7 +97,7 @@ def predict_ids(
     predictions are gathered, and every process returns all of them. NaN predictions (a diverged
     model) stay NaN: the metrics count them, they never hide.
     """
-    net: LLMRegressor = accelerator.unwrap_model(model) if accelerator is not None else model
+    net: nn.Module = accelerator.unwrap_model(model) if accelerator is not None else model
     device = accelerator.device if accelerator is not None else device or next(net.parameters()).device
     n_proc = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
@@ -138,7 +139,7 @@ def predict_ids(
 
 
 def predict_prompts(
-    model: LLMRegressor,
+    model: nn.Module,
     tokenizer: Any,
     prompts: list[str],
     batch_size: int = DEFAULT_PREDICT_BATCH_SIZE,

@@ -1,15 +1,15 @@
-"""The command that runs a training job: `accelerate launch ... -m modeling.train --job job.json`.
+"""The command that runs a training job: `accelerate launch ... -m modeling.run_job --job job.json`.
 
 The same command runs the child process of the `regressor` asset on this machine, on a GPU box, and in
 Kubernetes; only the process count or the accelerate config file changes:
 
-- 1 process: `accelerate launch --num_processes 1 -m modeling.train --job job.json`
+- 1 process: `accelerate launch --num_processes 1 -m modeling.run_job --job job.json`
 - N processes: `accelerate launch --multi_gpu --num_processes N ...` (torchrun). On a CPU-only machine
   the training script asks accelerate for the CPU (`Accelerator(cpu=True)`), which makes the N
   processes one gloo DDP group. (accelerate 1.15's `--cpu` flag itself starts a single process unless
   an MPI hostfile is given, so it is not used for several processes.)
 - a config file (`configs/accelerate/multi_gpu.yaml`, or an FSDP / DeepSpeed one):
-  `accelerate launch --config_file FILE -m modeling.train --job job.json`
+  `accelerate launch --config_file FILE -m modeling.run_job --job job.json`
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def launch_command(
     # without this accelerate sets OMP_NUM_THREADS=1, which halves CPU training on a 2-core machine
     threads = max(1, (os.cpu_count() or 1) // max(1, num_processes))
     command += ["--num_cpu_threads_per_process", str(threads)]
-    return [*command, "-m", "modeling.train", "--job", str(job_path)]
+    return [*command, "-m", "modeling.run_job", "--job", str(job_path)]
 
 
 def visible_gpus() -> int:

@@ -31,13 +31,18 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from modeling.backbones.common import load_backbone, model_fingerprint, require_model_dir
+from modeling.errors import ModelUnloadableError
+
+# Re-exported for pyfunc models registered before scoring moved to `modeling.inference`: their shipped
+# code imports it from here. New code imports it from `modeling.inference`, which never imports this
+# module (no cycle).
+from modeling.inference import predict_prompts as predict_prompts
 
 REGRESSOR_FORMAT_VERSION = 1
 """Version of the saved layout below; bumped when it changes."""
@@ -445,7 +450,7 @@ def read_regressor_info(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise FileNotFoundError(f"{str(path)!r} holds no saved regressor ({REGRESSOR_CONFIG_FILE} missing)")
     info = json.loads(file.read_text())
     if info.get("format_version") != REGRESSOR_FORMAT_VERSION:
-        raise ValueError(
+        raise ModelUnloadableError(
             f"saved regressor format {info.get('format_version')} is not {REGRESSOR_FORMAT_VERSION}"
         )
     return info
@@ -476,7 +481,7 @@ def load_regressor(
     reference = describe_reference(base_dir)
     saved = info["base_model"].get("fingerprint")
     if check_fingerprint and saved and reference["fingerprint"] != saved:
-        raise ValueError(
+        raise ModelUnloadableError(
             f"the base model in {str(base_dir)!r} is not the one this regressor was trained on (fingerprint "
             f"{reference['fingerprint'][:12]} != {saved[:12]}); point base_model_dir at the right checkpoint"
         )
@@ -501,11 +506,3 @@ def load_regressor(
     if merge_adapters and model.adapters_mergeable():
         model.backbone.merge_adapter()
     return model
-
-
-def predict_prompts(*args: Any, **kwargs: Any) -> np.ndarray:
-    """Kept for pyfunc models registered before scoring moved to `modeling.inference`: their shipped code
-    imports it from here. New code calls `modeling.inference.predict_prompts`."""
-    from modeling.inference import predict_prompts as predict
-
-    return predict(*args, **kwargs)

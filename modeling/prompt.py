@@ -26,7 +26,8 @@ import numpy as np
 import pandas as pd
 
 from modeling.data.synthetic import SECTORS
-from modeling.feature_registry import FEATURES, FeatureSpec
+from modeling.errors import ModelUnloadableError
+from modeling.feature_registry import FEATURES, FeatureSpec, registry_fingerprint
 
 _PLACEHOLDER = "\u0000user-content\u0000"
 
@@ -104,15 +105,23 @@ class PromptBuilder:
             "target": self.target,
             "number_format": self.number_format,
             "template_version": PROMPT_TEMPLATE_VERSION,
+            "feature_registry_sha": registry_fingerprint(self.features),
         }
 
     @classmethod
     def from_settings(cls, settings: Mapping) -> PromptBuilder:
         version = settings.get("template_version", PROMPT_TEMPLATE_VERSION)
         if version != PROMPT_TEMPLATE_VERSION:
-            raise ValueError(
+            raise ModelUnloadableError(
                 f"the model was trained on prompt template v{version}; this code renders "
                 f"v{PROMPT_TEMPLATE_VERSION}, so its prompts would differ"
+            )
+        trained_on, defined = settings.get("feature_registry_sha"), registry_fingerprint()
+        if trained_on is not None and trained_on != defined:
+            raise ModelUnloadableError(
+                f"the model was trained on features defined otherwise (feature registry {trained_on}; this "
+                f"code defines {defined}): a feature's SQL, label, unit or scale changed, so the rows it "
+                "would score mean something else; retrain it on features of this definition"
             )
         return cls(
             horizon=int(settings["horizon"]),

@@ -18,13 +18,15 @@ difference, new minus champion, has a mean above max(`min_delta`, `k` x its stan
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ from mlflow.pyfunc import PythonModel
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
 
+from modeling.errors import ModelUnloadableError
 from modeling.feature_registry import FEATURE_NAMES
 from modeling.metrics import DailyMean, PairedDifference, paired_series_difference
 
@@ -53,6 +56,7 @@ VERSION_TAGS = (
     "val_n_dates",
     "val_daily_rank_ic",
     "validation_rows_sha",
+    "feature_registry_sha",
     "inputs_sha",
     "run_id",
 )
@@ -202,7 +206,6 @@ def log_run(
 
     Returns {"run_id", "model_uri", "model_version"}.
     """
-    client = MlflowClient()
     tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
     with mlflow.start_run(
         experiment_id=experiment_id, run_name=run_name, tags=tags, nested=parent_run_id is not None
@@ -228,25 +231,30 @@ def log_run(
                 signature=signature(),
                 input_example=input_example,
                 pip_requirements=pip_requirements(),
-                registered_model_name=registry_name,
             )
         finally:
             shutil.rmtree(stage, ignore_errors=True)
-        version = str(info.registered_model_version) if registry_name else None
-        if registry_name and version:
-            # aliases come later, after the model was verified and gated (`finish_version`)
-            for key, value in {**(version_tags or {}), "run_id": run.info.run_id, "gate": "pending"}.items():
-                client.set_model_version_tag(registry_name, version, key, str(value))
+        version = None
+        if registry_name:
+            # every tag in the one call that creates the version, so that no version is ever half-tagged
+            # (a version without `run_id` or `inputs_sha` would be trained again); aliases come later,
+            # after the model was verified and gated (`finish_version`)
+            all_tags = {**(version_tags or {}), "run_id": run.info.run_id, "gate": "pending"}
+            created = mlflow.register_model(
+                info.model_uri, registry_name, tags={k: str(v) for k, v in all_tags.items()}
+            )
+            version = str(created.version)
     return {"run_id": run.info.run_id, "model_uri": info.model_uri, "model_version": version}
 
 
 def finish_version(name: str, version: str, gate: dict[str, Any]) -> None:
     """Mark the version as gated (with the gate's reason) and make it the challenger."""
     client = MlflowClient()
-    client.set_model_version_tag(name, version, "gate", "done")
     client.set_model_version_tag(name, version, "gate_reason", str(gate.get("reason", ""))[:500])
     client.set_model_version_tag(name, version, "promoted", str(bool(gate.get("promoted"))))
     client.set_registered_model_alias(name, CHALLENGER, version)
+    # last: "done" is what tells a later run that this version needs nothing more
+    client.set_model_version_tag(name, version, "gate", "done")
 
 
 def start_parent_run(experiment_id: str, run_name: str, params: dict[str, Any]) -> str:
@@ -368,6 +376,70 @@ def gate_decision(
     return bool(np.isfinite(bar) and paired.delta > bar), paired, bar
 
 
+GATE_ATTEMPTS = 5
+"""A gate judges again when the champion moved while it was judging, at most this many times."""
+GATE_LOCK_TIMEOUT_S = 900.0
+"""How long a gate waits for another gate of the same registry to finish moving the alias."""
+
+
+class ChampionRescoreError(RuntimeError):
+    """The champion could not be re-scored for a reason other than "it can no longer be loaded" (out of
+    memory, a locked store, a filesystem fault): the gate fails and nothing is promoted."""
+
+
+def champion_unloadable(error: BaseException) -> bool:
+    """True when `error` (or an error it was raised from) says the model can no longer be loaded: its
+    files are gone, its base model's fingerprint or prompt template changed (`ModelUnloadableError`), or
+    the store no longer knows it. Any other error is a fault of the moment, not a verdict on the model."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (ModelUnloadableError, FileNotFoundError)):
+            return True
+        if (
+            isinstance(error, mlflow.exceptions.MlflowException)
+            and error.error_code == "RESOURCE_DOES_NOT_EXIST"
+        ):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def gate_lock_path(tracking_uri: str | None = None) -> Path:
+    """The lock file that serialises the gates of one registry: beside a SQLite store's file, inside a
+    file store; for a server store, a file in the temp directory keyed on its URI (this machine only:
+    gates on several machines against one server rely on the compare-and-swap alone)."""
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///").split("?")[0]).with_suffix(".gate.lock")
+    if uri.startswith("file:") or "://" not in uri:
+        root = Path(uri.removeprefix("file://").removeprefix("file:"))
+        return root / ".gate.lock"
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"mlflow-gate-{digest}.lock"
+
+
+@contextmanager
+def gate_lock(timeout_s: float | None = None) -> Iterator[None]:
+    """Hold the registry's gate lock (an exclusive `flock`, released when the process dies)."""
+    path = gate_lock_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + (GATE_LOCK_TIMEOUT_S if timeout_s is None else timeout_s)
+    with path.open("a+") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RegistryError(f"another champion gate has held {path} for too long") from None
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def champion_gate(
     name: str,
     version: str,
@@ -387,21 +459,60 @@ def champion_gate(
 
     A champion that cannot be compared fairly, because it predicts another target (horizon, label kind)
     or was trained on dates at or after the new validation start (its score there would be in-sample),
-    or because it can no longer be loaded, is replaced by a model with a finite score, and the reason
-    says why. The returned dict carries the decision's numbers: delta, se, t, n_dates, bar.
+    or because it can no longer be loaded (`champion_unloadable`), is replaced by a model with a finite
+    score, and the reason says why. Any other error while re-scoring it raises `ChampionRescoreError`.
+
+    Compare-and-swap: the alias moves only under the registry's gate lock, and only if it still points
+    at the version that was judged against; when another gate moved it meanwhile, this one judges again
+    against the new champion. The returned dict carries the decision's numbers: delta, se, t, n_dates, bar.
     """
-    client = MlflowClient()
     score = DailyMean.of(daily, horizon - 1)
-    current = alias_version(name, CHAMPION)
+    rescored: dict[str, pd.Series] = {}  # a champion re-scored once is not re-scored when judging again
+    for _ in range(GATE_ATTEMPTS):
+        current = alias_version(name, CHAMPION)
+        decision = _judge(
+            name, version, current, daily, score, validation_key, rescore_champion, rescored,
+            new_tags, validation_start, k, min_delta, horizon,
+        )  # fmt: skip
+        if not decision.pop("move"):
+            return decision
+        with gate_lock():
+            if alias_version(name, CHAMPION) == current:
+                MlflowClient().set_registered_model_alias(name, CHAMPION, version)
+                return decision
+    raise RegistryError(f"the champion of {name!r} moved {GATE_ATTEMPTS} times while v{version} was judged")
+
+
+def _judge(
+    name: str,
+    version: str,
+    current: str | None,
+    daily: pd.Series,
+    score: DailyMean,
+    validation_key: str,
+    rescore_champion: Callable[[str], pd.Series],
+    rescored: dict[str, pd.Series],
+    new_tags: dict[str, Any] | None,
+    validation_start: str | None,
+    k: float,
+    min_delta: float,
+    horizon: int,
+) -> dict[str, Any]:
+    """The gate's decision against champion `current` (`move`: whether the alias should move)."""
     base = {"champion_before": current, "delta": None, "se": None, "t": None, "n_dates": score.n_dates}
     if current == version:
-        return {**base, "promoted": False, "champion_score": score.mean, "reason": "already champion"}
+        return {
+            **base,
+            "move": False,
+            "promoted": False,
+            "champion_score": score.mean,
+            "reason": "already champion",
+        }
     if not np.isfinite(score.mean):
         reason = f"validation RankIC is {score.mean}: a model without a score is never promoted"
-        return {**base, "promoted": False, "champion_score": None, "reason": reason}
+        return {**base, "move": False, "promoted": False, "champion_score": None, "reason": reason}
     if current is None:
-        client.set_registered_model_alias(name, CHAMPION, version)
-        return {**base, "promoted": True, "champion_score": None, "reason": "no champion yet"}
+        return {**base, "move": True, "promoted": True, "champion_score": None, "reason": "no champion yet"}
     tags = version_tags(name, current)
     new_tags = {k_: str(v) for k_, v in (new_tags or {}).items()}
     mismatch = [t for t in COMPARABILITY_TAGS if t in new_tags and t in tags and tags[t] != new_tags[t]]
@@ -418,20 +529,25 @@ def champion_gate(
             daily_from_tag(tags["val_daily_rank_ic"]),
             "stored daily RankIC on the same rows",
         )
+    elif current in rescored:
+        champion_daily, how = rescored[current], "re-scored on these rows"
     else:
         try:
-            champion_daily = rescore_champion(f"models:/{name}@{CHAMPION}")
+            # the version itself, not the alias: the alias may move while the champion is re-scored
+            champion_daily = rescored[current] = rescore_champion(f"models:/{name}/{current}")
             how = "re-scored on these rows"
-        except Exception as error:  # noqa: BLE001 - an unloadable champion cannot serve either
-            how = f"champion v{current} could not be re-scored ({type(error).__name__}: {str(error)[:200]})"
+        except Exception as error:
+            if not champion_unloadable(error):
+                raise ChampionRescoreError(
+                    f"champion v{current} could not be re-scored ({type(error).__name__}: {error}); "
+                    "nothing is promoted (only a champion that can no longer be loaded is replaced)"
+                ) from error
+            how = f"champion v{current} can no longer be loaded ({type(error).__name__}: {str(error)[:200]})"
     if champion_daily is None or not np.isfinite(DailyMean.of(champion_daily).mean):
-        client.set_registered_model_alias(name, CHAMPION, version)
         how = how or f"champion v{current} has no score"
         reason = f"{how}: replaced by v{version} (validation RankIC {score})"
-        return {**base, "promoted": True, "champion_score": None, "reason": reason}
+        return {**base, "move": True, "promoted": True, "champion_score": None, "reason": reason}
     promoted, paired, bar = gate_decision(daily, champion_daily, k, min_delta, horizon)
-    if promoted:
-        client.set_registered_model_alias(name, CHAMPION, version)
     verdict = "beats" if promoted else "does not beat"
     reason = (
         f"v{version} {verdict} champion v{current}: paired daily RankIC {paired} ({how}); "
@@ -439,6 +555,7 @@ def champion_gate(
     )
     return {
         **base,
+        "move": promoted,
         "promoted": promoted,
         "champion_score": paired.b.mean,
         "delta": paired.delta,

@@ -1,14 +1,16 @@
-"""The training recipe for `LLMRegressor`, on accelerate; also the entry point of the training process.
+"""The training recipe for `LLMRegressor`, on accelerate. The training process's entry point, which
+trains and then evaluates and publishes, is `modeling.run_job`:
 
-    python -m modeling.train --job job.json                                   # one process
-    accelerate launch --num_processes 2 --cpu -m modeling.train --job job.json  # DDP (gloo on CPU)
-    accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m modeling.train --job job.json
+    python -m modeling.run_job --job job.json                                   # one process
+    accelerate launch --num_processes 2 --cpu -m modeling.run_job --job job.json  # DDP (gloo on CPU)
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m modeling.run_job --job job.json
 
 accelerate owns devices, mixed precision (bf16 on GPU, fp32 on CPU) and DDP; this file owns what is
 specific to the method:
 
-- data: the prompt corpus's train rows (optionally a seeded sample), tokenised once, served in
-  length-grouped batches (transformers' `LengthGroupedSampler`) with dynamic padding to a multiple of 8;
+- data (`modeling.data.corpus`): the prompt corpus's train rows (optionally a seeded sample), tokenised
+  once, served in length-grouped batches (transformers' `LengthGroupedSampler`) with dynamic padding to a
+  multiple of 8;
   `batch_size` is the *global* batch of one optimizer step, whatever the number of processes and
   accumulation steps, so runs with different process counts see the same batches;
 - loss: the bucket weights of the training set in a weighted MSE (or Huber) loss, normalised by the
@@ -20,22 +22,21 @@ specific to the method:
   weights restored at the end;
 - caps: `max_train_samples`, `max_steps`, `time_budget_s` (under a time budget the cosine schedule runs
   on elapsed time, so the learning rate still decays to its floor when the budget ends);
-- checkpoints of the trainable weights, optimizer, scheduler, RNG states and loop position, written
-  atomically; a killed run resumes from the last one to the same weights as an uninterrupted run.
+- checkpoints of the trainable weights, optimizer, RNG states and loop position (elapsed time included),
+  in safetensors and JSON (no pickle), fsynced and renamed into place before the previous one is deleted
+  (`modeling.checkpointing`); a killed run resumes from the last one to the same weights as an
+  uninterrupted run.
 
 This module imports neither dagster nor mlflow: it trains on a bare GPU image with torch, transformers,
-peft and accelerate. When the job names an MLflow experiment, the main process hands the trained
-model to `modeling.experiment` (imported only then) for evaluation, logging and registration.
+peft and accelerate. Evaluation, logging and registration (`modeling.experiment`) come after it, in
+`modeling.run_job`; this module never imports them.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import random
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -44,17 +45,27 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import torch
-from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from modeling import checkpointing
 from modeling.backbones.common import load_tokenizer
-from modeling.inference import encode_prompts, predict_ids
+from modeling.data.corpus import (
+    FixedBatches,
+    RowsDataset,
+    aux_feature_targets,
+    epoch_batches,
+    evenly_spaced_dates,
+    make_collate,
+    read_corpus_split,
+    tokenise_rows,
+    train_sample,
+)
+from modeling.inference import predict_ids
 from modeling.losses import LOSSES, ic_loss, weighted_loss
 from modeling.metrics import rank_ic
 from modeling.model import LLMRegressor, RegressorConfig, build_regressor, save_regressor
-from modeling.targets import TARGET_TRANSFORMS, tempered_weights, training_targets
+from modeling.targets import TARGET_TRANSFORMS
 
 TRAIN_STATE_FILE = "trainer_state.json"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -252,225 +263,6 @@ class TrainJob:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-# --- data -----------------------------------------------------------------------------------------------
-CORPUS_COLUMNS = ["date", "symbol", "split", "label", "weight", "prompt"]
-
-
-def read_corpus_split(
-    corpus_path: str | os.PathLike[str], split: str, columns: list[str] | None = None
-) -> pd.DataFrame:
-    """The rows of one split of the prompt corpus (Parquet predicate pushdown: other splits not read)."""
-    table = pq.read_table(corpus_path, columns=columns or CORPUS_COLUMNS, filters=[("split", "=", split)])
-    return table.to_pandas()
-
-
-def bucket_weights(train_labels: np.ndarray, bucket_config: dict[str, Any]) -> np.ndarray:
-    """Weights of every train row under another bucket scheme, fit on these train labels only."""
-    from modeling.buckets import BucketConfig, fit_buckets
-
-    cfg = BucketConfig(**bucket_config)
-    if cfg.mode != "weight":
-        raise ValueError("re-weighting needs bucket mode 'weight' (a resampled training set has no weights)")
-    return fit_buckets(train_labels, cfg).train_weights(train_labels)
-
-
-def sample_rows(frame: pd.DataFrame, max_rows: int | None, seed: int) -> pd.DataFrame:
-    """A seeded sample of `max_rows` rows without replacement (all rows when None or more)."""
-    if max_rows is None or max_rows >= len(frame):
-        return frame.reset_index(drop=True)
-    keep = np.sort(np.random.default_rng(seed).choice(len(frame), size=max_rows, replace=False))
-    return frame.iloc[keep].reset_index(drop=True)
-
-
-def train_sample(
-    corpus_path: str | os.PathLike[str],
-    cfg: TrainConfig,
-    reweight: dict[str, Any] | None = None,
-    columns: list[str] | None = None,
-) -> pd.DataFrame:
-    """The train rows a job trains on, with what it trains them to fit: `label` is the training target
-    (`cfg.target_transform`, per date over the whole train split) and `raw_label` the stored label,
-    `weight` the bucket weights (re-fit when `reweight` is given, tempered by `cfg.weight_power`), then
-    the seeded sample (per date in multiples of `date_group_size` when the batches are date-grouped).
-    The baselines call this too, so they fit the same rows, targets and weights."""
-    frame = read_corpus_split(corpus_path, "train", columns)
-    if reweight is not None:
-        frame = frame.assign(weight=bucket_weights(frame["label"].to_numpy(), reweight))
-    frame = frame.assign(
-        raw_label=frame["label"],
-        label=training_targets(frame, cfg.target_transform, cfg.target_clip),
-        weight=tempered_weights(frame["weight"].to_numpy(), cfg.weight_power),
-    )
-    if cfg.date_group_size:
-        return sample_rows_by_date(frame, cfg.max_train_samples, cfg.date_group_size, cfg.seed)
-    return sample_rows(frame, cfg.max_train_samples, cfg.seed)
-
-
-def aux_feature_targets(frame: pd.DataFrame, training_set_path: str | os.PathLike[str]) -> np.ndarray:
-    """[N, 16] float32: the feature values of `frame`'s (date, symbol) rows, z-scored with these rows'
-    own mean and std (train rows only) and clipped at +-5: the auxiliary probe's targets."""
-    from modeling.feature_registry import FEATURE_NAMES
-
-    features = pd.read_parquet(training_set_path, columns=["date", "symbol", *FEATURE_NAMES])
-    keys = frame[["date", "symbol"]].merge(
-        features.drop_duplicates(["date", "symbol"]), on=["date", "symbol"], how="left"
-    )
-    values = keys[list(FEATURE_NAMES)].to_numpy(np.float64)
-    if np.isnan(values).any():
-        raise ValueError(
-            f"{int(np.isnan(values).any(axis=1).sum())} train rows have no training-set features"
-        )
-    std = values.std(axis=0)
-    z = (values - values.mean(axis=0)) / np.where(std > 0, std, 1.0)
-    return np.clip(z, -5.0, 5.0).astype(np.float32)
-
-
-def sample_rows_by_date(frame: pd.DataFrame, max_rows: int | None, group: int, seed: int) -> pd.DataFrame:
-    """A seeded sample of about `max_rows` rows drawn per date in multiples of `group` (so that date
-    groups of `group` rows lose no row): each date keeps `group` x (its share rounded at random, so the
-    expected total is `max_rows`). With max_rows None: every date's rows cut down to a multiple of
-    `group`. Rows keep the frame's order."""
-    rng = np.random.default_rng(seed)
-    codes, _ = pd.factorize(frame["date"], sort=True)
-    counts = np.bincount(codes)
-    share = 1.0 if max_rows is None else min(1.0, max_rows / max(len(frame), 1))
-    groups = counts * share / group
-    keep_groups = np.floor(groups + rng.random(len(groups))).astype(int)
-    keep_groups = np.minimum(keep_groups, counts // group)
-    keep = np.zeros(len(frame), dtype=bool)
-    for code in np.flatnonzero(keep_groups):
-        rows = np.flatnonzero(codes == code)
-        keep[rng.choice(rows, size=keep_groups[code] * group, replace=False)] = True
-    return frame[keep].reset_index(drop=True)
-
-
-def evenly_spaced_dates(dates: pd.Series | np.ndarray, max_dates: int | None) -> np.ndarray:
-    """`max_dates` dates spread evenly over the sorted unique `dates` (all when None or fewer): a fixed,
-    deterministic evaluation set that covers the whole period rather than its first weeks."""
-    unique = np.sort(pd.unique(pd.Series(dates)))
-    if max_dates is None or max_dates >= len(unique):
-        return unique
-    return unique[np.unique(np.round(np.linspace(0, len(unique) - 1, max_dates)).astype(int))]
-
-
-@dataclass
-class TokenisedRows:
-    """One split's rows, tokenised: what the training loop and the evaluation read."""
-
-    ids: list[list[int]]
-    label: np.ndarray
-    weight: np.ndarray
-    frame: pd.DataFrame
-    """date, symbol (and whatever else came in), aligned with `ids`."""
-    aux: np.ndarray | None = None
-    """[N, F] auxiliary targets (the standardised feature values), when the auxiliary loss is on."""
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def n_tokens(self) -> np.ndarray:
-        return np.fromiter((len(x) for x in self.ids), dtype=np.int64, count=len(self.ids))
-
-
-def tokenise_rows(frame: pd.DataFrame, tokenizer: Any) -> TokenisedRows:
-    ids = encode_prompts(tokenizer, frame["prompt"].tolist())
-    return TokenisedRows(
-        ids=ids,
-        label=frame["label"].to_numpy(np.float32),
-        weight=frame["weight"].to_numpy(np.float32) if "weight" in frame else np.ones(len(frame), np.float32),
-        frame=frame.drop(columns=["prompt"]).reset_index(drop=True),
-    )
-
-
-class _RowsDataset(Dataset):
-    def __init__(self, rows: TokenisedRows) -> None:
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {
-            "input_ids": self.rows.ids[i],
-            "label": self.rows.label[i],
-            "weight": self.rows.weight[i],
-            "index": i,
-            **({"aux": self.rows.aux[i]} if self.rows.aux is not None else {}),
-        }
-
-
-def make_collate(tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
-    """Dynamic padding (longest row of the batch, rounded up to a multiple of 8) plus labels, weights and
-    row indices."""
-
-    def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = tokenizer.pad(
-            {"input_ids": [it["input_ids"] for it in items]}, pad_to_multiple_of=8, return_tensors="pt"
-        )
-        return {
-            "input_ids": batch["input_ids"],
-            "attention_mask": batch["attention_mask"],
-            "label": torch.tensor([it["label"] for it in items], dtype=torch.float32),
-            "weight": torch.tensor([it["weight"] for it in items], dtype=torch.float32),
-            "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
-            **({"aux": torch.tensor(np.stack([it["aux"] for it in items]))} if "aux" in items[0] else {}),
-        }
-
-    return collate
-
-
-def epoch_batches(
-    lengths: np.ndarray,
-    micro_batch: int,
-    seed: int,
-    epoch: int,
-    group_by_length: bool,
-    multiple_of: int = 1,
-    dates: np.ndarray | None = None,
-    date_group_size: int = 0,
-) -> list[list[int]]:
-    """The micro-batches (global, before splitting across processes) of one epoch, deterministic in
-    (seed, epoch). The last incomplete batch is dropped, and the count is cut to a multiple of the
-    accumulation steps, so every optimizer step sees the same number of rows.
-
-    With `date_group_size` k (and `dates`, one code per row): each date's rows are shuffled and cut into
-    groups of k (a remainder under k sits the epoch out), the groups are shuffled, and every batch is
-    micro_batch / k whole groups, contiguous, so a process's share of a batch is whole groups too."""
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    if date_group_size:
-        if dates is None:
-            raise ValueError("date-grouped batches need the date of every row")
-        rng = np.random.default_rng(seed * 100_003 + epoch)
-        groups = []
-        for rows in pd.Series(np.arange(len(dates))).groupby(np.asarray(dates)).indices.values():
-            rows = rng.permutation(rows)
-            last = len(rows) - date_group_size + 1
-            groups += [rows[i : i + date_group_size] for i in range(0, last, date_group_size)]
-        order = [int(i) for g in rng.permutation(len(groups)) for i in groups[g]] if groups else []
-    elif group_by_length:
-        order = list(LengthGroupedSampler(micro_batch, lengths=lengths.tolist(), generator=generator))
-    else:
-        order = torch.randperm(len(lengths), generator=generator).tolist()
-    n = (len(order) // micro_batch) // multiple_of * multiple_of
-    return [order[i * micro_batch : (i + 1) * micro_batch] for i in range(n)]
-
-
-class _FixedBatches(torch.utils.data.Sampler[list[int]]):
-    def __init__(self, batches: list[list[int]], batch_size: int) -> None:
-        self.batches = batches
-        self.batch_size = batch_size  # accelerate's split_batches reads it
-        self.drop_last = True
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
 # --- schedule ----------------------------------------------------------------------------------
 def lr_length_factor(total_steps: int, reference_steps: int | None) -> float:
     """min(1, sqrt(reference_steps / total_steps)); 1 when there is no reference."""
@@ -502,29 +294,15 @@ def ema_update(
     return d
 
 
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint under `root` (incomplete ones never have the final name)."""
-    done = sorted(p for p in root.glob("step-*") if (p / TRAIN_STATE_FILE).is_file() and "." not in p.name)
-    return done[-1] if done else None
+    """The newest complete checkpoint under `root` (see `modeling.checkpointing`: temporary, stale and
+    truncated directories are never used), one with a loop state."""
+    return checkpointing.latest_checkpoint(root, required=(TRAIN_STATE_FILE,))
+
+
+def _clock() -> float:
+    """The training loop's clock (seconds); tests replace it with a deterministic one."""
+    return time.perf_counter()
 
 
 @dataclass
@@ -537,6 +315,9 @@ class LoopState:
     samples: int = 0
     tokens: int = 0
     elapsed_s: float = 0.0
+    """Training-loop time so far, across resumes (evaluations and checkpoint writes included; process
+    start-up and resume not): a checkpoint stores it as of its writing, and a resumed run's clock starts
+    there, so a time budget and the schedule it drives continue rather than restart."""
     eval_s: float = 0.0
     best_rank_ic: float | None = None
     best_step: int | None = None
@@ -700,9 +481,7 @@ def train_regressor(
     length_factor = lr_length_factor(total_steps, cfg.lr_reference_steps)
     peak_lrs = [group["lr"] * length_factor for group in optimizer.param_groups]
     if length_factor < 1:
-        say(
-            f"{total_steps} steps > lr_reference_steps {cfg.lr_reference_steps}: lr x {length_factor:.3f}"
-        )
+        say(f"{total_steps} steps > lr_reference_steps {cfg.lr_reference_steps}: lr x {length_factor:.3f}")
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped: LLMRegressor = accelerator.unwrap_model(model)
     best_state: dict[str, torch.Tensor] | None = None
@@ -713,17 +492,18 @@ def train_regressor(
     )
 
     checkpoint = latest_checkpoint(ckpt_root) if job.resume else None
-    if checkpoint is not None:
-        unwrapped.load_trainable_state_dict(load_file(checkpoint / TRAINABLE_FILE))
-        optimizer.load_state_dict(
-            torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False)
-        )
-        state = LoopState(**json.loads((checkpoint / TRAIN_STATE_FILE).read_text()))
+    if checkpoint is not None:  # safetensors and JSON only: nothing is unpickled
+        unwrapped.load_trainable_state_dict(checkpointing.load_tensors(checkpoint / TRAINABLE_FILE))
+        optimizer.load_state_dict(checkpointing.load_optimizer(checkpoint))
+        state = LoopState(**checkpointing.load_json(checkpoint / TRAIN_STATE_FILE))
         if (checkpoint / BEST_FILE).is_file():
-            best_state = load_file(checkpoint / BEST_FILE)
+            best_state = checkpointing.load_tensors(checkpoint / BEST_FILE)
         if ema is not None:
-            ema = {n: v.to(trainable[n].device) for n, v in load_file(checkpoint / EMA_FILE).items()}
-        _set_rng_state(torch.load(checkpoint / f"rng_{accelerator.process_index}.pt", weights_only=False))
+            ema = {
+                n: v.to(trainable[n].device)
+                for n, v in checkpointing.load_tensors(checkpoint / EMA_FILE).items()
+            }
+        checkpointing.load_rng(checkpoint, accelerator.process_index)
         say(f"resumed from {checkpoint.name} (step {state.step}, {state.samples} samples)")
 
     def progress_now(elapsed: float, step: int) -> float:
@@ -750,45 +530,47 @@ def train_regressor(
             live = unwrapped.trainable_state_dict()
             unwrapped.load_trainable_state_dict(ema)
         preds = predict_ids(model, tokenizer, val_rows.ids, cfg.eval_batch_size, accelerator=accelerator)
+        checkpointing.fault_point("eval")
         if live is not None:
             unwrapped.load_trainable_state_dict(live)
         frame = val_rows.frame.assign(prediction=preds, label=val_rows.label)
         return rank_ic(frame)
 
     def save_checkpoint() -> None:
+        """Every file fsynced into `step-N.tmp/`, renamed into place, parent fsynced, then the older
+        checkpoints deleted (`modeling.checkpointing`): a crash at any point leaves a usable checkpoint."""
         accelerator.wait_for_everyone()
-        final = ckpt_root / f"step-{state.step:08d}"
-        tmp = ckpt_root / f"step-{state.step:08d}.tmp"
+        tmp = ckpt_root / f"{checkpointing.checkpoint_name(state.step)}{checkpointing.TMP_SUFFIX}"
         if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_file(
-                {k: v.contiguous().cpu() for k, v in unwrapped.trainable_state_dict().items()},
-                tmp / TRAINABLE_FILE,
-            )
+            tmp = checkpointing.begin_checkpoint(ckpt_root, state.step)
+            checkpointing.save_tensors(tmp / TRAINABLE_FILE, unwrapped.trainable_state_dict())
             if best_state is not None:
-                save_file({k: v.contiguous().cpu() for k, v in best_state.items()}, tmp / BEST_FILE)
+                checkpointing.save_tensors(tmp / BEST_FILE, best_state)
             if ema is not None:
-                save_file({k: v.contiguous().cpu() for k, v in ema.items()}, tmp / EMA_FILE)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+                checkpointing.save_tensors(tmp / EMA_FILE, ema)
+            checkpointing.save_optimizer(tmp, optimizer.state_dict())
+            checkpointing.fault_point("checkpoint_write")
         accelerator.wait_for_everyone()
-        torch.save(_rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+        checkpointing.save_rng(tmp, accelerator.process_index)
+        # the loop time as of this checkpoint (the evaluation of this step and the writes included), on
+        # the main process's clock: a resumed run's clock starts from here, and so does the learning rate
+        # of the next step, in this run as in a resumed one (under a time budget it moved on)
+        now = torch.tensor([_clock() - segment_start], device=accelerator.device)
+        state.elapsed_s = float(broadcast(now, from_process=0)[0])
+        set_lr(state.elapsed_s)
         accelerator.wait_for_everyone()
         if main:
-            (tmp / TRAIN_STATE_FILE).write_text(json.dumps(asdict(state), indent=1, default=float))
-            os.replace(tmp, final)  # a kill before this line leaves only a .tmp, never used
-            for old in ckpt_root.glob("step-*"):
-                if old != final:
-                    shutil.rmtree(old, ignore_errors=True)
+            checkpointing.save_json(tmp / TRAIN_STATE_FILE, asdict(state))
+            final = checkpointing.commit_checkpoint(tmp)
             say(f"checkpoint {final.name} saved")
         accelerator.wait_for_everyone()
 
     def record_eval(train_loss: float | None) -> bool:
         """Evaluate, keep the best weights; True when early stopping says stop."""
         nonlocal best_state
-        eval_started = time.perf_counter()
+        eval_started = _clock()
         score = evaluate_now()
-        state.eval_s += time.perf_counter() - eval_started
+        state.eval_s += _clock() - eval_started
         best = state.best_rank_ic
         # a NaN score (no spread in the predictions) never beats a real one, and a real one beats a NaN best
         improved = best is None or (np.isfinite(score) and (not np.isfinite(best) or score > best))
@@ -823,7 +605,8 @@ def train_regressor(
 
         bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", mininterval=2.0)
     model.train()
-    segment_start = time.perf_counter() - state.elapsed_s
+    # the clock of this segment starts where the checkpoint's stopped (0 on a fresh run)
+    segment_start = _clock() - state.elapsed_s
     set_lr(state.elapsed_s)
     running: list[float] = []
     last_eval_step = state.history[-1]["step"] if state.history else -1
@@ -833,8 +616,8 @@ def train_regressor(
         # its own generator: a DataLoader without one draws a seed from the global RNG whenever an iterator
         # starts, which would shift the dropout stream of a resumed run against an uninterrupted one
         loader = DataLoader(
-            _RowsDataset(train_rows),
-            batch_sampler=_FixedBatches(batches, micro),
+            RowsDataset(train_rows),
+            batch_sampler=FixedBatches(batches, micro),
             collate_fn=make_collate(tokenizer),
             generator=torch.Generator().manual_seed(cfg.seed),
         )
@@ -875,6 +658,7 @@ def train_regressor(
                 if train_rows.aux is not None:  # equal rows per process: DDP's average is the global mean
                     loss = loss + cfg.aux_feature_weight * ((aux_pred - batch["aux"]) ** 2).mean()
                 accelerator.backward(loss)
+                checkpointing.fault_point("step")  # (a test hook: a no-op unless its env var is set)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
@@ -890,7 +674,7 @@ def train_regressor(
             if ema is not None:
                 ema_update(ema, trainable, float(cfg.ema_decay), state.step)
             # every process uses the main process's clock: the same learning rate and the same stop decision
-            elapsed = torch.tensor([time.perf_counter() - segment_start], device=accelerator.device)
+            elapsed = torch.tensor([_clock() - segment_start], device=accelerator.device)
             state.elapsed_s = float(broadcast(elapsed, from_process=0)[0])
             set_lr(state.elapsed_s)
             loss_value = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum"))
@@ -961,36 +745,3 @@ def train_regressor(
         (out / FINAL_STATE_FILE).write_text(json.dumps(final, default=float) + "\n")
     accelerator.wait_for_everyone()
     return result
-
-
-# --- entry point ----------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--job", required=True, help="TrainJob JSON file")
-    args = parser.parse_args(argv)
-    job = TrainJob.load(args.job)
-    from modeling.pipes_reporting import child_reporter, is_main_rank
-
-    error_file = Path(job.output_dir) / f"error_rank{os.environ.get('RANK', '0')}.txt"
-    error_file.unlink(missing_ok=True)
-    try:
-        with child_reporter() as report:
-            result = train_regressor(job, log=report.log)
-            if job.experiment is not None and is_main_rank():
-                from modeling.experiment import run_experiment
-
-                report.done(run_experiment(job, result, log=report.log))
-            elif is_main_rank():
-                report.done({"train": result.report()})
-    except BaseException:
-        import traceback
-
-        # the orchestrator reads this to fail the step with the child's own error text
-        error_file.parent.mkdir(parents=True, exist_ok=True)
-        error_file.write_text(traceback.format_exc()[-4000:])
-        raise
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -14,6 +14,14 @@ from pydantic import Field
 from modeling.backbones import BaseModelSource, resolve_base_model
 from pipeline.settings import Settings
 
+WAREHOUSE_POOL = "warehouse"
+"""Dagster concurrency pool of every asset that writes DATA_DIR's tables and files (DuckDB, Parquet, the
+base model): one step at a time across all runs, whatever launched them (UI, job, schedule, sensor, CLI).
+The instance's `concurrency.pools.default_limit: 1` (written by `make`) sets the limit."""
+TRAINING_POOL = "training"
+"""Pool of the steps that train (the regressor, the search): one at a time; they may overlap a data step,
+since they read a snapshot of their inputs (`modeling.data.parquet_io.snapshot_files`)."""
+
 
 class WarehouseResource(DuckDBResource):
     """DuckDB `warehouse.duckdb` under DATA_DIR.

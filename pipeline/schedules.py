@@ -9,12 +9,25 @@ and writes the live predictions. The search (`hyperparameters`) is on demand, no
 DuckDB takes one writer per file: the job runs in one process (in-process executor) and carries the
 tag `warehouse=writer`, which the instance's run queue limits to one run at a time (the
 `dagster.yaml` written by `make dev`/`make demo`); a run that still finds the file locked waits on it.
+
+The sensor `new_market_data_file` reads complete files only. Every tick (at most once a minute) it
+records the (size, mtime_ns) of each data file of the `MARKET_DATA_PATH` directory (the files
+`modeling.data.ingest.discover_files` reads: `SUPPORTED_SUFFIXES`, directly inside). A file counts as
+complete once its size and modification time are the same at two consecutive ticks, i.e. unchanged for
+one sensor interval. Because a run ingests every file, a run is requested only when every data file is
+complete and at least one of them is new or changed since the last run it requested (a re-sent or
+revised file triggers again once it is stable); while any file is still changing, the tick skips and
+says which. One run request covers all such files; its run key is a hash of the directory's
+(name, size, mtime_ns) state, so Dagster does not launch the same state twice. A missing directory or
+one without data files skips with a message. Writers that can, should still write to a temporary name
+(for example `day.csv.part`, which is not a data file) and rename it when done.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -26,13 +39,14 @@ from dagster import (
     RunRequest,
     ScheduleDefinition,
     SensorEvaluationContext,
+    SensorResult,
     SkipReason,
     define_asset_job,
     run_failure_sensor,
     sensor,
 )
 
-from modeling.data.ingest import discover_files
+from modeling.data.ingest import SUPPORTED_SUFFIXES, discover_files
 from pipeline.settings import Settings
 
 WAREHOUSE_TAG = {"warehouse": "writer"}
@@ -47,12 +61,109 @@ daily_retrain_job = define_asset_job(
 )
 
 
+Signature = tuple[int, int]
+"""(size in bytes, st_mtime_ns) of a data file."""
+
+CURSOR_VERSION = 2
+
+
+@dataclass(frozen=True)
+class DirectoryScan:
+    """One sensor tick's look at the market-data directory."""
+
+    files: dict[str, Signature]
+    """Every data file now, by name."""
+    settling: list[str]
+    """Files new or changed since the previous tick: possibly still being written."""
+    ready: list[str]
+    """Complete files not yet run in this version; empty while any file is settling."""
+    cursor: str
+    """The cursor after this tick (it records `ready` as run: request a run whenever `ready`)."""
+
+    @property
+    def run_key(self) -> str:
+        """A key for the directory's state: the same files in the same versions give the same key."""
+        state = json.dumps(sorted((name, *sig) for name, sig in self.files.items()))
+        return hashlib.sha256(state.encode()).hexdigest()[:16]
+
+
+def _observe(market_data_path: Path) -> dict[str, Signature]:
+    """(size, mtime_ns) of every data file (`discover_files`); {} when there is none or no directory."""
+    try:
+        paths = discover_files(market_data_path)
+    except FileNotFoundError:  # a missing directory, or one without data files
+        return {}
+    files = {}
+    for path in paths:
+        try:
+            stat = path.stat()
+        except FileNotFoundError:  # removed (or renamed) since it was listed
+            continue
+        files[path.name] = (stat.st_size, stat.st_mtime_ns)
+    return files
+
+
+def _signatures(value: object) -> dict[str, Signature]:
+    """{name: (size, mtime_ns)} from a cursor's JSON; entries of another shape are dropped."""
+    if not isinstance(value, dict):
+        return {}
+    return {
+        name: (sig[0], sig[1])
+        for name, sig in value.items()
+        if isinstance(sig, list) and len(sig) == 2 and all(type(v) is int for v in sig)
+    }
+
+
+def _load_cursor(
+    cursor: str | None, files: dict[str, Signature]
+) -> tuple[dict[str, Signature], dict[str, Signature]]:
+    """(seen at the previous tick, last requested run) from a cursor; both empty for none or garbage.
+
+    The cursor of the first version, {name: mtime_ns} of the files of the last run, is read as both:
+    a file whose mtime is unchanged since then counts as complete and already run (no rerun after an
+    upgrade), any other file as new.
+    """
+    try:
+        state = json.loads(cursor) if cursor else {}
+    except ValueError:
+        return {}, {}
+    if not isinstance(state, dict):
+        return {}, {}
+    if state.get("version") == CURSOR_VERSION:
+        return _signatures(state.get("seen")), _signatures(state.get("ran"))
+    legacy = {
+        name: sig for name, sig in files.items() if type(state.get(name)) is int and state[name] == sig[1]
+    }
+    return legacy, dict(legacy)
+
+
+def scan_directory(market_data_path: Path, cursor: str | None) -> DirectoryScan:
+    """Compare the directory with the previous tick's `cursor` (see the module docstring for the rule)."""
+    files = _observe(market_data_path)
+    seen, ran = _load_cursor(cursor, files)
+    settling = sorted(name for name, sig in files.items() if seen.get(name) != sig)
+    ready = [] if settling else sorted(name for name, sig in files.items() if ran.get(name) != sig)
+    # Forget files that are gone: one that comes back is new again (its run key dedups an identical state).
+    ran = {name: sig for name, sig in ran.items() if name in files} | {name: files[name] for name in ready}
+    new_cursor = json.dumps(
+        {
+            "version": CURSOR_VERSION,
+            "seen": {name: list(sig) for name, sig in files.items()},
+            "ran": {name: list(sig) for name, sig in ran.items()},
+        },
+        sort_keys=True,
+    )
+    return DirectoryScan(files=files, settling=settling, ready=ready, cursor=new_cursor)
+
+
 def new_files(market_data_path: Path, cursor: str | None) -> tuple[list[str], str]:
-    """Data files of the directory that are new or changed since `cursor`; the new cursor."""
-    files = {p.name: p.stat().st_mtime_ns for p in discover_files(market_data_path)}
-    seen = json.loads(cursor) if cursor else {}
-    changed = sorted(name for name, mtime in files.items() if seen.get(name) != mtime)
-    return changed, json.dumps(files, sort_keys=True)
+    """Complete data files that are new or changed since the last run `cursor` requested; the new cursor.
+
+    Empty while any data file is still changing (see the module docstring); pass the new cursor to the
+    next call whether or not a run is requested.
+    """
+    result = scan_directory(market_data_path, cursor)
+    return result.ready, result.cursor
 
 
 def build_automation(settings: Settings) -> tuple[list, list]:
@@ -74,20 +185,35 @@ def build_automation(settings: Settings) -> tuple[list, list]:
         default_status=DefaultSensorStatus.RUNNING
         if watched and watched.is_dir()
         else DefaultSensorStatus.STOPPED,
-        description="Requests a daily_retrain run when a new or changed file appears in MARKET_DATA_PATH.",
+        description="Requests a daily_retrain run when a new or changed file in the MARKET_DATA_PATH "
+        "directory is complete (size and mtime unchanged for one interval).",
     )
     def new_market_data_file(context: SensorEvaluationContext):
-        if watched is None or not watched.is_dir():
-            return SkipReason("MARKET_DATA_PATH is not a directory: nothing to watch")
-        changed, cursor = new_files(watched, context.cursor)
-        if not changed:
-            return SkipReason("no new market data file")
-        context.update_cursor(cursor)
-        run_key = hashlib.sha256(cursor.encode()).hexdigest()[:16]
-        return RunRequest(
-            run_key=run_key,
-            tags={**WAREHOUSE_TAG, "trigger": "new_market_data", "new_files": ",".join(changed)[:200]},
+        if watched is None:
+            return SkipReason("MARKET_DATA_PATH is not set: nothing to watch")
+        if watched.is_file():
+            return SkipReason(f"MARKET_DATA_PATH {watched} is a file, not a directory: nothing to watch")
+        result = scan_directory(watched, context.cursor)  # a missing directory: no files
+        if not result.files:
+            reason = (
+                f"MARKET_DATA_PATH {watched} does not exist"
+                if not watched.exists()
+                else f"no data files ({', '.join(SUPPORTED_SUFFIXES)}) in {watched}"
+            )
+            return SensorResult(skip_reason=reason, cursor=result.cursor)
+        if result.settling:
+            reason = (
+                f"waiting for {len(result.settling)} file(s) to stop changing for one interval: "
+                + ", ".join(result.settling)[:500]
+            )
+            return SensorResult(skip_reason=reason, cursor=result.cursor)
+        if not result.ready:
+            return SensorResult(skip_reason="no new or changed market data file", cursor=result.cursor)
+        request = RunRequest(
+            run_key=result.run_key,
+            tags={**WAREHOUSE_TAG, "trigger": "new_market_data", "new_files": ",".join(result.ready)[:200]},
         )
+        return SensorResult(run_requests=[request], cursor=result.cursor)
 
     failures = settings.data_dir / "run_failures.jsonl"
 

@@ -1,6 +1,8 @@
-"""Ingestion: aliases, date formats, the quarantine with exact counts, idempotence, atomic replace."""
+"""Ingestion: aliases, date formats, the quarantine with exact counts, idempotence, atomic replace,
+revised data (newest file wins), the shrink guard, the calendar, literal and hidden file names."""
 
 import datetime
+import os
 from pathlib import Path
 
 import duckdb
@@ -9,7 +11,9 @@ import pytest
 
 from modeling.data.ingest import (
     REJECT_REASONS,
+    REVISIONS_TABLE,
     MissingColumnsError,
+    ShrinkingLoadError,
     discover_files,
     ingest_market_data,
     skipped_entries,
@@ -141,7 +145,7 @@ def test_failure_inside_the_transaction_rolls_back(planted_csv, tmp_path, monkey
     )
     monkeypatch.setattr(ingest, "REJECTS_TABLE", "no_such_schema.rejects")  # fails after the raw table
     with pytest.raises(duckdb.Error):
-        ingest.ingest_market_data(con, sources=[small])
+        ingest.ingest_market_data(con, sources=[small], max_shrink_share=1.0)
     assert con.execute("SELECT count(*) FROM raw_market_data").fetchone()[0] == n_good
     assert con.execute("SELECT count(*) FROM raw_market_data WHERE symbol = 'ZZZ'").fetchone()[0] == 0
 
@@ -170,8 +174,8 @@ def test_directory_of_csv_and_parquet_files_is_concatenated(tmp_path):
     (src / "_SUCCESS").write_text("")
     files = discover_files(src)
     assert [f.name for f in files] == ["a.csv", "b.parquet"]
-    # what is not read is named (the asset logs it and puts it in its metadata), markers aside
-    assert skipped_entries(src) == ["notes.txt", "part=1/"]
+    # everything not read is named (the asset logs it and puts it in its metadata), markers too
+    assert skipped_entries(src) == ["_SUCCESS", "notes.txt", "part=1/"]
     con = duckdb.connect()
     report = ingest_market_data(con, sources=files)
     assert report.n_accepted == 7 and report.n_rejected == 0
@@ -198,7 +202,8 @@ def test_duplicates_across_files_are_detected(tmp_path):
     assert report.rejects_by_reason["duplicate_date_symbol"] == 1
     kept = con.execute("SELECT count(*) FROM raw_market_data").fetchone()[0]
     assert kept == 1
-    assert con.execute("SELECT source_file FROM raw_market_data_rejects").fetchone()[0] == str(b)
+    # b is the newer file (written last, or the same mtime and a later name): its copy is kept
+    assert con.execute("SELECT source_file FROM raw_market_data_rejects").fetchone()[0] == str(a)
 
 
 def test_missing_path_and_empty_directory_are_clear_errors(tmp_path):
@@ -297,12 +302,316 @@ def test_time_zone_aware_dates_keep_their_own_calendar_date(tmp_path, machine_zo
     # a fixed offset (no zone name) is honoured too
     fixed = frame.assign(date=dates.tz_localize(datetime.timezone(datetime.timedelta(hours=9))))
     fixed.to_parquet(tmp_path / "fixed.parquet")
-    ingest_market_data(con, sources=[tmp_path / "fixed.parquet"])
+    ingest_market_data(con, sources=[tmp_path / "fixed.parquet"], max_shrink_share=1.0)
     assert con.execute("SELECT date::VARCHAR FROM raw_market_data ORDER BY 1").fetchall() == [
         (d,) for d in expected_dates
     ]
     # the in-memory path (the synthetic market's) too
-    ingest_market_data(con, frame=tokyo)
+    ingest_market_data(con, frame=tokyo, max_shrink_share=1.0)
     assert con.execute("SELECT date::VARCHAR FROM raw_market_data ORDER BY 1").fetchall() == [
         (d,) for d in expected_dates
     ]
+
+
+# --- revised data, the shrink guard, the calendar, literal and hidden file names ---------------------
+
+HEADER = "date,symbol,open,high,low,close,volume,sector"
+BDAYS = [d.strftime("%Y-%m-%d") for d in pd.bdate_range("2020-01-02", periods=12)]
+
+
+def _row(date: str, symbol: str, close: float = 10.5, volume: int = 1000) -> str:
+    return f"{date},{symbol},10.0,12.0,9.5,{close},{volume},Tech"
+
+
+def _set_mtime(path: Path, seconds: int) -> Path:
+    os.utime(path, ns=(seconds * 10**9, seconds * 10**9))
+    return path
+
+
+def _revisions(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    return con.execute(f"SELECT * FROM {REVISIONS_TABLE} ORDER BY symbol, date").df()
+
+
+def test_a_revised_copy_of_a_file_replaces_it_and_is_audited(tmp_path):
+    """The reproduced bug: a corrected copy made the whole table empty (all 72 rows conflicting)."""
+    rows = [
+        (d, s, round(10.0 + 0.05 * i + 0.5 * j, 2)) for i, d in enumerate(BDAYS) for j, s in enumerate("ABC")
+    ]
+    a = _write_csv(tmp_path / "a.csv", HEADER, [_row(d, s * 3, c) for d, s, c in rows])
+    b = _write_csv(
+        tmp_path / "b_revised.csv", HEADER, [_row(d, s * 3, round(c * 1.001, 6)) for d, s, c in rows]
+    )
+    _set_mtime(a, 1_600_000_000)
+    _set_mtime(b, 1_600_000_100)
+    con = duckdb.connect()
+    report = ingest_market_data(con, sources=discover_files(tmp_path))
+    assert (report.n_read, report.n_accepted, report.n_rejected, report.n_revised) == (72, 36, 0, 36)
+    assert report.rejects_by_reason["conflicting_duplicate"] == 0
+    raw = con.execute(
+        "SELECT symbol, date::VARCHAR, close FROM raw_market_data ORDER BY symbol, date"
+    ).fetchall()
+    expected = sorted((s * 3, d, round(c * 1.001, 6)) for d, s, c in rows)
+    assert [(s, d) for s, d, _ in raw] == [(s, d) for s, d, _ in expected]
+    assert [c for *_, c in raw] == pytest.approx([c for *_, c in expected], abs=1e-9)
+    assert con.execute("SELECT count(*) FROM raw_market_data_rejects").fetchone()[0] == 0
+    rev = _revisions(con)
+    assert list(rev.columns) == [
+        "date", "symbol",
+        "old_open", "old_high", "old_low", "old_close", "old_volume", "old_sector",
+        "new_open", "new_high", "new_low", "new_close", "new_volume", "new_sector",
+        "old_source_file", "old_source_row", "new_source_file", "new_source_row", "revised_at",
+    ]  # fmt: skip
+    assert len(rev) == 36
+    assert set(rev.old_source_file) == {str(a)} and set(rev.new_source_file) == {str(b)}
+    assert (rev.old_source_row == rev.new_source_row).all()  # the same row of each file
+    assert rev.new_close.to_numpy() == pytest.approx(rev.old_close.to_numpy() * 1.001, abs=1e-9)
+    assert (rev.old_volume == rev.new_volume).all() and rev.revised_at.notna().all()
+    # loading the same files again gives the same tables (the revisions are recomputed by each load)
+    first = (con.execute("SELECT * FROM raw_market_data").df(), rev.drop(columns="revised_at"))
+    ingest_market_data(con, sources=discover_files(tmp_path))
+    pd.testing.assert_frame_equal(first[0], con.execute("SELECT * FROM raw_market_data").df())
+    pd.testing.assert_frame_equal(first[1], _revisions(con).drop(columns="revised_at"))
+
+
+def test_a_daily_file_resending_yesterday_replaces_only_that_row(tmp_path):
+    history = _write_csv(
+        tmp_path / "history.csv", HEADER, [_row(d, s) for d in BDAYS[:5] for s in ("AAA", "BBB")]
+    )
+    day1 = _write_csv(
+        tmp_path / "day1.csv", HEADER, [_row(BDAYS[5], "AAA", volume=500), _row(BDAYS[5], "BBB", volume=700)]
+    )
+    # day 2 re-sends day 1 with AAA's final volume (BBB's unchanged) and adds day 2
+    day2 = _write_csv(
+        tmp_path / "day2.csv",
+        HEADER,
+        [_row(BDAYS[5], "AAA", volume=1500), _row(BDAYS[5], "BBB", volume=700)]
+        + [_row(BDAYS[6], s, volume=900) for s in ("AAA", "BBB")],
+    )
+    for i, path in enumerate((history, day1, day2)):
+        _set_mtime(path, 1_600_000_000 + 86_400 * i)
+    con = duckdb.connect()
+    report = ingest_market_data(con, sources=discover_files(tmp_path))
+    assert (report.n_read, report.n_accepted, report.n_revised, report.n_rejected) == (16, 14, 1, 1)
+    assert report.rejects_by_reason["duplicate_date_symbol"] == 1  # BBB's identical older copy
+    assert report.rejects_by_reason["conflicting_duplicate"] == 0
+    vols = dict(
+        con.execute(f"SELECT symbol, volume FROM raw_market_data WHERE date = '{BDAYS[5]}'").fetchall()
+    )
+    assert vols == {"AAA": 1500.0, "BBB": 700.0}
+    assert con.execute("SELECT count(*) FROM raw_market_data").fetchone()[0] == 14
+    rev = con.execute(
+        "SELECT date::VARCHAR, symbol, old_volume, new_volume, old_source_file, new_source_file "
+        f"FROM {REVISIONS_TABLE}"
+    ).fetchall()
+    assert rev == [(BDAYS[5], "AAA", 500.0, 1500.0, str(day1), str(day2))]
+    assert con.execute("SELECT source_file FROM raw_market_data_rejects").fetchall() == [(str(day1),)]
+
+
+def test_the_newest_file_by_mtime_wins_even_when_its_name_sorts_first(tmp_path):
+    old = _write_csv(tmp_path / "z_old.csv", HEADER, [_row(d, "AAA", 10.5) for d in BDAYS[:3]])
+    new = _write_csv(tmp_path / "a_new.csv", HEADER, [_row(d, "AAA", 10.6) for d in BDAYS[:3]])
+    _set_mtime(old, 1_600_000_000)
+    _set_mtime(new, 1_600_000_001)
+    con = duckdb.connect()
+    report = ingest_market_data(con, sources=discover_files(tmp_path))
+    assert (report.n_accepted, report.n_revised, report.n_rejected) == (3, 3, 0)
+    assert con.execute("SELECT DISTINCT close FROM raw_market_data").fetchall() == [(10.6,)]
+    assert con.execute(f"SELECT DISTINCT old_source_file, old_close FROM {REVISIONS_TABLE}").fetchall() == [
+        (str(old), 10.5)
+    ]
+
+
+def test_the_same_mtime_is_broken_by_name_whatever_the_list_order(tmp_path):
+    a = _write_csv(tmp_path / "a.csv", HEADER, [_row(d, "AAA", 10.5) for d in BDAYS[:3]])
+    b = _write_csv(tmp_path / "b.csv", HEADER, [_row(d, "AAA", 10.7) for d in BDAYS[:3]])
+    for path in (a, b):
+        _set_mtime(path, 1_600_000_000)
+    for order in ([a, b], [b, a]):
+        con = duckdb.connect()
+        report = ingest_market_data(con, sources=order)
+        assert (report.n_accepted, report.n_revised) == (3, 3)
+        assert con.execute("SELECT DISTINCT close FROM raw_market_data").fetchall() == [(10.7,)]
+        assert con.execute(f"SELECT DISTINCT new_source_file FROM {REVISIONS_TABLE}").fetchall() == [
+            (str(b),)
+        ]
+
+
+def test_copies_that_conflict_inside_the_newest_file_are_all_rejected(tmp_path):
+    d = BDAYS[0]
+    a = _write_csv(
+        tmp_path / "a.csv",
+        HEADER,
+        [_row(d, "AAA", 10.5), _row(d, "BBB", 10.5), _row(d, "CCC", 10.1), _row(d, "CCC", 10.2)],
+    )
+    b = _write_csv(
+        tmp_path / "b.csv",
+        HEADER,
+        # AAA twice with different closes (nothing says which is right), BBB revised, CCC settles a's conflict
+        [_row(d, "AAA", 10.6), _row(d, "AAA", 10.7), _row(d, "BBB", 10.6), _row(d, "CCC", 10.3)],
+    )
+    _set_mtime(a, 1_600_000_000)
+    _set_mtime(b, 1_600_000_100)
+    con = duckdb.connect()
+    report = ingest_market_data(con, sources=[a, b])
+    assert report.rejects_by_reason["conflicting_duplicate"] == 3  # all copies of AAA, a's one included
+    assert (report.n_read, report.n_accepted, report.n_revised, report.n_rejected) == (8, 2, 3, 3)
+    assert con.execute("SELECT symbol, close FROM raw_market_data ORDER BY symbol").fetchall() == [
+        ("BBB", 10.6),
+        ("CCC", 10.3),
+    ]
+    assert con.execute(
+        f"SELECT symbol, old_close, new_close, old_source_row FROM {REVISIONS_TABLE} ORDER BY ALL"
+    ).fetchall() == [("BBB", 10.5, 10.6, 2), ("CCC", 10.1, 10.3, 3), ("CCC", 10.2, 10.3, 4)]
+    conflicting = con.execute(
+        "SELECT source_file, close FROM raw_market_data_rejects WHERE symbol = 'AAA' ORDER BY ALL"
+    ).fetchall()
+    assert conflicting == [(str(a), "10.5"), (str(b), "10.6"), (str(b), "10.7")]
+
+
+def test_a_load_that_shrinks_the_table_too_much_fails_and_keeps_it(tmp_path):
+    symbols = [f"S{i:02d}" for i in range(10)]
+    full = [_row(d, s) for d in BDAYS[:10] for s in symbols]  # 100 symbol-days
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    src = _write_csv(tmp_path / "full.csv", HEADER, full + ["2020-01-02,S00,10,11,9,10,-1,Tech"])
+    ingest_market_data(con, sources=[src])
+    before = [
+        con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall()
+        for t in ("raw_market_data", "raw_market_data_rejects")
+    ]
+    assert len(before[0]) == 100 and len(before[1]) == 1
+    # S09's last two days went missing from a re-sent file: 98 of 100 symbol-days, 2% > 1%
+    short = _write_csv(tmp_path / "short.csv", HEADER, full[:-2])
+    with pytest.raises(ShrinkingLoadError, match=r"from 100 to 98 symbol-days \(-2\.00%"):
+        ingest_market_data(con, sources=[short])
+    after = [
+        con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall()
+        for t in ("raw_market_data", "raw_market_data_rejects")
+    ]
+    assert after == before
+    assert con.execute(f"SELECT count(*) FROM {REVISIONS_TABLE}").fetchone()[0] == 0
+    # rejected rows count as lost too: the same 100 rows, two of them now with a negative volume
+    bad = _write_csv(
+        tmp_path / "bad.csv", HEADER, full[:-2] + [r.replace("10.5,1000", "10.5,-1") for r in full[-2:]]
+    )
+    with pytest.raises(ShrinkingLoadError):
+        ingest_market_data(con, sources=[bad])
+    # within the share (1 of 100 = 1%) the load passes; a larger share (3 of 99) is a parameter
+    assert (
+        ingest_market_data(con, sources=[_write_csv(tmp_path / "s99.csv", HEADER, full[:-1])]).n_accepted
+        == 99
+    )
+    report = ingest_market_data(
+        con, sources=[_write_csv(tmp_path / "s96.csv", HEADER, full[:-4])], max_shrink_share=0.05
+    )
+    assert report.n_accepted == 96
+    assert con.execute("SELECT count(*) FROM raw_market_data").fetchone()[0] == 96
+
+
+def test_a_stray_row_on_a_date_nobody_trades_is_off_calendar(tmp_path):
+    symbols = [f"S{i:02d}" for i in range(10)]
+    rows = [_row(d, s) for d in BDAYS for s in symbols]
+    rows.append(_row("2020-01-11", "S03"))  # a Saturday between BDAYS[6] and BDAYS[7]
+    path = _write_csv(tmp_path / "p.csv", HEADER, rows)
+    con = duckdb.connect()
+    report = ingest_market_data(con, sources=[path])
+    assert report.rejects_by_reason["off_calendar_date"] == 1
+    assert (report.n_accepted, report.n_rejected) == (120, 1)
+    assert con.execute(
+        "SELECT date::VARCHAR, symbol, source_row, reason FROM raw_market_data_rejects"
+    ).fetchall() == [("2020-01-11", "S03", 121, "off_calendar_date")]
+    by_date = dict(con.execute("SELECT date::VARCHAR, count(*) FROM raw_market_data GROUP BY ALL").fetchall())
+    assert by_date == {d: 10 for d in BDAYS}  # the neighbouring dates keep every symbol
+    assert REJECT_REASONS[-1] == "off_calendar_date"  # after the row-level reasons and the duplicates
+    # min_calendar_share=0 turns the test off
+    assert ingest_market_data(con, sources=[path], min_calendar_share=0).n_accepted == 121
+
+
+def test_the_calendar_keeps_edges_holidays_and_a_universe_that_grows_in_one_step(tmp_path):
+    days = [d.strftime("%Y-%m-%d") for d in pd.bdate_range("2020-01-02", periods=30)]
+    holiday = days.pop(12)  # nobody trades: no rows at all
+    rows = [_row(d, "AAA") for d in days]  # the one symbol with a long history
+    rows += [_row(d, f"S{i:02d}") for d in days[15:] for i in range(20)]  # 20 listed at once
+    rows += [_row(days[0], "BBB"), _row(days[-1], "CCC")]  # a thin first and a thin last date
+    path = _write_csv(tmp_path / "p.csv", HEADER, rows)
+    report = ingest_market_data(duckdb.connect(), sources=[path])
+    assert report.n_rejected == 0 and report.n_accepted == len(rows)
+    assert holiday not in {r.split(",")[0] for r in rows}
+
+
+def test_file_names_with_glob_characters_are_read_literally(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    bracket = _write_csv(
+        src / "prices[1].csv",
+        HEADER,
+        [_row(d, "AAA") for d in BDAYS[:4]] + [f"{BDAYS[4]},AAA,10,12,9.5,10.5,-1,Tech"],
+    )
+    _write_csv(src / "prices1.csv", HEADER, [_row(d, "BBB") for d in BDAYS[:3]])
+    _write_csv(src / "prices*.csv", HEADER, [_row(d, "CCC") for d in BDAYS[:2]])
+    frame = pd.DataFrame(
+        {
+            "date": BDAYS[:2],
+            "symbol": "DDD",
+            "open": 10.0,
+            "high": 12.0,
+            "low": 9.5,
+            "close": 10.5,
+            "volume": 1000,
+        }
+    )
+    frame.to_parquet(src / "p[1].parquet")
+    frame.assign(symbol="EEE").head(1).to_parquet(src / "p1.parquet")
+    files = discover_files(src)
+    assert len(files) == 5
+    con = duckdb.connect()
+    report = ingest_market_data(con, sources=files)
+    assert (report.n_read, report.n_accepted, report.n_rejected) == (5 + 3 + 2 + 2 + 1, 12, 1)
+    assert report.rejects_by_reason["duplicate_date_symbol"] == 0
+    counts = dict(con.execute("SELECT symbol, count(*) FROM raw_market_data GROUP BY ALL").fetchall())
+    assert counts == {"AAA": 4, "BBB": 3, "CCC": 2, "DDD": 2, "EEE": 1}
+    # the rejects name the real file
+    assert con.execute("SELECT source_file, source_row FROM raw_market_data_rejects").fetchall() == [
+        (str(bracket), 5)
+    ]
+
+
+def test_hidden_appledouble_and_lock_files_are_skipped_and_listed(tmp_path):
+    _write_csv(tmp_path / "prices.csv", HEADER, [_row(d, "AAA") for d in BDAYS[:3]])
+    _write_csv(tmp_path / ".hidden.csv", HEADER, [_row(d, "HID") for d in BDAYS[:3]])
+    (tmp_path / "._prices.csv").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    (tmp_path / "~$prices.csv").write_bytes(b"\x0bsomeone\x00\x00")
+    (tmp_path / "_SUCCESS").write_text("")
+    assert [f.name for f in discover_files(tmp_path)] == ["prices.csv"]
+    assert skipped_entries(tmp_path) == ["._prices.csv", ".hidden.csv", "_SUCCESS", "~$prices.csv"]
+    report = ingest_market_data(duckdb.connect(), sources=discover_files(tmp_path))
+    assert (report.n_sources, report.n_accepted) == (1, 3)
+    # a directory with only such files has no data files; a file named explicitly is read
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "~$x.csv").write_bytes(b"\x0b")
+    with pytest.raises(FileNotFoundError, match="no CSV or Parquet"):
+        discover_files(only)
+    assert discover_files(tmp_path / ".hidden.csv") == [tmp_path / ".hidden.csv"]
+
+
+def test_the_asset_reports_revisions_and_off_calendar_rows(tmp_path):
+    from dagster import materialize
+
+    from pipeline.assets.raw_market_data import raw_market_data
+    from pipeline.resources import build_resources
+    from pipeline.settings import Settings
+
+    src = tmp_path / "market"
+    src.mkdir()
+    old = _write_csv(
+        src / "a.csv", HEADER, [_row(d, s) for d in BDAYS for s in ("AAA", "BBB", "CCC", "DDD", "EEE", "FFF")]
+    )
+    new = _write_csv(src / "b.csv", HEADER, [_row(BDAYS[-1], "AAA", 10.6), _row("2020-01-11", "AAA")])
+    _set_mtime(old, 1_600_000_000)
+    _set_mtime(new, 1_600_000_100)
+    settings = Settings.from_env({"DATA_DIR": str(tmp_path / "data"), "MARKET_DATA_PATH": str(src)})
+    result = materialize([raw_market_data], resources=build_resources(settings))
+    meta = result.get_asset_materialization_events()[0].materialization.metadata
+    assert meta["rows_revised"].value == 1 and meta["revisions_table"].value == REVISIONS_TABLE
+    assert meta["rejects_by_reason"].value["off_calendar_date"] == 1
+    assert meta["rows_rejected"].value == 1 and meta["rows_read"].value == 74

@@ -8,9 +8,10 @@ import pytest
 import torch
 from scipy.stats import norm, pearsonr
 
+from modeling.data.corpus import epoch_batches, sample_rows_by_date
 from modeling.losses import ic_loss, per_group_correlation
 from modeling.targets import tempered_weights, training_targets
-from modeling.train import TrainConfig, epoch_batches, sample_rows_by_date
+from modeling.train import TrainConfig
 
 
 @pytest.fixture

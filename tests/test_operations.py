@@ -215,12 +215,16 @@ def test_schedule_and_sensors(tmp_path: Path) -> None:
     assert len(request.run_requests) == 1  # the job carries the warehouse=writer tag itself
 
     (source / "day1.csv").write_text("date,symbol,open,high,low,close,volume\n")
-    first = sensor.evaluate_tick(build_sensor_context())
+    seen = sensor.evaluate_tick(build_sensor_context())  # first sight: maybe still being written
+    assert not seen.run_requests
+    first = sensor.evaluate_tick(build_sensor_context(cursor=seen.cursor))  # unchanged for one interval
     assert len(first.run_requests) == 1 and first.run_requests[0].tags["new_files"] == "day1.csv"
     quiet = sensor.evaluate_tick(build_sensor_context(cursor=first.cursor))
     assert not quiet.run_requests
     (source / "day2.csv").write_text("date,symbol,open,high,low,close,volume\n")
-    changed, _ = new_files(source, first.cursor)
+    changed, cursor = new_files(source, first.cursor)
+    assert changed == []
+    changed, _ = new_files(source, cursor)
     assert changed == ["day2.csv"]
 
     instance = DagsterInstance.ephemeral()

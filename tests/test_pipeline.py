@@ -1,6 +1,7 @@
 """The Dagster layer: the whole chain materialises in-process on a small synthetic market."""
 
 import importlib
+import os
 import shutil
 from pathlib import Path
 
@@ -421,3 +422,169 @@ def test_regressor_reports_every_rankic_with_its_se_dates_and_paired_differences
     metrics = mlflow.tracking.MlflowClient().get_run(run_id).data.metrics
     assert metrics["val_rank_ic_se"] == pytest.approx(regressor["val_rank_ic_se"].value)
     assert metrics["val_n_dates"] == 4 and "paired/ridge/validation_delta" in metrics
+
+
+def _table_digests(settings: Settings) -> dict[str, tuple[int, str]]:
+    tables = ("raw_market_data", "universe", "features", "predictions")
+    with duckdb.connect(str(settings.data_dir / "warehouse.duckdb"), read_only=True) as con:
+        return {
+            t: con.execute(
+                "SELECT count(*), md5(string_agg(CAST(x AS VARCHAR), '|' ORDER BY CAST(x AS VARCHAR))) "
+                f"FROM {t} x"
+            ).fetchone()
+            for t in tables
+        }
+
+
+_CHAIN_SCRIPT = """
+import sys
+from dagster import DagsterInstance, materialize
+from pipeline.resources import build_resources
+from pipeline.settings import Settings
+from tests.test_pipeline import CHAIN, SMALL_RUN
+
+result = materialize(CHAIN, resources=build_resources(Settings.from_env()), run_config=SMALL_RUN,
+                     instance=DagsterInstance.get(), raise_on_error=False)
+print("RUN_ID", result.run_id)
+sys.exit(0 if result.success else 1)
+"""
+
+
+def test_two_chains_started_at_once_leave_one_coherent_state(run, tmp_path):
+    """Two materialisations of the whole chain started at once, each in its own process, on one instance
+    whose pools allow one step at a time (the dagster.yaml that `make` writes): both succeed; no two
+    steps of one pool overlap; the tables are what one run writes; the registry gains no version
+    (identical inputs are trained once) and keeps its champion."""
+    import subprocess
+    import sys
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.resources import TRAINING_POOL, WAREHOUSE_POOL
+
+    _, settings, _ = run
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    client = MlflowClient()
+    versions_before = sorted(v.version for v in client.search_model_versions("name = 'return-regressor'"))
+    champion_before = client.get_model_version_by_alias("return-regressor", "champion").version
+    tables_before = _table_digests(settings)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(
+        "telemetry:\n  enabled: false\nconcurrency:\n  pools:\n    default_limit: 1\n"
+    )
+    with DagsterInstance.from_config(str(home)):  # its storage exists before two processes open it
+        pass
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "DATA_DIR": str(settings.data_dir),
+        "PYTHONPATH": str(root),
+    }
+    chains = [
+        subprocess.Popen([sys.executable, "-c", _CHAIN_SCRIPT], cwd=root, env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(2)
+    ]  # fmt: skip
+    outputs = [chain.communicate(timeout=1200)[0] for chain in chains]
+    for chain, output in zip(chains, outputs, strict=True):
+        assert chain.returncode == 0, output[-4000:]
+    run_ids = [
+        next(line.split()[1] for line in out.splitlines() if line.startswith("RUN_ID")) for out in outputs
+    ]
+    # no two steps of one pool ran at the same time
+    pool_of = {a.key.to_user_string(): a.op.pool for a in CHAIN}
+    assert set(pool_of.values()) == {WAREHOUSE_POOL, TRAINING_POOL}
+    spans: dict[str, list[tuple[float, float]]] = {WAREHOUSE_POOL: [], TRAINING_POOL: []}
+    with DagsterInstance.from_config(str(home)) as instance:
+        for run_id in run_ids:
+            starts = {}
+            for record in instance.all_logs(run_id):
+                event = record.dagster_event
+                if event is None or event.step_key not in pool_of:
+                    continue
+                if event.event_type_value == "STEP_START":
+                    starts[event.step_key] = record.timestamp
+                elif event.event_type_value == "STEP_SUCCESS":
+                    spans[pool_of[event.step_key]].append((starts[event.step_key], record.timestamp))
+    for pool, intervals in spans.items():
+        intervals.sort()
+        assert len(intervals) == 2 * sum(p == pool for p in pool_of.values())
+        assert all(a[1] <= b[0] for a, b in zip(intervals, intervals[1:], strict=False)), pool
+    # the state is the state of one run
+    assert _table_digests(settings) == tables_before
+    versions = sorted(v.version for v in client.search_model_versions("name = 'return-regressor'"))
+    assert versions == versions_before
+    assert client.get_model_version_by_alias("return-regressor", "champion").version == champion_before
+
+
+def test_predictions_refuse_features_computed_by_other_definitions(run, tmp_path, monkeypatch):
+    """One feature's SQL changes and the features are recomputed (on a private copy of the warehouse):
+    the champion, trained on the old definitions, refuses to score them and no forecast is written."""
+    from dataclasses import replace
+
+    import modeling.data.features as feature_sql
+    from modeling.feature_registry import FEATURES
+    from pipeline.assets import features, predictions, training_set
+
+    _, settings, _ = run
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(settings.warehouse_path, data / "warehouse.duckdb")
+    private = Settings.from_env({"DATA_DIR": str(data), "MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri})
+    changed = replace(FEATURES[1], sql="close / lag(close, 6) OVER w_sym - 1")
+    monkeypatch.setattr(feature_sql, "FEATURES", (FEATURES[0], changed, *FEATURES[2:]))
+    result = materialize(
+        [features, training_set, predictions], resources=build_resources(private), raise_on_error=False
+    )
+    steps = {
+        e.step_key: e.event_type_value for e in result.all_events if e.is_step_success or e.is_step_failure
+    }
+    assert steps == {
+        "features": "STEP_SUCCESS",
+        "training_set": "STEP_SUCCESS",
+        "predictions": "STEP_FAILURE",
+    }
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert "trained on features of definitions" in str(failure.event_specific_data.error)
+    with duckdb.connect(str(data / "warehouse.duckdb"), read_only=True) as con:
+        before = con.execute("SELECT count(*) FROM predictions").fetchone()[0]
+        shas = con.execute("SELECT DISTINCT registry_sha FROM feature_definitions").fetchall()
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM predictions").fetchone()[0] == before  # nothing written
+        assert con.execute("SELECT DISTINCT registry_sha FROM feature_definitions").fetchall() != shas
+
+
+def test_force_retrain_trains_again_in_a_directory_of_its_own(run):
+    """`force_retrain` really trains: a new run directory (no checkpoint or "already complete" shortcut
+    from the version trained on the same inputs) and a new registered version."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.assets import regressor
+
+    _, settings, _ = run
+    import mlflow
+
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    client = MlflowClient()
+    before = {v.version: v.tags for v in client.search_model_versions("name = 'return-regressor'")}
+    config = {**SMALL_RUN["ops"]["regressor"]["config"], "force_retrain": True}
+    result = materialize(
+        [regressor],
+        resources=build_resources(settings),
+        run_config={"ops": {"regressor": {"config": config}}},
+    )
+    meta = result.asset_materializations_for_node("regressor")[0].metadata
+    assert meta["retrained"].value is True
+    version = meta["model_version"].value
+    assert version not in before
+    tags = client.get_model_version("return-regressor", version).tags
+    same_inputs = [t for t in before.values() if t.get("inputs_sha") == tags["inputs_sha"]]
+    assert same_inputs, "precondition: a version was trained on these inputs before"
+    assert tags["run_dir"] not in {t.get("run_dir") for t in same_inputs}
+    assert Path(tags["run_dir"]).parent == Path(same_inputs[0]["run_dir"]).parent  # runs/regressor/<sha>/
+    assert result.run_id in tags["run_dir"]
+    report = (Path(tags["run_dir"]) / "train_report.json").read_text()
+    assert "resumed" not in report and '"samples": 0' not in report

@@ -261,3 +261,33 @@ def test_percentiles_refuse_a_thin_cross_section():
         PromptBuilder(number_format="percentile").user_contents(_cross_section(n_names=7))
     with pytest.raises(ValueError, match="number_format"):
         PromptBuilder(number_format="decile")
+
+
+def test_a_model_refuses_features_defined_otherwise(monkeypatch) -> None:
+    """The fingerprint covers what gives a feature its value and its prompt text (name, SQL, label, unit,
+    scale), not its prose; settings saved before one feature's SQL changed no longer load."""
+    from dataclasses import replace
+
+    from modeling import feature_registry
+    from modeling.errors import ModelUnloadableError
+    from modeling.feature_registry import FEATURES, registry_fingerprint
+
+    saved = PromptBuilder().settings()
+    assert saved["feature_registry_sha"] == registry_fingerprint() == registry_fingerprint(FEATURES)
+    assert PromptBuilder.from_settings(saved).horizon == 1
+    changed = {
+        "sql": replace(FEATURES[1], sql="close / lag(close, 6) OVER w_sym - 1"),
+        "label": replace(FEATURES[1], label="6d return"),
+        "unit": replace(FEATURES[1], unit="bp"),
+        "scale": replace(FEATURES[1], prompt_scale=10_000.0),
+    }
+    prose = replace(FEATURES[1], meaning="Something else.", formula="x")
+    assert registry_fingerprint((FEATURES[0], prose, *FEATURES[2:])) == saved["feature_registry_sha"]
+    for what, spec in changed.items():
+        other = (FEATURES[0], spec, *FEATURES[2:])
+        assert registry_fingerprint(other) != saved["feature_registry_sha"], what
+    monkeypatch.setattr(feature_registry, "FEATURES", (FEATURES[0], changed["sql"], *FEATURES[2:]))
+    with pytest.raises(ModelUnloadableError, match="trained on features defined otherwise"):
+        PromptBuilder.from_settings(saved)
+    legacy = {k: v for k, v in saved.items() if k != "feature_registry_sha"}  # saved before the fingerprint
+    assert PromptBuilder.from_settings(legacy).number_format == "value"

@@ -137,7 +137,7 @@ def test_a_worse_model_never_moves_the_champion(registered_store) -> None:
 
     same_plus_noise = champion_daily + rng.normal(0, 0.002, 60)
     gate = registry.champion_gate(NAME, "2", same_plus_noise, "other-rows", rescore)
-    assert calls == [f"models:/{NAME}@champion"] and gate["promoted"] is False
+    assert calls == [f"models:/{NAME}/1"] and gate["promoted"] is False  # the judged version, not the alias
     assert registry.alias_version(NAME, "champion") == "1"
     # better on average by less than the noise: stays; by well over k x SE: moves
     slightly = champion_daily + 0.0005 + rng.normal(0, 0.01, 60)
@@ -159,7 +159,7 @@ def test_a_worse_model_never_moves_the_champion(registered_store) -> None:
         raise FileNotFoundError("base model moved")
 
     gate = registry.champion_gate(NAME, "1", _daily([0.01, 0.02, 0.0]), "k", broken)
-    assert gate["promoted"] is True and "could not be re-scored" in gate["reason"]
+    assert gate["promoted"] is True and "can no longer be loaded (FileNotFoundError" in gate["reason"]
     from mlflow.tracking import MlflowClient
 
     MlflowClient().set_model_version_tag(NAME, "1", "train_end", "2021-02-05")
@@ -276,3 +276,186 @@ def test_a_locked_store_is_a_fault_never_no_champion(registered_store, monkeypat
         lock.rollback()
         lock.close()
     assert registry.alias_version(NAME, "champion") == champion
+
+
+# --- faults around the gate: a real unloadable champion, a real lock, two gates at once -----------------
+def _own_store(tmp_path: Path, good, monkeypatch) -> str:
+    """A store of this test's own with version 1 (champion) of the model trained for `registered_store`,
+    so the test may break its files. Registered while setting a version tag one by one raises: every tag
+    must arrive with the call that creates the version (no half-tagged version)."""
+    from mlflow.tracking import MlflowClient
+
+    from modeling import registry
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment_id = registry.configure(uri, "gate-faults", tmp_path / "mlartifacts")
+    model_dir = Path(good.output_dir) / "model"
+    rows = make_training_set(n_dates=3, n_symbols=5, seed=11)[["date", "symbol", "sector", *FEATURE_NAMES]]
+
+    def no_tag_by_tag(*args, **kwargs):
+        raise AssertionError("a version tag was set after the version was created")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MlflowClient, "set_model_version_tag", no_tag_by_tag)
+        logged = registry.log_run(
+            experiment_id, "v1", {}, [], {}, [], model_dir, model_dir / "tokenizer",
+            Path(good.base_model_dir), rows.head(3), NAME, {"inputs_sha": "abc", "val_rank_ic": 0.1},
+        )  # fmt: skip
+    tags = registry.version_tags(NAME, logged["model_version"])
+    assert tags["run_id"] == logged["run_id"] and tags["inputs_sha"] == "abc" and tags["gate"] == "pending"
+    MlflowClient().set_registered_model_alias(NAME, "champion", logged["model_version"])
+    return logged["model_uri"]
+
+
+def test_only_an_unloadable_champion_is_replaced_and_a_locked_store_fails_the_gate(
+    registered_store, tmp_path, monkeypatch
+) -> None:
+    import shutil
+    import sqlite3
+
+    import mlflow
+
+    from modeling import registry
+    from modeling.errors import ModelUnloadableError
+
+    store, _, _, good = registered_store
+    model_uri = _own_store(tmp_path, good, monkeypatch)
+    assert mlflow.register_model(model_uri, NAME).version == 2  # the challenger (the same files)
+    rows = make_training_set(n_dates=4, n_symbols=6, seed=3)[["date", "symbol", "sector", *FEATURE_NAMES]]
+
+    def rescore(uri: str) -> pd.Series:  # the real thing: load the champion from the store and score
+        predicted = registry.load_model(uri).predict(rows)
+        return pd.Series(predicted, index=rows["date"]).groupby(level=0).mean()
+
+    assert len(rescore(f"models:/{NAME}/1")) == 4  # precondition: the champion loads and scores
+    new_daily = _daily([0.05, 0.04, 0.06, 0.05])
+    # 1. the store is locked by another process while the champion is re-scored: a fault, not a verdict
+    monkeypatch.setattr(registry, "REGISTRY_ATTEMPTS", 1)
+    lock = sqlite3.connect(tmp_path / "mlflow.db", timeout=0)
+
+    def rescore_while_locked(uri: str) -> pd.Series:
+        lock.execute("BEGIN EXCLUSIVE")
+        return rescore(uri)
+
+    try:
+        with pytest.raises(registry.ChampionRescoreError, match="database is locked"):
+            registry.champion_gate(NAME, "2", new_daily, "other-rows", rescore_while_locked)
+    finally:
+        lock.rollback()
+        lock.close()
+    assert registry.alias_version(NAME, "champion") == "1"
+
+    # 2. an error of the moment (out of memory) fails the gate too
+    def out_of_memory(uri: str) -> pd.Series:
+        raise MemoryError("cannot allocate 8 GiB")
+
+    with pytest.raises(registry.ChampionRescoreError, match="MemoryError"):
+        registry.champion_gate(NAME, "2", new_daily, "other-rows", out_of_memory)
+    assert registry.alias_version(NAME, "champion") == "1"
+    # 3. the champion's files are gone: it can no longer be loaded, so it is replaced, and the reason names
+    # the error
+    logged_model = mlflow.get_logged_model(model_uri.removeprefix("models:/"))
+    shutil.rmtree(logged_model.artifact_location.removeprefix("file://"))
+    with pytest.raises(Exception) as raised:
+        rescore(f"models:/{NAME}/1")
+    assert registry.champion_unloadable(raised.value)
+    gate = registry.champion_gate(NAME, "2", new_daily, "other-rows", rescore)
+    assert gate["promoted"] is True and registry.alias_version(NAME, "champion") == "2"
+    assert "v1 can no longer be loaded" in gate["reason"] and type(raised.value).__name__ in gate["reason"]
+    # what counts as "can no longer be loaded"
+    assert registry.champion_unloadable(ModelUnloadableError("fingerprint 1a2b != 3c4d"))
+    assert registry.champion_unloadable(RuntimeError("wrapped")) is False
+    try:
+        try:
+            raise FileNotFoundError("regressor.json")
+        except FileNotFoundError as inner:
+            raise RuntimeError("load_context failed") from inner
+    except RuntimeError as outer:
+        assert registry.champion_unloadable(outer)
+    assert not registry.champion_unloadable(sqlite3.OperationalError("database is locked"))
+
+
+def _gate_in_process(uri: str, version: str, daily: list, champion_daily: list, delay: float, barrier, out):
+    """One gate in its own process: it re-scores the champion (waiting for the other gate to have read
+    the same champion, then `delay` seconds), then decides and moves the alias."""
+    import time as clock
+
+    import mlflow
+
+    from modeling import registry
+
+    mlflow.set_tracking_uri(uri)
+
+    def rescore(model_uri: str) -> pd.Series:
+        barrier.wait(timeout=120)
+        clock.sleep(delay)
+        return _daily(champion_daily)
+
+    gate = registry.champion_gate(NAME, version, _daily(daily), "rows", rescore)
+    out.put((version, gate["promoted"], gate["reason"]))
+
+
+def test_two_gates_at_once_only_the_better_model_ends_as_champion(registered_store, tmp_path, monkeypatch):
+    """v2 and v3 both beat champion v1 and are judged at the same time; v2 is far better than v3. v2 moves
+    the alias first; v3 finds the champion moved under it and judges again, against v2, and loses."""
+    import multiprocessing
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from modeling import registry
+
+    store, _, _, good = registered_store
+    model_uri = _own_store(tmp_path, good, monkeypatch)
+    rng = np.random.default_rng(5)
+    champion = 0.02 + rng.normal(0, 0.03, 40)
+    better, best = champion + 0.03 + rng.normal(0, 0.005, 40), champion + 0.08 + rng.normal(0, 0.005, 40)
+    client = MlflowClient()
+    for version, daily in (("2", best), ("3", better)):
+        assert str(mlflow.register_model(model_uri, NAME).version) == version
+        client.set_model_version_tag(NAME, version, "validation_rows_sha", "rows")
+        client.set_model_version_tag(NAME, version, "val_daily_rank_ic", registry.daily_to_tag(_daily(daily)))
+    spawn = multiprocessing.get_context("spawn")
+    barrier, out = spawn.Barrier(2), spawn.Queue()
+    uri = mlflow.get_tracking_uri()
+    gates = [
+        spawn.Process(
+            target=_gate_in_process, args=(uri, "2", list(best), list(champion), 0.0, barrier, out)
+        ),
+        spawn.Process(
+            target=_gate_in_process, args=(uri, "3", list(better), list(champion), 3.0, barrier, out)
+        ),
+    ]
+    for gate in gates:
+        gate.start()
+    results = {
+        version: (promoted, reason) for version, promoted, reason in (out.get(timeout=300) for _ in gates)
+    }
+    for gate in gates:
+        gate.join(timeout=60)
+        assert gate.exitcode == 0
+    assert registry.alias_version(NAME, "champion") == "2"
+    assert results["2"][0] is True
+    assert results["3"][0] is False and "does not beat champion v2" in results["3"][1]
+    assert registry.gate_lock_path() == tmp_path / "mlflow.gate.lock"
+
+
+def test_the_pyfunc_refuses_when_a_feature_is_defined_otherwise(registered_store, monkeypatch) -> None:
+    """The registered model recorded the feature definitions it was trained on; after one feature's SQL
+    changes in the code, loading it fails with a clear error (and the gate may replace such a champion)."""
+    from dataclasses import replace
+
+    import mlflow
+
+    from modeling import feature_registry, registry
+
+    store, *_ = registered_store
+    mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
+    features = feature_registry.FEATURES
+    assert registry.version_tags(NAME, "1")["feature_registry_sha"] == feature_registry.registry_fingerprint()
+    changed = replace(features[2], sql=features[2].sql + " + 0")
+    monkeypatch.setattr(feature_registry, "FEATURES", (*features[:2], changed, *features[3:]))
+    with pytest.raises(Exception) as raised:
+        registry.load_model(f"models:/{NAME}/1")
+    assert registry.champion_unloadable(raised.value)
+    assert "trained on features defined otherwise" in str(raised.value)

@@ -75,6 +75,17 @@ def test_three_trials_then_a_fourth_resumes_the_stored_study(
     assert train.max_train_samples == train.max_steps * train.batch_size
     assert regressor.lora.alpha == best["lora_alpha"]
     assert resumed.history_png is not None and resumed.history_png.stat().st_size > 1000
+    # judged on every date (the default): that score is the best's full score, not re-scored
+    every = run_search(
+        template,
+        tmp_path / "every.db",
+        "every",
+        1,
+        None,
+        tmp_path / "every",
+        **{**kwargs, "objective_dates": None},
+    )
+    assert every.best_full.n_dates == 8 and every.best_full.mean == every.best_value
     assert best_params_to_overrides(
         {
             "lora_r": 4,

@@ -15,6 +15,13 @@ import pytest
 from safetensors.torch import load_file
 
 from modeling.backbones.common import load_tokenizer
+from modeling.data.corpus import (
+    epoch_batches,
+    evenly_spaced_dates,
+    read_corpus_split,
+    sample_rows,
+    tokenise_rows,
+)
 from modeling.inference import predict_ids
 from modeling.launch import launch_command
 from modeling.model import HeadConfig, RegressorConfig, load_regressor
@@ -23,13 +30,8 @@ from modeling.train import (
     TrainConfig,
     TrainJob,
     ema_update,
-    epoch_batches,
-    evenly_spaced_dates,
     lr_factor,
     lr_length_factor,
-    read_corpus_split,
-    sample_rows,
-    tokenise_rows,
     train_regressor,
 )
 
@@ -76,7 +78,7 @@ def test_killed_training_resumes_to_the_same_weights(tiny_base_model, tiny_data,
     )
 
     job_path = _job(tiny_base_model, corpus, tmp_path / "run", **settings).save(tmp_path / "job.json")
-    command = [sys.executable, "-m", "modeling.train", "--job", str(job_path)]
+    command = [sys.executable, "-m", "modeling.run_job", "--job", str(job_path)]
     child = subprocess.Popen(command, cwd=ROOT, env=_env(), stderr=subprocess.PIPE, text=True)
     for line in child.stderr:  # kill -9 right after the first checkpoint is on disk
         if "checkpoint step-00000005 saved" in line:
@@ -221,7 +223,7 @@ def test_weight_average_update_and_what_is_saved(tiny_base_model, tiny_data, tmp
 
 
 def test_auxiliary_feature_probe_trains_and_is_not_saved(tiny_base_model, tiny_data, tmp_path: Path) -> None:
-    from modeling.train import aux_feature_targets
+    from modeling.data.corpus import aux_feature_targets
 
     training_set, corpus = tiny_data
     train_frame = read_corpus_split(corpus, "train")

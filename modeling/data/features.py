@@ -19,9 +19,11 @@ from dataclasses import dataclass
 
 import duckdb
 
-from modeling.feature_registry import FEATURE_NAMES, FEATURES, WARMUP_ROWS
+from modeling.feature_registry import FEATURE_NAMES, FEATURES, WARMUP_ROWS, registry_fingerprint
 
 FEATURES_TABLE = "features"
+DEFINITIONS_TABLE = "feature_definitions"
+"""The definitions `features` was computed with (see `build_features`)."""
 LABEL_COLUMNS = ("fwd_ret", "fwd_ret_excess")
 
 
@@ -97,15 +99,56 @@ def features_sql(source: str, universe: str, horizon: int) -> str:
     """
 
 
-def build_features(con: duckdb.DuckDBPyConnection, spec: LabelSpec, source: str = "raw_market_data",
-                   universe: str = "universe") -> int:
-    """Replace the `features` table; returns its row count."""
-    con.execute(f"CREATE OR REPLACE TABLE {FEATURES_TABLE} AS {features_sql(source, universe, spec.horizon)}")
+def build_features(
+    con: duckdb.DuckDBPyConnection,
+    spec: LabelSpec,
+    source: str = "raw_market_data",
+    universe: str = "universe",
+) -> int:
+    """Replace the `features` table and, in the same transaction, `feature_definitions`: the definitions
+    it was computed with (one row per feature: name, SQL, label, unit, scale) and their fingerprint
+    (`registry_sha`), which travels on to the training set and the model. Returns the row count."""
+    definitions = [(f.name, f.sql, f.label, f.unit, f.prompt_scale) for f in FEATURES]
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute(
+            f"CREATE OR REPLACE TABLE {FEATURES_TABLE} AS {features_sql(source, universe, spec.horizon)}"
+        )
+        con.execute(f"""
+            CREATE OR REPLACE TABLE {DEFINITIONS_TABLE} (
+                position INTEGER, name VARCHAR, sql VARCHAR, label VARCHAR, unit VARCHAR,
+                prompt_scale DOUBLE, registry_sha VARCHAR)
+        """)
+        sha = registry_fingerprint(FEATURES)
+        con.executemany(
+            f"INSERT INTO {DEFINITIONS_TABLE} VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(i, *d, sha) for i, d in enumerate(definitions)],
+        )
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
     return con.execute(f"SELECT count(*) FROM {FEATURES_TABLE}").fetchall()[0][0]
+
+
+def features_registry_sha(con: duckdb.DuckDBPyConnection) -> str:
+    """The fingerprint of the definitions the `features` table was computed with."""
+    try:
+        shas = con.execute(f"SELECT DISTINCT registry_sha FROM {DEFINITIONS_TABLE}").fetchall()
+    except duckdb.CatalogException:
+        shas = []
+    if len(shas) != 1:
+        raise ValueError(
+            f"the warehouse does not say which feature definitions computed `{FEATURES_TABLE}` "
+            f"(table {DEFINITIONS_TABLE}); materialise `features` again"
+        )
+    return str(shas[0][0])
 
 
 def count_non_finite(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
     """Per feature: rows whose value is NULL, NaN or infinite (after the warm-up there must be none)."""
-    exprs = ", ".join(f"count(*) FILTER (WHERE {n} IS NULL OR NOT isfinite({n})) AS {n}" for n in FEATURE_NAMES)
+    exprs = ", ".join(
+        f"count(*) FILTER (WHERE {n} IS NULL OR NOT isfinite({n})) AS {n}" for n in FEATURE_NAMES
+    )
     row = con.execute(f"SELECT {exprs} FROM {FEATURES_TABLE}").fetchall()[0]
     return dict(zip(FEATURE_NAMES, row, strict=True))

@@ -11,19 +11,46 @@ of its wall-clock time in the zone it was written with (the Parquet/Arrow column
 dtype's zone), never in the machine's zone, so a load gives the same dates on every machine; text with
 an offset (`2020-01-02T00:00:00+09:00`) keeps its written date.
 
-Every input row ends in exactly one of two tables, so nothing is lost silently:
+Every input row ends in exactly one of three tables, so nothing is lost silently:
 - `raw_market_data`: the clean rows, one per (date, symbol), sorted by (symbol, date);
 - `raw_market_data_rejects`: the raw text of every bad row with the first `reason` that applies
   (see `REJECT_REASONS`), its source file and its data-row number in that file (1 = the first row
   after the header, malformed lines counted), and for a malformed CSV line the whole line (`raw_line`)
-  and the parser's message (`detail`).
+  and the parser's message (`detail`);
+- `raw_market_data_revisions`: every row replaced by a revised copy from a newer file (see below),
+  with its old and new values and the file and row of each.
 
-Both tables are replaced inside one transaction: a load that fails leaves the previous good tables in
-place, and loading the same files twice gives the same tables (idempotent).
+Revised data (files are "newest wins"): the files are ranked by modification time, then by name
+(then by full path and by position in the list, so the order is total); a later file is newer. For a
+(date, symbol) with several valid copies, the first copy in the newest file that has one is kept.
+Older copies that differ from it are revisions (a vendor's correction, a daily file re-sending
+yesterday with final volumes): they leave `raw_market_data` for `raw_market_data_revisions`, not for
+the rejects. Copies identical to the kept one are `duplicate_date_symbol`. When the newest file itself
+holds copies that disagree, nothing says which is right: every copy of that (date, symbol) is rejected
+as `conflicting_duplicate`. An in-memory frame is one source, so it has no revisions.
+
+Calendar: a date on which almost nobody trades is not a market date. A date is off-calendar when its
+number of symbols (rows with a date and a symbol, rejected or not) is below `min_calendar_share` of
+the median count over the `CALENDAR_WINDOW` market dates before it and below that share of the median
+over the ones after it (one side is enough at the ends of the data; a date with no neighbour is never
+off-calendar). Requiring both sides keeps a universe that grows or shrinks in one step, and the first
+and last dates, on the calendar; days where every symbol skips have no rows at all. The remaining
+clean rows of an off-calendar date are rejected as `off_calendar_date`. A mix of markets with
+different holidays may need `min_calendar_share=0` (off).
+
+File names are literal: a name with glob characters (`prices[1].csv`) is read as that one file.
+
+The three tables are replaced inside one transaction: a load that fails leaves the previous good tables
+in place, and loading the same files twice gives the same tables (idempotent; the revisions are
+recomputed by each load, which is a full reload of the files present, and `revised_at` is the time of
+that load). A load that would shrink `raw_market_data` by more than `max_shrink_share` of its
+symbol-days (distinct (date, symbol)) fails with `ShrinkingLoadError` and keeps the previous tables: a
+file that went missing or a truncated re-send must not delete history silently.
 """
 
 from __future__ import annotations
 
+import datetime
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -38,7 +65,10 @@ REQUIRED_COLUMNS = ("date", "symbol", "open", "high", "low", "close", "volume")
 OPTIONAL_COLUMNS = ("sector",)
 COLUMN_ALIASES = {"ticker": "symbol"}
 SUPPORTED_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
-IGNORED_PREFIXES = (".", "_")  # hidden files and writer markers such as Spark's `_SUCCESS`
+# Not read from a directory (but listed by `skipped_entries`): hidden files, which include macOS
+# AppleDouble files (`._x.csv`), and office lock files (`~$x.csv`).
+SKIPPED_PREFIXES = (".", "~$")
+CALENDAR_WINDOW = 5  # market dates on each side of a date that the calendar test compares it with
 
 # The order is the order of precedence: a row gets the first reason that applies.
 REJECT_REASONS = (
@@ -52,15 +82,22 @@ REJECT_REASONS = (
     "high_below_open_close",  # high < max(open, close)
     "low_above_open_close",  # low > min(open, close)
     "duplicate_date_symbol",  # an identical extra copy of a (date, symbol) row: one copy is kept
-    "conflicting_duplicate",  # copies of a (date, symbol) that disagree: all are rejected
+    "conflicting_duplicate",  # copies of a (date, symbol) that disagree in its newest file: all rejected
+    "off_calendar_date",  # a clean row on a date when almost no symbol trades (see the module docstring)
 )
 
 RAW_TABLE = "raw_market_data"
 REJECTS_TABLE = "raw_market_data_rejects"
+REVISIONS_TABLE = "raw_market_data_revisions"
+_REVISED = "revised"  # the internal mark of a replaced row in `_staged`: not a reject
 
 
 class MissingColumnsError(ValueError):
     """A source lacks required columns; the message names what it found and what it expected."""
+
+
+class ShrinkingLoadError(ValueError):
+    """A load would drop more than `max_shrink_share` of the symbol-days of the existing table."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +107,7 @@ class IngestReport:
     n_accepted: int
     n_rejected: int
     rejects_by_reason: dict[str, int] = field(default_factory=dict)
+    n_revised: int = 0  # older copies replaced by a newer file's (in `raw_market_data_revisions`)
 
     @property
     def reject_share(self) -> float:
@@ -79,8 +117,11 @@ class IngestReport:
 def discover_files(path: str | Path) -> list[Path]:
     """A file, or every supported file directly inside a directory, in sorted order.
 
-    Other entries of a directory are not read; `skipped_entries` names them so that the caller can
-    report them (the `raw_market_data` asset logs them and puts them in its metadata).
+    In a directory, hidden files (including AppleDouble `._x.csv`) and office lock files (`~$x.csv`)
+    are not read; a file named explicitly is read whatever its name. Every entry of a directory that is
+    not read is named by `skipped_entries` so that the caller can report it (the `raw_market_data`
+    asset logs them and puts them in its metadata). Which copy of a row wins is decided by
+    `ingest_market_data` (newest file), not by this order.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -89,25 +130,26 @@ def discover_files(path: str | Path) -> list[Path]:
         if not _is_supported(path):
             raise ValueError(f"unsupported file type {path.name}: expected one of {SUPPORTED_SUFFIXES}")
         return [path]
-    files = sorted(p for p in path.iterdir() if p.is_file() and _is_supported(p))
+    files = sorted(p for p in path.iterdir() if _is_data_file(p))
     if not files:
         raise FileNotFoundError(f"no CSV or Parquet files ({', '.join(SUPPORTED_SUFFIXES)}) in {path}")
     return files
 
 
 def skipped_entries(path: str | Path) -> list[str]:
-    """Entries of a market-data directory that `discover_files` does not read (subdirectories end in /).
+    """Every entry of a market-data directory that `discover_files` does not read (directories end in /).
 
-    Hidden files and `_`-prefixed writer markers (Spark's `_SUCCESS`) are not listed.
+    All of them are listed: other file types, subdirectories, hidden, AppleDouble and lock files, and
+    writer markers such as Spark's `_SUCCESS`.
     """
     path = Path(path).expanduser()
     if not path.is_dir():
         return []
-    return sorted(
-        p.name + ("/" if p.is_dir() else "")
-        for p in path.iterdir()
-        if not p.name.startswith(IGNORED_PREFIXES) and not (p.is_file() and _is_supported(p))
-    )
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir() if not _is_data_file(p))
+
+
+def _is_data_file(path: Path) -> bool:
+    return path.is_file() and _is_supported(path) and not path.name.startswith(SKIPPED_PREFIXES)
 
 
 def _is_supported(path: Path) -> bool:
@@ -116,6 +158,16 @@ def _is_supported(path: Path) -> bool:
 
 def _is_csv(source: Path | str) -> bool:
     return isinstance(source, Path) and not source.name.lower().endswith((".parquet", ".pq"))
+
+
+def _literal_path(path: Path) -> str:
+    """`path` as a DuckDB file pattern that matches only itself.
+
+    read_csv/read_parquet expand `*`, `?` and `[...]` as a glob, so `prices[1].csv` would read
+    `prices1.csv`. Each such character is put in a bracket class of its own (`[[]`), which DuckDB's glob
+    matches literally; a path without them is passed as it is (no directory listing).
+    """
+    return re.sub(r"[*?\[]", lambda m: f"[{m[0]}]", str(path))
 
 
 def _scan_sql(source: Path | str, rejects: str | None = None) -> str:
@@ -127,13 +179,13 @@ def _scan_sql(source: Path | str, rejects: str | None = None) -> str:
     if isinstance(source, str):  # a registered view (in-memory DataFrame)
         return source
     if not _is_csv(source):
-        return f"read_parquet({sql_string(str(source))})"
+        return f"read_parquet({sql_string(_literal_path(source))})"
     store = (
         f", store_rejects = true, rejects_table = '{rejects}_errors', rejects_scan = '{rejects}_scans'"
         if rejects
         else ""
     )
-    return f"read_csv({sql_string(str(source))}, header = true, all_varchar = true{store})"
+    return f"read_csv({sql_string(_literal_path(source))}, header = true, all_varchar = true{store})"
 
 
 def _resolve_columns(con: duckdb.DuckDBPyConnection, scan: str, label: str) -> dict[str, tuple[str, str]]:
@@ -193,7 +245,12 @@ def _naive_local_dates(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _normalised_select(
-    con: duckdb.DuckDBPyConnection, source: Path | str, label: str, source_idx: int, rejects: str | None
+    con: duckdb.DuckDBPyConnection,
+    source: Path | str,
+    label: str,
+    source_idx: int,
+    source_rank: int,
+    rejects: str | None,
 ) -> str:
     # the same reader options as the scan (store_rejects also makes the sniffer robust to a bad line)
     cols = _resolve_columns(con, _scan_sql(source, f"{rejects}_sniff" if rejects else None), label)
@@ -220,6 +277,7 @@ def _normalised_select(
     return f"""
         SELECT
             {source_idx} AS source_idx,
+            {source_rank} AS source_rank,
             {sql_string(label)} AS source_file,
             row_number() OVER () AS source_row,
             {_date_expr(q("date"), cols["date"][1], _parquet_time_zone(source, cols["date"][0]))} AS date,
@@ -280,12 +338,24 @@ def ingest_market_data(
     con: duckdb.DuckDBPyConnection,
     sources: list[Path] | None = None,
     frame: pd.DataFrame | None = None,
+    *,
+    max_shrink_share: float = 0.01,
+    min_calendar_share: float = 0.2,
 ) -> IngestReport:
-    """Load `sources` (files) or `frame` (an in-memory OHLCV table) into the two tables, atomically."""
+    """Load `sources` (files) or `frame` (an in-memory OHLCV table) into the three tables, atomically.
+
+    `max_shrink_share`: the largest share of the existing table's symbol-days that a load may drop
+    (1.0 allows any load). `min_calendar_share`: a date with fewer symbols than this share of its
+    neighbouring dates' median is off-calendar (0 turns the test off). See the module docstring.
+    """
     if (sources is None) == (frame is None):
         raise ValueError("give exactly one of `sources` (files) or `frame` (a DataFrame)")
     if sources is not None and not sources:
         raise ValueError("no sources given: pass at least one CSV or Parquet file")
+    if not 0.0 <= max_shrink_share <= 1.0:
+        raise ValueError(f"max_shrink_share must be in [0, 1], got {max_shrink_share}")
+    if not 0.0 <= min_calendar_share <= 1.0:
+        raise ValueError(f"min_calendar_share must be in [0, 1], got {min_calendar_share}")
     tag = f"_ingest_{uuid.uuid4().hex[:12]}"  # names of this load's temp tables
     labelled: list[tuple[Path | str, str]]
     if frame is not None:
@@ -294,34 +364,40 @@ def ingest_market_data(
     else:
         labelled = [(Path(p), str(p)) for p in sources]
     rejects = {i: f"{tag}_csv{i}" for i, (src, _) in enumerate(labelled) if _is_csv(src)}
+    revised_at = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)  # UTC
     try:
-        # raises (e.g. MissingColumnsError) before any write
+        # raises (e.g. MissingColumnsError, FileNotFoundError) before any write
+        ranks = _source_ranks([src for src, _ in labelled])
         selects = [
-            _normalised_select(con, src, label, i, rejects.get(i)) for i, (src, label) in enumerate(labelled)
+            _normalised_select(con, src, label, i, ranks[i], rejects.get(i))
+            for i, (src, label) in enumerate(labelled)
         ]
         union = "\nUNION ALL\n".join(selects)
         con.execute("BEGIN TRANSACTION")
         try:
             con.execute(
-                f"CREATE OR REPLACE TEMP TABLE _staged AS SELECT *, {_ROW_REASON_SQL} AS reason FROM ({union})"
+                f"CREATE OR REPLACE TEMP TABLE _staged AS "
+                f"SELECT *, {_ROW_REASON_SQL} AS reason FROM ({union})"
             )
             for i, name in rejects.items():
                 _quarantine_malformed_lines(con, i, labelled[i][1], f"{name}_errors")
-            n_staged, n_clean = con.execute(
-                "SELECT count(*), count(*) FILTER (WHERE reason IS NULL) FROM _staged"
-            ).fetchall()[0]
+            n_staged = con.execute("SELECT count(*) FROM _staged").fetchall()[0][0]
             if n_staged == 0:
                 # a header-only file (or files): replacing good tables with empty ones would be silent loss
                 raise EmptyInputError(
                     f"no data rows in {', '.join(label for _, label in labelled)}: the input has a header "
                     "but no rows; the previous tables are kept"
                 )
+            _mark_duplicates(con)
+            _mark_off_calendar(con, min_calendar_share)
+            # counted after duplicates, revisions and the calendar are resolved: what the table would hold
+            n_clean = con.execute("SELECT count(*) FROM _staged WHERE reason IS NULL").fetchall()[0][0]
             if n_clean == 0:
                 raise EmptyInputError(
-                    f"all {n_staged} rows of the input were rejected; the previous tables are kept "
-                    "(see the reasons by ingesting the file into an empty DATA_DIR)"
+                    f"all {n_staged} rows of the input were rejected or replaced; the previous tables are "
+                    "kept (see the reasons by ingesting the file into an empty DATA_DIR)"
                 )
-            _mark_duplicates(con)
+            _check_shrink(con, n_clean, max_shrink_share)
             con.execute(f"""
                 CREATE OR REPLACE TABLE {RAW_TABLE} AS
                 SELECT date, symbol, open, high, low, close, volume, sector
@@ -338,15 +414,33 @@ def ingest_market_data(
                        coalesce(raw_close, CAST(close AS VARCHAR)) AS close,
                        coalesce(raw_volume, CAST(volume AS VARCHAR)) AS volume,
                        sector, raw_line, detail
-                FROM _staged WHERE reason IS NOT NULL
+                FROM _staged WHERE reason IS NOT NULL AND reason <> '{_REVISED}'
                 ORDER BY source_idx, source_row
             """)
-            n_read = con.execute("SELECT count(*) FROM _staged").fetchall()[0][0]
+            con.execute(
+                f"""
+                CREATE OR REPLACE TABLE {REVISIONS_TABLE} AS
+                SELECT o.date, o.symbol,
+                       o.open AS old_open, o.high AS old_high, o.low AS old_low, o.close AS old_close,
+                       o.volume AS old_volume, o.sector AS old_sector,
+                       n.open AS new_open, n.high AS new_high, n.low AS new_low, n.close AS new_close,
+                       n.volume AS new_volume, n.sector AS new_sector,
+                       o.source_file AS old_source_file, o.source_row AS old_source_row,
+                       n.source_file AS new_source_file, n.source_row AS new_source_row,
+                       CAST(? AS TIMESTAMP) AS revised_at
+                FROM _revised r
+                JOIN _staged o ON o.source_idx = r.source_idx AND o.source_row = r.source_row
+                JOIN _staged n ON n.source_idx = r.new_source_idx AND n.source_row = r.new_source_row
+                ORDER BY o.symbol, o.date, o.source_rank, o.source_row
+            """,
+                [revised_at],
+            )
             by_reason = dict(
                 con.execute(
                     "SELECT reason, count(*) FROM _staged WHERE reason IS NOT NULL GROUP BY reason"
                 ).fetchall()
             )
+            con.execute("DROP TABLE _revised")
             con.execute("DROP TABLE _staged")
             con.execute("COMMIT")
         except BaseException:
@@ -358,14 +452,79 @@ def ingest_market_data(
         for name in rejects.values():
             for suffix in ("_errors", "_scans", "_sniff_errors", "_sniff_scans"):
                 con.execute(f"DROP TABLE IF EXISTS {name}{suffix}")
+    n_revised = int(by_reason.pop(_REVISED, 0))
     n_rejected = sum(by_reason.values())
     return IngestReport(
         n_sources=len(labelled),
-        n_read=n_read,
-        n_accepted=n_read - n_rejected,
+        n_read=n_staged,
+        n_accepted=n_clean,
         n_rejected=n_rejected,
         rejects_by_reason={r: int(by_reason.get(r, 0)) for r in REJECT_REASONS},
+        n_revised=n_revised,
     )
+
+
+def _source_ranks(sources: list[Path | str]) -> list[int]:
+    """The rank of each source from oldest (0) to newest: by mtime, then name, path and list position."""
+    keys = [
+        (0, "", "", i) if isinstance(src, str) else (src.stat().st_mtime_ns, src.name, str(src), i)
+        for i, src in enumerate(sources)
+    ]
+    ranks = [0] * len(keys)
+    for rank, i in enumerate(sorted(range(len(keys)), key=keys.__getitem__)):
+        ranks[i] = rank
+    return ranks
+
+
+def _mark_off_calendar(con: duckdb.DuckDBPyConnection, min_share: float) -> None:
+    """Reject the clean rows of dates with far fewer symbols than the market dates on both sides."""
+    if min_share <= 0:
+        return
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE _off_calendar AS
+        WITH per_date AS (
+            SELECT date, count(DISTINCT symbol) AS n
+            FROM _staged WHERE date IS NOT NULL AND symbol IS NOT NULL GROUP BY date
+        ), around AS (
+            SELECT date, n,
+                   median(n) OVER (ORDER BY date ROWS BETWEEN {CALENDAR_WINDOW} PRECEDING AND 1 PRECEDING)
+                       AS before,
+                   median(n) OVER (ORDER BY date ROWS BETWEEN 1 FOLLOWING AND {CALENDAR_WINDOW} FOLLOWING)
+                       AS after
+            FROM per_date
+        )
+        SELECT date FROM around
+        WHERE n < ? * least(coalesce(before, after), coalesce(after, before))
+    """,
+        [min_share],
+    )
+    if con.execute("SELECT count(*) FROM _off_calendar").fetchall()[0][0]:
+        con.execute("""
+            UPDATE _staged SET reason = 'off_calendar_date'
+            WHERE reason IS NULL AND date IN (SELECT date FROM _off_calendar)
+        """)
+    con.execute("DROP TABLE _off_calendar")
+
+
+def _check_shrink(con: duckdb.DuckDBPyConnection, n_new: int, max_shrink_share: float) -> None:
+    """Raise ShrinkingLoadError when `n_new` symbol-days would drop too many of the existing table's."""
+    exists = con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE table_name = ? AND NOT temporary "
+        "AND schema_name = current_schema() AND database_name = current_database()",
+        [RAW_TABLE],
+    ).fetchall()[0][0]
+    if not exists:
+        return
+    distinct_keys = f"SELECT count(*) FROM (SELECT DISTINCT date, symbol FROM {RAW_TABLE})"
+    n_old = con.execute(distinct_keys).fetchall()[0][0]
+    if n_old and n_old - n_new > max_shrink_share * n_old:
+        raise ShrinkingLoadError(
+            f"this load would shrink {RAW_TABLE} from {n_old} to {n_new} symbol-days "
+            f"(-{(n_old - n_new) / n_old:.2%}, more than max_shrink_share = {max_shrink_share:.2%}); the "
+            "previous tables are kept. A file may be missing or truncated; if the smaller input is "
+            "intended, raise max_shrink_share (the raw_market_data config) for this load."
+        )
 
 
 def _quarantine_malformed_lines(
@@ -400,40 +559,56 @@ def _quarantine_malformed_lines(
     """)
     con.execute(f"""
         INSERT INTO _staged (source_idx, source_file, source_row, raw_line, detail, reason)
-        SELECT {source_idx}, {sql_string(label)}, source_row, raw_line, detail, 'malformed_line' FROM _malformed
+        SELECT {source_idx}, {sql_string(label)}, source_row, raw_line, detail, 'malformed_line'
+        FROM _malformed
     """)
     con.execute("DROP TABLE _malformed")
 
 
 def _mark_duplicates(con: duckdb.DuckDBPyConnection) -> None:
-    """Duplicates among rows of `_staged` that are otherwise valid.
+    """Resolve the (date, symbol) keys with several otherwise valid rows in `_staged`.
 
-    Identical copies keep the first (by source, row); copies that disagree are all rejected because we
-    cannot tell which one is right. Two steps: the duplicated keys are few, so versions are only
-    counted for them.
+    Per key, the newest file (highest `source_rank`) with a copy decides: if its copies disagree, every
+    copy of the key is `conflicting_duplicate`; otherwise its first copy is kept, copies identical to
+    it are `duplicate_date_symbol` and older copies that differ are marked revised and listed in the
+    temp table `_revised` with the row that replaces them. Duplicated keys are few, so versions are
+    only compared for them.
     """
-    con.execute("""
-        CREATE OR REPLACE TEMP TABLE _dupes AS
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE _copies AS
         WITH keys AS (
             SELECT date, symbol FROM _staged WHERE reason IS NULL GROUP BY date, symbol HAVING count(*) > 1
+        ), copies AS (
+            SELECT s.source_idx, s.source_row, s.source_rank, s.date, s.symbol,
+                   (s.open, s.high, s.low, s.close, s.volume, coalesce(s.sector, '')) AS version
+            FROM _staged s JOIN keys k ON s.date = k.date AND s.symbol = k.symbol
+            WHERE s.reason IS NULL
+        ), newest AS (
+            SELECT *, row_number() OVER (PARTITION BY date, symbol ORDER BY source_row) AS copy_no
+            FROM (
+                SELECT * FROM copies
+                QUALIFY source_rank = max(source_rank) OVER (PARTITION BY date, symbol)
+            )
+        ), winners AS (
+            SELECT date, symbol, count(DISTINCT version) AS n_versions,
+                   any_value(source_idx) FILTER (WHERE copy_no = 1) AS new_source_idx,
+                   any_value(source_row) FILTER (WHERE copy_no = 1) AS new_source_row,
+                   any_value(version) FILTER (WHERE copy_no = 1) AS new_version
+            FROM newest GROUP BY date, symbol
         )
-        SELECT s.date, s.symbol,
-               count(DISTINCT (s.open, s.high, s.low, s.close, s.volume, coalesce(s.sector, ''))) AS n_versions
-        FROM _staged s JOIN keys k ON s.date = k.date AND s.symbol = k.symbol
-        WHERE s.reason IS NULL
-        GROUP BY s.date, s.symbol
+        SELECT c.source_idx, c.source_row, w.new_source_idx, w.new_source_row,
+               CASE WHEN w.n_versions > 1 THEN 'conflicting_duplicate'
+                    WHEN c.version = w.new_version THEN 'duplicate_date_symbol'
+                    ELSE '{_REVISED}' END AS reason
+        FROM copies c JOIN winners w ON c.date = w.date AND c.symbol = w.symbol
+        WHERE w.n_versions > 1 OR c.source_idx <> w.new_source_idx OR c.source_row <> w.new_source_row
     """)
     con.execute("""
-        UPDATE _staged AS s SET reason = CASE WHEN d.n_versions > 1 THEN 'conflicting_duplicate'
-                                              ELSE 'duplicate_date_symbol' END
-        FROM (
-            SELECT s2.source_idx, s2.source_row, d2.n_versions,
-                   row_number() OVER (PARTITION BY s2.date, s2.symbol
-                                      ORDER BY s2.source_idx, s2.source_row) AS copy_no
-            FROM _staged s2 JOIN _dupes d2 USING (date, symbol)
-            WHERE s2.reason IS NULL
-        ) AS d
-        WHERE s.source_idx = d.source_idx AND s.source_row = d.source_row
-          AND (d.n_versions > 1 OR d.copy_no > 1)
+        UPDATE _staged AS s SET reason = c.reason
+        FROM _copies c WHERE s.source_idx = c.source_idx AND s.source_row = c.source_row
     """)
-    con.execute("DROP TABLE _dupes")
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE _revised AS
+        SELECT source_idx, source_row, new_source_idx, new_source_row FROM _copies WHERE reason = '{_REVISED}'
+    """)
+    con.execute("DROP TABLE _copies")

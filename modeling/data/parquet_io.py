@@ -65,3 +65,25 @@ def sql_string(value: str) -> str:
 def create_parquet_view(con, name: str, path: Path) -> None:
     """(Re)define the DuckDB view `name` over the Parquet file `path` (the file stays the storage)."""
     con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet({sql_string(str(path))})")
+
+
+def snapshot_files(files: dict[str, Path], into: Path) -> dict[str, Path]:
+    """Freeze `files` (name -> path) under `into`: a hard link (instant, no copy) when the filesystem allows,
+    else a copy. Writers here replace a file by renaming a new one over it (`atomic_parquet_writer`), so a
+    link keeps the version of the moment: a run reads the files it started with, never what another run
+    wrote since. Names already in `into` are kept (a retry continues on its own snapshot)."""
+    into.mkdir(parents=True, exist_ok=True)
+    frozen = {}
+    for name, source in files.items():
+        target = into / f"{name}{Path(source).suffix}"
+        if not target.exists():
+            tmp = into / f".{target.name}.tmp-{uuid.uuid4().hex}"
+            try:
+                os.link(source, tmp)
+            except OSError:  # another filesystem, or links not supported
+                import shutil
+
+                shutil.copy2(source, tmp)
+            os.replace(tmp, target)
+        frozen[name] = target
+    return frozen

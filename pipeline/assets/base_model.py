@@ -20,7 +20,7 @@ from modeling.backbones.gguf import convert_gguf
 from modeling.backbones.smollm2 import prepare_smollm2
 from modeling.data.parquet_io import read_parquet_metadata
 from modeling.prompt import DEFAULT_NUMBER_FORMAT, PromptBuilder, tokenizer_training_texts
-from pipeline.resources import StorageResource
+from pipeline.resources import WAREHOUSE_POOL, StorageResource
 
 BASE_MODEL_CODE_VERSION = f"backbones-v{EMBEDDED_MODEL_FORMAT_VERSION}"
 """Dagster code version; also part of the embedded model's build key."""
@@ -153,6 +153,7 @@ def _embedded(context: AssetExecutionContext, config: BaseModelConfig, storage: 
 
 
 @asset(
+    pool=WAREHOUSE_POOL,
     group_name="training",
     kinds={"pytorch", "huggingface"},
     deps=["training_set"],

@@ -4,7 +4,7 @@ from pydantic import Field
 from modeling.data.features import FEATURES_TABLE, LabelSpec, build_features
 from modeling.feature_registry import FEATURE_NAMES, WARMUP_ROWS, registry_markdown
 from pipeline.metadata import relation_metadata
-from pipeline.resources import WarehouseResource
+from pipeline.resources import WAREHOUSE_POOL, WarehouseResource
 
 
 class FeaturesConfig(Config):
@@ -17,7 +17,11 @@ class FeaturesConfig(Config):
 
 
 @asset(
-    group_name="features", kinds={"duckdb"}, deps=["raw_market_data", "universe"], code_version="features-v2"
+    pool=WAREHOUSE_POOL,
+    group_name="features",
+    kinds={"duckdb"},
+    deps=["raw_market_data", "universe"],
+    code_version="features-v2",
 )
 def features(config: FeaturesConfig, warehouse: WarehouseResource) -> MaterializeResult:
     """Per (date, symbol) in the universe: the 16 registry features (data up to t only) and the labels

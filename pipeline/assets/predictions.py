@@ -1,10 +1,11 @@
 import pandas as pd
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
+from modeling.data.parquet_io import read_parquet_metadata
 from modeling.data.predictions import PREDICTIONS_TABLE, rank_predictions, write_predictions
 from modeling.feature_registry import FEATURE_NAMES
 from pipeline.metadata import frame_markdown, relation_metadata
-from pipeline.resources import MlflowResource, StorageResource, WarehouseResource
+from pipeline.resources import WAREHOUSE_POOL, MlflowResource, StorageResource, WarehouseResource
 
 PREDICTIONS_CODE_VERSION = "predictions-v1"
 
@@ -20,6 +21,7 @@ def live_rows(storage: StorageResource) -> pd.DataFrame:
 
 
 @asset(
+    pool=WAREHOUSE_POOL,
     group_name="serving",
     kinds={"duckdb", "mlflow"},
     deps=["regressor", "training_set"],
@@ -41,6 +43,15 @@ def predictions(
     version = registry.alias_version(mlflow.registry_name, registry.CHAMPION)
     if version is None:
         raise RuntimeError(f"the registry has no {mlflow.registry_name}@champion to predict with")
+    # the champion scores only features computed by the definitions it was trained on
+    trained_on = registry.version_tags(mlflow.registry_name, version).get("feature_registry_sha")
+    computed_by = read_parquet_metadata(storage.parquet_path("training_set")).get("feature_registry_sha")
+    if trained_on is not None and trained_on != computed_by:
+        raise ValueError(
+            f"champion v{version} was trained on features of definitions {trained_on}; the live rows were "
+            f"computed by definitions {computed_by}: a feature's SQL, label, unit or scale changed. Retrain "
+            "(materialise regressor) before predicting; no forecast was written"
+        )
     rows = live_rows(storage)
     if rows.empty:
         raise ValueError("the training set has no live rows (dates without a label) to predict")

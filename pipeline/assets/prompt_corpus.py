@@ -10,7 +10,7 @@ from modeling.data.parquet_io import create_parquet_view, read_parquet_metadata
 from modeling.data.prompt_corpus import write_prompt_corpus
 from modeling.prompt import DEFAULT_NUMBER_FORMAT, PromptBuilder
 from pipeline.metadata import relation_metadata
-from pipeline.resources import StorageResource, WarehouseResource
+from pipeline.resources import WAREHOUSE_POOL, StorageResource, WarehouseResource
 
 
 class PromptCorpusConfig(Config):
@@ -24,6 +24,7 @@ class PromptCorpusConfig(Config):
 
 
 @asset(
+    pool=WAREHOUSE_POOL,
     group_name="training",
     kinds={"parquet"},
     deps=["training_set", "base_model"],

@@ -4,17 +4,18 @@ from pydantic import Field
 from modeling.data.ingest import (
     RAW_TABLE,
     REJECTS_TABLE,
+    REVISIONS_TABLE,
     discover_files,
     ingest_market_data,
     skipped_entries,
 )
 from modeling.data.synthetic import SyntheticMarketConfig, generate_synthetic_market
 from pipeline.metadata import relation_metadata
-from pipeline.resources import StorageResource, WarehouseResource
+from pipeline.resources import WAREHOUSE_POOL, StorageResource, WarehouseResource
 
 
 class RawMarketDataConfig(Config):
-    """Used only when MARKET_DATA_PATH is unset: the built-in synthetic market."""
+    """The `synthetic_*` fields are used only when MARKET_DATA_PATH is unset (the built-in market)."""
 
     synthetic_n_symbols: int = Field(
         default=SyntheticMarketConfig.n_symbols,
@@ -27,9 +28,24 @@ class RawMarketDataConfig(Config):
     synthetic_seed: int = Field(
         default=SyntheticMarketConfig.seed, description="Seed: same seed, same market."
     )
+    max_shrink_share: float = Field(
+        default=0.01,
+        ge=0.0,
+        le=1.0,
+        description="Largest share of the existing table's symbol-days a load may drop; a load that "
+        "drops more fails and keeps the previous tables (raise it, up to 1.0, when a smaller input "
+        "is intended).",
+    )
+    min_calendar_share: float = Field(
+        default=0.2,
+        ge=0.0,
+        le=1.0,
+        description="A date with fewer symbols than this share of the median over the market dates "
+        "on each side is off-calendar: its rows are rejected as `off_calendar_date` (0 turns it off).",
+    )
 
 
-@asset(group_name="data", kinds={"duckdb"}, code_version="raw-market-data-v3")
+@asset(pool=WAREHOUSE_POOL, group_name="data", kinds={"duckdb"}, code_version="raw-market-data-v4")
 def raw_market_data(
     context: AssetExecutionContext,
     config: RawMarketDataConfig,
@@ -38,7 +54,8 @@ def raw_market_data(
 ) -> MaterializeResult:
     """Daily OHLCV, one clean row per (date, symbol), from MARKET_DATA_PATH or the synthetic market.
 
-    Bad rows are quarantined with a `reason` in `raw_market_data_rejects`, never dropped silently.
+    Bad rows are quarantined with a `reason` in `raw_market_data_rejects`, never dropped silently;
+    rows replaced by a revised copy from a newer file are kept in `raw_market_data_revisions`.
     """
     oracle: dict = {}
     skipped: list[str] = []
@@ -49,7 +66,12 @@ def raw_market_data(
             context.log.info(f"ingesting {len(files)} file(s) from {storage.market_data_path}")
             if skipped:
                 context.log.warning(f"not market data files, not read: {skipped}")
-            report = ingest_market_data(con, sources=files)
+            report = ingest_market_data(
+                con,
+                sources=files,
+                max_shrink_share=config.max_shrink_share,
+                min_calendar_share=config.min_calendar_share,
+            )
             source = f"{len(files)} file(s) under {storage.market_data_path}"
         else:
             market = generate_synthetic_market(
@@ -59,7 +81,12 @@ def raw_market_data(
                     seed=config.synthetic_seed,
                 )
             )
-            report = ingest_market_data(con, frame=market.frame)
+            report = ingest_market_data(
+                con,
+                frame=market.frame,
+                max_shrink_share=config.max_shrink_share,
+                min_calendar_share=config.min_calendar_share,
+            )
             oracle = market.oracle
             source = f"built-in synthetic market (seed {config.synthetic_seed})"
         metadata = relation_metadata(con, RAW_TABLE)
@@ -71,6 +98,8 @@ def raw_market_data(
             "reject_share": MetadataValue.float(round(report.reject_share, 6)),
             "rejects_by_reason": MetadataValue.json(report.rejects_by_reason),
             "rejects_table": MetadataValue.text(REJECTS_TABLE),
+            "rows_revised": MetadataValue.int(report.n_revised),
+            "revisions_table": MetadataValue.text(REVISIONS_TABLE),
             "skipped_entries": MetadataValue.json(skipped),
         }
     )

@@ -1,5 +1,6 @@
-import hashlib
 import json
+import shutil
+import uuid
 from pathlib import Path
 
 from dagster import (
@@ -15,15 +16,15 @@ from dagster import (
 )
 from pydantic import Field
 
-from modeling.backbones.common import model_fingerprint
+from modeling.backbones.common import file_sha256, model_fingerprint
 from modeling.backbones.embedded import build_key
-from modeling.data.parquet_io import read_parquet_metadata
+from modeling.data.parquet_io import read_parquet_metadata, snapshot_files
 from modeling.launch import launch_command, visible_gpus
 from modeling.profiles import PROFILES, apply_overrides
 from modeling.prompt import PromptBuilder
 from modeling.train import TrainJob
 from pipeline.metadata import png_markdown
-from pipeline.resources import MlflowResource, StorageResource
+from pipeline.resources import TRAINING_POOL, MlflowResource, StorageResource
 
 REGRESSOR_CODE_VERSION = "regressor-v1"
 """Dagster code version; also part of the inputs fingerprint that decides whether to retrain."""
@@ -115,14 +116,6 @@ class RegressorAssetConfig(Config):
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _hyperparameters(storage: StorageResource, use: bool, profile: str, fingerprint: str, warn) -> dict:
     """The search's best params, when they were found for this profile and this base model."""
     path = storage.root / "hyperparameters.json"
@@ -168,6 +161,7 @@ def _unchanged_metadata(
 
 
 @asset(
+    pool=TRAINING_POOL,
     group_name="training",
     kinds={"pytorch", "mlflow"},
     deps=["prompt_corpus", "base_model", "training_set", "hyperparameters"],
@@ -186,7 +180,7 @@ def regressor(
     head on the raw features and the zero predictor, logged to MLflow and registered as a new version of
     `return-regressor` (alias `challenger`; `champion` only if it beats the champion on validation RankIC).
 
-    Training runs as its own process (`accelerate launch -m modeling.train`) through Dagster Pipes; the
+    Training runs as its own process (`accelerate launch -m modeling.run_job`) through Dagster Pipes; the
     weights never pass through the orchestrator. A version trained on identical inputs is not trained again.
     """
     profile = PROFILES.get(config.profile)
@@ -200,50 +194,75 @@ def regressor(
     regressor_cfg, train_cfg = apply_overrides(
         profile.regressor, profile.train, {**best, **config.overrides()}
     )
-    corpus = storage.parquet_path("prompt_corpus")
-    training_set = storage.parquet_path("training_set")
-    corpus_facts, set_facts = read_parquet_metadata(corpus), read_parquet_metadata(training_set)
-    bucket_config = (set_facts.get("buckets") or {}).get("config") or {}
-    reweight = None
-    if (
-        weight_scheme
-        and weight_scheme != bucket_config.get("scheme")
-        and bucket_config.get("mode") == "weight"
-    ):
-        reweight = {**bucket_config, "scheme": weight_scheme}  # the search found another scheme better
-    prompt = PromptBuilder.of_corpus(corpus_facts).settings()
-    final_dates = config.final_eval_max_dates or profile.final_eval_max_dates
-    job_config = {
-        "regressor": regressor_cfg.to_dict(),
-        "train": TrainJob("", "", "", prompt, regressor_cfg, train_cfg).to_dict()["train"],
-        "prompt": prompt,
-        "final_eval_max_dates": final_dates,
-        "registry": mlflow.registry_name,
-        "reweight": reweight,
-    }
-    inputs_sha = build_key(
-        {
-            "code_version": REGRESSOR_CODE_VERSION,
-            "corpus": _file_sha256(corpus),
-            "base_model": model_fingerprint(base_dir),
-            "job": job_config,
-        }
+    # the run reads a snapshot of its inputs (hard links), never what another run writes meanwhile
+    runs_root = storage.root / "runs" / "regressor"
+    staging = runs_root / f".staging-{context.run_id}-{uuid.uuid4().hex[:8]}"
+    staged = snapshot_files(
+        {name: storage.parquet_path(name) for name in ("prompt_corpus", "training_set")}, staging
     )
-
-    from modeling import registry
-
-    registry.configure(mlflow.tracking_uri, mlflow.experiment_name, mlflow.artifact_root)
-    # one directory per inputs fingerprint: a retry after a killed child resumes from its checkpoints
-    out = storage.root / "runs" / "regressor" / inputs_sha
-    existing = registry.find_version(mlflow.registry_name, "inputs_sha", inputs_sha)
-    tags = registry.version_tags(mlflow.registry_name, existing) if existing else {}
-    if existing is not None and tags.get("gate") == "done" and not config.force_retrain:
-        context.log.info(f"version {existing} was trained on identical inputs ({inputs_sha}); not retrained")
-        return MaterializeResult(
-            metadata=_unchanged_metadata(registry, mlflow, existing, tags, out, inputs_sha)
+    try:
+        corpus, training_set = staged["prompt_corpus"], staged["training_set"]
+        corpus_facts, set_facts = read_parquet_metadata(corpus), read_parquet_metadata(training_set)
+        bucket_config = (set_facts.get("buckets") or {}).get("config") or {}
+        reweight = None
+        if (
+            weight_scheme
+            and weight_scheme != bucket_config.get("scheme")
+            and bucket_config.get("mode") == "weight"
+        ):
+            reweight = {**bucket_config, "scheme": weight_scheme}  # the search found another scheme better
+        prompt = PromptBuilder.of_corpus(corpus_facts).settings()
+        data_sha = set_facts.get("feature_registry_sha")
+        if data_sha != prompt["feature_registry_sha"]:
+            raise ValueError(
+                f"the training set's features were computed by definitions {data_sha}, but this code "
+                f"defines {prompt['feature_registry_sha']}: materialise features, training_set and "
+                "prompt_corpus again before training"
+            )
+        final_dates = config.final_eval_max_dates or profile.final_eval_max_dates
+        job_config = {
+            "regressor": regressor_cfg.to_dict(),
+            "train": TrainJob("", "", "", prompt, regressor_cfg, train_cfg).to_dict()["train"],
+            "prompt": prompt,
+            "final_eval_max_dates": final_dates,
+            "registry": mlflow.registry_name,
+            "reweight": reweight,
+        }
+        inputs_sha = build_key(
+            {
+                "code_version": REGRESSOR_CODE_VERSION,
+                "corpus": file_sha256(corpus),
+                "training_set": file_sha256(training_set),
+                "base_model": model_fingerprint(base_dir),
+                "job": job_config,
+            }
         )
-    resume_version = existing if existing is not None and not config.force_retrain else None
-    out.mkdir(parents=True, exist_ok=True)
+
+        from modeling import registry
+
+        registry.configure(mlflow.tracking_uri, mlflow.experiment_name, mlflow.artifact_root)
+        existing = registry.find_version(mlflow.registry_name, "inputs_sha", inputs_sha)
+        tags = registry.version_tags(mlflow.registry_name, existing) if existing else {}
+        # A directory per (inputs, run): a retry or a re-execution of this run (same root run) resumes from
+        # its own checkpoints; another run never shares, or deletes, them. A version registered before its
+        # run failed is finished in the directory that trained it.
+        out = runs_root / inputs_sha / (context.run.root_run_id or context.run_id)
+        if existing is not None and not config.force_retrain and tags.get("run_dir"):
+            out = Path(tags["run_dir"])
+        if existing is not None and tags.get("gate") == "done" and not config.force_retrain:
+            context.log.info(
+                f"version {existing} was trained on identical inputs ({inputs_sha}); not retrained"
+            )
+            return MaterializeResult(
+                metadata=_unchanged_metadata(registry, mlflow, existing, tags, out, inputs_sha)
+            )
+        resume_version = existing if existing is not None and not config.force_retrain else None
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / "inputs").exists():  # same inputs_sha, same bytes: an existing snapshot is kept
+            staging.rename(out / "inputs")
+        corpus, training_set = (out / "inputs" / path.name for path in (corpus, training_set))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     splits = set_facts["splits"]
     job = TrainJob(
         base_model_dir=str(base_dir),
@@ -279,7 +298,11 @@ def regressor(
                 "prompt_template_version": prompt["template_version"],
                 "dagster_run_id": context.run_id,
             },
-            "version_tags": {"inputs_sha": inputs_sha, "dagster_run_id": context.run_id},
+            "version_tags": {
+                "inputs_sha": inputs_sha,
+                "dagster_run_id": context.run_id,
+                "run_dir": str(out),
+            },
             "gate_tags": {
                 "horizon": prompt["horizon"],
                 "label_kind": prompt["target"],

@@ -4,11 +4,11 @@ from dagster import Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
 from modeling.buckets import BucketConfig, histogram_png
-from modeling.data.features import FEATURES_TABLE
+from modeling.data.features import FEATURES_TABLE, features_registry_sha
 from modeling.data.parquet_io import create_parquet_view, write_parquet_atomic
 from modeling.data.training_set import LabelSpec, SplitSpec, build_training_set
 from pipeline.metadata import frame_markdown, png_markdown, relation_metadata
-from pipeline.resources import StorageResource, WarehouseResource
+from pipeline.resources import WAREHOUSE_POOL, StorageResource, WarehouseResource
 
 _S, _L, _B = SplitSpec(), LabelSpec(), BucketConfig()  # defaults live in the dataclasses
 
@@ -83,7 +83,13 @@ class TrainingSetConfig(Config):
         )
 
 
-@asset(group_name="training", kinds={"parquet", "pandas"}, deps=["features"], code_version="training-set-v2")
+@asset(
+    pool=WAREHOUSE_POOL,
+    group_name="training",
+    kinds={"parquet", "pandas"},
+    deps=["features"],
+    code_version="training-set-v2",
+)
 def training_set(
     config: TrainingSetConfig, storage: StorageResource, warehouse: WarehouseResource
 ) -> MaterializeResult:
@@ -94,13 +100,18 @@ def training_set(
     split_spec, label_spec, bucket_cfg = config.specs()
     with warehouse.get_connection() as con:
         features = con.execute(f"SELECT * FROM {FEATURES_TABLE}").df()
+        registry_sha = features_registry_sha(con)
     horizons = features["fwd_horizon"].unique()
     if len(horizons) != 1:
         raise ValueError(f"the features table mixes label horizons {sorted(horizons)}; rebuild it")
     frame, report = build_training_set(features, int(horizons[0]), split_spec, label_spec, bucket_cfg)
 
     path = storage.parquet_path("training_set")
-    write_parquet_atomic(frame, path, metadata={"horizon": int(horizons[0]), **report.to_dict()})
+    write_parquet_atomic(
+        frame,
+        path,
+        metadata={"horizon": int(horizons[0]), "feature_registry_sha": registry_sha, **report.to_dict()},
+    )
     png = histogram_png(
         frame.loc[frame["split"] == "train", "label"].to_numpy(),
         report.bucket_model,
@@ -116,6 +127,7 @@ def training_set(
         {
             "path": MetadataValue.path(str(path)),
             "horizon": MetadataValue.int(int(horizons[0])),
+            "feature_registry_sha": MetadataValue.text(registry_sha),
             "rows_by_split": MetadataValue.json(report.rows_by_split),
             "rows_dropped": MetadataValue.json(report.dropped),
             "split_plan": MetadataValue.json(report.plan.to_dict()),

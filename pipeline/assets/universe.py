@@ -3,7 +3,7 @@ from pydantic import Field
 
 from modeling.data.universe import UNIVERSE_TABLE, UniverseSpec, build_universe
 from pipeline.metadata import relation_metadata
-from pipeline.resources import WarehouseResource
+from pipeline.resources import WAREHOUSE_POOL, WarehouseResource
 
 
 class UniverseConfig(Config):
@@ -15,7 +15,13 @@ class UniverseConfig(Config):
     )
 
 
-@asset(group_name="data", kinds={"duckdb"}, deps=["raw_market_data"], code_version="universe-v2")
+@asset(
+    pool=WAREHOUSE_POOL,
+    group_name="data",
+    kinds={"duckdb"},
+    deps=["raw_market_data"],
+    code_version="universe-v2",
+)
 def universe(config: UniverseConfig, warehouse: WarehouseResource) -> MaterializeResult:
     """Per date, the top N symbols by trailing mean dollar volume (close x volume), with their rank.
 

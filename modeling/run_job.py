@@ -1,0 +1,53 @@
+"""The training process's entry point: train a `TrainJob`, then (main rank) evaluate and publish it.
+
+    python -m modeling.run_job --job job.json                                   # one process
+    accelerate launch --num_processes 2 --cpu -m modeling.run_job --job job.json  # DDP (gloo on CPU)
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m modeling.run_job --job job.json
+
+Every process trains (`modeling.train`); when the job names an MLflow experiment the main process then
+hands the trained model to `modeling.experiment` (imported only then: mlflow is needed only there) for
+evaluation, logging and registration. Progress and the result go back to the orchestrator through
+Dagster Pipes when it launched this process (`modeling.pipes_reporting`); a failure's traceback is also
+written to `error_rank<RANK>.txt` in the job's output directory. `modeling.launch.launch_command` builds
+the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from modeling.train import TrainJob, train_regressor
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--job", required=True, help="TrainJob JSON file")
+    args = parser.parse_args(argv)
+    job = TrainJob.load(args.job)
+    from modeling.pipes_reporting import child_reporter, is_main_rank
+
+    error_file = Path(job.output_dir) / f"error_rank{os.environ.get('RANK', '0')}.txt"
+    error_file.unlink(missing_ok=True)
+    try:
+        with child_reporter() as report:
+            result = train_regressor(job, log=report.log)
+            if job.experiment is not None and is_main_rank():
+                from modeling.experiment import run_experiment
+
+                report.done(run_experiment(job, result, log=report.log))
+            elif is_main_rank():
+                report.done({"train": result.report()})
+    except BaseException:
+        import traceback
+
+        # the orchestrator reads this to fail the step with the child's own error text
+        error_file.parent.mkdir(parents=True, exist_ok=True)
+        error_file.write_text(traceback.format_exc()[-4000:])
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
