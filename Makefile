@@ -9,7 +9,7 @@ export DATA_DIR
 export DAGSTER_HOME ?= $(DATA_DIR)/dagster_home
 MLFLOW_URI = $${MLFLOW_TRACKING_URI:-sqlite:///$(DATA_DIR)/mlflow.db}
 
-.PHONY: install demo test lint bench bench-model dev mlflow-ui smollm2 clean
+.PHONY: install demo test test-slow lint bench bench-model dev mlflow-ui smollm2 clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,7 +39,11 @@ demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+# Real-fault runs with several processes (a few minutes more); .ci/run runs them after `make test`.
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

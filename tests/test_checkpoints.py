@@ -110,6 +110,7 @@ def reference(tiny_base_model, tiny_data, tmp_path_factory):
 
 
 # --- SIGKILL at three points, then retry --------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("fault", "resumes_from"),
     [

@@ -450,6 +450,7 @@ sys.exit(0 if result.success else 1)
 """
 
 
+@pytest.mark.slow
 def test_two_chains_started_at_once_leave_one_coherent_state(run, tmp_path):
     """Two materialisations of the whole chain started at once, each in its own process, on one instance
     whose pools allow one step at a time (the dagster.yaml that `make` writes): both succeed; no two
@@ -557,6 +558,7 @@ def test_predictions_refuse_features_computed_by_other_definitions(run, tmp_path
         assert con.execute("SELECT DISTINCT registry_sha FROM feature_definitions").fetchall() != shas
 
 
+@pytest.mark.slow
 def test_force_retrain_trains_again_in_a_directory_of_its_own(run):
     """`force_retrain` really trains: a new run directory (no checkpoint or "already complete" shortcut
     from the version trained on the same inputs) and a new registered version."""

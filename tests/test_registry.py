@@ -307,6 +307,7 @@ def _own_store(tmp_path: Path, good, monkeypatch) -> str:
     return logged["model_uri"]
 
 
+@pytest.mark.slow
 def test_only_an_unloadable_champion_is_replaced_and_a_locked_store_fails_the_gate(
     registered_store, tmp_path, monkeypatch
 ) -> None:
@@ -395,6 +396,7 @@ def _gate_in_process(uri: str, version: str, daily: list, champion_daily: list, 
     out.put((version, gate["promoted"], gate["reason"]))
 
 
+@pytest.mark.slow
 def test_two_gates_at_once_only_the_better_model_ends_as_champion(registered_store, tmp_path, monkeypatch):
     """v2 and v3 both beat champion v1 and are judged at the same time; v2 is far better than v3. v2 moves
     the alias first; v3 finds the champion moved under it and judges again, against v2, and loses."""
