@@ -13,12 +13,13 @@ with `concurrency.pools.default_limit: 1`, as `make dev` writes):
    - `run`: the run process alone, after a random delay within the fault-free day's duration (its
      Pipes children, `accelerate launch` and the trainer, are left running as orphans);
    - `run_tree`: the run process and all its children (the process group: a crashed container);
-   - `child`: the training process (`python -m modeling.train`), a random time after it started;
+   - `child`: the training process (`python -m modeling.run_job`), a random time after it started;
    - `hook`: `REGRESSOR_FAULT_POINT=point:n` (the trainer SIGKILLs itself at `step`, `checkpoint_write`,
      `checkpoint_rename` or `eval`; every trainer of that attempt inherits it).
-   A day is retried (a new run of the job, same DATA_DIR) until an attempt succeeds; retries run
+   A day is rerun (a new run of the job, same DATA_DIR) until an attempt succeeds. The attempts of a
+   day take its planned faults in order (a rerun may be killed again: kills during recovery), then run
    without faults. Faults planned for a day that succeeded anyway (the training step's own retry policy
-   recovers from a killed trainer) move to the next day.
+   recovers from a killed trainer) move to the next day. `--plan` replaces the seeded plan.
 
 Then every table, the Parquet outputs and the registry of the two passes are compared (see `compare`).
 
@@ -28,13 +29,13 @@ documented way to override that setting; the cpu profile checkpoints every 250 s
 train 12), so that a killed trainer resumes from a checkpoint and the checkpoint fault points exist.
 
 The operator's part: a SIGKILLed run keeps the concurrency-pool slot its step had claimed (nothing
-marks the run finished without the daemon), so the retry's step waits on "Step blocked by limit for
-pool ..." forever. When the retry's log shows that, the script does what an operator does: marks the
-dead run failed (`instance.report_run_failed`) and frees its slots
+marks the run finished: the default run launcher has no run-worker health check), so the retry's step
+waits on "Step blocked by limit for pool ..." forever. When the retry's log shows that, the script
+does what an operator does: marks the dead run failed (`instance.report_run_failed`) and frees its slots
 (`instance.event_log_storage.free_concurrency_slots_for_run`), and records it.
 
-Outputs under the workdir: `market_files/` (all files), `market/` (what the runs see), `<pass>/data`, `<pass>/dagster_home`,
-`<pass>/logs/dayK-attemptA.log`, `attempts.jsonl`, `result.json`, `section.md`.
+Outputs under the workdir: `market_files/` (all files), `market/` (what the runs see), `<pass>/data`,
+`<pass>/dagster_home`, `<pass>/logs/dayK-attemptA.log`, `attempts.jsonl`, `result.json`, `section.md`.
 """
 
 from __future__ import annotations

@@ -16,9 +16,47 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 from modeling.train import TrainJob, train_regressor
+
+PARENT_PID_ENV = "REGRESSOR_PARENT_PID"
+"""The orchestrator's process id (set by the `regressor` asset): the trainer dies with it."""
+
+
+def exit_with_parent(interval_s: float = 2.0) -> threading.Thread | None:
+    """When the process named by `REGRESSOR_PARENT_PID` is gone (a Dagster run process killed with
+    SIGKILL), kill this one too: an orphaned trainer would otherwise go on, register a model, and race the
+    retry of the same run, which registers the same inputs again. Checked every `interval_s` seconds by
+    a daemon thread; no-op without the variable."""
+    pid = os.environ.get(PARENT_PID_ENV)
+    if not pid:
+        return None
+
+    def alive() -> bool:
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # alive, another user's
+            return True
+        try:  # a killed process that its parent has not reaped yet is a zombie: dead too
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return True
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if not alive():
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
+    thread.start()
+    return thread
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job", required=True, help="TrainJob JSON file")
     args = parser.parse_args(argv)
     job = TrainJob.load(args.job)
+    exit_with_parent()
     from modeling.pipes_reporting import child_reporter, is_main_rank
 
     error_file = Path(job.output_dir) / f"error_rank{os.environ.get('RANK', '0')}.txt"

@@ -249,3 +249,24 @@ def test_auxiliary_feature_probe_trains_and_is_not_saved(tiny_base_model, tiny_d
     assert saved == sorted(p.name for p in plain.model_dir.rglob("*") if p.is_file())
     assert not any("aux" in k for k in _weights(result.model_dir))
     load_regressor(result.model_dir)
+
+
+def test_the_trainer_dies_with_the_run_process() -> None:
+    """A trainer whose orchestrator was SIGKILLed must not live on (it would register a model and race the
+    retry): `exit_with_parent` kills it within a few seconds of its parent's death."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", "import time\nfrom modeling.run_job import exit_with_parent\n"
+         "exit_with_parent(0.2)\ntime.sleep(120)"],
+        env={**os.environ, "REGRESSOR_PARENT_PID": str(parent.pid)},
+    )  # fmt: skip
+    time.sleep(3)
+    assert trainer.poll() is None  # alive while its parent is
+    parent.send_signal(signal.SIGKILL)  # not reaped yet: a zombie counts as dead
+    assert trainer.wait(timeout=30) == -signal.SIGKILL
+    parent.wait()

@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -319,7 +320,12 @@ def regressor(
     command = launch_command(job_path, processes, config.accelerate_config_file)
     context.log.info(f"launching: {' '.join(command)}")
     try:
-        invocation = pipes_subprocess_client.run(command=command, context=context, cwd=str(Path.cwd()))
+        invocation = pipes_subprocess_client.run(
+            command=command,
+            context=context,
+            cwd=str(Path.cwd()),
+            env={"REGRESSOR_PARENT_PID": str(os.getpid())},  # the trainer dies with this run's process
+        )
     except Exception as error:  # the Pipes client raises when the child exits with an error
         texts = [p.read_text() for p in sorted(out.glob("error_rank*.txt"))]
         if not texts:
