@@ -74,6 +74,11 @@ class RegressorAssetConfig(Config):
         ge=1,
         description="Validation/test dates of the final comparison (None = the profile's).",
     )
+    final_test_max_dates: int | None = Field(
+        default=None,
+        ge=1,
+        description="A tighter cap on the test dates of the final comparison (None = the profile's).",
+    )
     quantization: str | None = Field(default=None, description="none, or 4bit (QLoRA, CUDA GPUs only).")
     seed: int | None = Field(default=None, ge=0, description="Seed of sample, batches, initialisation.")
     num_processes: int | None = Field(
@@ -221,11 +226,13 @@ def regressor(
                 "prompt_corpus again before training"
             )
         final_dates = config.final_eval_max_dates or profile.final_eval_max_dates
+        test_dates = config.final_test_max_dates or profile.final_test_max_dates
         job_config = {
             "regressor": regressor_cfg.to_dict(),
             "train": TrainJob("", "", "", prompt, regressor_cfg, train_cfg).to_dict()["train"],
             "prompt": prompt,
             "final_eval_max_dates": final_dates,
+            "final_test_max_dates": test_dates,
             "registry": mlflow.registry_name,
             "reweight": reweight,
         }
@@ -282,6 +289,7 @@ def regressor(
             "registry_name": mlflow.registry_name,
             "artifact_root": mlflow.artifact_root,
             "eval_max_dates": final_dates,
+            "test_max_dates": test_dates,
             "run_name": f"regressor-{context.run_id[:8]}",
             "reports_dir": str(storage.reports_dir / "regressor"),
             "params": {
