@@ -248,22 +248,20 @@ def test_optimizer_and_rng_states_round_trip_without_pickle(tmp_path: Path, no_u
     import random
 
     random.random(), np.random.rand(), torch.rand(1), random.gauss(0, 1), np.random.randn()
+
+    def draw() -> tuple:  # one draw from every generator the checkpoint restores
+        return (
+            random.random(),
+            random.gauss(0, 1),
+            np.random.rand(3).tolist(),
+            np.random.randn(),
+            torch.rand(3),
+        )
+
     checkpointing.save_rng(tmp_path, 0)
-    draws = (
-        random.random(),
-        random.gauss(0, 1),
-        np.random.rand(3).tolist(),
-        np.random.randn(),
-        torch.rand(3),
-    )
+    draws = draw()
     checkpointing.load_rng(tmp_path, 0)
-    again = (
-        random.random(),
-        random.gauss(0, 1),
-        np.random.rand(3).tolist(),
-        np.random.randn(),
-        torch.rand(3),
-    )
+    again = draw()
     assert draws[:4] == again[:4] and torch.equal(draws[4], again[4])
     _assert_no_pickle(tmp_path)
     with pytest.raises(TypeError, match="without pickle"):

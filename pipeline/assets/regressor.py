@@ -193,8 +193,9 @@ def regressor(
     if profile is None:
         raise ValueError(f"unknown profile {config.profile!r}; choose one of {sorted(PROFILES)}")
     base_dir = storage.base_model_dir
+    fingerprint = model_fingerprint(base_dir)
     best = _hyperparameters(
-        storage, config.use_hyperparameters, profile.name, model_fingerprint(base_dir), context.log.warning
+        storage, config.use_hyperparameters, profile.name, fingerprint, context.log.warning
     )
     weight_scheme = best.pop("weight_scheme", None)
     regressor_cfg, train_cfg = apply_overrides(
@@ -241,7 +242,7 @@ def regressor(
                 "code_version": REGRESSOR_CODE_VERSION,
                 "corpus": file_sha256(corpus),
                 "training_set": file_sha256(training_set),
-                "base_model": model_fingerprint(base_dir),
+                "base_model": fingerprint,
                 "job": job_config,
             }
         )
@@ -301,7 +302,7 @@ def regressor(
                 "data_splits": {k: splits[k] for k in ("train", "validation", "test")},
                 "base_model": {
                     "path": str(base_dir),
-                    "fingerprint": model_fingerprint(base_dir),
+                    "fingerprint": fingerprint,
                     "source": storage.base_model_source.kind,
                 },
                 "prompt_template_version": prompt["template_version"],
