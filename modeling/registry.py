@@ -305,6 +305,62 @@ def log_trial_run(
     return run.info.run_id
 
 
+def log_backtest_run(
+    experiment_id: str,
+    run_name: str,
+    analysis_id: str,
+    params: dict[str, Any],
+    metrics: dict[str, float],
+    windows: list[dict[str, Any]],
+    artifacts: Iterable[Path] = (),
+) -> tuple[str, bool]:
+    """The walk-forward backtest as one MLflow run with a nested run per window (its dates, timings and
+    per-model RankIC). A finished run of the same `analysis_id` (inputs, config, costs) is reused, not
+    logged twice. Returns (run id, logged now?)."""
+    client = MlflowClient()
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.backtest_analysis_id = '{analysis_id}' and attributes.status = 'FINISHED'",
+        max_results=1,
+    )
+    if found:
+        return found[0].info.run_id, False
+    run_id = client.create_run(
+        experiment_id, run_name=run_name, tags={"backtest_analysis_id": analysis_id}
+    ).info.run_id
+    try:
+        _log_flat(client, run_id, params, metrics)
+        for path in artifacts:
+            client.log_artifact(run_id, str(path))
+        for window in windows:
+            child = client.create_run(
+                experiment_id,
+                run_name=f"{run_name}-window-{window['window']}",
+                tags={"mlflow.parentRunId": run_id},
+            ).info.run_id
+            _log_flat(client, child, window.get("params", {}), window.get("metrics", {}))
+            client.set_terminated(child, status="FINISHED")
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
+    return run_id, True
+
+
+def _log_flat(client: MlflowClient, run_id: str, params: dict[str, Any], metrics: dict[str, float]) -> None:
+    from mlflow.entities import Metric, Param
+
+    now = int(time.time() * 1000)
+    flat = list(flatten("", params).items())
+    values = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None and np.isfinite(v)]
+    for start in range(0, max(len(flat), len(values)), 90):
+        client.log_batch(
+            run_id,
+            metrics=values[start : start + 90],
+            params=[Param(k, v[:6000]) for k, v in flat[start : start + 90]],
+        )
+
+
 class RegistryError(RuntimeError):
     """The model registry could not be read (after retries): nothing is decided on a guess."""
 

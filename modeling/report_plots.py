@@ -99,3 +99,39 @@ def forecast_plots(
     paths["decile_returns"] = out / "decile_returns.png"
     fig.savefig(paths["decile_returns"], dpi=90)
     return paths
+
+
+def backtest_png(daily: Mapping[str, pd.DataFrame], by_month: pd.DataFrame, path: str | Path) -> Path:
+    """The walk-forward backtest in four panels: cumulative TopkDropout excess return with (solid) and
+    without (dashed) cost per model, its drawdown with cost, the mean RankIC by month, and the daily
+    turnover (20-date rolling mean). `daily`: `modeling.backtest.portfolio_returns` per model."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = _figure((11, 8))
+    ax_cum, ax_dd, ax_month, ax_turn = (fig.add_subplot(2, 2, i) for i in range(1, 5))
+    for i, (model, frame) in enumerate(daily.items()):
+        color = f"C{i}"
+        with_cost = frame["excess_return_with_cost"].cumsum()
+        ax_cum.plot(frame["date"], with_cost, color=color, label=model)
+        ax_cum.plot(frame["date"], frame["excess_return_without_cost"].cumsum(), color=color, ls="--", lw=0.8)
+        ax_dd.plot(frame["date"], with_cost - with_cost.cummax(), color=color, label=model)
+        ax_turn.plot(
+            frame["date"], frame["topk_turnover"].rolling(20, min_periods=1).mean(), color=color, label=model
+        )
+    ax_cum.set_title("TopkDropout cumulative excess return (solid: with cost)")
+    ax_dd.set_title("Drawdown of the excess return with cost")
+    ax_turn.set_title("TopkDropout daily turnover (20-date mean)")
+    if not by_month.empty:
+        width = 0.8 / max(1, by_month.shape[1])
+        x = np.arange(len(by_month))
+        for i, model in enumerate(by_month.columns):
+            ax_month.bar(x + i * width, by_month[model].to_numpy(float), width, label=model, color=f"C{i}")
+        ax_month.set_xticks(x + 0.4 - width / 2, by_month.index, rotation=45, fontsize=7)
+    ax_month.axhline(0.0, color="black", lw=0.6)
+    ax_month.set_title("Mean daily RankIC by month")
+    for ax in (ax_cum, ax_dd, ax_month, ax_turn):
+        ax.legend(fontsize=7)
+        ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    return path

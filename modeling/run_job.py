@@ -6,10 +6,11 @@
 
 Every process trains (`modeling.train`); when the job names an MLflow experiment the main process then
 hands the trained model to `modeling.experiment` (imported only then: mlflow is needed only there) for
-evaluation, logging and registration. Progress and the result go back to the orchestrator through
-Dagster Pipes when it launched this process (`modeling.pipes_reporting`); a failure's traceback is also
-written to `error_rank<RANK>.txt` in the job's output directory. `modeling.launch.launch_command` builds
-the command.
+evaluation, logging and registration; when it is a walk-forward window (`backtest_output`) to
+`modeling.walk_forward`, which forecasts the window's dates with it and the feature baselines.
+Progress and the result go back to the orchestrator through Dagster Pipes when it launched this
+process (`modeling.pipes_reporting`); a failure's traceback is also written to `error_rank<RANK>.txt` in
+the job's output directory. `modeling.launch.launch_command` builds the command.
 """
 
 from __future__ import annotations
@@ -76,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
                 from modeling.experiment import run_experiment
 
                 report.done(run_experiment(job, result, log=report.log))
+            elif job.backtest_output is not None and is_main_rank():
+                from modeling.walk_forward import run_window
+
+                report.done(run_window(job, result, log=report.log))
             elif is_main_rank():
                 report.done({"train": result.report()})
     except BaseException:

@@ -238,6 +238,13 @@ class TrainJob:
     corpus (a search trial trying another weight scheme); None = the training set's own weights."""
     training_set_path: str | None = None
     """The `training_set` Parquet file: the feature values of the auxiliary loss come from it."""
+    backtest_output: str | None = None
+    """When set (a walk-forward window, see `modeling.walk_forward`): after training, forecast the corpus's
+    test rows with the regressor and the feature baselines and write them to this Parquet file."""
+
+    def __post_init__(self) -> None:
+        if self.backtest_output is not None and self.experiment is not None:
+            raise ValueError("a TrainJob is either an experiment or a backtest window, not both")
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "regressor": self.regressor.to_dict(), "train": asdict(self.train)}

@@ -22,7 +22,7 @@ from modeling.data.parquet_io import read_parquet_metadata
 from modeling.data.prompt_corpus import corpus_vs_training_set
 from modeling.data.universe import UniverseSpec, universe_count_mismatches
 from modeling.feature_registry import FEATURE_NAMES, WARMUP_ROWS
-from pipeline.resources import StorageResource, WarehouseResource
+from pipeline.resources import MlflowResource, StorageResource, WarehouseResource
 
 
 class RejectShareConfig(Config):
@@ -326,3 +326,66 @@ def pretraining_lowered_lm_loss(storage: StorageResource) -> AssetCheckResult:
 
 
 ALL_CHECKS += [pretraining_lowered_lm_loss]
+
+
+class ChampionStillWorksConfig(Config):
+    window: int = Field(
+        default=20, ge=1, description="Judge the champion on its last this many realised dates."
+    )
+    min_dates: int | None = Field(
+        default=None, ge=1, description="Fewer realised dates of the champion is no evidence (passes); "
+        "None = the whole window."
+    )
+    floor: float | None = Field(
+        default=None,
+        description="Fixed floor of the realised RankIC; None = min(validation RankIC - 2 SE, 0).",
+    )
+
+
+@asset_check(
+    asset="prediction_performance",
+    description="Warning: the serving champion's mean realised RankIC over its last 20 realised dates is at "
+    "or above a floor (default: its validation RankIC minus 2 standard errors, or 0, whichever is lower). "
+    "A failure makes the `retrain_on_decay` sensor request a forced daily retrain (same champion gate).",
+)
+def champion_still_works(
+    config: ChampionStillWorksConfig, warehouse: WarehouseResource, mlflow: MlflowResource
+) -> AssetCheckResult:
+    from modeling import registry
+    from modeling.monitoring import PERFORMANCE_TABLE, DecayRule, decay_verdict
+
+    registry.configure(mlflow.tracking_uri, mlflow.experiment_name, mlflow.artifact_root)
+    version = registry.alias_version(mlflow.registry_name, registry.CHAMPION)
+    if version is None:
+        return AssetCheckResult(
+            passed=True, severity=AssetCheckSeverity.WARN, metadata={"reason": "no champion is serving"}
+        )
+    tags = registry.version_tags(mlflow.registry_name, version)
+    with warehouse.get_connection() as con:
+        performance = con.execute(f"SELECT date, model_version, rank_ic FROM {PERFORMANCE_TABLE}").df()
+    rule = DecayRule(window=config.window, min_dates=config.min_dates, floor=config.floor)
+    verdict = decay_verdict(
+        performance,
+        version,
+        float(tags.get("val_rank_ic", "nan")),
+        float(tags.get("val_rank_ic_se", "nan")),
+        rule,
+    )
+    return AssetCheckResult(
+        passed=verdict.passed,
+        severity=AssetCheckSeverity.WARN,
+        description=verdict.reason,
+        metadata={
+            "model_version": MetadataValue.text(verdict.model_version),
+            "realised_dates": MetadataValue.int(verdict.n_dates),
+            "realised_rank_ic": MetadataValue.float(verdict.realised_rank_ic),
+            "floor": MetadataValue.float(verdict.floor),
+            "floor_rule": MetadataValue.text(verdict.floor_rule),
+            "val_rank_ic": MetadataValue.float(verdict.val_rank_ic),
+            "val_rank_ic_se": MetadataValue.float(verdict.val_rank_ic_se),
+            "reason": MetadataValue.text(verdict.reason),
+        },
+    )
+
+
+ALL_CHECKS += [champion_still_works]

@@ -7,12 +7,12 @@ from dagster import AssetSelection, Definitions, define_asset_job, in_process_ex
 from pipeline.assets import ALL_ASSETS
 from pipeline.checks import ALL_CHECKS
 from pipeline.resources import build_resources
-from pipeline.schedules import WAREHOUSE_TAG, build_automation, daily_retrain_job
+from pipeline.schedules import ON_DEMAND_ASSETS, WAREHOUSE_TAG, build_automation, daily_retrain_job
 from pipeline.settings import Settings
 
 full_pipeline_job = define_asset_job(
     "full_pipeline",
-    selection=AssetSelection.all() - AssetSelection.assets("hyperparameters"),
+    selection=AssetSelection.all() - AssetSelection.assets(*ON_DEMAND_ASSETS),
     description="Materialise the whole chain, raw market data to predictions (what `make demo` runs).",
     tags=WAREHOUSE_TAG,
 )

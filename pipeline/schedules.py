@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from dagster import (
+    AssetCheckKey,
+    AssetKey,
     AssetSelection,
     DefaultScheduleStatus,
     DefaultSensorStatus,
@@ -52,11 +55,15 @@ from pipeline.settings import Settings
 WAREHOUSE_TAG = {"warehouse": "writer"}
 """Runs that write the warehouse; the run queue admits one at a time (see dagster.yaml)."""
 
+ON_DEMAND_ASSETS = ("hyperparameters", "backtest")
+"""Assets no job materialises: the user asks for them (UI or CLI)."""
+
 daily_retrain_job = define_asset_job(
     "daily_retrain",
-    selection=AssetSelection.all() - AssetSelection.assets("hyperparameters"),
+    selection=AssetSelection.all() - AssetSelection.assets(*ON_DEMAND_ASSETS),
     description="Ingest -> universe -> features -> training set -> prompts -> retrain (when inputs changed) "
-    "-> champion gate -> predictions. Not the hyperparameter search.",
+    "-> champion gate -> predictions -> realised performance of past predictions. Not the hyperparameter "
+    "search.",
     tags=WAREHOUSE_TAG,
 )
 
@@ -166,6 +173,47 @@ def new_files(market_data_path: Path, cursor: str | None) -> tuple[list[str], st
     return result.ready, result.cursor
 
 
+DECAY_CHECK = AssetCheckKey(AssetKey("prediction_performance"), "champion_still_works")
+FORCED_RETRAIN_CONFIG = {"ops": {"regressor": {"config": {"force_retrain": True}}}}
+
+
+@dataclass(frozen=True)
+class DecayDecision:
+    request: bool
+    reason: str
+    cursor: str
+
+
+def decay_retrain_decision(
+    check_id: int | None, failed: bool, cursor: str | None, now: float, cooldown_s: float
+) -> DecayDecision:
+    """Should `retrain_on_decay` request a forced retrain for the latest `champion_still_works`
+    evaluation (`check_id`, its storage id; None = never evaluated)?
+
+    Each evaluation is acted on once (the cursor keeps the last id seen); a failed one requests a run
+    unless a run was requested less than `cooldown_s` seconds before `now`."""
+    try:
+        state = json.loads(cursor) if cursor else {}
+    except ValueError:
+        state = {}
+    state = state if isinstance(state, dict) else {}
+    last_id, last_request = state.get("check_id"), state.get("requested_at")
+    if check_id is None:
+        return DecayDecision(False, "champion_still_works has not been evaluated yet", cursor or "")
+    if isinstance(last_id, int) and check_id <= last_id:
+        return DecayDecision(False, "no new evaluation of champion_still_works", cursor or "")
+    if not failed:
+        new = json.dumps({"check_id": check_id, "requested_at": last_request})
+        return DecayDecision(False, "the champion still works", new)
+    if isinstance(last_request, (int, float)) and now - last_request < cooldown_s:
+        new = json.dumps({"check_id": check_id, "requested_at": last_request})
+        wait_h = (cooldown_s - (now - last_request)) / 3600
+        return DecayDecision(False, f"the champion decayed, but a retrain was requested within the cooldown "
+                                    f"({cooldown_s / 3600:g} h; {wait_h:.1f} h left)", new)
+    return DecayDecision(True, "the champion's realised RankIC fell below its floor: forced retrain",
+                         json.dumps({"check_id": check_id, "requested_at": now}))
+
+
 def build_automation(settings: Settings) -> tuple[list, list]:
     """(schedules, sensors) for these settings."""
     schedule = ScheduleDefinition(
@@ -236,4 +284,37 @@ def build_automation(settings: Settings) -> tuple[list, list]:
         with failures.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
-    return [schedule], [new_market_data_file, log_run_failure]
+    cooldown_s = settings.decay_retrain_cooldown_hours * 3600
+
+    @sensor(
+        name="retrain_on_decay",
+        job=daily_retrain_job,
+        minimum_interval_seconds=60,
+        default_status=DefaultSensorStatus.RUNNING,
+        description="When the check champion_still_works fails (the serving champion's realised RankIC fell "
+        "below its floor), requests a daily_retrain run with force_retrain, at most once per "
+        f"{settings.decay_retrain_cooldown_hours:g} h (DECAY_RETRAIN_COOLDOWN_HOURS). The new model goes "
+        "through the same champion gate.",
+    )
+    def retrain_on_decay(context: SensorEvaluationContext):
+        from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+
+        record = context.instance.get_latest_asset_check_evaluation_record(DECAY_CHECK)
+        done = record is not None and record.status != AssetCheckExecutionRecordStatus.PLANNED
+        decision = decay_retrain_decision(
+            record.id if done else None,
+            done and record.status == AssetCheckExecutionRecordStatus.FAILED,
+            context.cursor,
+            time.time(),
+            cooldown_s,
+        )
+        if not decision.request:
+            return SensorResult(skip_reason=decision.reason, cursor=decision.cursor)
+        request = RunRequest(
+            run_key=f"decay-retrain-{record.id}",
+            run_config=FORCED_RETRAIN_CONFIG,
+            tags={**WAREHOUSE_TAG, "trigger": "champion_decay", "decay_check_run": record.run_id},
+        )
+        return SensorResult(run_requests=[request], cursor=decision.cursor)
+
+    return [schedule], [new_market_data_file, log_run_failure, retrain_on_decay]

@@ -2,7 +2,8 @@
 
 Names and defaults are fixed by the interface contract (see README): `DATA_DIR`,
 `MARKET_DATA_PATH`, `BASE_MODEL`, `MLFLOW_TRACKING_URI` (`DAGSTER_HOME` is Dagster's own); this project
-adds `DAILY_RETRAIN_CRON` and `DAILY_RETRAIN_TIMEZONE` for the daily retrain schedule.
+adds `DAILY_RETRAIN_CRON` and `DAILY_RETRAIN_TIMEZONE` for the daily retrain schedule, and
+`DECAY_RETRAIN_COOLDOWN_HOURS` for the sensor that retrains when the champion's realised RankIC decays.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ class Settings:
     """DAILY_RETRAIN_CRON: when the daily retrain runs (default weekdays 17:30, after the US close)."""
     retrain_timezone: str = "America/New_York"
     """DAILY_RETRAIN_TIMEZONE: the time zone of that schedule."""
+    decay_retrain_cooldown_hours: float = 24.0
+    """DECAY_RETRAIN_COOLDOWN_HOURS: `retrain_on_decay` requests at most one forced retrain per this many
+    hours, however often `champion_still_works` fails."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -47,6 +51,11 @@ class Settings:
             mlflow_tracking_uri=tracking,
             retrain_cron=value("DAILY_RETRAIN_CRON") or cls.retrain_cron,
             retrain_timezone=value("DAILY_RETRAIN_TIMEZONE") or cls.retrain_timezone,
+            decay_retrain_cooldown_hours=_hours(
+                "DECAY_RETRAIN_COOLDOWN_HOURS",
+                value("DECAY_RETRAIN_COOLDOWN_HOURS"),
+                cls.decay_retrain_cooldown_hours,
+            ),
         )
 
     @property
@@ -68,3 +77,15 @@ def _base_model_value(value: str | None) -> str | None:
     if value.lower() == SMOLLM2_NAME:
         return SMOLLM2_NAME
     return str(Path(value).expanduser().resolve())
+
+
+def _hours(name: str, value: str | None, default: float) -> float:
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of hours, got {value!r}") from None
+    if not number >= 0:
+        raise ValueError(f"{name} must be >= 0 hours, got {value!r}")
+    return number

@@ -22,11 +22,11 @@ from modeling.data.synthetic import SyntheticMarketConfig, generate_synthetic_ma
 from pipeline.assets import ALL_ASSETS
 from pipeline.checks import ALL_CHECKS
 from pipeline.resources import build_resources
-from pipeline.schedules import build_automation, daily_retrain_job, new_files
+from pipeline.schedules import ON_DEMAND_ASSETS, build_automation, daily_retrain_job, new_files
 from pipeline.settings import Settings
 from tests.test_pipeline import SMALL_RUN
 
-CHAIN = [a for a in ALL_ASSETS if a.key != AssetKey("hyperparameters")]
+CHAIN = [a for a in ALL_ASSETS if a.key.to_user_string() not in ON_DEMAND_ASSETS]
 RUN_CONFIG = {"ops": {k: v for k, v in SMALL_RUN["ops"].items() if k != "raw_market_data"}}
 COLUMNS = ["date", "symbol", "open", "high", "low", "close", "volume", "sector"]
 
@@ -36,7 +36,8 @@ def _snapshot(data_dir: Path) -> dict[str, str]:
     con = duckdb.connect(str(data_dir / "warehouse.duckdb"), read_only=True)
     out = {}
     try:
-        for table in ("raw_market_data", "raw_market_data_rejects", "universe", "features", "predictions"):
+        for table in ("raw_market_data", "raw_market_data_rejects", "universe", "features", "predictions",
+                      "prediction_performance"):
             frame = con.execute(f"SELECT * FROM {table} ORDER BY ALL").df()
             out[table] = hashlib.sha256(
                 pd.util.hash_pandas_object(frame, index=False).values.tobytes()
@@ -107,8 +108,23 @@ def test_a_day_in_the_life_of_the_daily_retrain(tmp_path: Path) -> None:
         "SELECT count(*) FROM (SELECT date, symbol FROM raw_market_data GROUP BY ALL HAVING count(*) > 1)"
     )
     assert raw_dupes.fetchone()[0] == 0
-    con.close()
     assert set(by_date) == {live_1, live_2}  # yesterday's forecasts stay as the live track record
+    # day N's forecasts now have their realised return (h = 1): one row, over every name scored that day
+    realised = con.execute("SELECT date, model_version, n_names, rank_ic FROM prediction_performance").df()
+    served = con.execute(
+        "SELECT any_value(model_version), count(*) FROM predictions WHERE date = ?", [live_1]
+    ).fetchone()
+    joined = con.execute(
+        "SELECT p.prediction, f.fwd_ret FROM predictions p JOIN features f USING (date, symbol) "
+        "WHERE date = ?",
+        [live_1],
+    ).df()
+    assert first["prediction_performance"]["dagster/row_count"].value == 0  # nothing realised on day N
+    assert second["prediction_performance"]["new_dates"].value == 1
+    assert list(realised["date"]) == [live_1] and realised["model_version"][0] == served[0]
+    assert realised["n_names"][0] == served[1] == len(joined)
+    assert realised["rank_ic"][0] == pytest.approx(joined.rank().corr().iloc[0, 1], abs=1e-12)
+    con.close()
     training = pd.read_parquet(settings.data_dir / "training_set.parquet", columns=["date", "split", "label"])
     yesterday = training[training["date"] == live_1]
     assert len(yesterday) and (yesterday["split"] != "live").all() and yesterday["label"].notna().all()
@@ -118,6 +134,7 @@ def test_a_day_in_the_life_of_the_daily_retrain(tmp_path: Path) -> None:
     third = _run(settings, instance)  # no new file: nothing changes
     assert third["regressor"]["retrained"].value is False
     assert third["base_model"]["rebuilt"].value is False
+    assert third["prediction_performance"]["new_dates"].value == 0
     assert _snapshot(settings.data_dir) == before
     assert _aliases(settings) == aliases and aliases["champion"] is not None
 
@@ -154,7 +171,8 @@ def test_a_failing_training_child_fails_the_asset_with_its_error_and_leaves_ever
 ) -> None:
     settings = Settings.from_env({"DATA_DIR": str(tmp_path / "data")})
     instance = DagsterInstance.ephemeral()
-    upstream = [a for a in CHAIN if a.key not in (AssetKey("regressor"), AssetKey("predictions"))]
+    serving = (AssetKey("regressor"), AssetKey("predictions"), AssetKey("prediction_performance"))
+    upstream = [a for a in CHAIN if a.key not in serving]
     config = {"ops": {k: v for k, v in SMALL_RUN["ops"].items() if k != "regressor"}}
     assert materialize(
         upstream, resources=build_resources(settings), run_config=config, instance=instance
@@ -206,7 +224,8 @@ def test_schedule_and_sensors(tmp_path: Path) -> None:
             "DAILY_RETRAIN_CRON": "0 18 * * 1-5",
         }
     )
-    (schedule,), (sensor, failure_sensor) = build_automation(settings)
+    (schedule,), (sensor, failure_sensor, decay_sensor) = build_automation(settings)
+    assert decay_sensor.name == "retrain_on_decay" and decay_sensor.job_name == daily_retrain_job.name
     assert schedule.cron_schedule == "0 18 * * 1-5" and schedule.execution_timezone == "America/New_York"
     assert schedule.job_name == daily_retrain_job.name
     request = schedule.evaluate_tick(
@@ -259,5 +278,6 @@ def test_jobs_leave_out_the_search(name: str, monkeypatch, tmp_path) -> None:
     defs = importlib.reload(pipeline.definitions).defs
     job = defs.get_job_def(name)
     keys = {k.to_user_string() for k in job.asset_layer.selected_asset_keys}
-    assert "hyperparameters" not in keys and {"raw_market_data", "regressor", "predictions"} <= keys
+    assert "hyperparameters" not in keys and "backtest" not in keys
+    assert {"raw_market_data", "regressor", "predictions", "prediction_performance"} <= keys
     assert job.tags["warehouse"] == "writer"

@@ -26,6 +26,7 @@ from pipeline.checks import (
     weights_are_normalised,
 )
 from pipeline.resources import StorageResource, WarehouseResource, build_resources
+from pipeline.schedules import ON_DEMAND_ASSETS
 from pipeline.settings import Settings
 
 SMALL_RUN = {
@@ -56,7 +57,7 @@ SMALL_RUN = {
         },
     }
 }
-CHAIN = [a for a in ALL_ASSETS if a.key != AssetKey("hyperparameters")]
+CHAIN = [a for a in ALL_ASSETS if a.key.to_user_string() not in ON_DEMAND_ASSETS]
 WARNINGS = {"regressor_beats_baselines"}  # warning severity: a tiny model on a tiny market may not win
 COMMON_METADATA = {"dagster/row_count", "date_range", "symbol_count", "preview"}
 
@@ -99,6 +100,8 @@ def test_every_asset_has_group_kinds_description_and_metadata(run):
         "hyperparameters": "training",
         "regressor": "training",
         "predictions": "serving",
+        "prediction_performance": "serving",
+        "backtest": "evaluation",
     }
     for event in result.get_asset_materialization_events():
         keys = set(event.materialization.metadata)
@@ -188,6 +191,8 @@ def test_definitions_load_with_one_job(monkeypatch, tmp_path):
         "hyperparameters",
         "regressor",
         "predictions",
+        "prediction_performance",
+        "backtest",
     }
     assert defs.get_job_def("daily_retrain") is not None
     assert defs.get_schedule_def("daily_retrain_schedule").execution_timezone == "America/New_York"

@@ -1,6 +1,8 @@
+from pipeline.assets.backtest import backtest
 from pipeline.assets.base_model import base_model
 from pipeline.assets.features import features
 from pipeline.assets.hyperparameters import hyperparameters
+from pipeline.assets.prediction_performance import prediction_performance
 from pipeline.assets.predictions import predictions
 from pipeline.assets.prompt_corpus import prompt_corpus
 from pipeline.assets.raw_market_data import raw_market_data
@@ -18,4 +20,6 @@ ALL_ASSETS = [
     hyperparameters,
     regressor,
     predictions,
+    prediction_performance,
+    backtest,
 ]

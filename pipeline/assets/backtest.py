@@ -1,0 +1,313 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pandas as pd
+from dagster import AssetExecutionContext, Config, Failure, MaterializeResult, MetadataValue, asset
+from pydantic import Field
+
+from modeling.backbones.common import file_sha256, model_fingerprint
+from modeling.backbones.embedded import build_key, read_embedded_info
+from modeling.backtest import PortfolioSpec, WindowSpec, analyse, plan_windows, window_corpus
+from modeling.data.backtest_store import (
+    BACKTEST_TABLE,
+    completed_windows,
+    next_day_returns,
+    read_forecasts,
+    store_window,
+)
+from modeling.data.features import FEATURES_TABLE
+from modeling.data.parquet_io import read_parquet_metadata, snapshot_files, write_parquet_atomic
+from modeling.launch import launch_command
+from modeling.metrics import per_date_correlation
+from modeling.profiles import PROFILES, apply_overrides
+from modeling.prompt import PromptBuilder
+from modeling.report_plots import backtest_png
+from modeling.train import TrainJob
+from modeling.walk_forward import FEATURE_BASELINES, LLM_MODEL
+from pipeline.metadata import frame_markdown, png_markdown
+from pipeline.resources import TRAINING_POOL, MlflowResource, StorageResource, WarehouseResource
+
+BACKTEST_CODE_VERSION = "backtest-v1"
+FAULT_ENV = "BACKTEST_KILL_AFTER_WINDOW"
+"""Fault injection for the resume test: SIGKILL this process right after storing that window."""
+
+
+class BacktestConfig(Config):
+    """The walk-forward plan, the portfolio rules and the training settings (the profile's by default)."""
+
+    profile: str = Field(default="cpu", description="Training profile of the LLM, as for `regressor`.")
+    step: int = Field(
+        default=60, ge=1, description="Dates per window (cpu: the 240 test dates in 4 windows, ~25 min)."
+    )
+    mode: str = Field(default="expanding", description="expanding (from the first date) or sliding.")
+    train_dates: int | None = Field(default=None, ge=2, description="Sliding window's train length in dates.")
+    val_dates: int = Field(default=20, ge=2, description="Early-stopping dates before each (purged) window.")
+    period_start: str | None = Field(
+        default=None, description="First date backtested (None: the test split's)."
+    )
+    period_end: str | None = Field(default=None, description="Last date backtested (None: the test split's).")
+    topk: int = Field(default=50, ge=1, description="TopkDropout: names held.")
+    n_drop: int = Field(default=5, ge=0, description="TopkDropout: names replaced per date at most.")
+    open_cost_bp: float = Field(default=5.0, ge=0, description="Cost of buying, basis points of the weight.")
+    close_cost_bp: float = Field(
+        default=15.0, ge=0, description="Cost of selling, basis points of the weight."
+    )
+    max_train_samples: int | None = Field(default=None, ge=1, description="Train rows sampled per window.")
+    time_budget_s: float | None = Field(default=None, gt=0, description="Training wall-clock cap per window.")
+    batch_size: int | None = Field(default=None, ge=1, description="Global batch per optimizer step.")
+    eval_every_steps: int | None = Field(default=None, ge=0, description="Validation RankIC every N steps.")
+    eval_max_dates: int | None = Field(default=None, ge=1, description="Validation dates during training.")
+    seed: int | None = Field(default=None, ge=0, description="Seed of sample, batches, initialisation.")
+
+    def overrides(self) -> dict:
+        names = (
+            "max_train_samples",
+            "time_budget_s",
+            "batch_size",
+            "eval_every_steps",
+            "eval_max_dates",
+            "seed",
+        )
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+
+def _period(calendar: pd.DatetimeIndex, splits: dict, config: BacktestConfig) -> pd.DatetimeIndex:
+    lo = pd.Timestamp(config.period_start or splits["test"][0])
+    hi = pd.Timestamp(config.period_end or splits["test"][1])
+    return calendar[(calendar >= lo) & (calendar <= hi)]
+
+
+def _refuse_leaky_backbone(source_kind: str, base_dir: Path, start: pd.Timestamp) -> str:
+    """The embedded backbone was pretrained on prompts up to some date: it must end before the period."""
+    if source_kind != "embedded":
+        return (
+            f"{source_kind} backbone, pretrained by its publisher (no pretraining on this market's prompts)"
+        )
+    dates = (read_embedded_info(base_dir) or {}).get("pretrain_train_dates") or [None, None]
+    if dates[1] is not None and pd.Timestamp(dates[1]) >= start:
+        raise ValueError(
+            f"the embedded backbone was pretrained on prompts up to {dates[1]}, inside the backtest period "
+            f"from {start.date()}: its windows would not be out of sample. Backtest a later period or "
+            "rebuild base_model with an earlier train split"
+        )
+    return f"embedded backbone pretrained on train-split prompts {dates[0]} .. {dates[1]}, before the period"
+
+
+def _train_window(context, job: TrainJob, out: Path) -> dict:
+    """Run one window's training process (train -> forecast -> baselines); its report."""
+    command = launch_command(job.save(out / "job.json"), 1)
+    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_PIPES_CONTEXT"}
+    env["REGRESSOR_PARENT_PID"] = str(os.getpid())  # the trainer dies with this process
+    with (out / "train.log").open("w") as log:
+        code = subprocess.run(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(Path.cwd())
+        ).returncode
+    if code != 0:
+        texts = [p.read_text() for p in sorted(out.glob("error_rank*.txt"))]
+        tail = (out / "train.log").read_text()[-3000:]
+        raise Failure(description=f"window training failed (exit {code}):\n" + ("\n".join(texts) or tail))
+    lines = [ln for ln in (out / "train.log").read_text().splitlines() if ln.startswith("RESULT ")]
+    return json.loads(lines[-1][len("RESULT ") :]) if lines else {}
+
+
+def _window_run(
+    k: int, report: dict, forecasts: pd.DataFrame, labels: pd.DataFrame, models: list[str]
+) -> dict:
+    """A window's nested MLflow run: its dates as params; timings and each model's RankIC as metrics."""
+    rows = forecasts[forecasts["window"] == k].merge(labels, on=["date", "symbol"])
+    metrics = {m: v for m, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for model in models:
+        metrics[f"{model}/RankIC"] = float(per_date_correlation(rows, model, "label", "spearman").mean())
+    params = {part: report[part] for part in ("train", "validation", "predict")}
+    return {"window": k, "params": params, "metrics": metrics}
+
+
+@asset(
+    pool=TRAINING_POOL,
+    group_name="evaluation",
+    kinds={"pytorch", "duckdb", "mlflow"},
+    deps=["prompt_corpus", "training_set", "base_model", "features"],
+    code_version=BACKTEST_CODE_VERSION,
+)
+def backtest(
+    context: AssetExecutionContext,
+    config: BacktestConfig,
+    storage: StorageResource,
+    warehouse: WarehouseResource,
+    mlflow: MlflowResource,
+) -> MaterializeResult:
+    """A walk-forward backtest (on demand): the period (the test split by default) cut into windows of
+    `step` dates; per window the LLM regressor (same profile and backbone as `regressor`) and ridge,
+    LightGBM and the MLP on the 16 features, fit on exactly the same rows before the window (purged by the
+    horizon, the last `val_dates` for early stopping), forecast the window out of sample. The forecasts
+    are `backtest_predictions` (run_id, model, window, date, symbol, prediction); the signal (IC, RankIC,
+    ICIR, paired ΔRankIC) and TopkDropout / decile long-short portfolios with costs (Qlib's names) go to
+    one MLflow run with a nested run per window. A killed backtest resumes at the first unstored window;
+    the same inputs and config recompute nothing."""
+    profile = PROFILES.get(config.profile)
+    if profile is None:
+        raise ValueError(f"unknown profile {config.profile!r}; choose one of {sorted(PROFILES)}")
+    regressor_cfg, train_cfg = apply_overrides(profile.regressor, profile.train, config.overrides())
+    windows_spec = WindowSpec(
+        step=config.step, mode=config.mode, train_dates=config.train_dates, val_dates=config.val_dates
+    )
+    portfolio = PortfolioSpec(
+        topk=config.topk,
+        n_drop=config.n_drop,
+        open_cost=config.open_cost_bp / 1e4,
+        close_cost=config.close_cost_bp / 1e4,
+    )
+    base_dir = storage.base_model_dir
+    runs_root = storage.root / "runs" / "backtest"
+    staging = runs_root / f".staging-{context.run_id}-{uuid.uuid4().hex[:8]}"
+    staged = snapshot_files(
+        {name: storage.parquet_path(name) for name in ("prompt_corpus", "training_set")}, staging
+    )
+    facts = read_parquet_metadata(staged["training_set"])
+    corpus_facts = read_parquet_metadata(staged["prompt_corpus"])
+    prompt = PromptBuilder.of_corpus(corpus_facts).settings()
+    horizon = int(prompt["horizon"])
+    with warehouse.get_connection() as con:
+        calendar = pd.DatetimeIndex(
+            [
+                d
+                for (d,) in con.execute(
+                    f"SELECT DISTINCT date FROM {FEATURES_TABLE} ORDER BY date"
+                ).fetchall()
+            ]
+        )
+    period = _period(calendar, facts["splits"], config)
+    if period.empty:
+        raise ValueError("the backtest period holds no dates with features")
+    plan = plan_windows(calendar, period, horizon, windows_spec)
+    backbone_note = _refuse_leaky_backbone(storage.base_model_source.kind, base_dir, period[0])
+    run_id = build_key(
+        {
+            "code_version": BACKTEST_CODE_VERSION,
+            "corpus": file_sha256(staged["prompt_corpus"]),
+            "training_set": file_sha256(staged["training_set"]),
+            "base_model": model_fingerprint(base_dir),
+            "regressor": regressor_cfg.to_dict(),
+            "train": TrainJob("", "", "", prompt, regressor_cfg, train_cfg).to_dict()["train"],
+            "windows": [w.to_dict() for w in plan],
+        }
+    )
+    run_dir = runs_root / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "inputs").exists():
+        staging.rename(run_dir / "inputs")
+    shutil.rmtree(staging, ignore_errors=True)
+    corpus_path, set_path = (
+        run_dir / "inputs" / "prompt_corpus.parquet",
+        run_dir / "inputs" / "training_set.parquet",
+    )
+
+    with warehouse.get_connection() as con:
+        done = completed_windows(con, run_id)
+    todo = [w for w in plan if w.index not in done]
+    context.log.info(f"backtest {run_id}: {len(plan)} windows, {len(done)} stored, {len(todo)} to run")
+    if todo:
+        corpus = pd.read_parquet(corpus_path)
+        training_set = pd.read_parquet(set_path, columns=["date", "symbol", "split", "bucket", "weight"])
+    for window in todo:
+        started = time.perf_counter()
+        out = run_dir / f"window_{window.index:03d}"
+        out.mkdir(exist_ok=True)
+        rows = window_corpus(corpus, training_set, window)
+        write_parquet_atomic(rows, out / "corpus.parquet", corpus_facts)
+        job = TrainJob(
+            base_model_dir=str(base_dir),
+            corpus_path=str(out / "corpus.parquet"),
+            output_dir=str(out),
+            prompt=prompt,
+            regressor=regressor_cfg,
+            train=train_cfg,
+            resume=True,
+            training_set_path=str(set_path),
+            backtest_output=str(out / "forecasts.parquet"),
+        )
+        report = _train_window(context, job, out)
+        forecasts = pd.read_parquet(out / "forecasts.parquet")
+        report = {**report, **window.to_dict(), "wall_s": round(time.perf_counter() - started, 1)}
+        with warehouse.get_connection() as con:
+            store_window(con, run_id, window.index, window.predict, forecasts, report)
+        done[window.index] = report
+        context.log.info(f"window {window.index}: {report['wall_s']} s (scoring {report.get('score_s')} s)")
+        if os.environ.get(FAULT_ENV) == str(window.index):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    models = [LLM_MODEL, *FEATURE_BASELINES]
+    with warehouse.get_connection() as con:
+        forecasts = read_forecasts(con, run_id)
+        returns = next_day_returns(con, period[0], period[-1])
+    labels = (
+        pd.read_parquet(set_path, columns=["date", "symbol", "label"])
+        .dropna()
+        .drop_duplicates(["date", "symbol"])
+    )
+    analysis = analyse(forecasts, labels, returns, models, list(FEATURE_BASELINES), portfolio, horizon)
+    table = analysis.table()
+    png = backtest_png(analysis.daily, analysis.by_month, storage.reports_dir / "backtest.png")
+    windows_table = pd.DataFrame(
+        [
+            {
+                "window": k,
+                "predict": f"{r['predict'][0]} .. {r['predict'][1]}",
+                "train": f"{r['train'][0]} .. {r['train'][1]}",
+                "wall_s": r.get("wall_s"),
+                "train_s": r.get("train_loop_s"),
+                "score_s": r.get("score_s"),
+                "score_rows_per_s": r.get("score_rows_per_s"),
+                "baselines_s": r.get("baselines_s"),
+            }
+            for k, r in sorted(done.items())
+        ]
+    )
+    from modeling import registry
+
+    experiment_id = registry.configure(mlflow.tracking_uri, mlflow.experiment_name, mlflow.artifact_root)
+    analysis_id = build_key({"run_id": run_id, "portfolio": vars(portfolio)})
+    mlflow_run_id, logged = registry.log_backtest_run(
+        experiment_id,
+        f"backtest-{run_id}",
+        analysis_id,
+        params={
+            "run_id": run_id,
+            "profile": profile.name,
+            "windows": vars(windows_spec),
+            "portfolio": vars(portfolio),
+            "period": [str(period[0].date()), str(period[-1].date())],
+            "backbone": backbone_note,
+        },
+        metrics=analysis.metrics(),
+        windows=[_window_run(k, r, forecasts, labels, models) for k, r in sorted(done.items())],
+        artifacts=[png],
+    )
+    return MaterializeResult(
+        metadata={
+            "dagster/row_count": MetadataValue.int(len(forecasts) * len(models)),
+            "date_range": MetadataValue.text(f"{period[0].date()} .. {period[-1].date()}"),
+            "symbol_count": MetadataValue.int(int(forecasts["symbol"].nunique())),
+            "preview": MetadataValue.md(frame_markdown(forecasts.head(8))),
+            "run_id": MetadataValue.text(run_id),
+            "table": MetadataValue.text(BACKTEST_TABLE),
+            "comparison": MetadataValue.md(frame_markdown(table, 4)),
+            "rank_ic_by_month": MetadataValue.md(
+                frame_markdown(analysis.by_month.reset_index(names="month"), 4)
+            ),
+            "windows": MetadataValue.md(frame_markdown(windows_table, 4)),
+            "windows_trained": MetadataValue.json([w.index for w in todo]),
+            "windows_reused": MetadataValue.json(sorted(set(done) - {w.index for w in todo})),
+            "llm_vs_baselines": MetadataValue.json(analysis.paired[LLM_MODEL]),
+            "backbone": MetadataValue.text(backbone_note),
+            "mlflow_run_id": MetadataValue.text(mlflow_run_id),
+            "mlflow_logged_now": MetadataValue.bool(logged),
+            "plots": png_markdown(png, "walk-forward backtest"),
+        }
+    )

@@ -1,0 +1,149 @@
+"""The `backtest` asset end to end on a small market: a real kill after the first window, resume, nothing
+recomputed on a re-run, the forecasts stored and analysed, the MLflow run, and the leaky-backbone refusal."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pytest
+from dagster import AssetKey, DagsterInstance, materialize
+
+from pipeline.assets import ALL_ASSETS
+from pipeline.resources import build_resources
+from pipeline.settings import Settings
+from tests.test_pipeline import SMALL_RUN
+
+UPSTREAM = ("raw_market_data", "universe", "features", "training_set", "base_model", "prompt_corpus")
+BACKTEST_CONFIG = {
+    "step": 12,
+    "val_dates": 5,
+    "topk": 8,
+    "n_drop": 2,
+    "max_train_samples": 96,
+    "batch_size": 16,
+    "eval_every_steps": 0,
+    "eval_max_dates": 2,
+}
+MODELS = ("llm", "ridge", "lightgbm", "mlp_features")
+
+_KILLED_SCRIPT = """
+import json, sys
+from dagster import DagsterInstance, materialize
+from pipeline.assets import ALL_ASSETS
+from pipeline.resources import build_resources
+from pipeline.settings import Settings
+
+backtest = next(a for a in ALL_ASSETS if a.key.to_user_string() == "backtest")
+materialize([backtest], resources=build_resources(Settings.from_env()),
+            run_config={"ops": {"backtest": {"config": json.loads(sys.argv[1])}}},
+            instance=DagsterInstance.ephemeral())
+"""
+
+
+def _asset(name: str):
+    return next(a for a in ALL_ASSETS if a.key == AssetKey(name))
+
+
+def _backtest(settings: Settings, config: dict, raise_on_error: bool = True):
+    return materialize(
+        [_asset("backtest")],
+        resources=build_resources(settings),
+        run_config={"ops": {"backtest": {"config": config}}},
+        instance=DagsterInstance.ephemeral(),
+        raise_on_error=raise_on_error,
+    )
+
+
+@pytest.fixture(scope="module")
+def market(tmp_path_factory):
+    data = tmp_path_factory.mktemp("backtest") / "data"
+    settings = Settings.from_env({"DATA_DIR": str(data)})
+    config = {"ops": {k: v for k, v in SMALL_RUN["ops"].items() if k in UPSTREAM}}
+    assert materialize(
+        [_asset(n) for n in UPSTREAM], resources=build_resources(settings), run_config=config
+    ).success
+    return settings
+
+
+def test_a_killed_backtest_resumes_and_a_rerun_recomputes_nothing(market: Settings) -> None:
+    import json
+
+    env = {**os.environ, "DATA_DIR": str(market.data_dir), "BACKTEST_KILL_AFTER_WINDOW": "0"}
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_SCRIPT, json.dumps(BACKTEST_CONFIG)],
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL, right after window 0 was stored
+    con = duckdb.connect(str(market.warehouse_path), read_only=True)
+    stored = con.execute('SELECT run_id, "window" FROM backtest_windows').fetchall()
+    con.close()
+    assert [w for _, w in stored] == [0]
+
+    result = _backtest(market, BACKTEST_CONFIG)
+    meta = {
+        k: v.value for k, v in result.get_asset_materialization_events()[0].materialization.metadata.items()
+    }
+    assert meta["run_id"] == stored[0][0]
+    assert meta["windows_reused"] == [0] and meta["windows_trained"] and 0 not in meta["windows_trained"]
+    n_windows = 1 + len(meta["windows_trained"])
+
+    con = duckdb.connect(str(market.warehouse_path), read_only=True)
+    rows = con.execute("SELECT * FROM backtest_predictions").df()
+    windows = con.execute('SELECT "window" FROM backtest_windows ORDER BY 1').fetchall()
+    universe = con.execute(
+        "SELECT count(*) FROM features WHERE date BETWEEN ? AND ? AND fwd_ret IS NOT NULL",
+        list(meta["date_range"].split(" .. ")),
+    ).fetchone()[0]
+    con.close()
+    assert [w for (w,) in windows] == list(range(n_windows))
+    assert set(rows["model"]) == set(MODELS)
+    assert not rows.duplicated(["model", "date", "symbol"]).any()
+    # every labelled universe row of the period is forecast by every model, each in one window
+    assert len(rows) == len(MODELS) * universe
+    per_date = rows.groupby("date")["window"].nunique()
+    assert (per_date == 1).all()
+    comparison = meta["comparison"]
+    for model in MODELS:
+        assert f"| {model} " in comparison
+    assert set(meta["llm_vs_baselines"]) == {"ridge", "lightgbm", "mlp_features"}
+    assert "before the period" in meta["backbone"]
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=market.mlflow_tracking_uri)
+    run = client.get_run(meta["mlflow_run_id"])
+    assert "llm/excess_return_with_cost.information_ratio" in run.data.metrics
+    assert "llm/vs_ridge/rank_ic_se" in run.data.metrics
+    children = client.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'"
+    )
+    assert len(children) == n_windows
+
+    again = _backtest(market, BACKTEST_CONFIG)
+    meta2 = {
+        k: v.value for k, v in again.get_asset_materialization_events()[0].materialization.metadata.items()
+    }
+    assert meta2["windows_trained"] == [] and meta2["mlflow_logged_now"] is False
+    assert meta2["mlflow_run_id"] == meta["mlflow_run_id"] and meta2["comparison"] == comparison
+    con = duckdb.connect(str(market.warehouse_path), read_only=True)
+    assert con.execute("SELECT count(*) FROM backtest_predictions").fetchone()[0] == len(rows)
+    con.close()
+
+
+def test_a_backbone_pretrained_into_the_period_is_refused(market: Settings) -> None:
+    splits = pd.read_parquet(market.data_dir / "training_set.parquet", columns=["date", "split"])
+    train_dates = sorted(splits.loc[splits["split"] == "train", "date"].unique())
+    start = str(pd.Timestamp(train_dates[-3]).date())  # the backbone read train prompts up to about here
+    result = _backtest(market, {**BACKTEST_CONFIG, "period_start": start}, raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "inside the backtest period" in str(failure.event_specific_data.error)

@@ -1,0 +1,229 @@
+"""Live monitoring: realised performance of served forecasts, the decay rule, the retrain-on-decay sensor."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+from dagster import DagsterInstance, build_sensor_context, materialize
+from scipy.stats import spearmanr
+
+from modeling.data.predictions import rank_predictions, write_predictions
+from modeling.monitoring import (
+    PERFORMANCE_COLUMNS,
+    DecayRule,
+    daily_performance,
+    decay_floor,
+    decay_verdict,
+    performance_table,
+    realised_forecasts,
+    with_rolling_means,
+    write_performance,
+)
+from pipeline.assets.prediction_performance import prediction_performance
+from pipeline.checks import champion_still_works
+from pipeline.resources import build_resources
+from pipeline.schedules import FORCED_RETRAIN_CONFIG, build_automation, decay_retrain_decision
+from pipeline.settings import Settings
+
+RET = np.array([2, -1, 0, 1, -3, 4, 0, 3, -2, 6]) / 128  # mean 1/128 exactly: name 3 sits on it
+
+
+def _one_date() -> tuple[pd.DataFrame, pd.DataFrame]:
+    day = pd.Timestamp("2024-01-02")
+    symbols = [f"S{i}" for i in range(10)]
+    predictions = pd.DataFrame(
+        {"date": day, "symbol": symbols, "prediction": np.arange(1.0, 11.0), "model_version": "3"}
+    )
+    outcomes = pd.DataFrame({"date": day, "symbol": symbols, "fwd_ret": RET})
+    return predictions, outcomes
+
+
+def test_daily_performance_against_a_hand_computation() -> None:
+    predictions, outcomes = _one_date()
+    row = daily_performance(realised_forecasts(predictions, outcomes)).iloc[0]
+    assert row["model_version"] == "3" and row["n_names"] == 10
+    assert row["ic"] == pytest.approx(np.corrcoef(np.arange(1, 11), RET)[0, 1], abs=1e-12)
+    assert row["rank_ic"] == pytest.approx(spearmanr(np.arange(1, 11), RET).statistic, abs=1e-12)
+    # top decile = the highest forecast (6/128), bottom = the lowest (2/128)
+    assert row["decile_spread"] == pytest.approx(4 / 128, abs=1e-15)
+    # forecast sides: 5 below, 5 above the mean 5.5; return sides vs 1/128: name 3 sits on it (left out);
+    # hits: names 1, 2, 4 (below/below), 5, 7, 9 (above/above); misses: 0, 6, 8 -> 6 of 9
+    assert row["hit_rate"] == pytest.approx(6 / 9, abs=1e-15)
+
+
+def test_unrealised_rows_are_left_out_and_duplicates_refused() -> None:
+    predictions, outcomes = _one_date()
+    outcomes.loc[0, "fwd_ret"] = np.nan  # not known yet
+    realised = realised_forecasts(predictions, outcomes.drop(index=1))  # and one without an outcome row
+    assert len(realised) == 8 and set(realised["symbol"]) == {f"S{i}" for i in range(2, 10)}
+    with pytest.raises(ValueError, match="duplicate"):
+        realised_forecasts(pd.concat([predictions, predictions.head(1)]), outcomes)
+    assert daily_performance(realised.iloc[:0]).empty
+
+
+def test_rolling_means_cover_the_last_20_and_60_dates() -> None:
+    rng = np.random.default_rng(0)
+    n = 25
+    daily = pd.DataFrame(
+        {
+            "date": pd.bdate_range("2024-01-01", periods=n)[::-1],  # any order in, date order out
+            "model_version": "1",
+            "n_names": 50,
+            "ic": rng.normal(size=n),
+            "rank_ic": rng.normal(size=n),
+            "decile_spread": rng.normal(size=n),
+            "hit_rate": rng.uniform(size=n),
+        }
+    )
+    daily.loc[3, "rank_ic"] = np.nan  # a date without a RankIC is skipped inside its windows
+    out = with_rolling_means(daily)
+    assert out["date"].is_monotonic_increasing
+    ordered = daily.sort_values("date")["rank_ic"].to_numpy()
+    assert out["rank_ic_mean_20"].iloc[-1] == pytest.approx(np.nanmean(ordered[-20:]), abs=1e-12)
+    assert out["rank_ic_mean_60"].iloc[-1] == pytest.approx(np.nanmean(ordered), abs=1e-12)
+    assert out["rank_ic_mean_20"].iloc[0] == pytest.approx(ordered[0])
+    assert list(out["n_dates_20"].iloc[[0, 19, 24]]) == [1, 20, 20]
+    assert out["n_dates_60"].iloc[-1] == 25
+
+
+def test_writing_the_same_table_twice_changes_nothing(tmp_path: Path) -> None:
+    predictions, outcomes = _one_date()
+    table = performance_table(predictions, outcomes)
+    assert list(table.columns) == list(PERFORMANCE_COLUMNS)
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    assert write_performance(con, table) == {"dates": 1, "new_dates": 1, "changed_dates": 0}
+    first = con.execute("SELECT * FROM prediction_performance").df()
+    assert write_performance(con, table) == {"dates": 1, "new_dates": 0, "changed_dates": 0}
+    pd.testing.assert_frame_equal(con.execute("SELECT * FROM prediction_performance").df(), first)
+    revised = performance_table(predictions, outcomes.assign(fwd_ret=RET[::-1]))  # a revised return
+    assert write_performance(con, revised)["changed_dates"] == 1
+    assert con.execute("SELECT count(*) FROM prediction_performance").fetchone()[0] == 1
+
+
+def test_the_decay_floor_and_verdict() -> None:
+    assert decay_floor(0.05, 0.01) == (0.0, "zero")  # val - 2 SE = 0.03 > 0: the lower one is 0
+    floor, rule = decay_floor(0.01, 0.01)
+    assert rule == "validation - 2 SE" and floor == pytest.approx(-0.01)
+    assert decay_floor(0.05, 0.01, configured=0.02) == (0.02, "configured")
+    assert decay_floor(float("nan"), float("nan")) == (0.0, "zero")  # no validation score: floor 0
+
+    dates = pd.bdate_range("2024-01-01", periods=30)
+    perf = pd.DataFrame({"date": dates, "model_version": ["1"] * 10 + ["2"] * 20, "rank_ic": 0.0})
+    perf.loc[:9, "rank_ic"] = -0.5  # the old champion's bad days do not count against v2
+    perf.loc[10:, "rank_ic"] = np.linspace(-0.03, 0.01, 20)  # mean -0.01
+    ok = decay_verdict(perf, "2", 0.01, 0.01)
+    assert ok.n_dates == 20 and ok.realised_rank_ic == pytest.approx(-0.01) and ok.passed  # -0.01 >= -0.01
+    bad = decay_verdict(perf, "2", 0.05, 0.01)
+    assert not bad.passed and bad.floor == 0.0 and "< floor" in bad.reason
+    young = decay_verdict(perf, "2", 0.05, 0.01, DecayRule(window=25))
+    assert young.passed and young.n_dates == 20 and "25 are needed" in young.reason
+    assert not decay_verdict(perf, "2", 0.05, 0.01, DecayRule(window=25, min_dates=20)).passed
+    assert decay_verdict(perf, "9", 0.05, 0.01).n_dates == 0  # a new champion has no record yet
+    with pytest.raises(ValueError, match="min_dates"):
+        DecayRule(window=5, min_dates=6)
+
+
+def test_retrain_decision_acts_once_per_evaluation_and_once_per_cooldown() -> None:
+    day = 86400.0
+    first = decay_retrain_decision(7, True, None, now=1000.0, cooldown_s=day)
+    assert first.request
+    again = decay_retrain_decision(7, True, first.cursor, now=1060.0, cooldown_s=day)
+    assert not again.request and "no new evaluation" in again.reason
+    cooling = decay_retrain_decision(8, True, first.cursor, now=1000.0 + day / 2, cooldown_s=day)
+    assert not cooling.request and "cooldown" in cooling.reason
+    assert json.loads(cooling.cursor)["check_id"] == 8
+    passed = decay_retrain_decision(9, False, cooling.cursor, now=1000.0 + day + 1, cooldown_s=day)
+    assert not passed.request
+    later = decay_retrain_decision(10, True, passed.cursor, now=1000.0 + day + 1, cooldown_s=day)
+    assert later.request  # the cooldown is over
+    assert not decay_retrain_decision(None, False, None, now=0.0, cooldown_s=day).request
+    assert decay_retrain_decision(3, True, "not json", now=0.0, cooldown_s=day).request
+
+
+def _register_champion(tracking_uri: str, tmp_path: Path, val: float, se: float) -> str:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client.create_registered_model("return-regressor")
+    source = tmp_path / "model_files"
+    source.mkdir()
+    version = client.create_model_version(
+        "return-regressor", str(source), tags={"val_rank_ic": str(val), "val_rank_ic_se": str(se)}
+    ).version
+    client.set_registered_model_alias("return-regressor", "champion", version)
+    return str(version)
+
+
+def _serve(
+    con: duckdb.DuckDBPyConnection, dates: pd.DatetimeIndex, version: str, sign: float, seed: int
+) -> None:
+    """Forecasts of `version` on `dates` and the returns that followed: sign +1 = they rank the returns
+    well, -1 = the returns came out in the reverse order (a planted decay)."""
+    rng = np.random.default_rng(seed)
+    symbols = [f"S{i:02d}" for i in range(40)]
+    rows = pd.DataFrame([(d, s) for d in dates for s in symbols], columns=["date", "symbol"])
+    rows["prediction"] = rng.normal(size=len(rows))
+    write_predictions(con, rank_predictions(rows, version))
+    outcomes = rows.assign(fwd_ret=0.01 * (sign * rows["prediction"] + 0.5 * rng.normal(size=len(rows))))
+    con.execute("CREATE TABLE IF NOT EXISTS features (date TIMESTAMP, symbol VARCHAR, fwd_ret DOUBLE)")
+    con.register("_o", outcomes[["date", "symbol", "fwd_ret"]])
+    con.execute("INSERT INTO features SELECT * FROM _o")
+    con.unregister("_o")
+
+
+def test_a_planted_decay_trips_the_check_and_requests_one_retrain_within_the_cooldown(tmp_path: Path) -> None:
+    settings = Settings.from_env({"DATA_DIR": str(tmp_path / "data")})
+    version = _register_champion(settings.mlflow_tracking_uri, tmp_path, val=0.05, se=0.01)
+    resources = build_resources(settings)
+    instance = DagsterInstance.ephemeral()
+    sensor = next(s for s in build_automation(settings)[1] if s.name == "retrain_on_decay")
+
+    def run() -> tuple[dict, bool, str | None]:
+        result = materialize(
+            [prediction_performance, champion_still_works], resources=resources, instance=instance
+        )
+        assert result.success
+        meta = result.get_asset_materialization_events()[0].materialization.metadata
+        check = result.get_asset_check_evaluations()[0]
+        return {k: v.value for k, v in meta.items()}, check.passed, check.metadata["reason"].value
+
+    dates = pd.bdate_range("2024-01-01", periods=45)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(str(settings.warehouse_path))
+    _serve(con, dates[:25], version, sign=1.0, seed=1)
+    con.close()
+    meta, passed, reason = run()
+    assert meta["dagster/row_count"] == 25 and meta["new_dates"] == 25
+    assert meta["rank_ic_mean_20"] > 0.5 and passed, reason
+    cursor = sensor(build_sensor_context(instance=instance)).cursor  # a passing check requests nothing
+
+    con = duckdb.connect(str(settings.warehouse_path))
+    _serve(con, dates[25:], version, sign=-1.0, seed=2)  # 20 new days: the returns turned against it
+    con.close()
+    meta, passed, reason = run()
+    assert meta["new_dates"] == 20 and meta["changed_dates"] == 0 and meta["rank_ic_mean_20"] < -0.5
+    assert not passed and "< floor 0.0000 (zero)" in reason
+
+    first = sensor(build_sensor_context(instance=instance, cursor=cursor))
+    assert len(first.run_requests) == 1
+    assert first.run_requests[0].run_config == FORCED_RETRAIN_CONFIG
+    assert first.run_requests[0].tags["trigger"] == "champion_decay"
+
+    before = duckdb.connect(str(settings.warehouse_path), read_only=True)
+    table = before.execute("SELECT * FROM prediction_performance ORDER BY date").df()
+    before.close()
+    meta, passed, _ = run()  # the same day again: nothing new, nothing duplicated, still failing
+    assert meta["new_dates"] == 0 and meta["changed_dates"] == 0 and meta["dagster/row_count"] == 45
+    after = duckdb.connect(str(settings.warehouse_path), read_only=True)
+    pd.testing.assert_frame_equal(
+        after.execute("SELECT * FROM prediction_performance ORDER BY date").df(), table
+    )
+    after.close()
+    assert not passed
+    second = sensor(build_sensor_context(instance=instance, cursor=first.cursor))
+    assert not second.run_requests and "cooldown" in second.skip_reason.skip_message
