@@ -935,7 +935,7 @@ def bench_inference(args) -> None:
     from modeling.backbones.common import load_tokenizer
     from modeling.data.corpus import tokenise_rows
     from modeling.evaluation import split_rows
-    from modeling.feature_registry import FEATURE_NAMES
+    from modeling.feature_registry import MODEL_INPUT_COLUMNS
     from modeling.inference import length_batches, pad_batch, predict_ids
     from modeling.model import load_regressor
 
@@ -963,7 +963,7 @@ def bench_inference(args) -> None:
         tracking = os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{DATA / 'mlflow.db'}")
         mlflow.set_tracking_uri(tracking)
         pyfunc = mlflow.pyfunc.load_model("models:/return-regressor@champion")
-        features = pd.read_parquet(training_set, columns=["date", "symbol", "sector", *FEATURE_NAMES])
+        features = pd.read_parquet(training_set, columns=list(MODEL_INPUT_COLUMNS))
         raw = rows[["date", "symbol"]].merge(features, on=["date", "symbol"], how="left")
         started = time.perf_counter()
         pyfunc.predict(raw)

@@ -23,6 +23,7 @@ import torch
 from modeling.feature_registry import FEATURE_NAMES
 from modeling.metrics import rank_ic
 from modeling.model import HeadConfig, RegressionHead
+from modeling.optim import BestTracker
 
 BASELINES = ("zero", "ridge", "lightgbm", "mlp_features")
 
@@ -134,8 +135,8 @@ def fit_mlp_features(
     w = torch.tensor(_weights(train), dtype=torch.float32)
     x_val = torch.tensor(scaler.transform(validation), dtype=torch.float32)
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.mlp_learning_rate)
-    best, best_state, waited = -np.inf, None, 0
-    for _ in range(cfg.mlp_epochs):
+    tracker, best_state = BestTracker(patience=cfg.mlp_patience), None
+    for epoch in range(cfg.mlp_epochs):
         head.train()
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x), cfg.mlp_batch_size):
@@ -147,12 +148,10 @@ def fit_mlp_features(
         head.eval()
         with torch.no_grad():
             score = rank_ic(validation.assign(prediction=head(x_val).numpy()))
-        if np.isfinite(score) and score > best:
-            best, best_state, waited = score, {k: v.clone() for k, v in head.state_dict().items()}, 0
-        else:
-            waited += 1
-            if waited >= cfg.mlp_patience:
-                break
+        if tracker.update(score, epoch):
+            best_state = {k: v.clone() for k, v in head.state_dict().items()}
+        elif tracker.should_stop:
+            break
     if best_state is not None:
         head.load_state_dict(best_state)
     head.eval()

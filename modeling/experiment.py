@@ -14,16 +14,14 @@ Run by the training process's main rank (`modeling.run_job`) when the job names 
    registered as a new version (`challenger`), then the champion gate (a paired test on the same
    validation rows).
 
-This module imports mlflow only through `modeling.registry`.
+This module imports mlflow only through `modeling.mlflow_registry`.
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +33,8 @@ from modeling.backbones.common import load_tokenizer
 from modeling.baselines import BaselineConfig, fit_predict_baselines
 from modeling.data.corpus import train_sample
 from modeling.evaluation import score_rows, split_rows
-from modeling.feature_registry import FEATURE_NAMES
+from modeling.feature_registry import FEATURE_NAMES, MODEL_INPUT_COLUMNS
+from modeling.job import ExperimentSpec, Outcome  # noqa: F401 (ExperimentSpec re-exported)
 from modeling.metrics import evaluate, paired_difference, per_date_correlation
 from modeling.model import load_regressor
 from modeling.report_plots import forecast_plots
@@ -56,46 +55,8 @@ METRIC_KEYS = (
 )
 
 
-@dataclass
-class ExperimentSpec:
-    """`TrainJob.experiment`: where to log and what to judge on."""
-
-    tracking_uri: str
-    training_set_path: str
-    experiment_name: str = "return-regressor"
-    registry_name: str | None = "return-regressor"
-    """None: log the run and the model, register nothing (search trials)."""
-    artifact_root: str | None = None
-    eval_max_dates: int | None = 40
-    """Validation and test dates scored at the end (evenly spaced; None = all)."""
-    test_max_dates: int | None = None
-    """A further cap on the test dates only (the smaller of the two applies; None = `eval_max_dates`): the
-    gate decides on validation, test is only reported, so the demo buys its time there."""
-    baselines: bool = True
-    run_name: str = "regressor"
-    params: dict[str, Any] = field(default_factory=dict)
-    """Extra params to log: bucket scheme, data ranges, base model identity, hyperparameter source."""
-    version_tags: dict[str, Any] = field(default_factory=dict)
-    """Extra tags on the registered version (e.g. the inputs fingerprint)."""
-    reports_dir: str | None = None
-    parent_run_id: str | None = None
-    promote: bool = True
-    """Run the champion gate (False: register as challenger only)."""
-    gate_k: float = 1.0
-    """The gate promotes when the paired RankIC difference exceeds gate_k standard errors ..."""
-    gate_min_delta: float = 0.0
-    """... and this margin."""
-    resume_version: str | None = None
-    """A version this job already registered before its run failed (before the gate): it is verified
-    and gated instead of registering another copy."""
-    gate_tags: dict[str, Any] = field(default_factory=dict)
-    """What makes validation scores comparable across versions (horizon, label kind, train end)."""
-    validation_start: str | None = None
-    """First validation date: a champion trained on or after it is not compared on its in-sample score."""
-
-
 def _feature_rows(training_set: Path) -> pd.DataFrame:
-    columns = ["date", "symbol", "sector", *FEATURE_NAMES, "fwd_ret"]
+    columns = [*MODEL_INPUT_COLUMNS, "fwd_ret"]
     rows = pd.read_parquet(training_set, columns=columns)
     return rows.drop_duplicates(["date", "symbol"]).reset_index(drop=True)
 
@@ -167,9 +128,9 @@ def headline_table(
 
 
 def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None] = print) -> dict[str, Any]:
-    from modeling import registry
+    from modeling import mlflow_registry
 
-    spec = ExperimentSpec(**job.experiment)
+    spec = job.experiment
     started = time.perf_counter()
     model_dir = Path(result.model_dir)
     tokenizer = load_tokenizer(job.base_model_dir)
@@ -232,7 +193,7 @@ def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None
     table.to_csv(table_path, index=False)
     report_path = model_dir.parent / "train_report.json"
 
-    validation_key = registry.rows_key(frames["validation"])
+    validation_key = mlflow_registry.rows_key(frames["validation"])
     daily = per_date_correlation(frames["validation"], method="spearman")
     metrics: dict[str, float] = {}
     for name, per_split in results.items():
@@ -268,13 +229,13 @@ def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None
         "test_max_dates": spec.test_max_dates,
         **spec.params,
     }
-    input_example = frames["validation"][["date", "symbol", "sector", *FEATURE_NAMES]].head(3)
-    experiment_id = registry.configure(spec.tracking_uri, spec.experiment_name, spec.artifact_root)
+    input_example = frames["validation"][list(MODEL_INPUT_COLUMNS)].head(3)
+    experiment_id = mlflow_registry.configure(spec.tracking_uri, spec.experiment_name, spec.artifact_root)
     tags = {
         "val_rank_ic": val_score,
         "val_rank_ic_se": results["llm_regressor"]["validation"]["rank_ic_se"],
         "val_n_dates": results["llm_regressor"]["validation"]["rank_ic_n_dates"],
-        "val_daily_rank_ic": registry.daily_to_tag(daily),
+        "val_daily_rank_ic": mlflow_registry.daily_to_tag(daily),
         "validation_rows_sha": validation_key,
         # the feature definitions the model was trained on: `predictions` refuses rows computed otherwise
         "feature_registry_sha": job.prompt.get("feature_registry_sha", ""),
@@ -282,7 +243,7 @@ def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None
         **spec.version_tags,
     }
     if spec.resume_version is not None:
-        version_tags = registry.version_tags(spec.registry_name, spec.resume_version)
+        version_tags = mlflow_registry.version_tags(spec.registry_name, spec.resume_version)
         logged = {
             "run_id": version_tags["run_id"],
             "model_version": spec.resume_version,
@@ -290,7 +251,7 @@ def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None
         }
         log(f"version {spec.resume_version} was registered before the previous attempt failed: gating it")
     else:
-        logged = registry.log_run(
+        logged = mlflow_registry.log_run(
             experiment_id,
             spec.run_name,
             params,
@@ -309,17 +270,17 @@ def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None
     if spec.registry_name and logged["model_version"]:
         if spec.promote:
             validation_rows = frames["validation"]
-            served_columns = ["date", "symbol", "sector", *FEATURE_NAMES]
+            served_columns = list(MODEL_INPUT_COLUMNS)
 
             def rescore(uri: str) -> pd.Series:
-                champion = registry.load_model(uri)
+                champion = mlflow_registry.load_model(uri)
                 predicted = np.asarray(champion.predict(validation_rows[served_columns]), dtype=float)
                 return per_date_correlation(validation_rows.assign(prediction=predicted), method="spearman")
 
             # what gets served is what was judged: the registered pyfunc must reproduce these predictions
             check = validation_rows.head(64)
             served = np.asarray(
-                registry.load_model(logged["model_uri"]).predict(check[served_columns]), dtype=float
+                mlflow_registry.load_model(logged["model_uri"]).predict(check[served_columns]), dtype=float
             )
             gap = float(np.max(np.abs(served - check["prediction"].to_numpy(float)))) if len(check) else 0.0
             if not gap <= 1e-4 * max(1.0, float(np.abs(served).max(initial=0.0))):
@@ -327,7 +288,7 @@ def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None
                     f"the registered pyfunc model predicts differently from the judged model "
                     f"(max difference {gap:.3g}); it is neither challenger nor champion"
                 )
-            gate = registry.champion_gate(
+            gate = mlflow_registry.champion_gate(
                 spec.registry_name,
                 logged["model_version"],
                 daily,
@@ -342,33 +303,33 @@ def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None
             log(f"champion gate: {gate['reason']}")
         else:
             gate = {"promoted": False, "reason": "the champion gate was not asked for (promote=False)"}
-        registry.finish_version(spec.registry_name, logged["model_version"], gate)
-    outcome = {
-        "run_id": logged["run_id"],
-        "model_uri": logged["model_uri"],
-        "model_version": logged["model_version"],
-        "promoted": gate["promoted"],
-        "gate": gate["reason"],
-        "val_rank_ic": val_score,
-        "val_rank_ic_se": results["llm_regressor"]["validation"]["rank_ic_se"],
-        "val_n_dates": results["llm_regressor"]["validation"]["rank_ic_n_dates"],
-        "test_rank_ic": results["llm_regressor"]["test"]["rank_ic"],
-        "test_rank_ic_se": results["llm_regressor"]["test"]["rank_ic_se"],
-        "test_n_dates": results["llm_regressor"]["test"]["rank_ic_n_dates"],
-        "val_rank_icir": results["llm_regressor"]["validation"]["rank_icir"],
-        "test_rank_icir": results["llm_regressor"]["test"]["rank_icir"],
-        "baselines_val_rank_ic": {
+        mlflow_registry.finish_version(spec.registry_name, logged["model_version"], gate)
+    outcome = Outcome(
+        run_id=logged["run_id"],
+        model_uri=logged["model_uri"],
+        model_version=logged["model_version"],
+        promoted=gate["promoted"],
+        gate=gate["reason"],
+        val_rank_ic=val_score,
+        val_rank_ic_se=results["llm_regressor"]["validation"]["rank_ic_se"],
+        val_n_dates=results["llm_regressor"]["validation"]["rank_ic_n_dates"],
+        test_rank_ic=results["llm_regressor"]["test"]["rank_ic"],
+        test_rank_ic_se=results["llm_regressor"]["test"]["rank_ic_se"],
+        test_n_dates=results["llm_regressor"]["test"]["rank_ic_n_dates"],
+        val_rank_icir=results["llm_regressor"]["validation"]["rank_icir"],
+        test_rank_icir=results["llm_regressor"]["test"]["rank_icir"],
+        baselines_val_rank_ic={
             n: r["validation"]["rank_ic"] for n, r in results.items() if n != "llm_regressor"
         },
-        "comparison": headline,
-        "paired": paired,
-        "gate_stats": {k: gate.get(k) for k in ("delta", "se", "t", "n_dates", "bar")},
-        "plots": {name: str(path) for name, path in plots.items()},
-        "train": {k: v for k, v in report.items() if k not in ("history", "eval_dates")},
-        "eval_history": report["history"],
-        "experiment_s": round(time.perf_counter() - started, 1),
-        "score_rows_per_s": round(float(np.mean(list(rates.values()))), 1),
-        "baseline_fit_s": baseline_seconds,
-    }
-    (model_dir.parent / "outcome.json").write_text(json.dumps(outcome, indent=1, default=str) + "\n")
-    return outcome
+        comparison=headline,
+        paired=paired,
+        gate_stats={k: gate.get(k) for k in ("delta", "se", "t", "n_dates", "bar")},
+        plots={name: str(path) for name, path in plots.items()},
+        train={k: v for k, v in report.items() if k not in ("history", "eval_dates")},
+        eval_history=report["history"],
+        experiment_s=round(time.perf_counter() - started, 1),
+        score_rows_per_s=round(float(np.mean(list(rates.values()))), 1),
+        baseline_fit_s=baseline_seconds,
+    )
+    outcome.save(model_dir.parent)
+    return outcome.to_dict()

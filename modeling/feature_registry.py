@@ -182,6 +182,8 @@ FEATURES: tuple[FeatureSpec, ...] = (
 )
 
 FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
+MODEL_INPUT_COLUMNS: tuple[str, ...] = ("date", "symbol", "sector", *FEATURE_NAMES)
+"""What the served model reads per row (the pyfunc's input; `sector` optional there)."""
 FEATURES_BY_NAME: dict[str, FeatureSpec] = {f.name: f for f in FEATURES}
 
 # Trading rows of history a symbol needs before every feature is defined: ret_60d and vol_60d read

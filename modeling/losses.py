@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("mse", "huber", "ic")
-"""Losses `TrainConfig.loss` may name."""
+from modeling.job import LOSSES  # noqa: F401 (the loss names `TrainConfig.loss` may take)
 
 
 def pointwise_loss(

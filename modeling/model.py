@@ -27,9 +27,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +42,7 @@ from modeling.errors import ModelUnloadableError
 # code imports it from here. New code imports it from `modeling.inference`, which never imports this
 # module (no cycle).
 from modeling.inference import predict_prompts as predict_prompts
+from modeling.job import HeadConfig, LoraSettings, RegressorConfig  # noqa: F401 (re-exported: the model's shape)
 
 REGRESSOR_FORMAT_VERSION = 1
 """Version of the saved layout below; bumped when it changes."""
@@ -60,27 +60,6 @@ LLAMA_FAMILY = frozenset({"llama"})
 
 
 # --- head -----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class HeadConfig:
-    """The MLP regression head."""
-
-    hidden_sizes: tuple[int, ...] = (256,)
-    """Widths of the hidden layers; () = a linear head."""
-    activation: str = "gelu"
-    """Activation between layers: gelu, relu, silu or tanh."""
-    dropout: float = 0.1
-    """Dropout after each hidden layer (training only)."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in self.hidden_sizes))
-        if any(h < 1 for h in self.hidden_sizes):
-            raise ValueError(f"head hidden_sizes must be positive, got {self.hidden_sizes}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"head activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"head dropout must be in [0, 1), got {self.dropout}")
-
-
 class RegressionHead(nn.Module):
     """MLP from a hidden state to one number: [Linear -> activation -> dropout] x depth -> Linear(., 1).
 
@@ -193,84 +172,6 @@ def supports_last_layer_shortcut(model: nn.Module) -> bool:
         and len(layers) >= 1
         and all(hasattr(model, name) for name in ("embed_tokens", "rotary_emb", "norm"))
     )
-
-
-# --- config ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LoraSettings:
-    """The LoRA adapters peft puts into the frozen backbone."""
-
-    r: int = 8
-    """Rank of each adapter."""
-    alpha: float = 16.0
-    """Scaling numerator: the update is (alpha / r) * B A (alpha / sqrt(r) with rsLoRA)."""
-    dropout: float = 0.0
-    """Dropout on the adapter input."""
-    target_modules: tuple[str, ...] | str = "all-linear"
-    """Module names to adapt, or "all-linear": every linear layer of the backbone, i.e. every attention
-    and MLP projection (q, k, v, o, gate, up, down for Llama); the LM head is not loaded at all."""
-    use_rslora: bool = False
-    """Rank-stabilised scaling alpha / sqrt(r)."""
-    use_dora: bool = False
-    """Weight-decomposed LoRA (DoRA)."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.target_modules, str):
-            object.__setattr__(self, "target_modules", tuple(self.target_modules))
-            if not self.target_modules:
-                raise ValueError("LoRA target_modules must name at least one module (or be 'all-linear')")
-        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
-            raise ValueError(f"LoRA needs r >= 1, alpha > 0, 0 <= dropout < 1; got {self}")
-
-    def peft_config(self) -> Any:
-        from peft import LoraConfig
-
-        targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
-        return LoraConfig(
-            r=self.r,
-            lora_alpha=self.alpha,
-            lora_dropout=self.dropout,
-            target_modules=targets,
-            use_rslora=self.use_rslora,
-            use_dora=self.use_dora,
-            bias="none",
-        )
-
-
-@dataclass(frozen=True)
-class RegressorConfig:
-    """Everything that defines the model's shape (not how it is trained)."""
-
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    """The adapters."""
-    head: HeadConfig = field(default_factory=HeadConfig)
-    """The regression head."""
-    quantization: Literal["none", "4bit"] = "none"
-    """none, or 4bit: QLoRA, the frozen backbone in NF4 through bitsandbytes (CUDA GPUs only)."""
-    last_layer_shortcut: bool = True
-    """Run the last decoder layer on the pooled token only (Llama family; same output, less work)."""
-    gradient_checkpointing: bool = False
-    """Recompute decoder-layer activations in the backward pass (less memory, ~30% more compute)."""
-
-    def __post_init__(self) -> None:
-        if self.quantization not in ("none", "4bit"):
-            raise ValueError(f"quantization must be 'none' or '4bit', got {self.quantization!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RegressorConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown regressor config keys {sorted(unknown)}")
-        values = dict(data)
-        if isinstance(values.get("lora"), dict):
-            values["lora"] = LoraSettings(**values["lora"])
-        if isinstance(values.get("head"), dict):
-            values["head"] = HeadConfig(**values["head"])
-        return cls(**values)
 
 
 # --- wrapper --------------------------------------------------------------------------------------------

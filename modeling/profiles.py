@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from modeling.model import HeadConfig, LoraSettings, RegressorConfig
-from modeling.train import TrainConfig
+from modeling.job import HeadConfig, LoraSettings, RegressorConfig, TrainConfig
 
 
 @dataclass(frozen=True)

@@ -132,15 +132,6 @@ def first_feature_date_after_warmup(warehouse: WarehouseResource) -> AssetCheckR
     )
 
 
-ALL_CHECKS = [
-    reject_share_below_threshold,
-    universe_size_per_date,
-    exactly_16_feature_columns,
-    features_finite,
-    first_feature_date_after_warmup,
-]
-
-
 def _training_set(storage: StorageResource) -> pd.DataFrame:
     return pd.read_parquet(storage.parquet_path("training_set"), columns=["date", "split", "weight", "label"])
 
@@ -222,15 +213,6 @@ def prompts_have_finite_values(storage: StorageResource) -> AssetCheckResult:
     return AssetCheckResult(passed=n_bad == 0, metadata={"prompts": len(prompts), "nan_prompts": n_bad})
 
 
-ALL_CHECKS += [
-    splits_are_purged,
-    weights_are_normalised,
-    prompts_fit_context,
-    prompts_cover_training_set,
-    prompts_have_finite_values,
-]
-
-
 BEATS_K = 1.0
 """`regressor_beats_baselines`: the paired difference must exceed this many standard errors."""
 
@@ -270,10 +252,9 @@ def regressor_beats_baselines(context: AssetCheckExecutionContext) -> AssetCheck
 def predictions_cover_live_universe(
     storage: StorageResource, warehouse: WarehouseResource
 ) -> AssetCheckResult:
-    from modeling.data.predictions import coverage
-    from pipeline.assets.predictions import live_rows
+    from modeling.data.predictions import coverage, live_rows
 
-    live = live_rows(storage)
+    live = live_rows(storage.parquet_path("training_set"))
     with warehouse.get_connection() as con:
         counts = coverage(con, live)
         con.register("_live_dates", pd.DataFrame({"date": live["date"].unique()}))
@@ -294,9 +275,6 @@ def predictions_cover_live_universe(
             "universe_rows_in_feature_warmup": MetadataValue.int(int(in_warmup)),
         },
     )
-
-
-ALL_CHECKS += [regressor_beats_baselines, predictions_cover_live_universe]
 
 
 @asset_check(
@@ -325,16 +303,14 @@ def pretraining_lowered_lm_loss(storage: StorageResource) -> AssetCheckResult:
     )
 
 
-ALL_CHECKS += [pretraining_lowered_lm_loss]
-
-
 class ChampionStillWorksConfig(Config):
     window: int = Field(
         default=20, ge=1, description="Judge the champion on its last this many realised dates."
     )
     min_dates: int | None = Field(
-        default=None, ge=1, description="Fewer realised dates of the champion is no evidence (passes); "
-        "None = the whole window."
+        default=None,
+        ge=1,
+        description="Fewer realised dates of the champion is no evidence (passes); None = the whole window.",
     )
     floor: float | None = Field(
         default=None,
@@ -351,16 +327,16 @@ class ChampionStillWorksConfig(Config):
 def champion_still_works(
     config: ChampionStillWorksConfig, warehouse: WarehouseResource, mlflow: MlflowResource
 ) -> AssetCheckResult:
-    from modeling import registry
+    from modeling import mlflow_registry
     from modeling.monitoring import PERFORMANCE_TABLE, DecayRule, decay_verdict
 
-    registry.configure(mlflow.tracking_uri, mlflow.experiment_name, mlflow.artifact_root)
-    version = registry.alias_version(mlflow.registry_name, registry.CHAMPION)
+    mlflow_registry.configure(mlflow.tracking_uri, mlflow.experiment_name, mlflow.artifact_root)
+    version = mlflow_registry.alias_version(mlflow.registry_name, mlflow_registry.CHAMPION)
     if version is None:
         return AssetCheckResult(
             passed=True, severity=AssetCheckSeverity.WARN, metadata={"reason": "no champion is serving"}
         )
-    tags = registry.version_tags(mlflow.registry_name, version)
+    tags = mlflow_registry.version_tags(mlflow.registry_name, version)
     with warehouse.get_connection() as con:
         performance = con.execute(f"SELECT date, model_version, rank_ic FROM {PERFORMANCE_TABLE}").df()
     rule = DecayRule(window=config.window, min_dates=config.min_dates, floor=config.floor)
@@ -388,4 +364,20 @@ def champion_still_works(
     )
 
 
-ALL_CHECKS += [champion_still_works]
+ALL_CHECKS = [
+    reject_share_below_threshold,
+    universe_size_per_date,
+    exactly_16_feature_columns,
+    features_finite,
+    first_feature_date_after_warmup,
+    splits_are_purged,
+    weights_are_normalised,
+    prompts_fit_context,
+    prompts_cover_training_set,
+    prompts_have_finite_values,
+    regressor_beats_baselines,
+    predictions_cover_live_universe,
+    pretraining_lowered_lm_loss,
+    champion_still_works,
+]
+"""Every check, in data order: what `Definitions` registers."""

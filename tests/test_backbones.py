@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from modeling.backbones import common, resolve_base_model
 from modeling.backbones import embedded as bm
@@ -96,14 +97,14 @@ def test_build_writes_a_standard_hf_checkpoint(model_dir: Path) -> None:
 def test_round_trip_gives_same_logits_and_backbone_hidden_states(tmp_path: Path) -> None:
     out = tmp_path / "m"
     built_model: list[torch.nn.Module] = []
-    real_save = bm.LlamaForCausalLM.save_pretrained
+    real_save = transformers.LlamaForCausalLM.save_pretrained
 
     def capture_save(self: torch.nn.Module, *args: object, **kwargs: object) -> object:
         built_model.append(self)
         return real_save(self, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(bm.LlamaForCausalLM, "save_pretrained", capture_save)
+        mp.setattr(transformers.LlamaForCausalLM, "save_pretrained", capture_save)
         build_embedded_base_model(out, TEXTS, SPEC)
     (original,) = built_model
 
@@ -227,7 +228,7 @@ def test_failed_build_leaves_previous_model_intact(
         raise RuntimeError("disk full")
 
     # Fails after the weights were written to the temporary directory.
-    monkeypatch.setattr(bm.PreTrainedTokenizerFast, "save_pretrained", boom)
+    monkeypatch.setattr(transformers.PreTrainedTokenizerFast, "save_pretrained", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         build_embedded_base_model(out, TEXTS, TinyLlamaSpec(**{**SPEC.__dict__, "seed": 7}))
     assert _dir_digest(out) == before

@@ -19,7 +19,7 @@ from modeling.data.features import LabelSpec, build_features, count_non_finite
 from modeling.data.ingest import ingest_market_data
 from modeling.data.synthetic import SyntheticMarketConfig, generate_synthetic_market
 from modeling.data.universe import UniverseSpec, build_universe, universe_count_mismatches
-from modeling.feature_registry import FEATURE_NAMES, WARMUP_ROWS
+from modeling.feature_registry import FEATURE_NAMES, MODEL_INPUT_COLUMNS, WARMUP_ROWS
 from tests.pandas_reference import FEATURE_COLUMNS, reference_features, reference_universe
 
 MARKET = SyntheticMarketConfig(n_symbols=120, n_years=1.5, seed=11)
@@ -275,7 +275,7 @@ def test_no_leakage_from_future_prices_and_volumes(horizon: int):
     # feature SQL skips symbols that never enter the universe, so a future change can change which
     # symbols DuckDB's window operator processes together, and with it the order in which its segment
     # trees add partial sums (floating-point noise around 1e-17; any look-ahead moves values by far more).
-    cols = ["date", "symbol", "sector", *FEATURE_NAMES]
+    cols = list(MODEL_INPUT_COLUMNS)
     new, old = _sorted(t.features), _sorted(base.features)
     new_d = new.loc[new["date"] <= d, cols].reset_index(drop=True)
     old_d = old.loc[old["date"] <= d, cols].reset_index(drop=True)

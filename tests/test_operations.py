@@ -36,8 +36,14 @@ def _snapshot(data_dir: Path) -> dict[str, str]:
     con = duckdb.connect(str(data_dir / "warehouse.duckdb"), read_only=True)
     out = {}
     try:
-        for table in ("raw_market_data", "raw_market_data_rejects", "universe", "features", "predictions",
-                      "prediction_performance"):
+        for table in (
+            "raw_market_data",
+            "raw_market_data_rejects",
+            "universe",
+            "features",
+            "predictions",
+            "prediction_performance",
+        ):
             frame = con.execute(f"SELECT * FROM {table} ORDER BY ALL").df()
             out[table] = hashlib.sha256(
                 pd.util.hash_pandas_object(frame, index=False).values.tobytes()
@@ -53,10 +59,13 @@ def _snapshot(data_dir: Path) -> dict[str, str]:
 
 
 def _aliases(settings: Settings) -> dict[str, str | None]:
-    from modeling import registry
+    from modeling import mlflow_registry
 
-    registry.configure(settings.mlflow_tracking_uri, "return-regressor")
-    return {alias: registry.alias_version("return-regressor", alias) for alias in ("champion", "challenger")}
+    mlflow_registry.configure(settings.mlflow_tracking_uri, "return-regressor")
+    return {
+        alias: mlflow_registry.alias_version("return-regressor", alias)
+        for alias in ("champion", "challenger")
+    }
 
 
 def _run(settings: Settings, instance: DagsterInstance):
@@ -196,11 +205,11 @@ def test_a_failing_training_child_fails_the_asset_with_its_error_and_leaves_ever
     text = str(failure)
     assert "the training process failed" in text and "needs a CUDA GPU" in text  # the child's own error
     assert _snapshot_files(settings.data_dir) == before  # earlier outputs untouched and readable
-    from modeling import registry
+    from modeling import mlflow_registry
 
-    registry.configure(settings.mlflow_tracking_uri, "return-regressor")
-    assert registry.find_version("return-regressor", "run_id", "x") is None
-    assert registry.alias_version("return-regressor", "champion") is None  # registry untouched
+    mlflow_registry.configure(settings.mlflow_tracking_uri, "return-regressor")
+    assert mlflow_registry.find_version("return-regressor", "run_id", "x") is None
+    assert mlflow_registry.alias_version("return-regressor", "champion") is None  # registry untouched
 
 
 def _snapshot_files(data_dir: Path) -> dict[str, str]:

@@ -15,7 +15,7 @@ import pytest
 
 from modeling.backbones.common import load_tokenizer
 from modeling.experiment import run_experiment
-from modeling.feature_registry import FEATURE_NAMES
+from modeling.feature_registry import MODEL_INPUT_COLUMNS
 from modeling.inference import predict_prompts
 from modeling.model import load_regressor
 from modeling.prompt import PromptBuilder
@@ -70,7 +70,7 @@ def test_champion_pyfunc_in_a_fresh_process_predicts_what_the_model_predicts(
     registered_store, tiny_base_model, tmp_path
 ) -> None:
     store, first, _, good = registered_store
-    rows = make_training_set(n_dates=3, n_symbols=5, seed=11)[["date", "symbol", "sector", *FEATURE_NAMES]]
+    rows = make_training_set(n_dates=3, n_symbols=5, seed=11)[list(MODEL_INPUT_COLUMNS)]
     rows = rows.drop(columns=["sector"]).iloc[:7]  # sector is optional
     rows_path, out_path = tmp_path / "rows.parquet", tmp_path / "pred.npy"
     rows.to_parquet(rows_path)
@@ -98,7 +98,8 @@ def test_champion_pyfunc_in_a_fresh_process_predicts_what_the_model_predicts(
     # the artefact holds no pickle: code file, safetensors, JSON, the tokenizer and the small base model
     files = [p for p in (store / "mlartifacts").rglob("*") if p.is_file()]
     assert not [p for p in files if p.suffix in (".pkl", ".pickle", ".pt", ".bin")]
-    assert any(p.name == "registry.py" for p in files)
+    assert any(p.name == "pyfunc_model.py" for p in files)  # the model's code: the pyfunc, never the gate
+    assert not any(p.name == "mlflow_registry.py" for p in files)
 
 
 def _daily(values, start: str = "2021-03-01") -> pd.Series:
@@ -108,7 +109,7 @@ def _daily(values, start: str = "2021-03-01") -> pd.Series:
 def test_a_worse_model_never_moves_the_champion(registered_store) -> None:
     import mlflow
 
-    from modeling import registry
+    from modeling import mlflow_registry
 
     store, first, second, _ = registered_store
     mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
@@ -120,11 +121,11 @@ def test_a_worse_model_never_moves_the_champion(registered_store) -> None:
     assert stats["delta"] == pytest.approx(-2 * first["val_rank_ic"], abs=1e-6)
     assert stats["n_dates"] == first["val_n_dates"] and stats["se"] > 0
     assert f"{stats['delta']:+.4f}" in second["gate"] and "t " in second["gate"]
-    assert registry.alias_version(NAME, "champion") == "1"
-    assert registry.alias_version(NAME, "challenger") == "2"
-    tags = registry.version_tags(NAME, "1")
+    assert mlflow_registry.alias_version(NAME, "champion") == "1"
+    assert mlflow_registry.alias_version(NAME, "challenger") == "2"
+    tags = mlflow_registry.version_tags(NAME, "1")
     assert float(tags["val_rank_ic_se"]) == pytest.approx(first["val_rank_ic_se"])
-    assert len(registry.daily_from_tag(tags["val_daily_rank_ic"])) == first["val_n_dates"]
+    assert len(mlflow_registry.daily_from_tag(tags["val_daily_rank_ic"])) == first["val_n_dates"]
     # on other validation rows the champion is re-scored (its daily RankIC on these rows), never compared
     # on its stored number
     calls: list[str] = []
@@ -136,20 +137,20 @@ def test_a_worse_model_never_moves_the_champion(registered_store) -> None:
         return champion_daily
 
     same_plus_noise = champion_daily + rng.normal(0, 0.002, 60)
-    gate = registry.champion_gate(NAME, "2", same_plus_noise, "other-rows", rescore)
+    gate = mlflow_registry.champion_gate(NAME, "2", same_plus_noise, "other-rows", rescore)
     assert calls == [f"models:/{NAME}/1"] and gate["promoted"] is False  # the judged version, not the alias
-    assert registry.alias_version(NAME, "champion") == "1"
+    assert mlflow_registry.alias_version(NAME, "champion") == "1"
     # better on average by less than the noise: stays; by well over k x SE: moves
     slightly = champion_daily + 0.0005 + rng.normal(0, 0.01, 60)
-    assert registry.champion_gate(NAME, "2", slightly, "other-rows", rescore)["promoted"] is False
+    assert mlflow_registry.champion_gate(NAME, "2", slightly, "other-rows", rescore)["promoted"] is False
     clearly = champion_daily + 0.02 + rng.normal(0, 0.01, 60)
-    gate = registry.champion_gate(NAME, "2", clearly, "other-rows", rescore)
-    assert gate["promoted"] is True and registry.alias_version(NAME, "champion") == "2"
+    gate = mlflow_registry.champion_gate(NAME, "2", clearly, "other-rows", rescore)
+    assert gate["promoted"] is True and mlflow_registry.alias_version(NAME, "champion") == "2"
     assert gate["delta"] > gate["bar"] == pytest.approx(gate["se"]) and gate["t"] > 1
     # min_delta raises the bar above k x SE
-    registry.champion_gate(NAME, "1", _daily([np.nan] * 3), "k", rescore)  # never without a score
-    assert registry.alias_version(NAME, "champion") == "2"
-    gate = registry.champion_gate(
+    mlflow_registry.champion_gate(NAME, "1", _daily([np.nan] * 3), "k", rescore)  # never without a score
+    assert mlflow_registry.alias_version(NAME, "champion") == "2"
+    gate = mlflow_registry.champion_gate(
         NAME, "1", clearly + 0.02, "other-rows", lambda uri: clearly, min_delta=0.05
     )
     assert gate["promoted"] is False and "min_delta 0.05" in gate["reason"]
@@ -158,23 +159,23 @@ def test_a_worse_model_never_moves_the_champion(registered_store) -> None:
     def broken(uri: str) -> pd.Series:
         raise FileNotFoundError("base model moved")
 
-    gate = registry.champion_gate(NAME, "1", _daily([0.01, 0.02, 0.0]), "k", broken)
+    gate = mlflow_registry.champion_gate(NAME, "1", _daily([0.01, 0.02, 0.0]), "k", broken)
     assert gate["promoted"] is True and "can no longer be loaded (FileNotFoundError" in gate["reason"]
     from mlflow.tracking import MlflowClient
 
     MlflowClient().set_model_version_tag(NAME, "1", "train_end", "2021-02-05")
-    gate = registry.champion_gate(
+    gate = mlflow_registry.champion_gate(
         NAME, "2", _daily([-0.5, -0.4]), "k", rescore, validation_start="2021-02-01"
     )
     assert gate["promoted"] is True and "inside the validation period" in gate["reason"]
-    gate = registry.champion_gate(NAME, "1", _daily([1.0, 0.9]), "k", rescore, new_tags={"horizon": 5})
-    assert registry.alias_version(NAME, "champion") == "1"  # restored for the other tests
+    gate = mlflow_registry.champion_gate(NAME, "1", _daily([1.0, 0.9]), "k", rescore, new_tags={"horizon": 5})
+    assert mlflow_registry.alias_version(NAME, "champion") == "1"  # restored for the other tests
 
 
 def test_gate_decision_never_promotes_noise_and_promotes_a_clear_winner() -> None:
     """Forecasts on the same rows: a challenger that is the champion plus noise in its predictions never
     passes the paired bar (over 30 seeds), a challenger with twice the signal always does."""
-    from modeling import registry
+    from modeling import mlflow_registry
     from modeling.metrics import per_date_correlation
 
     promoted_noise, promoted_better = 0, 0
@@ -196,14 +197,16 @@ def test_gate_decision_never_promotes_noise_and_promotes_a_clear_winner() -> Non
         daily = {
             c: per_date_correlation(frame, c, method="spearman") for c in ("champion", "noisy", "better")
         }
-        promoted_noise += registry.gate_decision(daily["noisy"], daily["champion"])[0]
-        promoted_better += registry.gate_decision(daily["better"], daily["champion"])[0]
+        promoted_noise += mlflow_registry.gate_decision(daily["noisy"], daily["champion"])[0]
+        promoted_better += mlflow_registry.gate_decision(daily["better"], daily["champion"])[0]
     assert promoted_noise == 0 and promoted_better == 30
     # no true difference at all (two equally good daily series): promoted at about the nominal one-sided
     # rate of k = 1, P(t > 1) = 15.9%, never more
     rng = np.random.default_rng(1)
     hits = sum(
-        registry.gate_decision(_daily(rng.normal(0.03, 0.05, 60)), _daily(rng.normal(0.03, 0.05, 60)))[0]
+        mlflow_registry.gate_decision(_daily(rng.normal(0.03, 0.05, 60)), _daily(rng.normal(0.03, 0.05, 60)))[
+            0
+        ]
         for _ in range(400)
     )
     assert 0.10 < hits / 400 < 0.21
@@ -212,7 +215,7 @@ def test_gate_decision_never_promotes_noise_and_promotes_a_clear_winner() -> Non
 def test_smollm2_trains_a_few_lora_steps_and_packages_like_the_tiny_model(smollm2_dir, tmp_path) -> None:
     import mlflow
 
-    from modeling import registry
+    from modeling import mlflow_registry
     from modeling.data.parquet_io import write_parquet_atomic
     from modeling.data.prompt_corpus import write_prompt_corpus
 
@@ -233,16 +236,14 @@ def test_smollm2_trains_a_few_lora_steps_and_packages_like_the_tiny_model(smollm
         eval_max_dates=1,
         max_train_samples=12,
     )
-    job = replace(job, experiment={**job.experiment, "eval_max_dates": 1, "baselines": False})
+    job = replace(job, experiment=replace(job.experiment, eval_max_dates=1, baselines=False))
     result = train_regressor(job, log=lambda _: None)
     assert result.state.step == 3
     outcome = run_experiment(job, result, log=lambda _: None)
     assert outcome["model_version"] == "1"
-    mlflow.set_tracking_uri(job.experiment["tracking_uri"])
-    loaded = registry.load_model(f"models:/{NAME}/1")
-    rows = frame[frame["split"] == "live"][["date", "symbol", "sector", *FEATURE_NAMES]].reset_index(
-        drop=True
-    )
+    mlflow.set_tracking_uri(job.experiment.tracking_uri)
+    loaded = mlflow_registry.load_model(f"models:/{NAME}/1")
+    rows = frame[frame["split"] == "live"][list(MODEL_INPUT_COLUMNS)].reset_index(drop=True)
     tok = load_tokenizer(smollm2_dir)
     expected = predict_prompts(load_regressor(result.model_dir), tok, PromptBuilder().render_batch(rows, tok))
     np.testing.assert_allclose(np.asarray(loaded.predict(rows)), expected, atol=1e-5, rtol=0)
@@ -260,22 +261,24 @@ def test_a_locked_store_is_a_fault_never_no_champion(registered_store, monkeypat
 
     import mlflow
 
-    from modeling import registry
+    from modeling import mlflow_registry
 
     store, *_ = registered_store
     mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
-    champion = registry.alias_version(NAME, "champion")
-    assert registry.alias_version(NAME, "no-such-alias") is None  # a missing alias is an answer
-    monkeypatch.setattr(registry, "REGISTRY_ATTEMPTS", 1)  # MLflow waits 20 s on a locked SQLite file
+    champion = mlflow_registry.alias_version(NAME, "champion")
+    assert mlflow_registry.alias_version(NAME, "no-such-alias") is None  # a missing alias is an answer
+    monkeypatch.setattr(mlflow_registry, "REGISTRY_ATTEMPTS", 1)  # MLflow waits 20 s on a locked SQLite file
     lock = sqlite3.connect(store / "mlflow.db", timeout=0)
     lock.execute("BEGIN EXCLUSIVE")
     try:
-        with pytest.raises(registry.RegistryError, match="database is locked"):
-            registry.champion_gate(NAME, "2", _daily([0.5, 0.6, 0.7]), "k", lambda uri: _daily([0.0] * 3))
+        with pytest.raises(mlflow_registry.RegistryError, match="database is locked"):
+            mlflow_registry.champion_gate(
+                NAME, "2", _daily([0.5, 0.6, 0.7]), "k", lambda uri: _daily([0.0] * 3)
+            )
     finally:
         lock.rollback()
         lock.close()
-    assert registry.alias_version(NAME, "champion") == champion
+    assert mlflow_registry.alias_version(NAME, "champion") == champion
 
 
 # --- faults around the gate: a real unloadable champion, a real lock, two gates at once -----------------
@@ -285,23 +288,23 @@ def _own_store(tmp_path: Path, good, monkeypatch) -> str:
     must arrive with the call that creates the version (no half-tagged version)."""
     from mlflow.tracking import MlflowClient
 
-    from modeling import registry
+    from modeling import mlflow_registry
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    experiment_id = registry.configure(uri, "gate-faults", tmp_path / "mlartifacts")
+    experiment_id = mlflow_registry.configure(uri, "gate-faults", tmp_path / "mlartifacts")
     model_dir = Path(good.output_dir) / "model"
-    rows = make_training_set(n_dates=3, n_symbols=5, seed=11)[["date", "symbol", "sector", *FEATURE_NAMES]]
+    rows = make_training_set(n_dates=3, n_symbols=5, seed=11)[list(MODEL_INPUT_COLUMNS)]
 
     def no_tag_by_tag(*args, **kwargs):
         raise AssertionError("a version tag was set after the version was created")
 
     with monkeypatch.context() as patch:
         patch.setattr(MlflowClient, "set_model_version_tag", no_tag_by_tag)
-        logged = registry.log_run(
+        logged = mlflow_registry.log_run(
             experiment_id, "v1", {}, [], {}, [], model_dir, model_dir / "tokenizer",
             Path(good.base_model_dir), rows.head(3), NAME, {"inputs_sha": "abc", "val_rank_ic": 0.1},
         )  # fmt: skip
-    tags = registry.version_tags(NAME, logged["model_version"])
+    tags = mlflow_registry.version_tags(NAME, logged["model_version"])
     assert tags["run_id"] == logged["run_id"] and tags["inputs_sha"] == "abc" and tags["gate"] == "pending"
     MlflowClient().set_registered_model_alias(NAME, "champion", logged["model_version"])
     return logged["model_uri"]
@@ -316,22 +319,22 @@ def test_only_an_unloadable_champion_is_replaced_and_a_locked_store_fails_the_ga
 
     import mlflow
 
-    from modeling import registry
+    from modeling import mlflow_registry
     from modeling.errors import ModelUnloadableError
 
     store, _, _, good = registered_store
     model_uri = _own_store(tmp_path, good, monkeypatch)
     assert mlflow.register_model(model_uri, NAME).version == 2  # the challenger (the same files)
-    rows = make_training_set(n_dates=4, n_symbols=6, seed=3)[["date", "symbol", "sector", *FEATURE_NAMES]]
+    rows = make_training_set(n_dates=4, n_symbols=6, seed=3)[list(MODEL_INPUT_COLUMNS)]
 
     def rescore(uri: str) -> pd.Series:  # the real thing: load the champion from the store and score
-        predicted = registry.load_model(uri).predict(rows)
+        predicted = mlflow_registry.load_model(uri).predict(rows)
         return pd.Series(predicted, index=rows["date"]).groupby(level=0).mean()
 
     assert len(rescore(f"models:/{NAME}/1")) == 4  # precondition: the champion loads and scores
     new_daily = _daily([0.05, 0.04, 0.06, 0.05])
     # 1. the store is locked by another process while the champion is re-scored: a fault, not a verdict
-    monkeypatch.setattr(registry, "REGISTRY_ATTEMPTS", 1)
+    monkeypatch.setattr(mlflow_registry, "REGISTRY_ATTEMPTS", 1)
     lock = sqlite3.connect(tmp_path / "mlflow.db", timeout=0)
 
     def rescore_while_locked(uri: str) -> pd.Series:
@@ -339,41 +342,41 @@ def test_only_an_unloadable_champion_is_replaced_and_a_locked_store_fails_the_ga
         return rescore(uri)
 
     try:
-        with pytest.raises(registry.ChampionRescoreError, match="database is locked"):
-            registry.champion_gate(NAME, "2", new_daily, "other-rows", rescore_while_locked)
+        with pytest.raises(mlflow_registry.ChampionRescoreError, match="database is locked"):
+            mlflow_registry.champion_gate(NAME, "2", new_daily, "other-rows", rescore_while_locked)
     finally:
         lock.rollback()
         lock.close()
-    assert registry.alias_version(NAME, "champion") == "1"
+    assert mlflow_registry.alias_version(NAME, "champion") == "1"
 
     # 2. an error of the moment (out of memory) fails the gate too
     def out_of_memory(uri: str) -> pd.Series:
         raise MemoryError("cannot allocate 8 GiB")
 
-    with pytest.raises(registry.ChampionRescoreError, match="MemoryError"):
-        registry.champion_gate(NAME, "2", new_daily, "other-rows", out_of_memory)
-    assert registry.alias_version(NAME, "champion") == "1"
+    with pytest.raises(mlflow_registry.ChampionRescoreError, match="MemoryError"):
+        mlflow_registry.champion_gate(NAME, "2", new_daily, "other-rows", out_of_memory)
+    assert mlflow_registry.alias_version(NAME, "champion") == "1"
     # 3. the champion's files are gone: it can no longer be loaded, so it is replaced, and the reason names
     # the error
     logged_model = mlflow.get_logged_model(model_uri.removeprefix("models:/"))
     shutil.rmtree(logged_model.artifact_location.removeprefix("file://"))
     with pytest.raises(Exception) as raised:
         rescore(f"models:/{NAME}/1")
-    assert registry.champion_unloadable(raised.value)
-    gate = registry.champion_gate(NAME, "2", new_daily, "other-rows", rescore)
-    assert gate["promoted"] is True and registry.alias_version(NAME, "champion") == "2"
+    assert mlflow_registry.champion_unloadable(raised.value)
+    gate = mlflow_registry.champion_gate(NAME, "2", new_daily, "other-rows", rescore)
+    assert gate["promoted"] is True and mlflow_registry.alias_version(NAME, "champion") == "2"
     assert "v1 can no longer be loaded" in gate["reason"] and type(raised.value).__name__ in gate["reason"]
     # what counts as "can no longer be loaded"
-    assert registry.champion_unloadable(ModelUnloadableError("fingerprint 1a2b != 3c4d"))
-    assert registry.champion_unloadable(RuntimeError("wrapped")) is False
+    assert mlflow_registry.champion_unloadable(ModelUnloadableError("fingerprint 1a2b != 3c4d"))
+    assert mlflow_registry.champion_unloadable(RuntimeError("wrapped")) is False
     try:
         try:
             raise FileNotFoundError("regressor.json")
         except FileNotFoundError as inner:
             raise RuntimeError("load_context failed") from inner
     except RuntimeError as outer:
-        assert registry.champion_unloadable(outer)
-    assert not registry.champion_unloadable(sqlite3.OperationalError("database is locked"))
+        assert mlflow_registry.champion_unloadable(outer)
+    assert not mlflow_registry.champion_unloadable(sqlite3.OperationalError("database is locked"))
 
 
 def _gate_in_process(uri: str, version: str, daily: list, champion_daily: list, delay: float, barrier, out):
@@ -383,7 +386,7 @@ def _gate_in_process(uri: str, version: str, daily: list, champion_daily: list, 
 
     import mlflow
 
-    from modeling import registry
+    from modeling import mlflow_registry
 
     mlflow.set_tracking_uri(uri)
 
@@ -392,7 +395,7 @@ def _gate_in_process(uri: str, version: str, daily: list, champion_daily: list, 
         clock.sleep(delay)
         return _daily(champion_daily)
 
-    gate = registry.champion_gate(NAME, version, _daily(daily), "rows", rescore)
+    gate = mlflow_registry.champion_gate(NAME, version, _daily(daily), "rows", rescore)
     out.put((version, gate["promoted"], gate["reason"]))
 
 
@@ -405,7 +408,7 @@ def test_two_gates_at_once_only_the_better_model_ends_as_champion(registered_sto
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from modeling import registry
+    from modeling import mlflow_registry
 
     store, _, _, good = registered_store
     model_uri = _own_store(tmp_path, good, monkeypatch)
@@ -416,7 +419,9 @@ def test_two_gates_at_once_only_the_better_model_ends_as_champion(registered_sto
     for version, daily in (("2", best), ("3", better)):
         assert str(mlflow.register_model(model_uri, NAME).version) == version
         client.set_model_version_tag(NAME, version, "validation_rows_sha", "rows")
-        client.set_model_version_tag(NAME, version, "val_daily_rank_ic", registry.daily_to_tag(_daily(daily)))
+        client.set_model_version_tag(
+            NAME, version, "val_daily_rank_ic", mlflow_registry.daily_to_tag(_daily(daily))
+        )
     spawn = multiprocessing.get_context("spawn")
     barrier, out = spawn.Barrier(2), spawn.Queue()
     uri = mlflow.get_tracking_uri()
@@ -436,10 +441,10 @@ def test_two_gates_at_once_only_the_better_model_ends_as_champion(registered_sto
     for gate in gates:
         gate.join(timeout=60)
         assert gate.exitcode == 0
-    assert registry.alias_version(NAME, "champion") == "2"
+    assert mlflow_registry.alias_version(NAME, "champion") == "2"
     assert results["2"][0] is True
     assert results["3"][0] is False and "does not beat champion v2" in results["3"][1]
-    assert registry.gate_lock_path() == tmp_path / "mlflow.gate.lock"
+    assert mlflow_registry.gate_lock_path() == tmp_path / "mlflow.gate.lock"
 
 
 def test_the_pyfunc_refuses_when_a_feature_is_defined_otherwise(registered_store, monkeypatch) -> None:
@@ -449,15 +454,18 @@ def test_the_pyfunc_refuses_when_a_feature_is_defined_otherwise(registered_store
 
     import mlflow
 
-    from modeling import feature_registry, registry
+    from modeling import feature_registry, mlflow_registry
 
     store, *_ = registered_store
     mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
     features = feature_registry.FEATURES
-    assert registry.version_tags(NAME, "1")["feature_registry_sha"] == feature_registry.registry_fingerprint()
+    assert (
+        mlflow_registry.version_tags(NAME, "1")["feature_registry_sha"]
+        == feature_registry.registry_fingerprint()
+    )
     changed = replace(features[2], sql=features[2].sql + " + 0")
     monkeypatch.setattr(feature_registry, "FEATURES", (*features[:2], changed, *features[3:]))
     with pytest.raises(Exception) as raised:
-        registry.load_model(f"models:/{NAME}/1")
-    assert registry.champion_unloadable(raised.value)
+        mlflow_registry.load_model(f"models:/{NAME}/1")
+    assert mlflow_registry.champion_unloadable(raised.value)
     assert "trained on features defined otherwise" in str(raised.value)

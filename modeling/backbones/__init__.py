@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from modeling.backbones.common import require_model_dir
+from modeling.backbones.files import require_model_dir
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
 """`BASE_MODEL` value selecting SmolLM2-135M-Instruct (kept here too so resolving imports no torch code)."""

@@ -10,7 +10,6 @@ This module must not import dagster, duckdb or mlflow: it runs on the GPU image,
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import shutil
@@ -28,6 +27,13 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from modeling.backbones.files import (  # noqa: E402,F401 (re-exported)
+    _TOKENIZER_FILES,
+    file_sha256,
+    model_fingerprint,
+    require_model_dir,
+)
+
 PAD_TOKEN = "<|finetune_right_pad_id|>"
 """Padding token of Llama 3.1; distinct from eos so that padding is never confused with a real turn end."""
 
@@ -36,31 +42,6 @@ EMBEDDED_MODEL_INFO_FILE = "embedded_model.json"
 
 SOURCE_INFO_FILE = "source.json"
 """File in a converted model's directory (GGUF, SmolLM2) naming the file it was converted from."""
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-"""Any one of these marks a directory as holding a Hugging Face tokenizer."""
-
-
-def require_model_dir(path: str | os.PathLike[str]) -> Path:
-    """Check that `path` is a local Hugging Face model directory (config + tokenizer); return it as a Path.
-
-    Checked up front because `from_pretrained` on a missing local path treats the string as a hub repo id
-    and fails with a message about the hub, which hides the real problem.
-    """
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise FileNotFoundError(
-            f"Base model directory {str(p)!r} does not exist or is not a directory "
-            "(a local Hugging Face checkpoint directory is required; hub ids are not supported)"
-        )
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"{str(p)!r} is not a Hugging Face model directory: it has no config.json")
-    if not any((p / name).is_file() for name in _TOKENIZER_FILES):
-        raise FileNotFoundError(
-            f"{str(p)!r} is not a Hugging Face model directory: it has no tokenizer files "
-            f"(expected one of {', '.join(_TOKENIZER_FILES)})"
-        )
-    return p
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -152,40 +133,6 @@ def _count_parameters_from_config(config: Any) -> int:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return sum(p.numel() for p in model.parameters())
-
-
-_FINGERPRINT_EDGE_BYTES = 1 << 20
-"""Bytes read from each end of a weight file for its fingerprint (the header and the last tensors)."""
-
-
-def model_fingerprint(path: str | os.PathLike[str]) -> str:
-    """A SHA-256 identifying the checkpoint in `path` without reading 16 GB of weights.
-
-    It covers `config.json` in full and, per weight file (sorted by name), its name, size and first and
-    last MiB: a re-trained or re-converted checkpoint changes the tensor bytes at both ends (the
-    safetensors header, the first and last tensors), so the fingerprint changes too. Used to recognise
-    the base model a regressor was trained on when it is loaded again.
-    """
-    p = require_model_dir(path)
-    h = hashlib.sha256((p / "config.json").read_bytes())
-    for file in sorted([*p.glob("*.safetensors"), *p.glob("*.bin")]):
-        size = file.stat().st_size
-        h.update(file.name.encode() + size.to_bytes(8, "little"))
-        with file.open("rb") as f:
-            h.update(f.read(_FINGERPRINT_EDGE_BYTES))
-            if size > 2 * _FINGERPRINT_EDGE_BYTES:
-                f.seek(size - _FINGERPRINT_EDGE_BYTES)
-                h.update(f.read())
-    return h.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
-    """Content hash of a whole file (a GGUF source, a downloaded wheel), read in 4 MiB chunks."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def describe_base_model(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -43,7 +43,7 @@ class BacktestConfig(Config):
 
     profile: str = Field(default="cpu", description="Training profile of the LLM, as for `regressor`.")
     step: int = Field(
-        default=60, ge=1, description="Dates per window (cpu: the 240 test dates in 4 windows, ~25 min)."
+        default=60, ge=1, description="Dates per window (cpu: the 240 test dates in 4 windows, 13 min)."
     )
     mode: str = Field(default="expanding", description="expanding (from the first date) or sliding.")
     train_dates: int | None = Field(default=None, ge=2, description="Sliding window's train length in dates.")
@@ -269,11 +269,13 @@ def backtest(
             for k, r in sorted(done.items())
         ]
     )
-    from modeling import registry
+    from modeling import mlflow_registry
 
-    experiment_id = registry.configure(mlflow.tracking_uri, mlflow.experiment_name, mlflow.artifact_root)
+    experiment_id = mlflow_registry.configure(
+        mlflow.tracking_uri, mlflow.experiment_name, mlflow.artifact_root
+    )
     analysis_id = build_key({"run_id": run_id, "portfolio": vars(portfolio)})
-    mlflow_run_id, logged = registry.log_backtest_run(
+    mlflow_run_id, logged = mlflow_registry.log_backtest_run(
         experiment_id,
         f"backtest-{run_id}",
         analysis_id,

@@ -69,7 +69,7 @@ def hyperparameters(
     DATA_DIR/hyperparameters.json; `regressor` uses them when present.
     The study is stored in DATA_DIR/optuna.db, so a killed search resumes; each trial is a nested MLflow run.
     """
-    from modeling import registry
+    from modeling import mlflow_registry
 
     profile = PROFILES[config.profile]
     corpus = storage.parquet_path("prompt_corpus")
@@ -99,8 +99,10 @@ def hyperparameters(
     bucket_config = (set_facts.get("buckets") or {}).get("config")
     space = replace(_S, steps=tuple(config.steps), batch_size=tuple(config.batch_sizes))
 
-    experiment_id = registry.configure(mlflow.tracking_uri, mlflow.experiment_name, mlflow.artifact_root)
-    parent = registry.start_parent_run(
+    experiment_id = mlflow_registry.configure(
+        mlflow.tracking_uri, mlflow.experiment_name, mlflow.artifact_root
+    )
+    parent = mlflow_registry.start_parent_run(
         experiment_id,
         f"search-{context.run_id[:8]}",
         {
@@ -121,17 +123,17 @@ def hyperparameters(
             space,
             bucket_config,
             config.seed,
-            log_trial=lambda n, params, value, history, state: registry.log_trial_run(
+            log_trial=lambda n, params, value, history, state: mlflow_registry.log_trial_run(
                 experiment_id, parent, n, params, value, history, state
             ),
             log=context.log.info,
             objective_dates=config.objective_dates,
         )
     except BaseException:
-        registry.end_run(status="FAILED")
+        mlflow_registry.end_run(status="FAILED")
         raise
     full = result.best_full
-    registry.end_run(
+    mlflow_registry.end_run(
         {
             "best_trial_objective": result.best_value,
             "best_val_rank_ic": full.mean,

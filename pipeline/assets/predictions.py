@@ -1,23 +1,12 @@
-import pandas as pd
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from modeling.data.parquet_io import read_parquet_metadata
-from modeling.data.predictions import PREDICTIONS_TABLE, rank_predictions, write_predictions
-from modeling.feature_registry import FEATURE_NAMES
+from modeling.data.predictions import PREDICTIONS_TABLE, live_rows, rank_predictions, write_predictions
+from modeling.feature_registry import MODEL_INPUT_COLUMNS
 from pipeline.metadata import frame_markdown, relation_metadata
 from pipeline.resources import WAREHOUSE_POOL, MlflowResource, StorageResource, WarehouseResource
 
 PREDICTIONS_CODE_VERSION = "predictions-v1"
-
-
-def live_rows(storage: StorageResource) -> pd.DataFrame:
-    """The training set's live rows: universe members with features on the dates without a label yet."""
-    rows = pd.read_parquet(
-        storage.parquet_path("training_set"),
-        columns=["date", "symbol", "sector", "split", *FEATURE_NAMES],
-        filters=[("split", "=", "live")],
-    )
-    return rows.drop(columns=["split"]).drop_duplicates(["date", "symbol"]).reset_index(drop=True)
 
 
 @asset(
@@ -37,14 +26,14 @@ def predictions(
     from memory) for every live row: (date, symbol, prediction, rank, decile, model_version); rank 1 and
     decile 10 are the highest forecasts of a date. Re-scoring a date replaces its rows.
     """
-    from modeling import registry
+    from modeling import mlflow_registry
 
-    registry.configure(mlflow.tracking_uri, mlflow.experiment_name, mlflow.artifact_root)
-    version = registry.alias_version(mlflow.registry_name, registry.CHAMPION)
+    mlflow_registry.configure(mlflow.tracking_uri, mlflow.experiment_name, mlflow.artifact_root)
+    version = mlflow_registry.alias_version(mlflow.registry_name, mlflow_registry.CHAMPION)
     if version is None:
         raise RuntimeError(f"the registry has no {mlflow.registry_name}@champion to predict with")
     # the champion scores only features computed by the definitions it was trained on
-    trained_on = registry.version_tags(mlflow.registry_name, version).get("feature_registry_sha")
+    trained_on = mlflow_registry.version_tags(mlflow.registry_name, version).get("feature_registry_sha")
     computed_by = read_parquet_metadata(storage.parquet_path("training_set")).get("feature_registry_sha")
     if trained_on is not None and trained_on != computed_by:
         raise ValueError(
@@ -52,12 +41,12 @@ def predictions(
             f"computed by definitions {computed_by}: a feature's SQL, label, unit or scale changed. Retrain "
             "(materialise regressor) before predicting; no forecast was written"
         )
-    rows = live_rows(storage)
+    rows = live_rows(storage.parquet_path("training_set"))
     if rows.empty:
         raise ValueError("the training set has no live rows (dates without a label) to predict")
     # by number, not by alias: a promotion between the two calls cannot mislabel the rows
-    model = registry.load_model(f"models:/{mlflow.registry_name}/{version}")
-    scored = rows.assign(prediction=model.predict(rows[["date", "symbol", "sector", *FEATURE_NAMES]]))
+    model = mlflow_registry.load_model(f"models:/{mlflow.registry_name}/{version}")
+    scored = rows.assign(prediction=model.predict(rows[list(MODEL_INPUT_COLUMNS)]))
     table = rank_predictions(scored, version)
     with warehouse.get_connection() as con:
         write_predictions(con, table)

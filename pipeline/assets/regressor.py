@@ -2,6 +2,7 @@ import json
 import os
 import shutil
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 from dagster import (
@@ -17,13 +18,11 @@ from dagster import (
 )
 from pydantic import Field
 
-from modeling.backbones.common import file_sha256, model_fingerprint
-from modeling.backbones.embedded import build_key
-from modeling.data.parquet_io import read_parquet_metadata, snapshot_files
+from modeling.backbones.files import model_fingerprint
+from modeling.data.parquet_io import snapshot_files
+from modeling.job import ExperimentSpec, Outcome
 from modeling.launch import launch_command, visible_gpus
-from modeling.profiles import PROFILES, apply_overrides
-from modeling.prompt import PromptBuilder
-from modeling.train import TrainJob
+from modeling.plan import plan_regressor_job
 from pipeline.metadata import png_markdown
 from pipeline.resources import TRAINING_POOL, MlflowResource, StorageResource
 
@@ -138,7 +137,7 @@ def _hyperparameters(storage: StorageResource, use: bool, profile: str, fingerpr
 
 
 def _unchanged_metadata(
-    registry, mlflow: MlflowResource, version: str, tags: dict, out: Path, inputs_sha: str
+    mlflow_registry, mlflow: MlflowResource, version: str, tags: dict, out: Path, inputs_sha: str
 ) -> dict:
     """Metadata of a run that reused a version: the stored numbers of the run that trained it."""
     metadata = {
@@ -149,20 +148,19 @@ def _unchanged_metadata(
         "val_rank_ic_se": MetadataValue.float(float(tags.get("val_rank_ic_se", "nan"))),
         "val_n_dates": MetadataValue.int(int(float(tags.get("val_n_dates", "0")))),
         "gate": MetadataValue.text(tags.get("gate_reason", "")),
-        "champion_version": MetadataValue.text(str(registry.alias_version(mlflow.registry_name, "champion"))),
+        "champion_version": MetadataValue.text(
+            str(mlflow_registry.alias_version(mlflow.registry_name, "champion"))
+        ),
         "inputs_sha": MetadataValue.text(inputs_sha),
     }
-    outcome_file = out / "outcome.json"
-    if outcome_file.is_file():
-        outcome = json.loads(outcome_file.read_text())
-        metadata["baselines_val_rank_ic"] = MetadataValue.json(outcome["baselines_val_rank_ic"])
-        metadata["test_rank_ic"] = MetadataValue.float(float(outcome["test_rank_ic"]))
-        for key in ("test_rank_ic_se", "test_n_dates"):
-            if key in outcome:
-                metadata[key] = MetadataValue.float(float(outcome[key]))
-        metadata["comparison"] = MetadataValue.md(outcome["comparison"])
-        if "paired" in outcome:
-            metadata["paired"] = MetadataValue.json(outcome["paired"])
+    if (out / Outcome.FILE).is_file():
+        outcome = Outcome.load(out)
+        metadata["baselines_val_rank_ic"] = MetadataValue.json(outcome.baselines_val_rank_ic)
+        metadata["test_rank_ic"] = MetadataValue.float(float(outcome.test_rank_ic))
+        metadata["test_rank_ic_se"] = MetadataValue.float(float(outcome.test_rank_ic_se))
+        metadata["test_n_dates"] = MetadataValue.float(float(outcome.test_n_dates))
+        metadata["comparison"] = MetadataValue.md(outcome.comparison)
+        metadata["paired"] = MetadataValue.json(outcome.paired)
     return metadata
 
 
@@ -189,17 +187,10 @@ def regressor(
     Training runs as its own process (`accelerate launch -m modeling.run_job`) through Dagster Pipes; the
     weights never pass through the orchestrator. A version trained on identical inputs is not trained again.
     """
-    profile = PROFILES.get(config.profile)
-    if profile is None:
-        raise ValueError(f"unknown profile {config.profile!r}; choose one of {sorted(PROFILES)}")
     base_dir = storage.base_model_dir
     fingerprint = model_fingerprint(base_dir)
     best = _hyperparameters(
-        storage, config.use_hyperparameters, profile.name, fingerprint, context.log.warning
-    )
-    weight_scheme = best.pop("weight_scheme", None)
-    regressor_cfg, train_cfg = apply_overrides(
-        profile.regressor, profile.train, {**best, **config.overrides()}
+        storage, config.use_hyperparameters, config.profile, fingerprint, context.log.warning
     )
     # the run reads a snapshot of its inputs (hard links), never what another run writes meanwhile
     runs_root = storage.root / "runs" / "regressor"
@@ -208,50 +199,25 @@ def regressor(
         {name: storage.parquet_path(name) for name in ("prompt_corpus", "training_set")}, staging
     )
     try:
-        corpus, training_set = staged["prompt_corpus"], staged["training_set"]
-        corpus_facts, set_facts = read_parquet_metadata(corpus), read_parquet_metadata(training_set)
-        bucket_config = (set_facts.get("buckets") or {}).get("config") or {}
-        reweight = None
-        if (
-            weight_scheme
-            and weight_scheme != bucket_config.get("scheme")
-            and bucket_config.get("mode") == "weight"
-        ):
-            reweight = {**bucket_config, "scheme": weight_scheme}  # the search found another scheme better
-        prompt = PromptBuilder.of_corpus(corpus_facts).settings()
-        data_sha = set_facts.get("feature_registry_sha")
-        if data_sha != prompt["feature_registry_sha"]:
-            raise ValueError(
-                f"the training set's features were computed by definitions {data_sha}, but this code "
-                f"defines {prompt['feature_registry_sha']}: materialise features, training_set and "
-                "prompt_corpus again before training"
-            )
-        final_dates = config.final_eval_max_dates or profile.final_eval_max_dates
-        test_dates = config.final_test_max_dates or profile.final_test_max_dates
-        job_config = {
-            "regressor": regressor_cfg.to_dict(),
-            "train": TrainJob("", "", "", prompt, regressor_cfg, train_cfg).to_dict()["train"],
-            "prompt": prompt,
-            "final_eval_max_dates": final_dates,
-            "final_test_max_dates": test_dates,
-            "registry": mlflow.registry_name,
-            "reweight": reweight,
-        }
-        inputs_sha = build_key(
-            {
-                "code_version": REGRESSOR_CODE_VERSION,
-                "corpus": file_sha256(corpus),
-                "training_set": file_sha256(training_set),
-                "base_model": fingerprint,
-                "job": job_config,
-            }
+        plan = plan_regressor_job(
+            config.profile,
+            config.overrides(),
+            best,
+            staged["prompt_corpus"],
+            staged["training_set"],
+            base_dir,
+            fingerprint,
+            mlflow.registry_name,
+            REGRESSOR_CODE_VERSION,
+            config.final_eval_max_dates,
+            config.final_test_max_dates,
         )
+        inputs_sha = plan.inputs_sha
+        from modeling import mlflow_registry
 
-        from modeling import registry
-
-        registry.configure(mlflow.tracking_uri, mlflow.experiment_name, mlflow.artifact_root)
-        existing = registry.find_version(mlflow.registry_name, "inputs_sha", inputs_sha)
-        tags = registry.version_tags(mlflow.registry_name, existing) if existing else {}
+        mlflow_registry.configure(mlflow.tracking_uri, mlflow.experiment_name, mlflow.artifact_root)
+        existing = mlflow_registry.find_version(mlflow.registry_name, "inputs_sha", inputs_sha)
+        tags = mlflow_registry.version_tags(mlflow.registry_name, existing) if existing else {}
         # A directory per (inputs, run): a retry or a re-execution of this run (same root run) resumes from
         # its own checkpoints; another run never shares, or deletes, them. A version registered before its
         # run failed is finished in the directory that trained it.
@@ -263,66 +229,65 @@ def regressor(
                 f"version {existing} was trained on identical inputs ({inputs_sha}); not retrained"
             )
             return MaterializeResult(
-                metadata=_unchanged_metadata(registry, mlflow, existing, tags, out, inputs_sha)
+                metadata=_unchanged_metadata(mlflow_registry, mlflow, existing, tags, out, inputs_sha)
             )
         resume_version = existing if existing is not None and not config.force_retrain else None
         out.mkdir(parents=True, exist_ok=True)
         if not (out / "inputs").exists():  # same inputs_sha, same bytes: an existing snapshot is kept
             staging.rename(out / "inputs")
-        corpus, training_set = (out / "inputs" / path.name for path in (corpus, training_set))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    splits = set_facts["splits"]
-    job = TrainJob(
-        base_model_dir=str(base_dir),
+    corpus, training_set = (out / "inputs" / staged[name].name for name in ("prompt_corpus", "training_set"))
+    profile, splits, prompt = plan.profile, plan.facts["splits"], plan.job.prompt
+    final_dates, test_dates = plan.final_eval_max_dates, plan.final_test_max_dates
+    set_facts = plan.facts
+    job = replace(
+        plan.job,
         corpus_path=str(corpus),
-        output_dir=str(out),
-        prompt=prompt,
-        regressor=regressor_cfg,
-        train=train_cfg,
-        resume=True,
-        reweight=reweight,
         training_set_path=str(training_set),
-        experiment={
-            "tracking_uri": mlflow.tracking_uri,
-            "training_set_path": str(training_set),
-            "experiment_name": mlflow.experiment_name,
-            "registry_name": mlflow.registry_name,
-            "artifact_root": mlflow.artifact_root,
-            "eval_max_dates": final_dates,
-            "test_max_dates": test_dates,
-            "run_name": f"regressor-{context.run_id[:8]}",
-            "reports_dir": str(storage.reports_dir / "regressor"),
-            "params": {
-                "profile": profile.name,
-                "hyperparameters_source": "hyperparameters.json" if best else "profile",
-                "hyperparameters": best,
-                "buckets": set_facts.get("buckets"),
-                "label": set_facts.get("label"),
-                "data_splits": {k: splits[k] for k in ("train", "validation", "test")},
-                "base_model": {
-                    "path": str(base_dir),
-                    "fingerprint": fingerprint,
-                    "source": storage.base_model_source.kind,
+        output_dir=str(out),
+        experiment=ExperimentSpec(
+            **{
+                "tracking_uri": mlflow.tracking_uri,
+                "training_set_path": str(training_set),
+                "experiment_name": mlflow.experiment_name,
+                "registry_name": mlflow.registry_name,
+                "artifact_root": mlflow.artifact_root,
+                "eval_max_dates": final_dates,
+                "test_max_dates": test_dates,
+                "run_name": f"regressor-{context.run_id[:8]}",
+                "reports_dir": str(storage.reports_dir / "regressor"),
+                "params": {
+                    "profile": profile.name,
+                    "hyperparameters_source": "hyperparameters.json" if best else "profile",
+                    "hyperparameters": best,
+                    "buckets": set_facts.get("buckets"),
+                    "label": set_facts.get("label"),
+                    "data_splits": {k: splits[k] for k in ("train", "validation", "test")},
+                    "base_model": {
+                        "path": str(base_dir),
+                        "fingerprint": fingerprint,
+                        "source": storage.base_model_source.kind,
+                    },
+                    "prompt_template_version": prompt["template_version"],
+                    "dagster_run_id": context.run_id,
                 },
-                "prompt_template_version": prompt["template_version"],
-                "dagster_run_id": context.run_id,
-            },
-            "version_tags": {
-                "inputs_sha": inputs_sha,
-                "dagster_run_id": context.run_id,
-                "run_dir": str(out),
-            },
-            "gate_tags": {
-                "horizon": prompt["horizon"],
-                "label_kind": prompt["target"],
-                "train_end": splits["train"][1],
-            },
-            "validation_start": splits["validation"][0],
-            "resume_version": resume_version,
-            "gate_k": config.gate_k,
-            "gate_min_delta": config.gate_min_delta,
-        },
+                "version_tags": {
+                    "inputs_sha": inputs_sha,
+                    "dagster_run_id": context.run_id,
+                    "run_dir": str(out),
+                },
+                "gate_tags": {
+                    "horizon": prompt["horizon"],
+                    "label_kind": prompt["target"],
+                    "train_end": splits["train"][1],
+                },
+                "validation_start": splits["validation"][0],
+                "resume_version": resume_version,
+                "gate_k": config.gate_k,
+                "gate_min_delta": config.gate_min_delta,
+            }
+        ),
     )
     job_path = job.save(out / "job.json")
     processes = config.num_processes or profile.num_processes or max(1, visible_gpus())
@@ -344,14 +309,14 @@ def regressor(
             metadata={"job": MetadataValue.path(str(job_path))},
         ) from error
     result = invocation.get_materialize_result()
-    outcome = json.loads((out / "outcome.json").read_text())
+    outcome = Outcome.load(out)
     reported = dict(result.metadata or {})
-    plots = {name: png_markdown(Path(path), name) for name, path in outcome["plots"].items()}
+    plots = {name: png_markdown(Path(path), name) for name, path in outcome.plots.items()}
     return MaterializeResult(
         metadata={
             **reported,
             "retrained": MetadataValue.bool(True),
-            "comparison": MetadataValue.md(outcome["comparison"]),
+            "comparison": MetadataValue.md(outcome.comparison),
             **{f"plot_{name}": value for name, value in plots.items()},
             "inputs_sha": MetadataValue.text(inputs_sha),
             "job": MetadataValue.path(str(job_path)),

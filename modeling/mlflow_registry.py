@@ -1,15 +1,6 @@
-"""MLflow: the only module of `modeling` that imports it. Runs, the pyfunc model, the registry and its gate.
-
-The registered model `return-regressor` is an `mlflow.pyfunc` model logged *from code* (this file is the
-model's code; MLflow executes it at load time and it registers `RegressorPyfunc` through `set_model`),
-so the model artefact holds no pickle: the code file, the adapter and head (safetensors), the
-regressor's JSON config, the tokenizer, and either a copy of a small base model or, for a large one
-(Llama 3 8B), a reference to its directory checked by fingerprint at load time.
-
-    mlflow.pyfunc.load_model("models:/return-regressor@champion").predict(rows)
-
-takes raw feature rows (date, symbol, the 16 features, optional sector) and returns one forecast per
-row, rendering the prompts with the same `PromptBuilder` settings the model was trained on.
+"""MLflow's store, runs, registered versions and the champion gate: with `pyfunc_model.py` the only
+modules of `modeling` that import MLflow (the model's own code is `modeling.pyfunc_model`, which MLflow
+ships with every version; loading a model never imports this module).
 
 Aliases: every new version gets `challenger`; `champion` moves to it only when a paired test on the
 same validation rows says it is better by more than the noise (`champion_gate`): the daily RankIC
@@ -21,26 +12,21 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.models import ModelSignature, set_model
-from mlflow.pyfunc import PythonModel
 from mlflow.tracking import MlflowClient
-from mlflow.types import ColSpec, Schema
 
+from modeling import pyfunc_model
 from modeling.errors import ModelUnloadableError
-from modeling.feature_registry import FEATURE_NAMES
 from modeling.metrics import DailyMean, PairedDifference, paired_series_difference
 
 REGISTERED_MODEL_NAME = "return-regressor"
@@ -62,68 +48,6 @@ VERSION_TAGS = (
 )
 """Tags set on every registered version (`val_daily_rank_ic`: the daily validation RankIC as JSON, what
 a later gate pairs against when it judges on the same validation rows)."""
-
-
-# --- the pyfunc model ------------------------------------------------------------------------------------
-class RegressorPyfunc(PythonModel):
-    """Raw feature rows in, forecasts out: prompts are rendered with the training-time `PromptBuilder`."""
-
-    def load_context(self, context: Any) -> None:
-        from transformers import AutoTokenizer
-
-        from modeling.backbones.common import ensure_pad_token
-        from modeling.model import load_regressor, read_regressor_info
-        from modeling.prompt import PromptBuilder
-
-        regressor_dir = context.artifacts["regressor"]
-        info = read_regressor_info(regressor_dir)
-        base = context.artifacts.get("base_model") or info["base_model"]["path"]
-        self.model = load_regressor(regressor_dir, base_model_dir=base)
-        self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["tokenizer"], local_files_only=True)
-        ensure_pad_token(self.tokenizer)
-        self.builder = PromptBuilder.from_settings(info["prompt"])
-        self.batch_size = int(os.environ.get("REGRESSOR_PREDICT_BATCH_SIZE", "64"))
-
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
-        from modeling.inference import predict_prompts
-
-        frame = pd.DataFrame(model_input)
-        missing = [c for c in ("date", "symbol", *FEATURE_NAMES) if c not in frame.columns]
-        if missing:
-            raise ValueError(f"input rows lack column(s) {missing}")
-        frame = frame.assign(date=pd.to_datetime(frame["date"]))
-        if len(frame) == 0:
-            return np.zeros(0)
-        prompts = self.builder.render_batch(frame.reset_index(drop=True), self.tokenizer)
-        return predict_prompts(self.model, self.tokenizer, prompts, self.batch_size)
-
-
-if __name__ != "modeling.registry":  # MLflow is executing this file to load (or validate) a logged model
-    set_model(RegressorPyfunc())
-
-
-def signature() -> ModelSignature:
-    """Input: date, symbol, the 16 features, optional sector; output: one double per row."""
-    inputs = [ColSpec("datetime", "date"), ColSpec("string", "symbol")]
-    inputs += [ColSpec("double", name) for name in FEATURE_NAMES]
-    inputs.append(ColSpec("string", "sector", required=False))
-    return ModelSignature(inputs=Schema(inputs), outputs=Schema([ColSpec("double")]))
-
-
-def pip_requirements() -> list[str]:
-    """The libraries the pyfunc model needs, pinned to the versions it was logged with."""
-    names = (
-        "torch",
-        "transformers",
-        "tokenizers",
-        "peft",
-        "accelerate",
-        "safetensors",
-        "pandas",
-        "numpy",
-        "mlflow",
-    )
-    return [f"{name}=={importlib_metadata.version(name)}" for name in names]
 
 
 # --- store ----------------------------------------------------------------------------------------------
@@ -226,11 +150,11 @@ def log_run(
         try:
             info = mlflow.pyfunc.log_model(
                 name="model",
-                python_model=__file__,
+                python_model=pyfunc_model.__file__,
                 artifacts=artifacts,
-                signature=signature(),
+                signature=pyfunc_model.signature(),
                 input_example=input_example,
-                pip_requirements=pip_requirements(),
+                pip_requirements=pyfunc_model.pip_requirements(),
             )
         finally:
             shutil.rmtree(stage, ignore_errors=True)
