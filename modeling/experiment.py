@@ -127,6 +127,150 @@ def headline_table(
     return "\n".join(lines)
 
 
+def _flat_metrics(
+    results: dict[str, dict[str, dict[str, float]]],
+    paired: dict[str, dict[str, dict[str, float]]],
+    report: dict[str, Any],
+    rates: dict[str, float],
+) -> dict[str, float]:
+    """Every number of the comparison as one flat MLflow metrics dict (the regressor's without prefix)."""
+    metrics: dict[str, float] = {}
+    for name, per_split in results.items():
+        prefix = "" if name == "llm_regressor" else f"{name}/"
+        for split, values in per_split.items():
+            for key in METRIC_KEYS:
+                metrics[f"{prefix}{split}_{key}"] = values[key]
+    for short, split in (("val", "validation"), ("test", "test")):
+        llm = results["llm_regressor"][split]
+        metrics[f"{short}_rank_ic"] = llm["rank_ic"]
+        metrics[f"{short}_rank_ic_se"] = llm["rank_ic_se"]
+        metrics[f"{short}_n_dates"] = llm["rank_ic_n_dates"]
+    for name, per_split in paired.items():
+        for split, values in per_split.items():
+            for key in ("delta", "se", "t", "n_dates"):
+                metrics[f"paired/{name}/{split}_{key}"] = values[key]
+    metrics.update(
+        {
+            "train_samples_per_s": report["samples_per_s"] or float("nan"),
+            "score_rows_per_s": float(np.mean(list(rates.values()))),
+            "train_samples": report["samples"],
+            "best_step": report["best_step"] or 0,
+        }
+    )
+    return metrics
+
+
+def _verify_and_gate(
+    spec: ExperimentSpec,
+    logged: dict[str, Any],
+    validation_rows: pd.DataFrame,
+    daily: pd.Series,
+    validation_key: str,
+    horizon: int,
+) -> dict[str, Any]:
+    """The registered pyfunc must reproduce the judged predictions; then the champion gate decides."""
+    from modeling import mlflow_registry
+
+    served_columns = list(MODEL_INPUT_COLUMNS)
+
+    def rescore(uri: str) -> pd.Series:
+        champion = mlflow_registry.load_model(uri)
+        predicted = np.asarray(champion.predict(validation_rows[served_columns]), dtype=float)
+        return per_date_correlation(validation_rows.assign(prediction=predicted), method="spearman")
+
+    # what gets served is what was judged: the registered pyfunc must reproduce these predictions
+    check = validation_rows.head(64)
+    served = np.asarray(
+        mlflow_registry.load_model(logged["model_uri"]).predict(check[served_columns]), dtype=float
+    )
+    gap = float(np.max(np.abs(served - check["prediction"].to_numpy(float)))) if len(check) else 0.0
+    if not gap <= 1e-4 * max(1.0, float(np.abs(served).max(initial=0.0))):
+        raise RuntimeError(
+            f"the registered pyfunc model predicts differently from the judged model "
+            f"(max difference {gap:.3g}); it is neither challenger nor champion"
+        )
+    return mlflow_registry.champion_gate(
+        spec.registry_name,
+        logged["model_version"],
+        daily,
+        validation_key,
+        rescore,
+        new_tags=spec.gate_tags,
+        validation_start=spec.validation_start,
+        k=spec.gate_k,
+        min_delta=spec.gate_min_delta,
+        horizon=horizon,
+    )
+
+
+def _compare_with_baselines(
+    job: TrainJob,
+    frames: dict[str, pd.DataFrame],
+    features: pd.DataFrame,
+    results: dict[str, dict[str, dict[str, float]]],
+    horizon: int,
+) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, float], dict[str, pd.Series]]:
+    """Fit the baselines on the rows, targets and weights the regressor trained on, score them on the same
+    rows (added to `results`), and pair the regressor with each. Returns (paired, fit seconds, the best
+    baseline's test forecasts for the plots)."""
+    paired: dict[str, dict[str, dict[str, float]]] = {}
+    # the same rows, targets and weights the regressor trained on
+    train_keys = train_sample(job.corpus_path, job.train, job.reweight, ["date", "symbol", "label", "weight"])
+    train = _with_features(train_keys, features)
+    baseline_config = BaselineConfig(mlp_head=job.regressor.head, seed=job.train.seed)
+    mlp_loss = job.train.loss if job.train.loss != "ic" else "mse"
+    predictions, baseline_seconds = fit_predict_baselines(
+        train, frames["validation"], frames, baseline_config, mlp_loss, job.train.huber_delta
+    )
+    for name, per_split in predictions.items():
+        results[name] = {
+            split: evaluate(frames[split].assign(prediction=p), horizon=horizon)
+            for split, p in per_split.items()
+        }
+        # the regressor minus this baseline, date by date on the same rows (the zero forecast has no
+        # daily RankIC: the difference to "no view" is the regressor's own RankIC)
+        paired[name] = {
+            split: paired_against(frames[split], per_split[split], horizon) for split in per_split
+        }
+    best = max((n for n in predictions if n != "zero"), key=lambda n: results[n]["validation"]["rank_ic"])
+    return paired, baseline_seconds, {best: pd.Series(predictions[best]["test"])}
+
+
+def _run_params(job: TrainJob) -> dict[str, Any]:
+    """The MLflow params of a run: the model's shape, training config, prompt settings and the job's own."""
+    spec = job.experiment
+    return {
+        "regressor": job.regressor.to_dict(),
+        "train": job.to_dict()["train"],
+        "prompt": job.prompt,
+        "base_model_dir": job.base_model_dir,
+        "eval_max_dates": spec.eval_max_dates,
+        "test_max_dates": spec.test_max_dates,
+        **spec.params,
+    }
+
+
+def _version_tags(
+    job: TrainJob, validation: dict[str, float], daily: pd.Series, rows_key: str
+) -> dict[str, Any]:
+    """Tags of the registered version: its validation score with SE and dates, the daily series a later
+    gate pairs against, the rows it was judged on and the feature definitions it was trained on."""
+    from modeling import mlflow_registry
+
+    spec = job.experiment
+    return {
+        "val_rank_ic": validation["rank_ic"],
+        "val_rank_ic_se": validation["rank_ic_se"],
+        "val_n_dates": validation["rank_ic_n_dates"],
+        "val_daily_rank_ic": mlflow_registry.daily_to_tag(daily),
+        "validation_rows_sha": rows_key,
+        # the feature definitions the model was trained on: `predictions` refuses rows computed otherwise
+        "feature_registry_sha": job.prompt.get("feature_registry_sha", ""),
+        **spec.gate_tags,
+        **spec.version_tags,
+    }
+
+
 def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None] = print) -> dict[str, Any]:
     from modeling import mlflow_registry
 
@@ -160,28 +304,7 @@ def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None
     baseline_seconds: dict[str, float] = {}
     others: dict[str, pd.Series] = {}
     if spec.baselines:
-        # the same rows, targets and weights the regressor trained on
-        train_keys = train_sample(
-            job.corpus_path, job.train, job.reweight, ["date", "symbol", "label", "weight"]
-        )
-        train = _with_features(train_keys, features)
-        baseline_config = BaselineConfig(mlp_head=job.regressor.head, seed=job.train.seed)
-        mlp_loss = job.train.loss if job.train.loss != "ic" else "mse"
-        predictions, baseline_seconds = fit_predict_baselines(
-            train, frames["validation"], frames, baseline_config, mlp_loss, job.train.huber_delta
-        )
-        for name, per_split in predictions.items():
-            results[name] = {
-                split: evaluate(frames[split].assign(prediction=p), horizon=horizon)
-                for split, p in per_split.items()
-            }
-            # the regressor minus this baseline, date by date on the same rows (the zero forecast has no
-            # daily RankIC: the difference to "no view" is the regressor's own RankIC)
-            paired[name] = {
-                split: paired_against(frames[split], per_split[split], horizon) for split in per_split
-            }
-        best = max((n for n in predictions if n != "zero"), key=lambda n: results[n]["validation"]["rank_ic"])
-        others[best] = pd.Series(predictions[best]["test"])
+        paired, baseline_seconds, others = _compare_with_baselines(job, frames, features, results, horizon)
     table = comparison_table(results)
     headline = headline_table(results, paired)
     log("\n" + headline)
@@ -195,53 +318,12 @@ def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None
 
     validation_key = mlflow_registry.rows_key(frames["validation"])
     daily = per_date_correlation(frames["validation"], method="spearman")
-    metrics: dict[str, float] = {}
-    for name, per_split in results.items():
-        prefix = "" if name == "llm_regressor" else f"{name}/"
-        for split, values in per_split.items():
-            for key in METRIC_KEYS:
-                metrics[f"{prefix}{split}_{key}"] = values[key]
-    for short, split in (("val", "validation"), ("test", "test")):
-        llm = results["llm_regressor"][split]
-        metrics[f"{short}_rank_ic"] = llm["rank_ic"]
-        metrics[f"{short}_rank_ic_se"] = llm["rank_ic_se"]
-        metrics[f"{short}_n_dates"] = llm["rank_ic_n_dates"]
-    for name, per_split in paired.items():
-        for split, values in per_split.items():
-            for key in ("delta", "se", "t", "n_dates"):
-                metrics[f"paired/{name}/{split}_{key}"] = values[key]
     report = result.report()
-    metrics.update(
-        {
-            "train_samples_per_s": report["samples_per_s"] or float("nan"),
-            "score_rows_per_s": float(np.mean(list(rates.values()))),
-            "train_samples": report["samples"],
-            "best_step": report["best_step"] or 0,
-        }
-    )
+    metrics = _flat_metrics(results, paired, report, rates)
     val_score = results["llm_regressor"]["validation"]["rank_ic"]
-    params = {
-        "regressor": job.regressor.to_dict(),
-        "train": job.to_dict()["train"],
-        "prompt": job.prompt,
-        "base_model_dir": job.base_model_dir,
-        "eval_max_dates": spec.eval_max_dates,
-        "test_max_dates": spec.test_max_dates,
-        **spec.params,
-    }
     input_example = frames["validation"][list(MODEL_INPUT_COLUMNS)].head(3)
     experiment_id = mlflow_registry.configure(spec.tracking_uri, spec.experiment_name, spec.artifact_root)
-    tags = {
-        "val_rank_ic": val_score,
-        "val_rank_ic_se": results["llm_regressor"]["validation"]["rank_ic_se"],
-        "val_n_dates": results["llm_regressor"]["validation"]["rank_ic_n_dates"],
-        "val_daily_rank_ic": mlflow_registry.daily_to_tag(daily),
-        "validation_rows_sha": validation_key,
-        # the feature definitions the model was trained on: `predictions` refuses rows computed otherwise
-        "feature_registry_sha": job.prompt.get("feature_registry_sha", ""),
-        **spec.gate_tags,
-        **spec.version_tags,
-    }
+    tags = _version_tags(job, results["llm_regressor"]["validation"], daily, validation_key)
     if spec.resume_version is not None:
         version_tags = mlflow_registry.version_tags(spec.registry_name, spec.resume_version)
         logged = {
@@ -254,7 +336,7 @@ def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None
         logged = mlflow_registry.log_run(
             experiment_id,
             spec.run_name,
-            params,
+            _run_params(job),
             report["history"],
             metrics,
             [table_path, report_path, *plots.values()],
@@ -269,37 +351,7 @@ def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None
     gate: dict[str, Any] = {"promoted": False, "reason": "not registered"}
     if spec.registry_name and logged["model_version"]:
         if spec.promote:
-            validation_rows = frames["validation"]
-            served_columns = list(MODEL_INPUT_COLUMNS)
-
-            def rescore(uri: str) -> pd.Series:
-                champion = mlflow_registry.load_model(uri)
-                predicted = np.asarray(champion.predict(validation_rows[served_columns]), dtype=float)
-                return per_date_correlation(validation_rows.assign(prediction=predicted), method="spearman")
-
-            # what gets served is what was judged: the registered pyfunc must reproduce these predictions
-            check = validation_rows.head(64)
-            served = np.asarray(
-                mlflow_registry.load_model(logged["model_uri"]).predict(check[served_columns]), dtype=float
-            )
-            gap = float(np.max(np.abs(served - check["prediction"].to_numpy(float)))) if len(check) else 0.0
-            if not gap <= 1e-4 * max(1.0, float(np.abs(served).max(initial=0.0))):
-                raise RuntimeError(
-                    f"the registered pyfunc model predicts differently from the judged model "
-                    f"(max difference {gap:.3g}); it is neither challenger nor champion"
-                )
-            gate = mlflow_registry.champion_gate(
-                spec.registry_name,
-                logged["model_version"],
-                daily,
-                validation_key,
-                rescore,
-                new_tags=spec.gate_tags,
-                validation_start=spec.validation_start,
-                k=spec.gate_k,
-                min_delta=spec.gate_min_delta,
-                horizon=horizon,
-            )
+            gate = _verify_and_gate(spec, logged, frames["validation"], daily, validation_key, horizon)
             log(f"champion gate: {gate['reason']}")
         else:
             gate = {"promoted": False, "reason": "the champion gate was not asked for (promote=False)"}

@@ -40,9 +40,8 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -68,80 +67,24 @@ from modeling.losses import ic_loss, weighted_loss
 from modeling.metrics import rank_ic
 from modeling.model import LLMRegressor, build_regressor, save_regressor
 from modeling.optim import BestTracker, ema_update, lr_factor, lr_length_factor, param_groups
-
-TRAIN_STATE_FILE = "trainer_state.json"
-TRAINABLE_FILE = "trainable.safetensors"
-BEST_FILE = "best_trainable.safetensors"
-EMA_FILE = "ema_trainable.safetensors"
-FINAL_STATE_FILE = "final_state.json"
-
-
-# --- checkpoints ----------------------------------------------------------------------------------------
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint under `root` (see `modeling.checkpointing`: temporary, stale and
-    truncated directories are never used), one with a loop state."""
-    return checkpointing.latest_checkpoint(root, required=(TRAIN_STATE_FILE,))
+from modeling.train_state import (  # noqa: F401 (re-exported: the loop's files and state)
+    BEST_FILE,
+    EMA_FILE,
+    FINAL_STATE_FILE,
+    TRAIN_STATE_FILE,
+    TRAINABLE_FILE,
+    LoopState,
+    TrainResult,
+    completed_result,
+    latest_checkpoint,
+    read_checkpoint,
+    write_weights,
+)
 
 
 def _clock() -> float:
     """The training loop's clock (seconds); tests replace it with a deterministic one."""
     return time.perf_counter()
-
-
-@dataclass
-class LoopState:
-    """Where the loop is: saved in every checkpoint as JSON."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    samples: int = 0
-    tokens: int = 0
-    elapsed_s: float = 0.0
-    """Training-loop time so far, across resumes (evaluations and checkpoint writes included; process
-    start-up and resume not): a checkpoint stores it as of its writing, and a resumed run's clock starts
-    there, so a time budget and the schedule it drives continue rather than restart."""
-    eval_s: float = 0.0
-    best_rank_ic: float | None = None
-    best_step: int | None = None
-    evals_without_improvement: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    stopped_by: str | None = None
-
-
-# --- the loop -------------------------------------------------------------------------------------------
-@dataclass
-class TrainResult:
-    model_dir: Path
-    state: LoopState
-    n_train_rows: int
-    n_eval_rows: int
-    eval_dates: list[str]
-    wall_s: float
-    n_processes: int
-
-    def report(self) -> dict[str, Any]:
-        s = self.state
-        train_s = s.elapsed_s - s.eval_s
-        return {
-            "model_dir": str(self.model_dir),
-            "steps": s.step,
-            "samples": s.samples,
-            "tokens": s.tokens,
-            "train_loop_s": round(s.elapsed_s, 3),
-            "eval_s": round(s.eval_s, 3),
-            # throughput of the training steps alone (periodic evaluations excluded)
-            "samples_per_s": round(s.samples / train_s, 2) if train_s > 0 else None,
-            "tokens_per_s": round(s.tokens / train_s, 1) if train_s > 0 else None,
-            "best_step": s.best_step,
-            "best_val_rank_ic": s.best_rank_ic,
-            "stopped_by": s.stopped_by,
-            "n_train_rows": self.n_train_rows,
-            "n_eval_rows": self.n_eval_rows,
-            "eval_dates": self.eval_dates,
-            "n_processes": self.n_processes,
-            "history": s.history,
-        }
 
 
 # --- the recipe -----------------------------------------------------------------------------------------
@@ -260,16 +203,12 @@ class RegressorTrainer:
         """Continue from the newest complete checkpoint (safetensors and JSON only: nothing unpickled)."""
         checkpoint = latest_checkpoint(self.ckpt_root) if self.job.resume else None
         if checkpoint is not None:
-            self.unwrapped.load_trainable_state_dict(checkpointing.load_tensors(checkpoint / TRAINABLE_FILE))
-            self.optimizer.load_state_dict(checkpointing.load_optimizer(checkpoint))
-            self.state = LoopState(**checkpointing.load_json(checkpoint / TRAIN_STATE_FILE))
-            if (checkpoint / BEST_FILE).is_file():
-                self.best_state = checkpointing.load_tensors(checkpoint / BEST_FILE)
-            if self.ema is not None:
-                self.ema = {
-                    n: v.to(self.trainable[n].device)
-                    for n, v in checkpointing.load_tensors(checkpoint / EMA_FILE).items()
-                }
+            saved = read_checkpoint(checkpoint, with_ema=self.ema is not None)
+            self.unwrapped.load_trainable_state_dict(saved.trainable)
+            self.optimizer.load_state_dict(saved.optimizer)
+            self.state, self.best_state = saved.state, saved.best
+            if saved.ema is not None:
+                self.ema = {n: v.to(self.trainable[n].device) for n, v in saved.ema.items()}
             checkpointing.load_rng(checkpoint, self.accelerator.process_index)
             self.say(f"resumed from {checkpoint.name} (step {self.state.step}, {self.state.samples} samples)")
         s = self.state
@@ -507,12 +446,13 @@ class RegressorTrainer:
         tmp = self.ckpt_root / f"{checkpointing.checkpoint_name(state.step)}{checkpointing.TMP_SUFFIX}"
         if self.main:
             tmp = checkpointing.begin_checkpoint(self.ckpt_root, state.step)
-            checkpointing.save_tensors(tmp / TRAINABLE_FILE, self.unwrapped.trainable_state_dict())
-            if self.best_state is not None:
-                checkpointing.save_tensors(tmp / BEST_FILE, self.best_state)
-            if self.ema is not None:
-                checkpointing.save_tensors(tmp / EMA_FILE, self.ema)
-            checkpointing.save_optimizer(tmp, self.optimizer.state_dict())
+            write_weights(
+                tmp,
+                self.unwrapped.trainable_state_dict(),
+                self.optimizer.state_dict(),
+                self.best_state,
+                self.ema,
+            )
             checkpointing.fault_point("checkpoint_write")
         accelerator.wait_for_everyone()
         checkpointing.save_rng(tmp, accelerator.process_index)
@@ -567,24 +507,6 @@ class RegressorTrainer:
             (self.out / FINAL_STATE_FILE).write_text(json.dumps(final, default=float) + "\n")
         self.accelerator.wait_for_everyone()
         return result
-
-
-def completed_result(job: TrainJob) -> TrainResult | None:
-    """The result of a job that already trained to the end (a later step of its run failed), else None."""
-    out = Path(job.output_dir)
-    finished = out / FINAL_STATE_FILE
-    if not (job.resume and finished.is_file() and (out / "model" / "regressor.json").is_file()):
-        return None
-    final = json.loads(finished.read_text())
-    return TrainResult(
-        out / "model",
-        LoopState(**final["state"]),
-        final["n_train_rows"],
-        final["n_eval_rows"],
-        final["eval_dates"],
-        final["wall_s"],
-        final["n_processes"],
-    )
 
 
 def train_regressor(
