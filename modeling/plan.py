@@ -24,6 +24,7 @@ class RegressorPlan:
     profile: Profile
     final_eval_max_dates: int | None
     final_test_max_dates: int | None
+    base_model_fingerprint: str = ""
     facts: dict[str, Any] = field(default_factory=dict)
     """The training set's splits, buckets and label (its Parquet metadata)."""
 
@@ -104,4 +105,4 @@ def plan_regressor_job(
         }
     )
     facts = {k: set_facts.get(k) for k in ("splits", "buckets", "label")}
-    return RegressorPlan(job, inputs_sha, profile, final_dates, test_dates, facts)
+    return RegressorPlan(job, inputs_sha, profile, final_dates, test_dates, base_model_fingerprint, facts)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from modeling.baselines import BaselineConfig, fit_predict_baselines
@@ -37,6 +38,28 @@ def _with_features(keys: pd.DataFrame, training_set: str | Path) -> pd.DataFrame
     if out[list(FEATURE_NAMES)].isna().all(axis=1).any():
         raise ValueError("window rows without features in the training set: the inputs do not match")
     return out
+
+
+def forecast_with_baselines(
+    train: pd.DataFrame,
+    validation: pd.DataFrame,
+    predict: pd.DataFrame,
+    cfg: BaselineConfig | None = None,
+    loss: str = "mse",
+    huber_delta: float = 1.0,
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Fit ridge, LightGBM and the feature MLP on `train` (features, label, weight; `validation` for early
+    stopping) and forecast `predict`: ({model: forecasts}, {model: fit seconds})."""
+    fitted, seconds = fit_predict_baselines(
+        train,
+        validation,
+        {"test": predict},
+        cfg or BaselineConfig(),
+        loss,
+        huber_delta,
+        only=FEATURE_BASELINES,
+    )
+    return {name: per_split["test"] for name, per_split in fitted.items()}, seconds
 
 
 def run_window(job: TrainJob, result: TrainResult, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -62,20 +85,18 @@ def run_window(job: TrainJob, result: TrainResult, log: Callable[[str], None] = 
     )
     validation = _with_features(split_rows(job.corpus_path, "validation", None), job.training_set_path)
     predict = _with_features(scored[["date", "symbol"]], job.training_set_path)
-    loss = job.train.loss if job.train.loss != "ic" else "mse"
-    baselines, fit_s = fit_predict_baselines(
+    baselines, fit_s = forecast_with_baselines(
         train,
         validation,
-        {"test": predict},
+        predict,
         BaselineConfig(mlp_head=job.regressor.head, seed=job.train.seed),
-        loss,
+        job.train.loss if job.train.loss != "ic" else "mse",
         job.train.huber_delta,
-        only=FEATURE_BASELINES,
     )
     baselines_s = time.perf_counter() - started
     frames = [scored[["date", "symbol", "prediction"]].assign(model=LLM_MODEL)]
-    for name, per_split in baselines.items():
-        frames.append(predict[["date", "symbol"]].assign(model=name, prediction=per_split["test"]))
+    for name, forecast in baselines.items():
+        frames.append(predict[["date", "symbol"]].assign(model=name, prediction=forecast))
     out = pd.concat(frames, ignore_index=True)[PREDICTION_COLUMNS]
     write_parquet_atomic(out, Path(job.backtest_output))
     report = result.report()

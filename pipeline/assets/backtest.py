@@ -5,6 +5,7 @@ import signal
 import subprocess
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -128,6 +129,63 @@ def _window_run(
     return {"window": k, "params": params, "metrics": metrics}
 
 
+def _run_windows(
+    context,
+    warehouse,
+    run_id: str,
+    run_dir: Path,
+    todo: list,
+    template: TrainJob,
+    corpus_facts: dict,
+    done: dict[int, dict],
+) -> None:
+    """Train and forecast each window in its own process, storing each whole as soon as it is done."""
+    corpus = pd.read_parquet(template.corpus_path or run_dir / "inputs" / "prompt_corpus.parquet")
+    training_set = pd.read_parquet(
+        template.training_set_path, columns=["date", "symbol", "split", "bucket", "weight"]
+    )
+    for window in todo:
+        started = time.perf_counter()
+        out = run_dir / f"window_{window.index:03d}"
+        out.mkdir(exist_ok=True)
+        rows = window_corpus(corpus, training_set, window)
+        write_parquet_atomic(rows, out / "corpus.parquet", corpus_facts)
+        job = replace(
+            template,
+            corpus_path=str(out / "corpus.parquet"),
+            output_dir=str(out),
+            backtest_output=str(out / "forecasts.parquet"),
+        )
+        report = _train_window(context, job, out)
+        forecasts = pd.read_parquet(out / "forecasts.parquet")
+        report = {**report, **window.to_dict(), "wall_s": round(time.perf_counter() - started, 1)}
+        with warehouse.get_connection() as con:
+            store_window(con, run_id, window.index, window.predict, forecasts, report)
+        done[window.index] = report
+        context.log.info(f"window {window.index}: {report['wall_s']} s (scoring {report.get('score_s')} s)")
+        if os.environ.get(FAULT_ENV) == str(window.index):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _windows_table(done: dict[int, dict]) -> pd.DataFrame:
+    """One row per stored window: its dates and where its time went."""
+    return pd.DataFrame(
+        [
+            {
+                "window": k,
+                "predict": f"{r['predict'][0]} .. {r['predict'][1]}",
+                "train": f"{r['train'][0]} .. {r['train'][1]}",
+                "wall_s": r.get("wall_s"),
+                "train_s": r.get("train_loop_s"),
+                "score_s": r.get("score_s"),
+                "score_rows_per_s": r.get("score_rows_per_s"),
+                "baselines_s": r.get("baselines_s"),
+            }
+            for k, r in sorted(done.items())
+        ]
+    )
+
+
 @asset(
     pool=TRAINING_POOL,
     group_name="evaluation",
@@ -213,34 +271,16 @@ def backtest(
     todo = [w for w in plan if w.index not in done]
     context.log.info(f"backtest {run_id}: {len(plan)} windows, {len(done)} stored, {len(todo)} to run")
     if todo:
-        corpus = pd.read_parquet(corpus_path)
-        training_set = pd.read_parquet(set_path, columns=["date", "symbol", "split", "bucket", "weight"])
-    for window in todo:
-        started = time.perf_counter()
-        out = run_dir / f"window_{window.index:03d}"
-        out.mkdir(exist_ok=True)
-        rows = window_corpus(corpus, training_set, window)
-        write_parquet_atomic(rows, out / "corpus.parquet", corpus_facts)
-        job = TrainJob(
-            base_model_dir=str(base_dir),
-            corpus_path=str(out / "corpus.parquet"),
-            output_dir=str(out),
-            prompt=prompt,
-            regressor=regressor_cfg,
-            train=train_cfg,
-            resume=True,
+        template = TrainJob(
+            str(base_dir),
+            str(corpus_path),
+            "",
+            prompt,
+            regressor_cfg,
+            train_cfg,
             training_set_path=str(set_path),
-            backtest_output=str(out / "forecasts.parquet"),
         )
-        report = _train_window(context, job, out)
-        forecasts = pd.read_parquet(out / "forecasts.parquet")
-        report = {**report, **window.to_dict(), "wall_s": round(time.perf_counter() - started, 1)}
-        with warehouse.get_connection() as con:
-            store_window(con, run_id, window.index, window.predict, forecasts, report)
-        done[window.index] = report
-        context.log.info(f"window {window.index}: {report['wall_s']} s (scoring {report.get('score_s')} s)")
-        if os.environ.get(FAULT_ENV) == str(window.index):
-            os.kill(os.getpid(), signal.SIGKILL)
+        _run_windows(context, warehouse, run_id, run_dir, todo, template, corpus_facts, done)
 
     models = [LLM_MODEL, *FEATURE_BASELINES]
     with warehouse.get_connection() as con:
@@ -254,21 +294,7 @@ def backtest(
     analysis = analyse(forecasts, labels, returns, models, list(FEATURE_BASELINES), portfolio, horizon)
     table = analysis.table()
     png = backtest_png(analysis.daily, analysis.by_month, storage.reports_dir / "backtest.png")
-    windows_table = pd.DataFrame(
-        [
-            {
-                "window": k,
-                "predict": f"{r['predict'][0]} .. {r['predict'][1]}",
-                "train": f"{r['train'][0]} .. {r['train'][1]}",
-                "wall_s": r.get("wall_s"),
-                "train_s": r.get("train_loop_s"),
-                "score_s": r.get("score_s"),
-                "score_rows_per_s": r.get("score_rows_per_s"),
-                "baselines_s": r.get("baselines_s"),
-            }
-            for k, r in sorted(done.items())
-        ]
-    )
+    windows_table = _windows_table(done)
     from modeling import mlflow_registry
 
     experiment_id = mlflow_registry.configure(

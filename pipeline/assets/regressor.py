@@ -20,9 +20,9 @@ from pydantic import Field
 
 from modeling.backbones.files import model_fingerprint
 from modeling.data.parquet_io import snapshot_files
-from modeling.job import ExperimentSpec, Outcome
+from modeling.job import ExperimentSpec, Outcome, TrainJob
 from modeling.launch import launch_command, visible_gpus
-from modeling.plan import plan_regressor_job
+from modeling.plan import RegressorPlan, plan_regressor_job
 from pipeline.metadata import png_markdown
 from pipeline.resources import TRAINING_POOL, MlflowResource, StorageResource
 
@@ -164,6 +164,82 @@ def _unchanged_metadata(
     return metadata
 
 
+def _experiment_spec(
+    context: AssetExecutionContext,
+    config: RegressorAssetConfig,
+    storage: StorageResource,
+    mlflow: MlflowResource,
+    plan: RegressorPlan,
+    out: Path,
+    best: dict,
+    resume_version: str | None,
+) -> ExperimentSpec:
+    """Where the trained model is logged, registered and gated, and what the run records about itself."""
+    splits, prompt, facts = plan.facts["splits"], plan.job.prompt, plan.facts
+    base_dir = storage.base_model_dir
+    return ExperimentSpec(
+        tracking_uri=mlflow.tracking_uri,
+        training_set_path=str(out / "inputs" / Path(plan.job.training_set_path).name),
+        experiment_name=mlflow.experiment_name,
+        registry_name=mlflow.registry_name,
+        artifact_root=mlflow.artifact_root,
+        eval_max_dates=plan.final_eval_max_dates,
+        test_max_dates=plan.final_test_max_dates,
+        run_name=f"regressor-{context.run_id[:8]}",
+        reports_dir=str(storage.reports_dir / "regressor"),
+        params={
+            "profile": plan.profile.name,
+            "hyperparameters_source": "hyperparameters.json" if best else "profile",
+            "hyperparameters": best,
+            "buckets": facts.get("buckets"),
+            "label": facts.get("label"),
+            "data_splits": {k: splits[k] for k in ("train", "validation", "test")},
+            "base_model": {
+                "path": str(base_dir),
+                "fingerprint": plan.base_model_fingerprint,
+                "source": storage.base_model_source.kind,
+            },
+            "prompt_template_version": prompt["template_version"],
+            "dagster_run_id": context.run_id,
+        },
+        version_tags={"inputs_sha": plan.inputs_sha, "dagster_run_id": context.run_id, "run_dir": str(out)},
+        gate_tags={
+            "horizon": prompt["horizon"],
+            "label_kind": prompt["target"],
+            "train_end": splits["train"][1],
+        },
+        validation_start=splits["validation"][0],
+        resume_version=resume_version,
+        gate_k=config.gate_k,
+        gate_min_delta=config.gate_min_delta,
+    )
+
+
+def _launch(context, client: PipesSubprocessClient, job: TrainJob, config: RegressorAssetConfig, profile):
+    """Run the training process through Pipes; a failure carries the child's own traceback."""
+    out = Path(job.output_dir)
+    job_path = job.save(out / "job.json")
+    processes = config.num_processes or profile.num_processes or max(1, visible_gpus())
+    command = launch_command(job_path, processes, config.accelerate_config_file)
+    context.log.info(f"launching: {' '.join(command)}")
+    try:
+        invocation = client.run(
+            command=command,
+            context=context,
+            cwd=str(Path.cwd()),
+            env={"REGRESSOR_PARENT_PID": str(os.getpid())},  # the trainer dies with this run's process
+        )
+    except Exception as error:  # the Pipes client raises when the child exits with an error
+        texts = [p.read_text() for p in sorted(out.glob("error_rank*.txt"))]
+        if not texts:
+            raise
+        raise Failure(
+            description="the training process failed:\n" + "\n".join(texts),
+            metadata={"job": MetadataValue.path(str(job_path))},
+        ) from error
+    return invocation, job_path
+
+
 @asset(
     pool=TRAINING_POOL,
     group_name="training",
@@ -238,76 +314,14 @@ def regressor(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     corpus, training_set = (out / "inputs" / staged[name].name for name in ("prompt_corpus", "training_set"))
-    profile, splits, prompt = plan.profile, plan.facts["splits"], plan.job.prompt
-    final_dates, test_dates = plan.final_eval_max_dates, plan.final_test_max_dates
-    set_facts = plan.facts
     job = replace(
         plan.job,
         corpus_path=str(corpus),
         training_set_path=str(training_set),
         output_dir=str(out),
-        experiment=ExperimentSpec(
-            **{
-                "tracking_uri": mlflow.tracking_uri,
-                "training_set_path": str(training_set),
-                "experiment_name": mlflow.experiment_name,
-                "registry_name": mlflow.registry_name,
-                "artifact_root": mlflow.artifact_root,
-                "eval_max_dates": final_dates,
-                "test_max_dates": test_dates,
-                "run_name": f"regressor-{context.run_id[:8]}",
-                "reports_dir": str(storage.reports_dir / "regressor"),
-                "params": {
-                    "profile": profile.name,
-                    "hyperparameters_source": "hyperparameters.json" if best else "profile",
-                    "hyperparameters": best,
-                    "buckets": set_facts.get("buckets"),
-                    "label": set_facts.get("label"),
-                    "data_splits": {k: splits[k] for k in ("train", "validation", "test")},
-                    "base_model": {
-                        "path": str(base_dir),
-                        "fingerprint": fingerprint,
-                        "source": storage.base_model_source.kind,
-                    },
-                    "prompt_template_version": prompt["template_version"],
-                    "dagster_run_id": context.run_id,
-                },
-                "version_tags": {
-                    "inputs_sha": inputs_sha,
-                    "dagster_run_id": context.run_id,
-                    "run_dir": str(out),
-                },
-                "gate_tags": {
-                    "horizon": prompt["horizon"],
-                    "label_kind": prompt["target"],
-                    "train_end": splits["train"][1],
-                },
-                "validation_start": splits["validation"][0],
-                "resume_version": resume_version,
-                "gate_k": config.gate_k,
-                "gate_min_delta": config.gate_min_delta,
-            }
-        ),
+        experiment=_experiment_spec(context, config, storage, mlflow, plan, out, best, resume_version),
     )
-    job_path = job.save(out / "job.json")
-    processes = config.num_processes or profile.num_processes or max(1, visible_gpus())
-    command = launch_command(job_path, processes, config.accelerate_config_file)
-    context.log.info(f"launching: {' '.join(command)}")
-    try:
-        invocation = pipes_subprocess_client.run(
-            command=command,
-            context=context,
-            cwd=str(Path.cwd()),
-            env={"REGRESSOR_PARENT_PID": str(os.getpid())},  # the trainer dies with this run's process
-        )
-    except Exception as error:  # the Pipes client raises when the child exits with an error
-        texts = [p.read_text() for p in sorted(out.glob("error_rank*.txt"))]
-        if not texts:
-            raise
-        raise Failure(
-            description="the training process failed:\n" + "\n".join(texts),
-            metadata={"job": MetadataValue.path(str(job_path))},
-        ) from error
+    invocation, job_path = _launch(context, pipes_subprocess_client, job, config, plan.profile)
     result = invocation.get_materialize_result()
     outcome = Outcome.load(out)
     reported = dict(result.metadata or {})
@@ -320,6 +334,6 @@ def regressor(
             **{f"plot_{name}": value for name, value in plots.items()},
             "inputs_sha": MetadataValue.text(inputs_sha),
             "job": MetadataValue.path(str(job_path)),
-            "profile": MetadataValue.text(profile.name),
+            "profile": MetadataValue.text(plan.profile.name),
         }
     )
