@@ -147,6 +147,57 @@ class SearchResult:
     wall_s: float
 
 
+def _open_study(storage_path: Path, study_name: str, seed: int):
+    """The Optuna study in SQLite (created or resumed): TPE sampler, median pruner, heartbeats."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = RDBStorage(
+        f"sqlite:///{Path(storage_path).resolve()}",
+        heartbeat_interval=30,
+        grace_period=90,
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+    )
+    return optuna.create_study(
+        study_name=study_name,
+        storage=storage,
+        load_if_exists=True,
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=5),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
+    )
+
+
+def _best_on_every_date(
+    best,
+    template: TrainJob,
+    out_dir: Path,
+    space: SearchSpace,
+    reweight: bool,
+    bucket_config: dict | None,
+    horizon: int,
+    log: Callable[[str], None],
+) -> DailyMean:
+    """The best trial's validation RankIC on every date (its model trained again when it is gone)."""
+    import optuna
+
+    if best.user_attrs.get("every_date"):
+        return DailyMean(
+            float(best.value),
+            float(best.user_attrs["rank_ic_se"]),
+            int(best.user_attrs["n_dates"]),
+            horizon - 1,
+        )
+    else:
+        best_dir = Path(out_dir) / f"trial-{best.number:04d}"
+        if not (best_dir / "model" / "regressor.json").is_file():  # trained elsewhere: train it again
+            log(f"trial {best.number}'s model is gone; training it again (same seed, same parameters)")
+            params = suggest(optuna.trial.FixedTrial(best.params), space, reweight)
+            train_regressor(trial_job(template, params, best_dir, bucket_config), log=lambda _m: None)
+        return score_split(best_dir / "model", template.corpus_path, "validation", None, horizon)[1]
+
+
 def run_search(
     template: TrainJob,
     storage_path: Path,
@@ -165,23 +216,8 @@ def run_search(
     judged on `objective_dates` validation dates (None = all)."""
     horizon = int(template.prompt.get("horizon", 1))
     import optuna
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = RDBStorage(
-        f"sqlite:///{Path(storage_path).resolve()}",
-        heartbeat_interval=30,
-        grace_period=90,
-        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-    )
-    study = optuna.create_study(
-        study_name=study_name,
-        storage=storage,
-        load_if_exists=True,
-        direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=5),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
-    )
+    study = _open_study(storage_path, study_name, seed)
     # a killed search left its running trial RUNNING: optimize() fails it (no heartbeat for grace_period)
     # and RetryHeartbeatStaleTrialCallback queues it again with the same parameters
     reweight = bucket_config is not None and bucket_config.get("mode", "weight") == "weight"
@@ -232,20 +268,7 @@ def run_search(
     best = max(completed, key=lambda t: t.value)
     # the winner of several noisy trials is flattered by its own noise: re-score it on every date (unless
     # it was judged on every date already)
-    if best.user_attrs.get("every_date"):
-        best_full = DailyMean(
-            float(best.value),
-            float(best.user_attrs["rank_ic_se"]),
-            int(best.user_attrs["n_dates"]),
-            horizon - 1,
-        )
-    else:
-        best_dir = Path(out_dir) / f"trial-{best.number:04d}"
-        if not (best_dir / "model" / "regressor.json").is_file():  # trained elsewhere: train it again
-            log(f"trial {best.number}'s model is gone; training it again (same seed, same parameters)")
-            params = suggest(optuna.trial.FixedTrial(best.params), space, reweight)
-            train_regressor(trial_job(template, params, best_dir, bucket_config), log=lambda _m: None)
-        _, best_full = score_split(best_dir / "model", template.corpus_path, "validation", None, horizon)
+    best_full = _best_on_every_date(best, template, out_dir, space, reweight, bucket_config, horizon, log)
     log(f"best trial {best.number}: {best.value:.5f} on the objective dates, {best_full} on every date")
     png = None
     if len(completed) >= 1:
