@@ -398,43 +398,7 @@ def ingest_market_data(
                     "kept (see the reasons by ingesting the file into an empty DATA_DIR)"
                 )
             _check_shrink(con, n_clean, max_shrink_share)
-            con.execute(f"""
-                CREATE OR REPLACE TABLE {RAW_TABLE} AS
-                SELECT date, symbol, open, high, low, close, volume, sector
-                FROM _staged WHERE reason IS NULL
-                ORDER BY symbol, date
-            """)
-            con.execute(f"""
-                CREATE OR REPLACE TABLE {REJECTS_TABLE} AS
-                SELECT source_file, source_row, reason, coalesce(raw_date, CAST(date AS VARCHAR)) AS date,
-                       raw_symbol AS symbol,
-                       coalesce(raw_open, CAST(open AS VARCHAR)) AS open,
-                       coalesce(raw_high, CAST(high AS VARCHAR)) AS high,
-                       coalesce(raw_low, CAST(low AS VARCHAR)) AS low,
-                       coalesce(raw_close, CAST(close AS VARCHAR)) AS close,
-                       coalesce(raw_volume, CAST(volume AS VARCHAR)) AS volume,
-                       sector, raw_line, detail
-                FROM _staged WHERE reason IS NOT NULL AND reason <> '{_REVISED}'
-                ORDER BY source_idx, source_row
-            """)
-            con.execute(
-                f"""
-                CREATE OR REPLACE TABLE {REVISIONS_TABLE} AS
-                SELECT o.date, o.symbol,
-                       o.open AS old_open, o.high AS old_high, o.low AS old_low, o.close AS old_close,
-                       o.volume AS old_volume, o.sector AS old_sector,
-                       n.open AS new_open, n.high AS new_high, n.low AS new_low, n.close AS new_close,
-                       n.volume AS new_volume, n.sector AS new_sector,
-                       o.source_file AS old_source_file, o.source_row AS old_source_row,
-                       n.source_file AS new_source_file, n.source_row AS new_source_row,
-                       CAST(? AS TIMESTAMP) AS revised_at
-                FROM _revised r
-                JOIN _staged o ON o.source_idx = r.source_idx AND o.source_row = r.source_row
-                JOIN _staged n ON n.source_idx = r.new_source_idx AND n.source_row = r.new_source_row
-                ORDER BY o.symbol, o.date, o.source_rank, o.source_row
-            """,
-                [revised_at],
-            )
+            _write_tables(con, revised_at)
             by_reason = dict(
                 con.execute(
                     "SELECT reason, count(*) FROM _staged WHERE reason IS NOT NULL GROUP BY reason"
@@ -461,6 +425,48 @@ def ingest_market_data(
         n_rejected=n_rejected,
         rejects_by_reason={r: int(by_reason.get(r, 0)) for r in REJECT_REASONS},
         n_revised=n_revised,
+    )
+
+
+def _write_tables(con: duckdb.DuckDBPyConnection, revised_at: datetime.datetime) -> None:
+    """Replace the three tables from the resolved `_staged` rows (inside the caller's transaction): the
+    clean rows, the rejects with their reasons, and the revisions audit (old and new values, both sources)."""
+    con.execute(f"""
+        CREATE OR REPLACE TABLE {RAW_TABLE} AS
+        SELECT date, symbol, open, high, low, close, volume, sector
+        FROM _staged WHERE reason IS NULL
+        ORDER BY symbol, date
+    """)
+    con.execute(f"""
+        CREATE OR REPLACE TABLE {REJECTS_TABLE} AS
+        SELECT source_file, source_row, reason, coalesce(raw_date, CAST(date AS VARCHAR)) AS date,
+               raw_symbol AS symbol,
+               coalesce(raw_open, CAST(open AS VARCHAR)) AS open,
+               coalesce(raw_high, CAST(high AS VARCHAR)) AS high,
+               coalesce(raw_low, CAST(low AS VARCHAR)) AS low,
+               coalesce(raw_close, CAST(close AS VARCHAR)) AS close,
+               coalesce(raw_volume, CAST(volume AS VARCHAR)) AS volume,
+               sector, raw_line, detail
+        FROM _staged WHERE reason IS NOT NULL AND reason <> '{_REVISED}'
+        ORDER BY source_idx, source_row
+    """)
+    con.execute(
+        f"""
+        CREATE OR REPLACE TABLE {REVISIONS_TABLE} AS
+        SELECT o.date, o.symbol,
+               o.open AS old_open, o.high AS old_high, o.low AS old_low, o.close AS old_close,
+               o.volume AS old_volume, o.sector AS old_sector,
+               n.open AS new_open, n.high AS new_high, n.low AS new_low, n.close AS new_close,
+               n.volume AS new_volume, n.sector AS new_sector,
+               o.source_file AS old_source_file, o.source_row AS old_source_row,
+               n.source_file AS new_source_file, n.source_row AS new_source_row,
+               CAST(? AS TIMESTAMP) AS revised_at
+        FROM _revised r
+        JOIN _staged o ON o.source_idx = r.source_idx AND o.source_row = r.source_row
+        JOIN _staged n ON n.source_idx = r.new_source_idx AND n.source_row = r.new_source_row
+        ORDER BY o.symbol, o.date, o.source_rank, o.source_row
+    """,
+        [revised_at],
     )
 
 
