@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -271,6 +272,47 @@ def _version_tags(
     }
 
 
+def _outcome(
+    logged: dict[str, Any],
+    gate: dict[str, Any],
+    results: dict[str, dict[str, dict[str, float]]],
+    headline: str,
+    paired: dict[str, Any],
+    plots: dict[str, Path],
+    report: dict[str, Any],
+    rates: dict[str, float],
+    baseline_seconds: dict[str, float],
+) -> Outcome:
+    """What the run reports back: the version, the gate's verdict, every score with its SE and dates."""
+    val_score = results["llm_regressor"]["validation"]["rank_ic"]
+    return Outcome(
+        run_id=logged["run_id"],
+        model_uri=logged["model_uri"],
+        model_version=logged["model_version"],
+        promoted=gate["promoted"],
+        gate=gate["reason"],
+        val_rank_ic=val_score,
+        val_rank_ic_se=results["llm_regressor"]["validation"]["rank_ic_se"],
+        val_n_dates=results["llm_regressor"]["validation"]["rank_ic_n_dates"],
+        test_rank_ic=results["llm_regressor"]["test"]["rank_ic"],
+        test_rank_ic_se=results["llm_regressor"]["test"]["rank_ic_se"],
+        test_n_dates=results["llm_regressor"]["test"]["rank_ic_n_dates"],
+        val_rank_icir=results["llm_regressor"]["validation"]["rank_icir"],
+        test_rank_icir=results["llm_regressor"]["test"]["rank_icir"],
+        baselines_val_rank_ic={
+            n: r["validation"]["rank_ic"] for n, r in results.items() if n != "llm_regressor"
+        },
+        comparison=headline,
+        paired=paired,
+        gate_stats={k: gate.get(k) for k in ("delta", "se", "t", "n_dates", "bar")},
+        plots={name: str(path) for name, path in plots.items()},
+        train={k: v for k, v in report.items() if k not in ("history", "eval_dates")},
+        eval_history=report["history"],
+        score_rows_per_s=round(float(np.mean(list(rates.values()))), 1),
+        baseline_fit_s=baseline_seconds,
+    )
+
+
 def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None] = print) -> dict[str, Any]:
     from modeling import mlflow_registry
 
@@ -320,7 +362,6 @@ def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None
     daily = per_date_correlation(frames["validation"], method="spearman")
     report = result.report()
     metrics = _flat_metrics(results, paired, report, rates)
-    val_score = results["llm_regressor"]["validation"]["rank_ic"]
     input_example = frames["validation"][list(MODEL_INPUT_COLUMNS)].head(3)
     experiment_id = mlflow_registry.configure(spec.tracking_uri, spec.experiment_name, spec.artifact_root)
     tags = _version_tags(job, results["llm_regressor"]["validation"], daily, validation_key)
@@ -356,32 +397,7 @@ def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None
         else:
             gate = {"promoted": False, "reason": "the champion gate was not asked for (promote=False)"}
         mlflow_registry.finish_version(spec.registry_name, logged["model_version"], gate)
-    outcome = Outcome(
-        run_id=logged["run_id"],
-        model_uri=logged["model_uri"],
-        model_version=logged["model_version"],
-        promoted=gate["promoted"],
-        gate=gate["reason"],
-        val_rank_ic=val_score,
-        val_rank_ic_se=results["llm_regressor"]["validation"]["rank_ic_se"],
-        val_n_dates=results["llm_regressor"]["validation"]["rank_ic_n_dates"],
-        test_rank_ic=results["llm_regressor"]["test"]["rank_ic"],
-        test_rank_ic_se=results["llm_regressor"]["test"]["rank_ic_se"],
-        test_n_dates=results["llm_regressor"]["test"]["rank_ic_n_dates"],
-        val_rank_icir=results["llm_regressor"]["validation"]["rank_icir"],
-        test_rank_icir=results["llm_regressor"]["test"]["rank_icir"],
-        baselines_val_rank_ic={
-            n: r["validation"]["rank_ic"] for n, r in results.items() if n != "llm_regressor"
-        },
-        comparison=headline,
-        paired=paired,
-        gate_stats={k: gate.get(k) for k in ("delta", "se", "t", "n_dates", "bar")},
-        plots={name: str(path) for name, path in plots.items()},
-        train={k: v for k, v in report.items() if k not in ("history", "eval_dates")},
-        eval_history=report["history"],
-        experiment_s=round(time.perf_counter() - started, 1),
-        score_rows_per_s=round(float(np.mean(list(rates.values()))), 1),
-        baseline_fit_s=baseline_seconds,
-    )
+    outcome = _outcome(logged, gate, results, headline, paired, plots, report, rates, baseline_seconds)
+    outcome = replace(outcome, experiment_s=round(time.perf_counter() - started, 1))
     outcome.save(model_dir.parent)
     return outcome.to_dict()
