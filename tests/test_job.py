@@ -1,0 +1,60 @@
+"""The job contract: typed, validated when the job is built (not an hour into training), JSON round trip."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from modeling.job import ExperimentSpec, HeadConfig, Outcome, RegressorConfig, TrainConfig, TrainJob
+
+
+def _job(**kwargs) -> TrainJob:
+    return TrainJob("base", "corpus.parquet", "out", {"horizon": 1}, **kwargs)
+
+
+def test_nested_parts_are_typed_and_round_trip_through_json(tmp_path: Path) -> None:
+    job = _job(
+        regressor=RegressorConfig(head=HeadConfig(hidden_sizes=(64, 32))),
+        train=TrainConfig(batch_size=16),
+        experiment={"tracking_uri": "sqlite:///x.db", "training_set_path": "ts.parquet", "gate_k": 2.0},
+    )
+    assert isinstance(job.experiment, ExperimentSpec) and job.experiment.gate_k == 2.0
+    again = TrainJob.load(job.save(tmp_path / "job.json"))
+    assert again == job and again.regressor.head.hidden_sizes == (64, 32)
+
+
+def test_a_typo_fails_when_the_job_is_built() -> None:
+    with pytest.raises(TypeError, match="gate_kk"):
+        _job(experiment={"tracking_uri": "u", "training_set_path": "t", "gate_kk": 1.0})
+    with pytest.raises(ValueError, match="unknown train config keys"):
+        TrainJob.from_dict({**_job().to_dict(), "train": {"batch_sise": 8}})
+    with pytest.raises(ValueError, match="loss"):
+        _job(train=TrainConfig(loss="mae"))
+    with pytest.raises(ValueError, match="weight"):  # a resampled training set cannot be re-weighted
+        _job(reweight={"mode": "resample"})
+    with pytest.raises(ValueError, match="either an experiment or a backtest window"):
+        _job(experiment=ExperimentSpec("u", "t"), backtest_output="f.parquet")
+
+
+def test_outcome_reads_older_files_and_refuses_unknown_keys(tmp_path: Path) -> None:
+    (tmp_path / Outcome.FILE).write_text(
+        json.dumps(
+            {
+                "run_id": "r",
+                "model_uri": "m",
+                "model_version": "3",
+                "promoted": True,
+                "gate": "g",
+                "val_rank_ic": 0.04,
+            }
+        )
+    )
+    old = Outcome.load(tmp_path)  # written before the SE fields existed: they take their defaults
+    assert old.model_version == "3" and old.test_n_dates == 0 and old.paired == {}
+    Outcome(**{**old.to_dict(), "test_rank_ic": 0.03}).save(tmp_path)
+    assert Outcome.load(tmp_path).test_rank_ic == 0.03
+    (tmp_path / Outcome.FILE).write_text(json.dumps({**old.to_dict(), "surprise": 1}))
+    with pytest.raises(ValueError, match="surprise"):
+        Outcome.load(tmp_path)
