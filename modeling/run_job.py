@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+from modeling.processes import process_alive
 from modeling.train import TrainJob, train_regressor
 
 PARENT_PID_ENV = "REGRESSOR_PARENT_PID"
@@ -37,22 +38,10 @@ def exit_with_parent(interval_s: float = 2.0) -> threading.Thread | None:
     if not pid:
         return None
 
-    def alive() -> bool:
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # alive, another user's
-            return True
-        try:  # a killed process that its parent has not reaped yet is a zombie: dead too
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        except (OSError, IndexError):
-            return True
-
     def watch() -> None:
         while True:
             time.sleep(interval_s)
-            if not alive():
+            if not process_alive(int(pid)):
                 os.kill(os.getpid(), signal.SIGKILL)
 
     thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
-from dagster import ConfigurableResource, PipesSubprocessClient
+from dagster import ConfigurableResource, InitResourceContext, PipesSubprocessClient
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
@@ -23,6 +23,12 @@ TRAINING_POOL = "training"
 since they read a snapshot of their inputs (`modeling.data.parquet_io.snapshot_files`)."""
 
 
+def _record_run_worker(context: InitResourceContext) -> None:
+    from pipeline.run_workers import record_run_worker
+
+    record_run_worker(context.instance, context.dagster_run)
+
+
 class WarehouseResource(DuckDBResource):
     """DuckDB `warehouse.duckdb` under DATA_DIR.
 
@@ -30,6 +36,9 @@ class WarehouseResource(DuckDBResource):
     instance per file and process, so a leaked connection would block later ones), and the directory
     is created on first use. Opening retries while another process holds the file lock.
     """
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        _record_run_worker(context)  # a SIGKILLed run is found and freed (`pipeline.run_workers`)
 
     @contextmanager
     def get_connection(self):
@@ -72,6 +81,9 @@ class StorageResource(ConfigurableResource):
         description="BASE_MODEL: a local Hugging Face model directory, a GGUF file or smollm2-135m-instruct; "
         "None = the embedded tiny Llama built and pretrained locally.",
     )
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        _record_run_worker(context)  # a SIGKILLed run is found and freed (`pipeline.run_workers`)
 
     @property
     def root(self) -> Path:

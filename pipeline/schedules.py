@@ -208,10 +208,17 @@ def decay_retrain_decision(
     if isinstance(last_request, (int, float)) and now - last_request < cooldown_s:
         new = json.dumps({"check_id": check_id, "requested_at": last_request})
         wait_h = (cooldown_s - (now - last_request)) / 3600
-        return DecayDecision(False, f"the champion decayed, but a retrain was requested within the cooldown "
-                                    f"({cooldown_s / 3600:g} h; {wait_h:.1f} h left)", new)
-    return DecayDecision(True, "the champion's realised RankIC fell below its floor: forced retrain",
-                         json.dumps({"check_id": check_id, "requested_at": now}))
+        return DecayDecision(
+            False,
+            f"the champion decayed, but a retrain was requested within the cooldown "
+            f"({cooldown_s / 3600:g} h; {wait_h:.1f} h left)",
+            new,
+        )
+    return DecayDecision(
+        True,
+        "the champion's realised RankIC fell below its floor: forced retrain",
+        json.dumps({"check_id": check_id, "requested_at": now}),
+    )
 
 
 def build_automation(settings: Settings) -> tuple[list, list]:
@@ -317,4 +324,22 @@ def build_automation(settings: Settings) -> tuple[list, list]:
         )
         return SensorResult(run_requests=[request], cursor=decision.cursor)
 
-    return [schedule], [new_market_data_file, log_run_failure, retrain_on_decay]
+    @sensor(
+        name="free_dead_runs",
+        minimum_interval_seconds=60,
+        default_status=DefaultSensorStatus.RUNNING,
+        description="Fails every started run whose process is gone (SIGKILL, reboot) and frees its pool "
+        "slots, so that its retry and later runs of the pool do not wait forever (see pipeline.run_workers).",
+    )
+    def free_dead_runs(context: SensorEvaluationContext):
+        from pipeline.run_workers import dead_runs, free_dead_run
+
+        dead = dead_runs(context.instance)
+        for run in dead:
+            free_dead_run(context.instance, run)
+            context.log.warning(
+                f"run {run.run_id} of {run.job_name}: its process is gone; failed, slots freed"
+            )
+        return SkipReason(f"{len(dead)} dead run(s) failed and freed" if dead else "no dead run")
+
+    return [schedule], [new_market_data_file, log_run_failure, retrain_on_decay, free_dead_runs]

@@ -233,7 +233,8 @@ def test_schedule_and_sensors(tmp_path: Path) -> None:
             "DAILY_RETRAIN_CRON": "0 18 * * 1-5",
         }
     )
-    (schedule,), (sensor, failure_sensor, decay_sensor) = build_automation(settings)
+    (schedule,), (sensor, failure_sensor, decay_sensor, dead_sensor) = build_automation(settings)
+    assert dead_sensor.name == "free_dead_runs"
     assert decay_sensor.name == "retrain_on_decay" and decay_sensor.job_name == daily_retrain_job.name
     assert schedule.cron_schedule == "0 18 * * 1-5" and schedule.execution_timezone == "America/New_York"
     assert schedule.job_name == daily_retrain_job.name

@@ -1,0 +1,48 @@
+"""Dead runs free their pool slots: every pooled step records which process runs it, and the sensor
+`free_dead_runs` fails a started run whose process is gone (killed with SIGKILL, the machine rebooted).
+
+Dagster's default run launcher has no health check for a run worker: a SIGKILLed run stays "started"
+forever and keeps its slot in the `warehouse` or `training` pool (limit 1), so its retry, and every later
+run of the pool, waits. The warehouse and storage resources, which every pooled step uses, tag the run
+with the process they are set up in (id, start time, host) when a step starts;
+the sensor looks at the started runs tagged on this host whose process is no longer alive, reports them
+failed (`report_run_failed`, which also makes the run's retry policy apply) and frees their slots.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
+
+from modeling.processes import process_alive, process_start_ticks
+
+PID_TAG, START_TAG, HOST_TAG = "run_worker_pid", "run_worker_start", "run_worker_host"
+
+
+def record_run_worker(instance: DagsterInstance | None, run: DagsterRun | None) -> None:
+    """Tag `run` with the process executing it (this one), unless it already carries it."""
+    if instance is None or run is None or run.tags.get(PID_TAG) == str(os.getpid()):
+        return
+    pid = os.getpid()
+    tags = {PID_TAG: str(pid), START_TAG: str(process_start_ticks(pid) or ""), HOST_TAG: socket.gethostname()}
+    instance.add_run_tags(run.run_id, tags)
+
+
+def dead_runs(instance: DagsterInstance) -> list[DagsterRun]:
+    """Started runs of this host whose recorded process is gone."""
+    host = socket.gethostname()
+    dead = []
+    for run in instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.STARTED])):
+        pid, start = run.tags.get(PID_TAG), run.tags.get(START_TAG)
+        if not pid or run.tags.get(HOST_TAG) != host:
+            continue
+        if not process_alive(int(pid), int(start) if start else None):
+            dead.append(run)
+    return dead
+
+
+def free_dead_run(instance: DagsterInstance, run: DagsterRun) -> None:
+    instance.report_run_failed(run, message=f"the run process {run.tags.get(PID_TAG)} is gone (killed)")
+    instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
