@@ -49,12 +49,32 @@ def main() -> None:
         instance=DagsterInstance.ephemeral(),
     )
     wall = time.perf_counter() - started
-    meta = {k: v.value for k, v in result.get_asset_materialization_events()[0].materialization.metadata.items()}
+    meta = {
+        k: v.value for k, v in result.get_asset_materialization_events()[0].materialization.metadata.items()
+    }
     facts = machine()
-    save_json("backtest", {"wall_s": wall, "config": config, "machine": facts, **{
-        k: meta[k] for k in ("run_id", "windows_trained", "windows_reused", "comparison", "windows",
-                             "llm_vs_baselines", "date_range", "backbone", "mlflow_run_id")
-    }})
+    save_json(
+        "backtest",
+        {
+            "wall_s": wall,
+            "config": config,
+            "machine": facts,
+            **{
+                k: meta[k]
+                for k in (
+                    "run_id",
+                    "windows_trained",
+                    "windows_reused",
+                    "comparison",
+                    "windows",
+                    "llm_vs_baselines",
+                    "date_range",
+                    "backbone",
+                    "mlflow_run_id",
+                )
+            },
+        },
+    )
     trained = meta["windows_trained"]
     timing = (
         f"This call trained {len(trained)} window(s) in {wall / 60:.1f} minutes (wall, the whole asset)."
@@ -65,13 +85,13 @@ def main() -> None:
         f"backtest_{args.profile}",
         f"""## Walk-forward backtest, `{args.profile}` profile (issue 16)
 
-Command: `{COMMAND}{' --profile ' + args.profile if args.profile != 'cpu' else ''}` after `make demo`. Machine: {facts['cores']} cores ({facts['cpu']}). Period {meta['date_range']} (the test split), expanding windows of {config.get('step', 60)} dates, each purged by the horizon with the {20} dates before the purge for early stopping; every model trained per window on the same sampled rows, targets and weights ({args.profile} profile). {meta['backbone']}. Portfolios: TopkDropout topk 50, n_drop 5, open 5 bp, close 15 bp, benchmark = the equal-weighted universe. RankIC and ICs on every date of the period; Δ vs ridge is the paired daily difference ± its standard error (Newey-West for h > 1), t beside it. Run id `{meta['run_id']}`, MLflow run `{meta['mlflow_run_id']}`.
+Command: `{COMMAND}{" --profile " + args.profile if args.profile != "cpu" else ""}` after `make demo`. Machine: {facts["cores"]} cores ({facts["cpu"]}). Period {meta["date_range"]} (the test split), expanding windows of {config.get("step", 60)} dates, each purged by the horizon with the {20} dates before the purge for early stopping; every model trained per window on the same sampled rows, targets and weights ({args.profile} profile). {meta["backbone"]}. Portfolios: TopkDropout topk 50, n_drop 5, open 5 bp, close 15 bp, benchmark = the equal-weighted universe. RankIC and ICs on every date of the period; Δ vs ridge is the paired daily difference ± its standard error (Newey-West for h > 1), t beside it. Run id `{meta["run_id"]}`, MLflow run `{meta["mlflow_run_id"]}`.
 
-{meta['comparison']}
+{meta["comparison"]}
 
 Per window (seconds; scoring = the LLM's out-of-sample forecasts through the fast inference path):
 
-{meta['windows']}
+{meta["windows"]}
 
 {timing}
 """,

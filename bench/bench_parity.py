@@ -67,16 +67,23 @@ def main() -> None:
     data = Path(args.data_dir).resolve()
     with tempfile.TemporaryDirectory() as tmp:
         other = Path(tmp) / "tree"
-        subprocess.run(["git", "worktree", "add", "-f", "--detach", str(other), args.against], cwd=ROOT,
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["git", "worktree", "add", "-f", "--detach", str(other), args.against],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
         try:
             theirs = _train(other, data, Path(tmp) / "theirs")
             ours = _train(ROOT, data, Path(tmp) / "ours")
         finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(other)], cwd=ROOT, capture_output=True)
+            subprocess.run(
+                ["git", "worktree", "remove", "--force", str(other)], cwd=ROOT, capture_output=True
+            )
     same = theirs == ours
-    rev = subprocess.run(["git", "rev-parse", "--short", args.against], cwd=ROOT, capture_output=True,
-                         text=True).stdout.strip()
+    rev = subprocess.run(
+        ["git", "rev-parse", "--short", args.against], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     rows = "\n".join(
         f"| {a[0]} | {a[1]:.10f} | {b[1]:.10f} | {a[2]:.10f} | {b[2]:.10f} |"
         for a, b in zip(theirs["history"], ours["history"], strict=True)
@@ -87,8 +94,8 @@ def main() -> None:
 
 Command: `{COMMAND} {rev}` after `make demo`. The demo's cpu recipe on 384 sampled train rows (12 steps,
 EMA 0.9, validation every 6 steps on 2 dates), trained by revision `{rev}` and by this tree from the same
-corpus, base model and seed. **{'Identical' if same else 'DIFFERENT'}**: head weights hash {theirs['head']} vs
-{ours['head']}.
+corpus, base model and seed. **{"Identical" if same else "DIFFERENT"}**: head weights hash {theirs["head"]} vs
+{ours["head"]}.
 
 | step | val RankIC ({rev}) | val RankIC (this tree) | train loss ({rev}) | train loss (this tree) |
 |---:|---:|---:|---:|---:|

@@ -54,18 +54,18 @@ def main() -> None:
         "scoring_precision",
         f"""## Scoring in bf16 on the CPU (issue 13 route)
 
-Command: `{COMMAND}` after `make demo`. Machine: {facts['cores']} cores ({facts['cpu']}, torch CPU capability
+Command: `{COMMAND}` after `make demo`. Machine: {facts["cores"]} cores ({facts["cpu"]}, torch CPU capability
 {torch.backends.cpu.get_cpu_capability()}). The demo's champion scores {len(rows.ids):,} validation rows (12 dates) through
 `modeling.inference`, batches of 32, alternating precisions.
 
 | precision | rows/s (two runs) | RankIC on these rows |
 |---|---:|---:|
-| fp32 (the default) | {rates['fp32'][0]:.0f}, {rates['fp32'][1]:.0f} | {ric['fp32']:.5f} |
-| bf16 autocast | {rates['bf16'][0]:.0f}, {rates['bf16'][1]:.0f} | {ric['bf16']:.5f} |
+| fp32 (the default) | {rates["fp32"][0]:.0f}, {rates["fp32"][1]:.0f} | {ric["fp32"]:.5f} |
+| bf16 autocast | {rates["bf16"][0]:.0f}, {rates["bf16"][1]:.0f} | {ric["bf16"]:.5f} |
 
 bf16 scores {speed:.2f}x faster here; forecasts differ by at most {diff:.4f} (label units) and correlate
 {corr:.6f} with fp32. With training at about 245 samples/s this would put scoring at
-{np.mean(rates['bf16']) / 245:.1f}x training, against {np.mean(rates['fp32']) / 245:.1f}x in fp32. Not the default: it needs a
+{np.mean(rates["bf16"]) / 245:.1f}x training, against {np.mean(rates["fp32"]) / 245:.1f}x in fp32. Not the default: it needs a
 CPU with native bf16 (AVX512-BF16 / AMX; elsewhere bf16 is emulated and slower), and the gate's check that
 the registered pyfunc reproduces the judged forecasts (to 1e-4) would have to allow bf16's batch-shape
 differences.

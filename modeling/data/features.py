@@ -10,7 +10,8 @@ Rows are kept where the symbol is in the universe and has more than `WARMUP_ROWS
 so every feature is defined. Labels look forward on the trading calendar (all distinct dates):
 `fwd_ret = close(t+h) / close(t) - 1` where t+h is h trading days later on that calendar, whatever
 the symbol did in between; NULL when the symbol has no row at t+h (the last h dates: the future is
-unknown, these are the rows to predict; or a delisting or a halt on t+h: no clean label). `fwd_ret_excess` subtracts that date's cross-sectional mean.
+unknown, these are the rows to predict; or a delisting or a halt on t+h: no clean label).
+`fwd_ret_excess` subtracts that date's cross-sectional mean.
 """
 
 from __future__ import annotations

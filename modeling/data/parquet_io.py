@@ -28,7 +28,9 @@ def _with_metadata(schema: pa.Schema, metadata: dict | None) -> pa.Schema:
 
 
 @contextmanager
-def atomic_parquet_writer(path: Path, schema: pa.Schema, metadata: dict | None = None) -> Iterator[pq.ParquetWriter]:
+def atomic_parquet_writer(
+    path: Path, schema: pa.Schema, metadata: dict | None = None
+) -> Iterator[pq.ParquetWriter]:
     """Stream row groups into `path`; on any error the destination is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -54,7 +54,9 @@ def write_predictions(con: duckdb.DuckDBPyConnection, rows: pd.DataFrame) -> int
     try:
         con.execute("BEGIN TRANSACTION")
         try:
-            con.execute(f"DELETE FROM {PREDICTIONS_TABLE} WHERE date IN (SELECT DISTINCT date FROM _new_predictions)")
+            con.execute(
+                f"DELETE FROM {PREDICTIONS_TABLE} WHERE date IN (SELECT DISTINCT date FROM _new_predictions)"
+            )
             con.execute(f"INSERT INTO {PREDICTIONS_TABLE} SELECT {', '.join(COLUMNS)} FROM _new_predictions")
             con.execute("COMMIT")
         except BaseException:
@@ -80,5 +82,10 @@ def coverage(con: duckdb.DuckDBPyConnection, live: pd.DataFrame) -> dict[str, in
         """).fetchall()[0]
     finally:
         con.unregister("_live")
-    return {"live_rows": len(live), "missing": int(missing), "extra": int(extra), "duplicated": int(duplicated),
-            "non_finite": int(non_finite)}
+    return {
+        "live_rows": len(live),
+        "missing": int(missing),
+        "extra": int(extra),
+        "duplicated": int(duplicated),
+        "non_finite": int(non_finite),
+    }

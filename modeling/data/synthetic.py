@@ -27,8 +27,17 @@ import numpy as np
 import pandas as pd
 
 SECTORS = (
-    "Technology", "Healthcare", "Financials", "Consumer Discretionary", "Consumer Staples",
-    "Industrials", "Energy", "Materials", "Utilities", "Real Estate", "Communication Services",
+    "Technology",
+    "Healthcare",
+    "Financials",
+    "Consumer Discretionary",
+    "Consumer Staples",
+    "Industrials",
+    "Energy",
+    "Materials",
+    "Utilities",
+    "Real Estate",
+    "Communication Services",
 )
 TRADING_DAYS_PER_YEAR = 252
 
@@ -58,7 +67,9 @@ class SyntheticMarketConfig:
         if self.n_symbols < 10:
             raise ValueError(f"n_symbols must be >= 10, got {self.n_symbols}")
         if self.n_years <= 0.25:
-            raise ValueError(f"n_years must be > 0.25 (the features need a 60-day warm-up), got {self.n_years}")
+            raise ValueError(
+                f"n_years must be > 0.25 (the features need a 60-day warm-up), got {self.n_years}"
+            )
         for name in ("late_listing_share", "delisting_share", "jump_prob"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
@@ -79,8 +90,15 @@ class SyntheticMarket:
     """The planted signal's definition and its oracle information coefficients."""
 
 
-def _garch_t(rng: np.random.Generator, n_days: int, size: int, long_run_vol: np.ndarray | float,
-             alpha: float, beta: float, df: float) -> np.ndarray:
+def _garch_t(
+    rng: np.random.Generator,
+    n_days: int,
+    size: int,
+    long_run_vol: np.ndarray | float,
+    alpha: float,
+    beta: float,
+    df: float,
+) -> np.ndarray:
     """(n_days, size) GARCH(1,1) returns with unit-variance Student-t shocks."""
     long_var = np.broadcast_to(np.asarray(long_run_vol, dtype=float) ** 2, (size,))
     omega = (1.0 - alpha - beta) * long_var
@@ -229,21 +247,25 @@ def generate_synthetic_market(cfg: SyntheticMarketConfig = SyntheticMarketConfig
 
     # --- long format, listed symbol-days only --------------------------------------------------------
     t_idx, s_idx = np.nonzero(listed)
-    frame = pd.DataFrame({
-        "date": dates.values[t_idx].astype("datetime64[s]").astype("datetime64[ms]"),
-        "symbol": symbols[s_idx],
-        "open": open_[t_idx, s_idx],
-        "high": high[t_idx, s_idx],
-        "low": low[t_idx, s_idx],
-        "close": close[t_idx, s_idx],
-        "volume": volume[t_idx, s_idx].astype(np.int64),
-        "sector": np.array(SECTORS, dtype=object)[sector_idx[s_idx]],
-    })
+    frame = pd.DataFrame(
+        {
+            "date": dates.values[t_idx].astype("datetime64[s]").astype("datetime64[ms]"),
+            "symbol": symbols[s_idx],
+            "open": open_[t_idx, s_idx],
+            "high": high[t_idx, s_idx],
+            "low": low[t_idx, s_idx],
+            "close": close[t_idx, s_idx],
+            "volume": volume[t_idx, s_idx].astype(np.int64),
+            "sector": np.array(SECTORS, dtype=object)[sector_idx[s_idx]],
+        }
+    )
     listed_rets = rets[t_idx, s_idx]
-    oracle.update({
-        "zero_return_share": round(float(np.mean(listed_rets == 0.0)), 5),
-        "extreme_move_share": round(float(np.mean(np.abs(listed_rets) > 0.1)), 5),
-        "n_delisted": int(delists.sum()),
-        "n_late_listed": int(late.sum()),
-    })
+    oracle.update(
+        {
+            "zero_return_share": round(float(np.mean(listed_rets == 0.0)), 5),
+            "extreme_move_share": round(float(np.mean(np.abs(listed_rets) > 0.1)), 5),
+            "n_delisted": int(delists.sum()),
+            "n_late_listed": int(late.sum()),
+        }
+    )
     return SyntheticMarket(frame=frame, oracle=oracle)

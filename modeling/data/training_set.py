@@ -37,7 +37,8 @@ class SplitSpec:
     test_start: str | None = None
     """Explicit first test date (ISO)."""
     purge_days: int | None = None
-    """Trading dates dropped at the end of train and of validation; None = the label horizon h (never less)."""
+    """Trading dates dropped at the end of train and of validation; None = the label horizon h (never
+    less)."""
 
     def __post_init__(self) -> None:
         explicit = (self.validation_start is None, self.test_start is None)
@@ -45,12 +46,18 @@ class SplitSpec:
             raise ValueError("give both validation_start and test_start, or neither")
         if self.validation_start is not None:
             if pd.Timestamp(self.validation_start) >= pd.Timestamp(self.test_start):
-                raise ValueError(f"validation_start {self.validation_start} must precede test_start "
-                                 f"{self.test_start}")
-        elif not (0 < self.validation_fraction < 1 and 0 < self.test_fraction < 1
-                  and self.validation_fraction + self.test_fraction < 1):
-            raise ValueError("validation_fraction and test_fraction must be in (0, 1) and sum to < 1, got "
-                             f"{self.validation_fraction} and {self.test_fraction}")
+                raise ValueError(
+                    f"validation_start {self.validation_start} must precede test_start {self.test_start}"
+                )
+        elif not (
+            0 < self.validation_fraction < 1
+            and 0 < self.test_fraction < 1
+            and self.validation_fraction + self.test_fraction < 1
+        ):
+            raise ValueError(
+                "validation_fraction and test_fraction must be in (0, 1) and sum to < 1, got "
+                f"{self.validation_fraction} and {self.test_fraction}"
+            )
         if self.purge_days is not None and self.purge_days < 0:
             raise ValueError(f"purge_days must be >= 0, got {self.purge_days}")
 
@@ -69,8 +76,13 @@ class SplitPlan:
         def fmt(seg: tuple[pd.Timestamp, pd.Timestamp]) -> list[str]:
             return [seg[0].strftime("%Y-%m-%d"), seg[1].strftime("%Y-%m-%d")]
 
-        return {"train": fmt(self.train), "validation": fmt(self.validation), "test": fmt(self.test),
-                "purge_days": self.purge_days, "purged_dates": [d.strftime("%Y-%m-%d") for d in self.purged_dates]}
+        return {
+            "train": fmt(self.train),
+            "validation": fmt(self.validation),
+            "test": fmt(self.test),
+            "purge_days": self.purge_days,
+            "purged_dates": [d.strftime("%Y-%m-%d") for d in self.purged_dates],
+        }
 
 
 def plan_splits(labelled_dates: pd.DatetimeIndex, spec: SplitSpec, horizon: int) -> SplitPlan:
@@ -80,8 +92,10 @@ def plan_splits(labelled_dates: pd.DatetimeIndex, spec: SplitSpec, horizon: int)
     purge = horizon if spec.purge_days is None else spec.purge_days
     if purge < horizon:
         # the label of the last train date would read closes inside validation (look-ahead)
-        raise ValueError(f"purge_days={purge} is shorter than the label horizon h={horizon}: the last train "
-                         f"labels would overlap validation; use purge_days >= {horizon} (or None = h)")
+        raise ValueError(
+            f"purge_days={purge} is shorter than the label horizon h={horizon}: the last train "
+            f"labels would overlap validation; use purge_days >= {horizon} (or None = h)"
+        )
     if spec.validation_start is not None:
         v0 = int(dates.searchsorted(pd.Timestamp(spec.validation_start)))
         t0 = int(dates.searchsorted(pd.Timestamp(spec.test_start)))
@@ -163,9 +177,13 @@ class TrainingSetReport:
         }
 
 
-def build_training_set(features: pd.DataFrame, horizon: int, split_spec: SplitSpec = SplitSpec(),
-                       label_spec: LabelSpec = LabelSpec(),
-                       bucket_cfg: BucketConfig = BucketConfig()) -> tuple[pd.DataFrame, TrainingSetReport]:
+def build_training_set(
+    features: pd.DataFrame,
+    horizon: int,
+    split_spec: SplitSpec = SplitSpec(),
+    label_spec: LabelSpec = LabelSpec(),
+    bucket_cfg: BucketConfig = BucketConfig(),
+) -> tuple[pd.DataFrame, TrainingSetReport]:
     """Features rows -> rows with `split`, `label`, `weight`, `bucket` (train possibly resampled).
 
     Rows that are dropped are counted in the report, never lost silently: `purged` (inside a purge
@@ -179,7 +197,10 @@ def build_training_set(features: pd.DataFrame, horizon: int, split_spec: SplitSp
     plan = plan_splits(pd.DatetimeIndex(frame.loc[has_label, "date"]), split_spec, horizon)
     frame["split"] = assign_splits(frame["date"], has_label, plan)
     purged_mask = frame["date"].isin(plan.purged_dates) & has_label
-    dropped = {"purged": int(purged_mask.sum()), "unlabelled": int((frame["split"].isna() & ~purged_mask).sum())}
+    dropped = {
+        "purged": int(purged_mask.sum()),
+        "unlabelled": int((frame["split"].isna() & ~purged_mask).sum()),
+    }
     frame = frame[frame["split"].notna()].copy()
 
     label = transform_labels(frame, label_spec)
@@ -204,7 +225,12 @@ def build_training_set(features: pd.DataFrame, horizon: int, split_spec: SplitSp
     out["split"] = out["split"].astype(str)
     out["bucket"] = out["bucket"].astype("string")
     report = TrainingSetReport(
-        plan=plan, label_spec=label_spec, label_scale=scale, bucket_model=model, rebalanced=rebalanced,
-        rows_by_split={s: int((out["split"] == s).sum()) for s in SPLITS}, dropped=dropped,
+        plan=plan,
+        label_spec=label_spec,
+        label_scale=scale,
+        bucket_model=model,
+        rebalanced=rebalanced,
+        rows_by_split={s: int((out["split"] == s).sum()) for s in SPLITS},
+        dropped=dropped,
     )
     return out, report

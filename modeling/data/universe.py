@@ -2,9 +2,10 @@
 
 A symbol is eligible on date t when it traded on t (a row with positive volume: a zero-volume day
 cannot be traded, and it would leave the volume features of the last 20 days undefined) and has
-`window` rows up to and including t (a full window) with a positive mean dollar volume. Only data up to t enters the rank of t, and the
-ranking runs over whatever traded on t, so a symbol that later delists is in the universe while it
-traded (no survivorship bias). Ties break by symbol so the table is deterministic.
+`window` rows up to and including t (a full window) with a positive mean dollar volume. Only data up
+to t enters the rank of t, and the ranking runs over whatever traded on t, so a symbol that later
+delists is in the universe while it traded (no survivorship bias). Ties break by symbol so the table
+is deterministic.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ def eligibility_sql(source: str, window: int) -> str:
     """
 
 
-def build_universe(con: duckdb.DuckDBPyConnection, spec: UniverseSpec, source: str = "raw_market_data") -> int:
+def build_universe(
+    con: duckdb.DuckDBPyConnection, spec: UniverseSpec, source: str = "raw_market_data"
+) -> int:
     """Replace the `universe` table (date, symbol, rank, avg_dollar_volume); returns its row count."""
     con.execute(f"""
         CREATE OR REPLACE TABLE {UNIVERSE_TABLE} AS
@@ -58,8 +61,9 @@ def build_universe(con: duckdb.DuckDBPyConnection, spec: UniverseSpec, source: s
     return con.execute(f"SELECT count(*) FROM {UNIVERSE_TABLE}").fetchall()[0][0]
 
 
-def universe_count_mismatches(con: duckdb.DuckDBPyConnection, spec: UniverseSpec,
-                              source: str = "raw_market_data") -> list[tuple]:
+def universe_count_mismatches(
+    con: duckdb.DuckDBPyConnection, spec: UniverseSpec, source: str = "raw_market_data"
+) -> list[tuple]:
     """Dates whose universe size differs from min(N, eligible symbols): (date, expected, actual)."""
     return con.execute(f"""
         WITH expected AS (
