@@ -56,13 +56,14 @@ METRIC_KEYS = (
 )
 
 
-def _feature_rows(training_set: Path) -> pd.DataFrame:
+def feature_rows(training_set: Path) -> pd.DataFrame:
+    """The training set's model inputs and fwd_ret, one row per (date, symbol)."""
     columns = [*MODEL_INPUT_COLUMNS, "fwd_ret"]
     rows = pd.read_parquet(training_set, columns=columns)
     return rows.drop_duplicates(["date", "symbol"]).reset_index(drop=True)
 
 
-def _with_features(keys: pd.DataFrame, features: pd.DataFrame) -> pd.DataFrame:
+def with_features(keys: pd.DataFrame, features: pd.DataFrame) -> pd.DataFrame:
     """Attach the 16 features, sector and fwd_ret to corpus rows (keeps their order and multiplicity)."""
     merged = keys.merge(features, on=["date", "symbol"], how="left", validate="many_to_one")
     missing = int(merged[FEATURE_NAMES[0]].isna().sum())
@@ -217,7 +218,7 @@ def _compare_with_baselines(
     paired: dict[str, dict[str, dict[str, float]]] = {}
     # the same rows, targets and weights the regressor trained on
     train_keys = train_sample(job.corpus_path, job.train, job.reweight, ["date", "symbol", "label", "weight"])
-    train = _with_features(train_keys, features)
+    train = with_features(train_keys, features)
     baseline_config = BaselineConfig(mlp_head=job.regressor.head, seed=job.train.seed)
     mlp_loss = job.train.loss if job.train.loss != "ic" else "mse"
     predictions, baseline_seconds = fit_predict_baselines(
@@ -326,7 +327,7 @@ def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     model = load_regressor(model_dir)  # on the GPU when there is one
-    features = _feature_rows(Path(spec.training_set_path))
+    features = feature_rows(Path(spec.training_set_path))
 
     frames: dict[str, pd.DataFrame] = {}
     rates: dict[str, float] = {}
@@ -336,7 +337,7 @@ def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None
         rows = split_rows(job.corpus_path, split, cap)
         scored, rates[split] = score_rows(model, tokenizer, rows, job.train.eval_batch_size)
         log(f"scored {len(rows)} {split} rows on {rows['date'].nunique()} dates at {rates[split]:.0f} rows/s")
-        frames[split] = _with_features(scored, features)
+        frames[split] = with_features(scored, features)
 
     horizon = int(job.prompt.get("horizon", 1))
     results: dict[str, dict[str, dict[str, float]]] = {

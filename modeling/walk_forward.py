@@ -22,22 +22,13 @@ from modeling.baselines import BaselineConfig, fit_predict_baselines
 from modeling.data.corpus import train_sample
 from modeling.data.parquet_io import write_parquet_atomic
 from modeling.evaluation import score_rows, split_rows
-from modeling.feature_registry import FEATURE_NAMES
+from modeling.experiment import feature_rows, with_features
 from modeling.train import TrainJob, TrainResult
 
 LLM_MODEL = "llm"
 FEATURE_BASELINES = ("ridge", "lightgbm", "mlp_features")
 """The models a window forecasts with besides the LLM (the zero forecast has no ranking to backtest)."""
 PREDICTION_COLUMNS = ["model", "date", "symbol", "prediction"]
-
-
-def _with_features(keys: pd.DataFrame, training_set: str | Path) -> pd.DataFrame:
-    features = pd.read_parquet(training_set, columns=["date", "symbol", *FEATURE_NAMES])
-    features = features.drop_duplicates(["date", "symbol"])
-    out = keys.merge(features, on=["date", "symbol"], how="left", validate="many_to_one")
-    if out[list(FEATURE_NAMES)].isna().all(axis=1).any():
-        raise ValueError("window rows without features in the training set: the inputs do not match")
-    return out
 
 
 def forecast_with_baselines(
@@ -79,12 +70,13 @@ def run_window(job: TrainJob, result: TrainResult, log: Callable[[str], None] = 
     log(f"scored {len(rows)} rows on {rows['date'].nunique()} dates at {rate:.0f} rows/s ({score_s:.1f} s)")
 
     started = time.perf_counter()
-    train = _with_features(
+    features = feature_rows(Path(job.training_set_path))  # read once for the three frames
+    train = with_features(
         train_sample(job.corpus_path, job.train, job.reweight, ["date", "symbol", "label", "weight"]),
-        job.training_set_path,
+        features,
     )
-    validation = _with_features(split_rows(job.corpus_path, "validation", None), job.training_set_path)
-    predict = _with_features(scored[["date", "symbol"]], job.training_set_path)
+    validation = with_features(split_rows(job.corpus_path, "validation", None), features)
+    predict = with_features(scored[["date", "symbol"]], features)
     baselines, fit_s = forecast_with_baselines(
         train,
         validation,
