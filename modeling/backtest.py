@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from modeling.metrics import information_ratio, paired_series_difference, per_date_correlation
+from modeling.metrics import DailyMean, information_ratio, paired_series_difference, per_date_correlation
 
 TRADING_DAYS = 252
 WINDOW_MODES = ("expanding", "sliding")
@@ -159,9 +159,11 @@ def window_corpus(corpus: pd.DataFrame, training_set: pd.DataFrame, window: Wind
 
 
 # --- signal analysis ------------------------------------------------------------------------------------
-def signal_summary(frame: pd.DataFrame, models: list[str], ret: str = "label") -> pd.DataFrame:
-    """Per model (a column of `frame` with its forecasts): IC, ICIR, RankIC, RankICIR and the number of
-    dates, on (date, `ret`)."""
+def signal_summary(
+    frame: pd.DataFrame, models: list[str], ret: str = "label", horizon: int = 1
+) -> pd.DataFrame:
+    """Per model (a column of `frame` with its forecasts): IC, ICIR, RankIC with its standard error
+    (Newey-West, lag h - 1), RankICIR and the number of dates, on (date, `ret`)."""
     rows = []
     for model in models:
         ic = per_date_correlation(frame, model, ret, "pearson")
@@ -172,6 +174,7 @@ def signal_summary(frame: pd.DataFrame, models: list[str], ret: str = "label") -
                 "IC": float(ic.mean()),
                 "ICIR": information_ratio(ic),
                 "RankIC": float(ric.mean()),
+                "RankIC_se": DailyMean.of(ric, horizon - 1).se,
                 "RankICIR": information_ratio(ric),
                 "n_dates": len(ric),
             }
@@ -350,6 +353,7 @@ class BacktestAnalysis:
                 {
                     "model": model,
                     "RankIC": self.signal.loc[model, "RankIC"],
+                    "RankIC SE": self.signal.loc[model, "RankIC_se"],
                     "RankICIR": self.signal.loc[model, "RankICIR"],
                     f"Δ RankIC vs {reference}": "—" if d is None else f"{d['delta']:+.4f} ± {d['se']:.4f}",
                     "t": float("nan") if d is None else d["t"],
@@ -396,7 +400,7 @@ def analyse(
     }
     daily = {model: portfolio_returns(forecasts, returns, model, spec) for model in models}
     return BacktestAnalysis(
-        signal=signal_summary(frame, models),
+        signal=signal_summary(frame, models, horizon=horizon),
         paired=paired,
         by_month=rank_ic_by_month(frame, models),
         daily=daily,

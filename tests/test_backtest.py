@@ -255,3 +255,12 @@ def test_walk_forward_baselines_find_a_planted_signal_and_nothing_in_shuffled_la
     else:
         assert (result.signal["RankIC"].abs() < 0.01).all(), result.signal
         assert max(costs) <= 0.0  # no edge survives the costs
+
+
+def test_the_signal_summary_gives_each_rank_ic_its_standard_error() -> None:
+    frame, _ = _planted(2, shuffle=True)
+    summary = signal_summary(frame, ["m"])
+    from modeling.metrics import per_date_correlation
+
+    daily = per_date_correlation(frame, "m", "label", "spearman")
+    assert summary.loc["m", "RankIC_se"] == pytest.approx(daily.std(ddof=1) / np.sqrt(len(daily)), rel=1e-9)
