@@ -21,12 +21,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The Dagster instance: no telemetry; runs that write the warehouse (tag warehouse=writer) queue one
-# at a time, since DuckDB takes one writer per file; and every pool (warehouse, training: the assets that
-# write DATA_DIR, whoever launches them) runs one step at a time.
-$(DAGSTER_HOME)/dagster.yaml: Makefile
-	mkdir -p $(DAGSTER_HOME)
-	printf 'telemetry:\n  enabled: false\nconcurrency:\n  runs:\n    tag_concurrency_limits:\n      - key: warehouse\n        limit: 1\n  pools:\n    default_limit: 1\n' > $@
+# The Dagster instance (pipeline/instance.py): no telemetry; runs that write the warehouse (tag
+# warehouse=writer) queue one at a time, since DuckDB takes one writer per file; every pool (warehouse,
+# training: the assets that write DATA_DIR, whoever launches them) runs one step at a time, with pool
+# claims made atomic across processes (SQLite storage).
+$(DAGSTER_HOME)/dagster.yaml: Makefile pipeline/instance.py $(STAMP)
+	$(PY) -m pipeline.instance $(DAGSTER_HOME)
 
 demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/dagster job execute -m pipeline.definitions -j full_pipeline

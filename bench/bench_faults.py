@@ -474,9 +474,9 @@ class Harness:
         shutil.rmtree(self.base, ignore_errors=True)
         for path in (self.data, self.home, self.logs):
             path.mkdir(parents=True)
-        (self.home / "dagster.yaml").write_text(
-            "telemetry:\n  enabled: false\nconcurrency:\n  pools:\n    default_limit: 1\n"
-        )
+        from pipeline.instance import write_dagster_yaml
+
+        write_dagster_yaml(self.home)  # the instance `make` writes
         # create the instance's SQLite stores here, before any run process opens them: two processes
         # creating them at once stamp the schema twice ("alembic_version has more than one head")
         self._instance = None

@@ -25,6 +25,7 @@ from pipeline.checks import (
     splits_are_purged,
     weights_are_normalised,
 )
+from pipeline.instance import write_dagster_yaml
 from pipeline.resources import StorageResource, WarehouseResource, build_resources
 from pipeline.schedules import ON_DEMAND_ASSETS
 from pipeline.settings import Settings
@@ -477,9 +478,7 @@ def test_two_chains_started_at_once_leave_one_coherent_state(run, tmp_path):
     tables_before = _table_digests(settings)
     home = tmp_path / "home"
     home.mkdir()
-    (home / "dagster.yaml").write_text(
-        "telemetry:\n  enabled: false\nconcurrency:\n  pools:\n    default_limit: 1\n"
-    )
+    write_dagster_yaml(home)  # the instance `make` writes
     with DagsterInstance.from_config(str(home)):  # its storage exists before two processes open it
         pass
     root = Path(__file__).resolve().parents[1]

@@ -41,15 +41,14 @@ def test_process_alive_sees_death_zombies_and_reused_ids() -> None:
 def test_a_killed_run_is_failed_and_its_pool_slot_freed(tmp_path: Path) -> None:
     from dagster import DagsterInstance, DagsterRunStatus, build_sensor_context
 
+    from pipeline.instance import write_dagster_yaml
     from pipeline.run_workers import PID_TAG
     from pipeline.schedules import build_automation
     from pipeline.settings import Settings
 
     home = tmp_path / "home"
     home.mkdir()
-    (home / "dagster.yaml").write_text(
-        "telemetry:\n  enabled: false\nconcurrency:\n  pools:\n    default_limit: 1\n"
-    )
+    write_dagster_yaml(home)  # the instance `make` writes
     env = {**os.environ, "DAGSTER_HOME": str(home), "DATA_DIR": str(tmp_path / "data")}
     os.environ["DAGSTER_HOME"] = str(home)
     try:
