@@ -264,3 +264,133 @@ def test_the_signal_summary_gives_each_rank_ic_its_standard_error() -> None:
 
     daily = per_date_correlation(frame, "m", "label", "spearman")
     assert summary.loc["m", "RankIC_se"] == pytest.approx(daily.std(ddof=1) / np.sqrt(len(daily)), rel=1e-9)
+
+
+def _prompt_market(shuffle: bool) -> pd.DataFrame:
+    """A small training set (100 dates x 40 names, the columns of the `training_set` asset) whose label
+    *is* `ret_5d` / 0.02, a number the prompt shows; or the same with the labels permuted within each date
+    (the shuffled-label control). The other features are noise."""
+    from modeling.feature_registry import FEATURE_NAMES
+
+    rng = np.random.default_rng(0)
+    dates = pd.bdate_range("2021-01-04", periods=100)
+    frame = pd.DataFrame([(d, f"S{i:02d}") for d in dates for i in range(40)], columns=["date", "symbol"])
+    frame["sector"] = "Technology"
+    for name in FEATURE_NAMES:
+        frame[name] = rng.normal(0, 0.02, len(frame))
+    frame["rsi_14d"] = rng.uniform(20, 80, len(frame))
+    frame["log_dollar_volume_20d"] = rng.uniform(15, 22, len(frame))
+    frame["label"] = frame["ret_5d"] / 0.02
+    if shuffle:
+        frame["label"] = frame.groupby("date")["label"].transform(
+            lambda s: s.sample(frac=1, random_state=0).to_numpy()
+        )
+    frame["fwd_ret"] = frame["label"] * 0.02
+    frame["split"] = np.where(frame["date"] < dates[60], "train", "test")
+    frame["weight"], frame["bucket"] = 1.0, "all"
+    return frame
+
+
+@pytest.fixture(scope="module")
+def reading_backbone(tmp_path_factory):
+    """An embedded Llama a little wider than the session's tiny one (hidden 64, 2 layers): wide enough to
+    learn to read a number from its digits in a few hundred steps."""
+    from modeling.backbones.embedded import TinyLlamaSpec, build_embedded_base_model
+    from modeling.prompt import PromptBuilder, tokenizer_training_texts
+
+    spec = TinyLlamaSpec(
+        vocab_size=600,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
+    texts = tokenizer_training_texts(PromptBuilder(), n_rows=400, seed=3)
+    return build_embedded_base_model(tmp_path_factory.mktemp("reading") / "base_model", texts, spec)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_walk_forward_llm_reads_a_planted_signal_and_finds_nothing_in_shuffled_labels(
+    reading_backbone, tmp_path, shuffle: bool
+) -> None:
+    """The LLM regressor through a backtest window's real path (window corpus -> `TrainJob` with
+    `backtest_output` -> `train_regressor` -> `run_window`, what the window's child process runs), on a
+    market whose label is a number in the prompt, with the profiles' recipe (rank-gaussian targets, the
+    feature probe). A 2-layer, 64-wide backbone reads the number digit by digit: 400 steps take it to a
+    RankIC of about 0.7 (1,000 steps: 0.8), where the feature baselines, handed the number, reach 0.93-1.
+    The shuffled control, same config: no model's RankIC or mean daily excess return after cost is beyond
+    noise (|t| < 3 and t < 2 over the 40 predicted dates)."""
+    from modeling.backbones.common import load_tokenizer
+    from modeling.backtest import analyse, window_corpus
+    from modeling.data.parquet_io import write_parquet_atomic
+    from modeling.data.prompt_corpus import write_prompt_corpus
+    from modeling.job import HeadConfig, LoraSettings, RegressorConfig, TrainConfig, TrainJob
+    from modeling.prompt import PromptBuilder
+    from modeling.train import train_regressor
+    from modeling.walk_forward import FEATURE_BASELINES, LLM_MODEL, run_window
+
+    frame = _prompt_market(shuffle)
+    training_set = write_parquet_atomic(frame, tmp_path / "training_set.parquet", metadata={"horizon": 1})
+    facts = {"horizon": 1, "label_kind": "excess", "sig_digits": 3}
+    write_prompt_corpus(
+        frame, PromptBuilder(), load_tokenizer(reading_backbone), tmp_path / "corpus.parquet", metadata=facts
+    )
+    corpus = pd.read_parquet(tmp_path / "corpus.parquet")
+    calendar = pd.DatetimeIndex(sorted(frame["date"].unique()))
+    windows = plan_windows(calendar, calendar[60:], horizon=1, spec=WindowSpec(step=20, val_dates=10))
+    assert len(windows) == 2
+    train = TrainConfig(
+        batch_size=16,
+        learning_rate=3e-3,
+        max_steps=400,
+        epochs=50,
+        eval_every_steps=100,
+        eval_max_dates=10,
+        progress=False,
+        checkpoint_every_steps=0,
+        target_transform="cs_rank",
+        aux_feature_weight=1.0,
+    )
+    forecasts = []
+    for window in windows:
+        out = tmp_path / f"window_{window.index}"
+        out.mkdir()
+        write_parquet_atomic(window_corpus(corpus, frame, window), out / "corpus.parquet", facts)
+        job = TrainJob(
+            base_model_dir=str(reading_backbone),
+            corpus_path=str(out / "corpus.parquet"),
+            output_dir=str(out),
+            prompt=PromptBuilder().settings(),
+            regressor=RegressorConfig(lora=LoraSettings(r=8, alpha=16), head=HeadConfig(hidden_sizes=(32,))),
+            train=train,
+            training_set_path=str(training_set),
+            backtest_output=str(out / "forecasts.parquet"),
+        )
+        report = run_window(job, train_regressor(job, log=lambda _: None), log=lambda _: None)
+        assert report["rows"] == 20 * 40 and report["dates"] == 20
+        forecasts.append(pd.read_parquet(out / "forecasts.parquet").assign(window=window.index))
+    long = pd.concat(forecasts, ignore_index=True)
+    oos = long.pivot_table(index=["date", "symbol", "window"], columns="model", values="prediction")
+    oos = oos.reset_index()
+    assert len(oos) == 40 * 40 and oos["date"].min() == calendar[60]  # every name of every predicted date
+    models = [LLM_MODEL, *FEATURE_BASELINES]
+    returns = frame[["date", "symbol"]].assign(ret=frame["fwd_ret"])
+    result = analyse(oos, frame[["date", "symbol", "label"]], returns, models, ["ridge"])
+    excess = {m: result.portfolio[m]["excess_return_with_cost.annualized_return"] for m in models}
+    if not shuffle:
+        assert result.signal.loc[LLM_MODEL, "RankIC"] > 0.6, result.signal
+        assert (result.signal.loc[list(FEATURE_BASELINES), "RankIC"] > 0.9).all(), result.signal
+        assert min(excess.values()) > 0.3, excess  # more than 30% a year over the universe, after costs
+    else:
+        t = result.signal["RankIC"] / result.signal["RankIC_se"]
+        assert (t.abs() < 3).all(), result.signal
+        # no edge after costs: no model's mean daily excess return is 2 standard errors above zero
+        edge = {
+            m: result.portfolio[m]["excess_return_with_cost.mean"]
+            / result.portfolio[m]["excess_return_with_cost.std"]
+            * np.sqrt(40)
+            for m in models
+        }
+        assert max(edge.values()) < 2.0, (edge, excess)
