@@ -2,7 +2,8 @@
 
 Daily return labels pile up near zero and have few extremes, so a plain MSE fit learns to predict
 about zero. This module splits the label axis into ordered buckets and derives per-row training
-weights (or a weighted resample) that give the rare buckets more say.
+weights that give the rare buckets more say; `modeling.rebalancing` turns them into the re-balanced
+train set (the weights, or a weighted resample), its per-bucket tables and the diagnostic plot.
 
 Everything is fitted on the train labels only: `fit_buckets` freezes sigma, the bucket edges, the
 train counts (and the LDS density) into a `BucketModel`, whose `assign` then places any labels
@@ -17,18 +18,16 @@ Bucket layout, with `s` the std of the winsorised train labels, `z = zero_eps * 
 Labels are assigned on their raw values; winsorising only feeds sigma and the edges, so a train
 outlier clipped for the statistics is still an extreme.
 
-Pure numpy / pandas / scipy (matplotlib for the diagnostic plot): no dagster, no mlflow.
+Pure numpy / scipy: no dagster, no mlflow.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
-import pandas as pd
 from scipy.ndimage import convolve1d, gaussian_filter1d
 
 BINNINGS = ("equal_width", "quantile")
@@ -36,7 +35,7 @@ SCHEMES = ("inverse", "sqrt_inverse", "lds", "none")
 MODES = ("weight", "resample")
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
@@ -85,7 +84,7 @@ class BucketConfig:
             fail(f"zero_eps must be a finite number >= 0, got {self.zero_eps!r}")
         if not (math.isfinite(self.extreme_k) and self.extreme_k > self.zero_eps):
             fail(f"extreme_k must be finite and > zero_eps ({self.zero_eps}), got {self.extreme_k!r}")
-        if not (_is_int(self.n_bins) and self.n_bins >= 1):
+        if not (is_int(self.n_bins) and self.n_bins >= 1):
             fail(f"n_bins must be an integer >= 1, got {self.n_bins!r}")
         if self.binning not in BINNINGS:
             fail(f"binning must be one of {BINNINGS}, got {self.binning!r}")
@@ -95,19 +94,17 @@ class BucketConfig:
             fail(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
         if not self.clip >= 1:  # also rejects NaN
             fail(f"clip must be >= 1 (math.inf disables clipping), got {self.clip!r}")
-        if not (_is_int(self.lds_bins) and self.lds_bins >= 1):
+        if not (is_int(self.lds_bins) and self.lds_bins >= 1):
             fail(f"lds_bins must be an integer >= 1, got {self.lds_bins!r}")
-        if not (
-            _is_int(self.lds_kernel_size) and self.lds_kernel_size >= 1 and self.lds_kernel_size % 2 == 1
-        ):
+        if not (is_int(self.lds_kernel_size) and self.lds_kernel_size >= 1 and self.lds_kernel_size % 2 == 1):
             fail(f"lds_kernel_size must be an odd integer >= 1, got {self.lds_kernel_size!r}")
         if not (math.isfinite(self.lds_sigma) and self.lds_sigma > 0):
             fail(f"lds_sigma must be a finite number > 0, got {self.lds_sigma!r}")
         if self.mode not in MODES:
             fail(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.target_size is not None and not (_is_int(self.target_size) and self.target_size >= 1):
+        if self.target_size is not None and not (is_int(self.target_size) and self.target_size >= 1):
             fail(f"target_size must be None or an integer >= 1, got {self.target_size!r}")
-        if not (_is_int(self.seed) and self.seed >= 0):
+        if not (is_int(self.seed) and self.seed >= 0):
             fail(f"seed must be an integer >= 0, got {self.seed!r}")
 
     @property
@@ -123,7 +120,7 @@ class BucketConfig:
         )
 
 
-def _as_labels(labels: np.ndarray, what: str, allow_empty: bool) -> np.ndarray:
+def as_labels(labels: np.ndarray, what: str, allow_empty: bool) -> np.ndarray:
     """Labels as a 1-D float array; non-finite values are an upstream bug, so they raise."""
     y = np.asarray(labels, dtype=float)
     if y.ndim != 1:
@@ -233,7 +230,7 @@ class BucketModel:
 
     def assign(self, labels: np.ndarray) -> np.ndarray:
         """Bucket name of each label (object array), with the train-fitted edges; any split."""
-        y = _as_labels(labels, "labels", allow_empty=True)
+        y = as_labels(labels, "labels", allow_empty=True)
         return np.asarray(self.order, dtype=object)[self._codes(y)]
 
     def _raw_weights(self, y: np.ndarray, codes: np.ndarray) -> np.ndarray:
@@ -257,7 +254,7 @@ class BucketModel:
         """Per-row weights of the train labels this model was fitted on: scheme, then mean 1, clip,
         mean 1. Other labels raise (their weight is 1 by convention, and normalising over them would
         be meaningless); the check compares the row count and the per-bucket counts."""
-        y = _as_labels(train_labels, "train_labels", allow_empty=False)
+        y = as_labels(train_labels, "train_labels", allow_empty=False)
         codes = self._codes(y)
         counts = np.bincount(codes, minlength=len(self.order))
         if y.size != self.n_train or counts.tolist() != list(self.counts.values()):
@@ -294,7 +291,7 @@ class BucketModel:
 
 def fit_buckets(train_labels: np.ndarray, cfg: BucketConfig) -> BucketModel:
     """Fit sigma, edges, train counts (and the LDS density) on the train labels only."""
-    y = _as_labels(train_labels, "train_labels", allow_empty=False)
+    y = as_labels(train_labels, "train_labels", allow_empty=False)
     q = cfg.winsor_quantile
     lo, hi = (float(v) for v in np.quantile(y, [q, 1.0 - q]))
     yw = np.clip(y, lo, hi)
@@ -353,129 +350,3 @@ def bucket_weights(train_labels: np.ndarray, bucket_config: dict[str, Any]) -> n
     if cfg.mode != "weight":
         raise ValueError("re-weighting needs bucket mode 'weight' (a resampled training set has no weights)")
     return fit_buckets(train_labels, cfg).train_weights(train_labels)
-
-
-def resample_indices(weights: np.ndarray, target_size: int, seed: int) -> np.ndarray:
-    """target_size row positions drawn with replacement, P(row i) = weights[i] / sum(weights).
-    Deterministic for a seed (numpy default_rng), so a resampled train set is reproducible."""
-    w = np.asarray(weights, dtype=float)
-    if w.ndim != 1 or w.size == 0:
-        raise ValueError(f"weights must be a non-empty 1-D array, got shape {w.shape}")
-    if not (np.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
-        raise ValueError("weights must be finite, non-negative and not all zero")
-    if not (_is_int(target_size) and target_size >= 1):
-        raise ValueError(f"target_size must be an integer >= 1, got {target_size!r}")
-    rng = np.random.default_rng(seed)
-    return rng.choice(w.size, size=int(target_size), replace=True, p=w / w.sum()).astype(np.int64)
-
-
-def bucket_table(buckets: np.ndarray, weights: np.ndarray, order: list[str]) -> pd.DataFrame:
-    """One row per bucket of `order` (empty ones included), indexed by bucket name: count, share
-    (count / total), weight (mean weight in the bucket, NaN if empty), effective_share (the bucket's
-    share of the total weight, i.e. its share of the loss)."""
-    b = np.asarray(buckets, dtype=object)
-    w = np.asarray(weights, dtype=float)
-    if b.shape != w.shape or b.ndim != 1:
-        raise ValueError(f"buckets and weights must be 1-D of equal length, got {b.shape} and {w.shape}")
-    position = {name: i for i, name in enumerate(order)}
-    unknown = sorted({str(x) for x in b if x not in position})
-    if unknown:
-        raise ValueError(f"buckets not in order: {unknown}")
-    codes = np.fromiter((position[x] for x in b), dtype=np.intp, count=b.size)
-    count = np.bincount(codes, minlength=len(order))
-    weight_sum = np.bincount(codes, weights=w, minlength=len(order))
-    total, total_weight = count.sum(), weight_sum.sum()
-    nan = np.full(len(order), np.nan)
-    share = count / total if total > 0 else nan
-    mean_weight = np.divide(weight_sum, count, out=nan.copy(), where=count > 0)
-    effective = weight_sum / total_weight if total_weight > 0 else nan
-    return pd.DataFrame(
-        {
-            "count": count.astype(np.int64),
-            "share": share,
-            "weight": mean_weight,
-            "effective_share": effective,
-        },
-        index=pd.Index(list(order), name="bucket"),
-    )
-
-
-@dataclass(frozen=True)
-class Rebalanced:
-    """The re-balanced train set, as positions into the train rows plus per-row weights."""
-
-    indices: np.ndarray
-    """Row positions into the train rows: identity in weight mode, the draws in resample mode."""
-    weights: np.ndarray
-    """Weight per output row: the normalised weights in weight mode, 1.0 in resample mode."""
-    buckets: np.ndarray
-    """Bucket name per output row."""
-    before: pd.DataFrame
-    """bucket_table of the natural train set with the scheme's weights."""
-    after: pd.DataFrame
-    """bucket_table of the output rows (weight mode: same counts and effective shares as before;
-    resample mode: counts of the drawn rows, weight 1)."""
-
-
-def rebalance(train_labels: np.ndarray, cfg: BucketConfig) -> tuple[BucketModel, Rebalanced]:
-    """Fit on the train labels and return the weighted (or resampled) train set."""
-    y = _as_labels(train_labels, "train_labels", allow_empty=False)
-    model = fit_buckets(y, cfg)
-    weights = model.train_weights(y)
-    buckets = model.assign(y)
-    before = bucket_table(buckets, weights, model.order)
-    if cfg.mode == "weight":
-        return model, Rebalanced(np.arange(y.size, dtype=np.int64), weights, buckets, before, before.copy())
-    target = cfg.target_size if cfg.target_size is not None else y.size
-    idx = resample_indices(weights, target, cfg.seed)
-    ones = np.ones(idx.size)
-    drawn = buckets[idx]
-    return model, Rebalanced(idx, ones, drawn, before, bucket_table(drawn, ones, model.order))
-
-
-def histogram_png(
-    train_labels: np.ndarray, model: BucketModel, rebalanced: Rebalanced, path: str | Path
-) -> Path:
-    """Diagnostic figure: the train label histogram with the bucket edges, and each bucket's share
-    before (natural counts) vs after (effective share under the weights or the draws)."""
-    # A bare Figure on an Agg canvas renders headless without touching pyplot or the global backend
-    # (matplotlib.use would switch, and close, the figures of an interactive session).
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    y = _as_labels(train_labels, "train_labels", allow_empty=False)
-    k = model.extreme_threshold
-    lo, hi = min(model.winsor_lo, -1.25 * k), max(model.winsor_hi, 1.25 * k)
-    fig = Figure(figsize=(12, 4.5))
-    FigureCanvasAgg(fig)
-    ax_hist, ax_share = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.2, 1]})
-
-    ax_hist.hist(np.clip(y, lo, hi), bins=120, range=(lo, hi), color="0.55")
-    ax_hist.set_yscale("log")
-    cuts = sorted({*model.edges["pos"], *(-e for e in model.edges["neg"])})
-    for cut in cuts:
-        extreme = math.isclose(abs(cut), k)
-        ax_hist.axvline(cut, color="tab:red" if extreme else "tab:blue", lw=0.8, ls="-" if extreme else "--")
-    ax_hist.set_xlabel("train label (outside the axis range clipped to its ends)")
-    ax_hist.set_ylabel("rows (log)")
-    ax_hist.set_title(
-        f"train labels, sigma={model.sigma:.4g}; blue: bin edges, red: +-{model.cfg.extreme_k} sigma"
-    )
-
-    order = model.order
-    x = np.arange(len(order))
-    ax_share.bar(x - 0.2, rebalanced.before["share"].to_numpy(), 0.4, label="before (count share)")
-    ax_share.bar(
-        x + 0.2, rebalanced.after["effective_share"].to_numpy(), 0.4, label="after (effective share)"
-    )
-    ax_share.set_xticks(x, order, rotation=60, ha="right")
-    ax_share.set_ylabel("share")
-    ax_share.set_title(f"bucket shares, scheme={model.cfg.scheme}, mode={model.cfg.mode}")
-    ax_share.legend()
-
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png", dpi=100)
-    fig.clear()
-    return out

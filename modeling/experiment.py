@@ -14,7 +14,7 @@ Run by the training process's main rank (`modeling.run_job`) when the job names 
    registered as a new version (`challenger`), then the champion gate (a paired test on the same
    validation rows).
 
-This module imports mlflow only through `modeling.mlflow_registry`.
+This module imports mlflow only through `modeling.mlflow_registry` and `modeling.champion_gate`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from modeling.evaluation import score_rows, split_rows
 from modeling.feature_registry import FEATURE_NAMES, MODEL_INPUT_COLUMNS
 from modeling.job import ExperimentSpec, Outcome  # noqa: F401 (ExperimentSpec re-exported)
 from modeling.metrics import evaluate, paired_difference, per_date_correlation
-from modeling.model import load_regressor
+from modeling.model import LLMRegressor, load_regressor
 from modeling.report_plots import forecast_plots
 from modeling.train import TrainJob, TrainResult
 
@@ -172,6 +172,7 @@ def _verify_and_gate(
 ) -> dict[str, Any]:
     """The registered pyfunc must reproduce the judged predictions; then the champion gate decides."""
     from modeling import mlflow_registry
+    from modeling.champion_gate import champion_gate
 
     served_columns = list(MODEL_INPUT_COLUMNS)
 
@@ -191,7 +192,7 @@ def _verify_and_gate(
             f"the registered pyfunc model predicts differently from the judged model "
             f"(max difference {gap:.3g}); it is neither challenger nor champion"
         )
-    return mlflow_registry.champion_gate(
+    return champion_gate(
         spec.registry_name,
         logged["model_version"],
         daily,
@@ -314,12 +315,9 @@ def _outcome(
     )
 
 
-def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None] = print) -> dict[str, Any]:
-    from modeling import mlflow_registry
-
-    spec = job.experiment
-    started = time.perf_counter()
-    model_dir = Path(result.model_dir)
+def _load_judged_model(job: TrainJob, model_dir: Path) -> tuple[LLMRegressor, Any, Path]:
+    """(the trained model reloaded from disk, its tokenizer, the tokenizer saved beside the model): what
+    gets packaged is what is judged."""
     tokenizer = load_tokenizer(job.base_model_dir)
     tokenizer_dir = model_dir / "tokenizer"
     tokenizer.save_pretrained(tokenizer_dir)
@@ -327,8 +325,15 @@ def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     model = load_regressor(model_dir)  # on the GPU when there is one
-    features = feature_rows(Path(spec.training_set_path))
+    return model, tokenizer, tokenizer_dir
 
+
+def _score_splits(
+    job: TrainJob, model: LLMRegressor, tokenizer: Any, features: pd.DataFrame, log: Callable[[str], None]
+) -> tuple[dict[str, pd.DataFrame], dict[str, float]]:
+    """The validation and test rows scored (each capped at its number of dates) with their features,
+    and the scoring rate of each split (rows/s)."""
+    spec = job.experiment
     frames: dict[str, pd.DataFrame] = {}
     rates: dict[str, float] = {}
     for split in ("validation", "test"):
@@ -338,6 +343,18 @@ def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None
         scored, rates[split] = score_rows(model, tokenizer, rows, job.train.eval_batch_size)
         log(f"scored {len(rows)} {split} rows on {rows['date'].nunique()} dates at {rates[split]:.0f} rows/s")
         frames[split] = with_features(scored, features)
+    return frames, rates
+
+
+def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None] = print) -> dict[str, Any]:
+    from modeling import mlflow_registry
+
+    spec = job.experiment
+    started = time.perf_counter()
+    model_dir = Path(result.model_dir)
+    model, tokenizer, tokenizer_dir = _load_judged_model(job, model_dir)
+    features = feature_rows(Path(spec.training_set_path))
+    frames, rates = _score_splits(job, model, tokenizer, features, log)
 
     horizon = int(job.prompt.get("horizon", 1))
     results: dict[str, dict[str, dict[str, float]]] = {

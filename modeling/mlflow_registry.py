@@ -1,22 +1,19 @@
-"""MLflow's store, runs, registered versions and the champion gate: with `pyfunc_model.py` the only
+"""MLflow's store, runs and registered versions: with `champion_gate.py` and `pyfunc_model.py` the only
 modules of `modeling` that import MLflow (the model's own code is `modeling.pyfunc_model`, which MLflow
-ships with every version; loading a model never imports this module).
+ships with every version; loading a model never imports this module or the gate).
 
-Aliases: every new version gets `challenger`; `champion` moves to it only when a paired test on the
-same validation rows says it is better by more than the noise (`champion_gate`): the daily RankIC
-difference, new minus champion, has a mean above max(`min_delta`, `k` x its standard error).
+Aliases: every new version gets `challenger` (`finish_version`); `champion` moves only through the
+champion gate (`modeling.champion_gate`), which reads the aliases and version tags kept here.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +23,6 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from modeling import pyfunc_model
-from modeling.errors import ModelUnloadableError
-from modeling.metrics import DailyMean, PairedDifference, paired_series_difference
 
 REGISTERED_MODEL_NAME = "return-regressor"
 """Default registry name (configurable, fixed by the interface contract)."""
@@ -337,214 +332,6 @@ def find_version(name: str, tag: str, value: str) -> str | None:
         raise
     matches = [v for v in versions if v.tags.get(tag) == value]
     return str(max(int(v.version) for v in matches)) if matches else None
-
-
-COMPARABILITY_TAGS = ("horizon", "label_kind")
-"""Version tags that must agree for two validation RankICs to be comparable (same target)."""
-
-
-def gate_decision(
-    new_daily: pd.Series, champion_daily: pd.Series, k: float = 1.0, min_delta: float = 0.0, horizon: int = 1
-) -> tuple[bool, PairedDifference, float]:
-    """The paired test of the gate: (promote?, the paired difference new - champion, the bar).
-
-    Promote only when the mean daily RankIC difference on the common dates exceeds
-    max(min_delta, k x SE) (SE Newey-West with lag horizon - 1). Without a standard error (fewer than
-    two common dates) nothing is promoted."""
-    paired = paired_series_difference(new_daily, champion_daily, horizon)
-    bar = max(min_delta, k * paired.se) if np.isfinite(paired.se) else float("nan")
-    return bool(np.isfinite(bar) and paired.delta > bar), paired, bar
-
-
-GATE_ATTEMPTS = 5
-"""A gate judges again when the champion moved while it was judging, at most this many times."""
-GATE_LOCK_TIMEOUT_S = 900.0
-"""How long a gate waits for another gate of the same registry to finish moving the alias."""
-
-
-class ChampionRescoreError(RuntimeError):
-    """The champion could not be re-scored for a reason other than "it can no longer be loaded" (out of
-    memory, a locked store, a filesystem fault): the gate fails and nothing is promoted."""
-
-
-def champion_unloadable(error: BaseException) -> bool:
-    """True when `error` (or an error it was raised from) says the model can no longer be loaded: its
-    files are gone, its base model's fingerprint or prompt template changed (`ModelUnloadableError`), or
-    the store no longer knows it. Any other error is a fault of the moment, not a verdict on the model."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, (ModelUnloadableError, FileNotFoundError)):
-            return True
-        if (
-            isinstance(error, mlflow.exceptions.MlflowException)
-            and error.error_code == "RESOURCE_DOES_NOT_EXIST"
-        ):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
-def gate_lock_path(tracking_uri: str | None = None) -> Path:
-    """The lock file that serialises the gates of one registry: beside a SQLite store's file, inside a
-    file store; for a server store, a file in the temp directory keyed on its URI (this machine only:
-    gates on several machines against one server rely on the compare-and-swap alone)."""
-    uri = tracking_uri or mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:///"):
-        return Path(uri.removeprefix("sqlite:///").split("?")[0]).with_suffix(".gate.lock")
-    if uri.startswith("file:") or "://" not in uri:
-        root = Path(uri.removeprefix("file://").removeprefix("file:"))
-        return root / ".gate.lock"
-    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"mlflow-gate-{digest}.lock"
-
-
-@contextmanager
-def gate_lock(timeout_s: float | None = None) -> Iterator[None]:
-    """Hold the registry's gate lock (an exclusive `flock`, released when the process dies)."""
-    path = gate_lock_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + (GATE_LOCK_TIMEOUT_S if timeout_s is None else timeout_s)
-    with path.open("a+") as handle:
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise RegistryError(f"another champion gate has held {path} for too long") from None
-                time.sleep(0.1)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def champion_gate(
-    name: str,
-    version: str,
-    daily: pd.Series,
-    validation_key: str,
-    rescore_champion: Callable[[str], pd.Series],
-    new_tags: dict[str, Any] | None = None,
-    validation_start: str | None = None,
-    k: float = 1.0,
-    min_delta: float = 0.0,
-    horizon: int = 1,
-) -> dict[str, Any]:
-    """Move `champion` to `version` when there is none, or when the paired test on the same validation
-    rows says it is better (`gate_decision`): `daily` is the new version's daily validation RankIC, the
-    champion's is its stored series when it was scored on the same rows (tag `validation_rows_sha`),
-    else `rescore_champion(model_uri)` on these rows. A model without a finite score never moves it.
-
-    A champion that cannot be compared fairly, because it predicts another target (horizon, label kind)
-    or was trained on dates at or after the new validation start (its score there would be in-sample),
-    or because it can no longer be loaded (`champion_unloadable`), is replaced by a model with a finite
-    score, and the reason says why. Any other error while re-scoring it raises `ChampionRescoreError`.
-
-    Compare-and-swap: the alias moves only under the registry's gate lock, and only if it still points
-    at the version that was judged against; when another gate moved it meanwhile, this one judges again
-    against the new champion. The returned dict carries the decision's numbers: delta, se, t, n_dates, bar.
-    """
-    score = DailyMean.of(daily, horizon - 1)
-    rescored: dict[str, pd.Series] = {}  # a champion re-scored once is not re-scored when judging again
-    for _ in range(GATE_ATTEMPTS):
-        current = alias_version(name, CHAMPION)
-        decision = _judge(
-            name, version, current, daily, score, validation_key, rescore_champion, rescored,
-            new_tags, validation_start, k, min_delta, horizon,
-        )  # fmt: skip
-        if not decision.pop("move"):
-            return decision
-        with gate_lock():
-            if alias_version(name, CHAMPION) == current:
-                MlflowClient().set_registered_model_alias(name, CHAMPION, version)
-                return decision
-    raise RegistryError(f"the champion of {name!r} moved {GATE_ATTEMPTS} times while v{version} was judged")
-
-
-def _judge(
-    name: str,
-    version: str,
-    current: str | None,
-    daily: pd.Series,
-    score: DailyMean,
-    validation_key: str,
-    rescore_champion: Callable[[str], pd.Series],
-    rescored: dict[str, pd.Series],
-    new_tags: dict[str, Any] | None,
-    validation_start: str | None,
-    k: float,
-    min_delta: float,
-    horizon: int,
-) -> dict[str, Any]:
-    """The gate's decision against champion `current` (`move`: whether the alias should move)."""
-    base = {"champion_before": current, "delta": None, "se": None, "t": None, "n_dates": score.n_dates}
-    if current == version:
-        return {
-            **base,
-            "move": False,
-            "promoted": False,
-            "champion_score": score.mean,
-            "reason": "already champion",
-        }
-    if not np.isfinite(score.mean):
-        reason = f"validation RankIC is {score.mean}: a model without a score is never promoted"
-        return {**base, "move": False, "promoted": False, "champion_score": None, "reason": reason}
-    if current is None:
-        return {**base, "move": True, "promoted": True, "champion_score": None, "reason": "no champion yet"}
-    tags = version_tags(name, current)
-    new_tags = {k_: str(v) for k_, v in (new_tags or {}).items()}
-    mismatch = [t for t in COMPARABILITY_TAGS if t in new_tags and t in tags and tags[t] != new_tags[t]]
-    in_sample = validation_start is not None and "train_end" in tags and tags["train_end"] >= validation_start
-    champion_daily, how = None, ""
-    if mismatch or in_sample:
-        how = (
-            f"champion v{current} predicts another {', '.join(mismatch)}"
-            if mismatch
-            else f"champion v{current} trained up to {tags['train_end']}, inside the validation period"
-        )
-    elif tags.get("validation_rows_sha") == validation_key and "val_daily_rank_ic" in tags:
-        champion_daily, how = (
-            daily_from_tag(tags["val_daily_rank_ic"]),
-            "stored daily RankIC on the same rows",
-        )
-    elif current in rescored:
-        champion_daily, how = rescored[current], "re-scored on these rows"
-    else:
-        try:
-            # the version itself, not the alias: the alias may move while the champion is re-scored
-            champion_daily = rescored[current] = rescore_champion(f"models:/{name}/{current}")
-            how = "re-scored on these rows"
-        except Exception as error:
-            if not champion_unloadable(error):
-                raise ChampionRescoreError(
-                    f"champion v{current} could not be re-scored ({type(error).__name__}: {error}); "
-                    "nothing is promoted (only a champion that can no longer be loaded is replaced)"
-                ) from error
-            how = f"champion v{current} can no longer be loaded ({type(error).__name__}: {str(error)[:200]})"
-    if champion_daily is None or not np.isfinite(DailyMean.of(champion_daily).mean):
-        how = how or f"champion v{current} has no score"
-        reason = f"{how}: replaced by v{version} (validation RankIC {score})"
-        return {**base, "move": True, "promoted": True, "champion_score": None, "reason": reason}
-    promoted, paired, bar = gate_decision(daily, champion_daily, k, min_delta, horizon)
-    verdict = "beats" if promoted else "does not beat"
-    reason = (
-        f"v{version} {verdict} champion v{current}: paired daily RankIC {paired} ({how}); "
-        f"bar max(min_delta {min_delta:g}, {k:g} x SE) = {bar:.5f}"
-    )
-    return {
-        **base,
-        "move": promoted,
-        "promoted": promoted,
-        "champion_score": paired.b.mean,
-        "delta": paired.delta,
-        "se": paired.se,
-        "t": paired.t,
-        "n_dates": paired.n_dates,
-        "bar": bar,
-        "reason": reason,
-    }
 
 
 def load_model(uri: str) -> Any:

@@ -3,7 +3,7 @@
 The registered model `return-regressor` is an `mlflow.pyfunc` model logged *from code*: this file is
 the model's code (MLflow copies it into the artefact and executes it at load time; it registers
 `RegressorPyfunc` through `set_model`), so the artefact holds no pickle, and loading a model imports
-neither the registry's gate nor anything else of `modeling.mlflow_registry`. The artefact holds the
+neither the champion gate (`modeling.champion_gate`) nor `modeling.mlflow_registry`. The artefact holds the
 adapter and head (safetensors), the regressor's JSON config, the tokenizer, and either a copy of a small
 base model or, for a large one (Llama 3 8B), a reference to its directory checked by fingerprint.
 

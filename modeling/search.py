@@ -198,30 +198,21 @@ def _best_on_every_date(
         return score_split(best_dir / "model", template.corpus_path, "validation", None, horizon)[1]
 
 
-def run_search(
+def _objective(
     template: TrainJob,
-    storage_path: Path,
-    study_name: str,
-    n_trials: int,
-    timeout_s: float | None,
+    space: SearchSpace,
+    reweight: bool,
+    bucket_config: dict | None,
     out_dir: Path,
-    space: SearchSpace = SearchSpace(),
-    bucket_config: dict | None = None,
-    seed: int = 0,
-    log_trial: Callable[[int, dict[str, Any], float, list[dict[str, Any]], str], None] | None = None,
-    log: Callable[[str], None] = print,
-    objective_dates: int | None = OBJECTIVE_DATES,
-) -> SearchResult:
-    """Run `n_trials` more trials (or until `timeout_s`) of the study stored at `storage_path`; each is
-    judged on `objective_dates` validation dates (None = all)."""
-    horizon = int(template.prompt.get("horizon", 1))
+    objective_dates: int | None,
+    horizon: int,
+    log_trial: Callable[[int, dict[str, Any], float, list[dict[str, Any]], str], None] | None,
+    log: Callable[[str], None],
+) -> Callable[[Any], float]:
+    """The study's objective: train the trial's regressor (reporting each periodic validation RankIC to
+    the pruner), score it on `objective_dates` validation dates, store its SE and dates with the trial,
+    and log the trial (`log_trial`) whatever its outcome."""
     import optuna
-
-    study = _open_study(storage_path, study_name, seed)
-    # a killed search left its running trial RUNNING: optimize() fails it (no heartbeat for grace_period)
-    # and RetryHeartbeatStaleTrialCallback queues it again with the same parameters
-    reweight = bucket_config is not None and bucket_config.get("mode", "weight") == "weight"
-    started = time.perf_counter()
 
     def objective(trial: optuna.Trial) -> float:
         params = suggest(trial, space, reweight)
@@ -256,6 +247,36 @@ def run_search(
             log(f"trial {trial.number} {state}: {json.dumps(params, default=str)} -> {value:.5f}")
         return value
 
+    return objective
+
+
+def run_search(
+    template: TrainJob,
+    storage_path: Path,
+    study_name: str,
+    n_trials: int,
+    timeout_s: float | None,
+    out_dir: Path,
+    space: SearchSpace = SearchSpace(),
+    bucket_config: dict | None = None,
+    seed: int = 0,
+    log_trial: Callable[[int, dict[str, Any], float, list[dict[str, Any]], str], None] | None = None,
+    log: Callable[[str], None] = print,
+    objective_dates: int | None = OBJECTIVE_DATES,
+) -> SearchResult:
+    """Run `n_trials` more trials (or until `timeout_s`) of the study stored at `storage_path`; each is
+    judged on `objective_dates` validation dates (None = all)."""
+    horizon = int(template.prompt.get("horizon", 1))
+    import optuna
+
+    study = _open_study(storage_path, study_name, seed)
+    # a killed search left its running trial RUNNING: optimize() fails it (no heartbeat for grace_period)
+    # and RetryHeartbeatStaleTrialCallback queues it again with the same parameters
+    reweight = bucket_config is not None and bucket_config.get("mode", "weight") == "weight"
+    started = time.perf_counter()
+    objective = _objective(
+        template, space, reweight, bucket_config, out_dir, objective_dates, horizon, log_trial, log
+    )
     before = len(study.trials)
     study.optimize(objective, n_trials=n_trials, timeout=timeout_s, catch=())
     trials = study.trials_dataframe(attrs=("number", "value", "user_attrs", "state", "params", "duration"))

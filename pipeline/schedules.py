@@ -41,6 +41,7 @@ from dagster import (
     RunFailureSensorContext,
     RunRequest,
     ScheduleDefinition,
+    SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
@@ -221,16 +222,8 @@ def decay_retrain_decision(
     )
 
 
-def build_automation(settings: Settings) -> tuple[list, list]:
-    """(schedules, sensors) for these settings."""
-    schedule = ScheduleDefinition(
-        name="daily_retrain_schedule",
-        job=daily_retrain_job,
-        cron_schedule=settings.retrain_cron,
-        execution_timezone=settings.retrain_timezone,
-        default_status=DefaultScheduleStatus.RUNNING,
-        description=f"Daily retrain at '{settings.retrain_cron}' ({settings.retrain_timezone}).",
-    )
+def _new_market_data_sensor(settings: Settings) -> SensorDefinition:
+    """The sensor that requests a daily_retrain run when the market data directory has new, complete files."""
     watched = settings.market_data_path
 
     @sensor(
@@ -270,6 +263,11 @@ def build_automation(settings: Settings) -> tuple[list, list]:
         )
         return SensorResult(run_requests=[request], cursor=result.cursor)
 
+    return new_market_data_file
+
+
+def _run_failure_sensor(settings: Settings) -> SensorDefinition:
+    """The sensor that logs every failed run (and appends it to DATA_DIR/run_failures.jsonl)."""
     failures = settings.data_dir / "run_failures.jsonl"
 
     @run_failure_sensor(
@@ -291,6 +289,11 @@ def build_automation(settings: Settings) -> tuple[list, list]:
         with failures.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
+    return log_run_failure
+
+
+def _decay_retrain_sensor(settings: Settings) -> SensorDefinition:
+    """The sensor that requests a forced retrain when the check champion_still_works fails."""
     cooldown_s = settings.decay_retrain_cooldown_hours * 3600
 
     @sensor(
@@ -324,6 +327,12 @@ def build_automation(settings: Settings) -> tuple[list, list]:
         )
         return SensorResult(run_requests=[request], cursor=decision.cursor)
 
+    return retrain_on_decay
+
+
+def _free_dead_runs_sensor() -> SensorDefinition:
+    """The sensor that fails every started run whose process is gone and frees its pool slots."""
+
     @sensor(
         name="free_dead_runs",
         minimum_interval_seconds=60,
@@ -342,4 +351,23 @@ def build_automation(settings: Settings) -> tuple[list, list]:
             )
         return SkipReason(f"{len(dead)} dead run(s) failed and freed" if dead else "no dead run")
 
-    return [schedule], [new_market_data_file, log_run_failure, retrain_on_decay, free_dead_runs]
+    return free_dead_runs
+
+
+def build_automation(settings: Settings) -> tuple[list, list]:
+    """(schedules, sensors) for these settings."""
+    schedule = ScheduleDefinition(
+        name="daily_retrain_schedule",
+        job=daily_retrain_job,
+        cron_schedule=settings.retrain_cron,
+        execution_timezone=settings.retrain_timezone,
+        default_status=DefaultScheduleStatus.RUNNING,
+        description=f"Daily retrain at '{settings.retrain_cron}' ({settings.retrain_timezone}).",
+    )
+    sensors = [
+        _new_market_data_sensor(settings),
+        _run_failure_sensor(settings),
+        _decay_retrain_sensor(settings),
+        _free_dead_runs_sensor(),
+    ]
+    return [schedule], sensors

@@ -1,5 +1,5 @@
-"""Tests of modeling.buckets: bucket edges, weight schemes against hand computations, fit-on-train
-behaviour, resampling and the diagnostic plot."""
+"""Tests of modeling.buckets and modeling.rebalancing: bucket edges, weight schemes against hand
+computations, fit-on-train behaviour, resampling and the diagnostic plot."""
 
 from __future__ import annotations
 
@@ -11,15 +11,8 @@ import pandas as pd
 import pytest
 from scipy.ndimage import gaussian_filter1d
 
-from modeling.buckets import (
-    BucketConfig,
-    bucket_table,
-    fit_buckets,
-    histogram_png,
-    lds_kernel_window,
-    rebalance,
-    resample_indices,
-)
+from modeling.buckets import BucketConfig, fit_buckets, lds_kernel_window
+from modeling.rebalancing import bucket_table, histogram_png, rebalance, resample_indices
 
 # 16 hand-picked labels, asymmetric (three +0.5, one -0.5) so that a sign mix-up shows.
 # mean = 1/16, sigma = sqrt(mean((x - mean)^2)) ~= 3.249; with zero_eps=0.05, extreme_k=2, n_bins=2 and

@@ -100,6 +100,7 @@ def test_champion_pyfunc_in_a_fresh_process_predicts_what_the_model_predicts(
     assert not [p for p in files if p.suffix in (".pkl", ".pickle", ".pt", ".bin")]
     assert any(p.name == "pyfunc_model.py" for p in files)  # the model's code: the pyfunc, never the gate
     assert not any(p.name == "mlflow_registry.py" for p in files)
+    assert not any(p.name == "champion_gate.py" for p in files)
 
 
 def _daily(values, start: str = "2021-03-01") -> pd.Series:
@@ -110,6 +111,7 @@ def test_a_worse_model_never_moves_the_champion(registered_store) -> None:
     import mlflow
 
     from modeling import mlflow_registry
+    from modeling.champion_gate import champion_gate
 
     store, first, second, _ = registered_store
     mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
@@ -137,45 +139,41 @@ def test_a_worse_model_never_moves_the_champion(registered_store) -> None:
         return champion_daily
 
     same_plus_noise = champion_daily + rng.normal(0, 0.002, 60)
-    gate = mlflow_registry.champion_gate(NAME, "2", same_plus_noise, "other-rows", rescore)
+    gate = champion_gate(NAME, "2", same_plus_noise, "other-rows", rescore)
     assert calls == [f"models:/{NAME}/1"] and gate["promoted"] is False  # the judged version, not the alias
     assert mlflow_registry.alias_version(NAME, "champion") == "1"
     # better on average by less than the noise: stays; by well over k x SE: moves
     slightly = champion_daily + 0.0005 + rng.normal(0, 0.01, 60)
-    assert mlflow_registry.champion_gate(NAME, "2", slightly, "other-rows", rescore)["promoted"] is False
+    assert champion_gate(NAME, "2", slightly, "other-rows", rescore)["promoted"] is False
     clearly = champion_daily + 0.02 + rng.normal(0, 0.01, 60)
-    gate = mlflow_registry.champion_gate(NAME, "2", clearly, "other-rows", rescore)
+    gate = champion_gate(NAME, "2", clearly, "other-rows", rescore)
     assert gate["promoted"] is True and mlflow_registry.alias_version(NAME, "champion") == "2"
     assert gate["delta"] > gate["bar"] == pytest.approx(gate["se"]) and gate["t"] > 1
     # min_delta raises the bar above k x SE
-    mlflow_registry.champion_gate(NAME, "1", _daily([np.nan] * 3), "k", rescore)  # never without a score
+    champion_gate(NAME, "1", _daily([np.nan] * 3), "k", rescore)  # never without a score
     assert mlflow_registry.alias_version(NAME, "champion") == "2"
-    gate = mlflow_registry.champion_gate(
-        NAME, "1", clearly + 0.02, "other-rows", lambda uri: clearly, min_delta=0.05
-    )
+    gate = champion_gate(NAME, "1", clearly + 0.02, "other-rows", lambda uri: clearly, min_delta=0.05)
     assert gate["promoted"] is False and "min_delta 0.05" in gate["reason"]
     # a champion that cannot be compared fairly is replaced
 
     def broken(uri: str) -> pd.Series:
         raise FileNotFoundError("base model moved")
 
-    gate = mlflow_registry.champion_gate(NAME, "1", _daily([0.01, 0.02, 0.0]), "k", broken)
+    gate = champion_gate(NAME, "1", _daily([0.01, 0.02, 0.0]), "k", broken)
     assert gate["promoted"] is True and "can no longer be loaded (FileNotFoundError" in gate["reason"]
     from mlflow.tracking import MlflowClient
 
     MlflowClient().set_model_version_tag(NAME, "1", "train_end", "2021-02-05")
-    gate = mlflow_registry.champion_gate(
-        NAME, "2", _daily([-0.5, -0.4]), "k", rescore, validation_start="2021-02-01"
-    )
+    gate = champion_gate(NAME, "2", _daily([-0.5, -0.4]), "k", rescore, validation_start="2021-02-01")
     assert gate["promoted"] is True and "inside the validation period" in gate["reason"]
-    gate = mlflow_registry.champion_gate(NAME, "1", _daily([1.0, 0.9]), "k", rescore, new_tags={"horizon": 5})
+    gate = champion_gate(NAME, "1", _daily([1.0, 0.9]), "k", rescore, new_tags={"horizon": 5})
     assert mlflow_registry.alias_version(NAME, "champion") == "1"  # restored for the other tests
 
 
 def test_gate_decision_never_promotes_noise_and_promotes_a_clear_winner() -> None:
     """Forecasts on the same rows: a challenger that is the champion plus noise in its predictions never
     passes the paired bar (over 30 seeds), a challenger with twice the signal always does."""
-    from modeling import mlflow_registry
+    from modeling.champion_gate import gate_decision
     from modeling.metrics import per_date_correlation
 
     promoted_noise, promoted_better = 0, 0
@@ -197,16 +195,14 @@ def test_gate_decision_never_promotes_noise_and_promotes_a_clear_winner() -> Non
         daily = {
             c: per_date_correlation(frame, c, method="spearman") for c in ("champion", "noisy", "better")
         }
-        promoted_noise += mlflow_registry.gate_decision(daily["noisy"], daily["champion"])[0]
-        promoted_better += mlflow_registry.gate_decision(daily["better"], daily["champion"])[0]
+        promoted_noise += gate_decision(daily["noisy"], daily["champion"])[0]
+        promoted_better += gate_decision(daily["better"], daily["champion"])[0]
     assert promoted_noise == 0 and promoted_better == 30
     # no true difference at all (two equally good daily series): promoted at about the nominal one-sided
     # rate of k = 1, P(t > 1) = 15.9%, never more
     rng = np.random.default_rng(1)
     hits = sum(
-        mlflow_registry.gate_decision(_daily(rng.normal(0.03, 0.05, 60)), _daily(rng.normal(0.03, 0.05, 60)))[
-            0
-        ]
+        gate_decision(_daily(rng.normal(0.03, 0.05, 60)), _daily(rng.normal(0.03, 0.05, 60)))[0]
         for _ in range(400)
     )
     assert 0.10 < hits / 400 < 0.21
@@ -262,6 +258,7 @@ def test_a_locked_store_is_a_fault_never_no_champion(registered_store, monkeypat
     import mlflow
 
     from modeling import mlflow_registry
+    from modeling.champion_gate import champion_gate
 
     store, *_ = registered_store
     mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
@@ -272,9 +269,7 @@ def test_a_locked_store_is_a_fault_never_no_champion(registered_store, monkeypat
     lock.execute("BEGIN EXCLUSIVE")
     try:
         with pytest.raises(mlflow_registry.RegistryError, match="database is locked"):
-            mlflow_registry.champion_gate(
-                NAME, "2", _daily([0.5, 0.6, 0.7]), "k", lambda uri: _daily([0.0] * 3)
-            )
+            champion_gate(NAME, "2", _daily([0.5, 0.6, 0.7]), "k", lambda uri: _daily([0.0] * 3))
     finally:
         lock.rollback()
         lock.close()
@@ -320,6 +315,7 @@ def test_only_an_unloadable_champion_is_replaced_and_a_locked_store_fails_the_ga
     import mlflow
 
     from modeling import mlflow_registry
+    from modeling.champion_gate import ChampionRescoreError, champion_gate, champion_unloadable
     from modeling.errors import ModelUnloadableError
 
     store, _, _, good = registered_store
@@ -342,8 +338,8 @@ def test_only_an_unloadable_champion_is_replaced_and_a_locked_store_fails_the_ga
         return rescore(uri)
 
     try:
-        with pytest.raises(mlflow_registry.ChampionRescoreError, match="database is locked"):
-            mlflow_registry.champion_gate(NAME, "2", new_daily, "other-rows", rescore_while_locked)
+        with pytest.raises(ChampionRescoreError, match="database is locked"):
+            champion_gate(NAME, "2", new_daily, "other-rows", rescore_while_locked)
     finally:
         lock.rollback()
         lock.close()
@@ -353,8 +349,8 @@ def test_only_an_unloadable_champion_is_replaced_and_a_locked_store_fails_the_ga
     def out_of_memory(uri: str) -> pd.Series:
         raise MemoryError("cannot allocate 8 GiB")
 
-    with pytest.raises(mlflow_registry.ChampionRescoreError, match="MemoryError"):
-        mlflow_registry.champion_gate(NAME, "2", new_daily, "other-rows", out_of_memory)
+    with pytest.raises(ChampionRescoreError, match="MemoryError"):
+        champion_gate(NAME, "2", new_daily, "other-rows", out_of_memory)
     assert mlflow_registry.alias_version(NAME, "champion") == "1"
     # 3. the champion's files are gone: it can no longer be loaded, so it is replaced, and the reason names
     # the error
@@ -362,21 +358,21 @@ def test_only_an_unloadable_champion_is_replaced_and_a_locked_store_fails_the_ga
     shutil.rmtree(logged_model.artifact_location.removeprefix("file://"))
     with pytest.raises(Exception) as raised:
         rescore(f"models:/{NAME}/1")
-    assert mlflow_registry.champion_unloadable(raised.value)
-    gate = mlflow_registry.champion_gate(NAME, "2", new_daily, "other-rows", rescore)
+    assert champion_unloadable(raised.value)
+    gate = champion_gate(NAME, "2", new_daily, "other-rows", rescore)
     assert gate["promoted"] is True and mlflow_registry.alias_version(NAME, "champion") == "2"
     assert "v1 can no longer be loaded" in gate["reason"] and type(raised.value).__name__ in gate["reason"]
     # what counts as "can no longer be loaded"
-    assert mlflow_registry.champion_unloadable(ModelUnloadableError("fingerprint 1a2b != 3c4d"))
-    assert mlflow_registry.champion_unloadable(RuntimeError("wrapped")) is False
+    assert champion_unloadable(ModelUnloadableError("fingerprint 1a2b != 3c4d"))
+    assert champion_unloadable(RuntimeError("wrapped")) is False
     try:
         try:
             raise FileNotFoundError("regressor.json")
         except FileNotFoundError as inner:
             raise RuntimeError("load_context failed") from inner
     except RuntimeError as outer:
-        assert mlflow_registry.champion_unloadable(outer)
-    assert not mlflow_registry.champion_unloadable(sqlite3.OperationalError("database is locked"))
+        assert champion_unloadable(outer)
+    assert not champion_unloadable(sqlite3.OperationalError("database is locked"))
 
 
 def _gate_in_process(uri: str, version: str, daily: list, champion_daily: list, delay: float, barrier, out):
@@ -386,7 +382,7 @@ def _gate_in_process(uri: str, version: str, daily: list, champion_daily: list, 
 
     import mlflow
 
-    from modeling import mlflow_registry
+    from modeling.champion_gate import champion_gate
 
     mlflow.set_tracking_uri(uri)
 
@@ -395,7 +391,7 @@ def _gate_in_process(uri: str, version: str, daily: list, champion_daily: list, 
         clock.sleep(delay)
         return _daily(champion_daily)
 
-    gate = mlflow_registry.champion_gate(NAME, version, _daily(daily), "rows", rescore)
+    gate = champion_gate(NAME, version, _daily(daily), "rows", rescore)
     out.put((version, gate["promoted"], gate["reason"]))
 
 
@@ -409,6 +405,7 @@ def test_two_gates_at_once_only_the_better_model_ends_as_champion(registered_sto
     from mlflow.tracking import MlflowClient
 
     from modeling import mlflow_registry
+    from modeling.champion_gate import gate_lock_path
 
     store, _, _, good = registered_store
     model_uri = _own_store(tmp_path, good, monkeypatch)
@@ -444,7 +441,7 @@ def test_two_gates_at_once_only_the_better_model_ends_as_champion(registered_sto
     assert mlflow_registry.alias_version(NAME, "champion") == "2"
     assert results["2"][0] is True
     assert results["3"][0] is False and "does not beat champion v2" in results["3"][1]
-    assert mlflow_registry.gate_lock_path() == tmp_path / "mlflow.gate.lock"
+    assert gate_lock_path() == tmp_path / "mlflow.gate.lock"
 
 
 def test_the_pyfunc_refuses_when_a_feature_is_defined_otherwise(registered_store, monkeypatch) -> None:
@@ -455,6 +452,7 @@ def test_the_pyfunc_refuses_when_a_feature_is_defined_otherwise(registered_store
     import mlflow
 
     from modeling import feature_registry, mlflow_registry
+    from modeling.champion_gate import champion_unloadable
 
     store, *_ = registered_store
     mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
@@ -467,5 +465,5 @@ def test_the_pyfunc_refuses_when_a_feature_is_defined_otherwise(registered_store
     monkeypatch.setattr(feature_registry, "FEATURES", (*features[:2], changed, *features[3:]))
     with pytest.raises(Exception) as raised:
         mlflow_registry.load_model(f"models:/{NAME}/1")
-    assert mlflow_registry.champion_unloadable(raised.value)
+    assert champion_unloadable(raised.value)
     assert "trained on features defined otherwise" in str(raised.value)

@@ -149,14 +149,7 @@ def ingest_market_data(
     (1.0 allows any load). `min_calendar_share`: a date with fewer symbols than this share of its
     neighbouring dates' median is off-calendar (0 turns the test off). See the module docstring.
     """
-    if (sources is None) == (frame is None):
-        raise ValueError("give exactly one of `sources` (files) or `frame` (a DataFrame)")
-    if sources is not None and not sources:
-        raise ValueError("no sources given: pass at least one CSV or Parquet file")
-    if not 0.0 <= max_shrink_share <= 1.0:
-        raise ValueError(f"max_shrink_share must be in [0, 1], got {max_shrink_share}")
-    if not 0.0 <= min_calendar_share <= 1.0:
-        raise ValueError(f"min_calendar_share must be in [0, 1], got {min_calendar_share}")
+    _check_arguments(sources, frame, max_shrink_share, min_calendar_share)
     tag = f"_ingest_{uuid.uuid4().hex[:12]}"  # names of this load's temp tables
     labelled: list[tuple[Path | str, str]]
     if frame is not None:
@@ -174,43 +167,9 @@ def ingest_market_data(
             for i, (src, label) in enumerate(labelled)
         ]
         union = "\nUNION ALL\n".join(selects)
-        con.execute("BEGIN TRANSACTION")
-        try:
-            con.execute(
-                f"CREATE OR REPLACE TEMP TABLE _staged AS "
-                f"SELECT *, {_ROW_REASON_SQL} AS reason FROM ({union})"
-            )
-            for i, name in rejects.items():
-                _quarantine_malformed_lines(con, i, labelled[i][1], f"{name}_errors")
-            n_staged = con.execute("SELECT count(*) FROM _staged").fetchall()[0][0]
-            if n_staged == 0:
-                # a header-only file (or files): replacing good tables with empty ones would be silent loss
-                raise EmptyInputError(
-                    f"no data rows in {', '.join(label for _, label in labelled)}: the input has a header "
-                    "but no rows; the previous tables are kept"
-                )
-            _mark_duplicates(con)
-            _mark_off_calendar(con, min_calendar_share)
-            # counted after duplicates, revisions and the calendar are resolved: what the table would hold
-            n_clean = con.execute("SELECT count(*) FROM _staged WHERE reason IS NULL").fetchall()[0][0]
-            if n_clean == 0:
-                raise EmptyInputError(
-                    f"all {n_staged} rows of the input were rejected or replaced; the previous tables are "
-                    "kept (see the reasons by ingesting the file into an empty DATA_DIR)"
-                )
-            _check_shrink(con, n_clean, max_shrink_share)
-            _write_tables(con, revised_at)
-            by_reason = dict(
-                con.execute(
-                    "SELECT reason, count(*) FROM _staged WHERE reason IS NOT NULL GROUP BY reason"
-                ).fetchall()
-            )
-            con.execute("DROP TABLE _revised")
-            con.execute("DROP TABLE _staged")
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
+        n_staged, n_clean, by_reason = _stage_and_write(
+            con, union, labelled, rejects, min_calendar_share, max_shrink_share, revised_at
+        )
     finally:
         if frame is not None:
             con.unregister(f"{tag}_frame")
@@ -227,6 +186,70 @@ def ingest_market_data(
         rejects_by_reason={r: int(by_reason.get(r, 0)) for r in REJECT_REASONS},
         n_revised=n_revised,
     )
+
+
+def _check_arguments(
+    sources: list[Path] | None, frame: pd.DataFrame | None, max_shrink_share: float, min_calendar_share: float
+) -> None:
+    if (sources is None) == (frame is None):
+        raise ValueError("give exactly one of `sources` (files) or `frame` (a DataFrame)")
+    if sources is not None and not sources:
+        raise ValueError("no sources given: pass at least one CSV or Parquet file")
+    if not 0.0 <= max_shrink_share <= 1.0:
+        raise ValueError(f"max_shrink_share must be in [0, 1], got {max_shrink_share}")
+    if not 0.0 <= min_calendar_share <= 1.0:
+        raise ValueError(f"min_calendar_share must be in [0, 1], got {min_calendar_share}")
+
+
+def _stage_and_write(
+    con: duckdb.DuckDBPyConnection,
+    union: str,
+    labelled: list[tuple[Path | str, str]],
+    rejects: dict[int, str],
+    min_calendar_share: float,
+    max_shrink_share: float,
+    revised_at: datetime.datetime,
+) -> tuple[int, int, dict[str, int]]:
+    """In one transaction (rolled back on any error): stage the normalised rows of every source with
+    their first reject reason, resolve duplicates, revisions and off-calendar dates, check the shrink
+    guard and replace the three tables. Returns (rows read, clean rows, rows by reason)."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute(
+            f"CREATE OR REPLACE TEMP TABLE _staged AS SELECT *, {_ROW_REASON_SQL} AS reason FROM ({union})"
+        )
+        for i, name in rejects.items():
+            _quarantine_malformed_lines(con, i, labelled[i][1], f"{name}_errors")
+        n_staged = con.execute("SELECT count(*) FROM _staged").fetchall()[0][0]
+        if n_staged == 0:
+            # a header-only file (or files): replacing good tables with empty ones would be silent loss
+            raise EmptyInputError(
+                f"no data rows in {', '.join(label for _, label in labelled)}: the input has a header "
+                "but no rows; the previous tables are kept"
+            )
+        _mark_duplicates(con)
+        _mark_off_calendar(con, min_calendar_share)
+        # counted after duplicates, revisions and the calendar are resolved: what the table would hold
+        n_clean = con.execute("SELECT count(*) FROM _staged WHERE reason IS NULL").fetchall()[0][0]
+        if n_clean == 0:
+            raise EmptyInputError(
+                f"all {n_staged} rows of the input were rejected or replaced; the previous tables are "
+                "kept (see the reasons by ingesting the file into an empty DATA_DIR)"
+            )
+        _check_shrink(con, n_clean, max_shrink_share)
+        _write_tables(con, revised_at)
+        by_reason = dict(
+            con.execute(
+                "SELECT reason, count(*) FROM _staged WHERE reason IS NOT NULL GROUP BY reason"
+            ).fetchall()
+        )
+        con.execute("DROP TABLE _revised")
+        con.execute("DROP TABLE _staged")
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return n_staged, n_clean, by_reason
 
 
 def _write_tables(con: duckdb.DuckDBPyConnection, revised_at: datetime.datetime) -> None:

@@ -2,7 +2,8 @@
 
 Reading order: `SplitSpec` / `assign_splits` (which dates go where), `LabelSpec` /
 `transform_labels` (what the model regresses on), `build_training_set` (both, plus the buckets of
-`modeling.buckets`). Pure pandas/numpy: the Dagster asset only reads `features` and writes Parquet.
+`modeling.buckets`, re-balanced by `modeling.rebalancing`). Pure pandas/numpy: the Dagster asset only
+reads `features` and writes Parquet.
 
 Leakage rules enforced here:
 - splits are by date; between consecutive segments the last `purge` dates of the earlier segment
@@ -19,7 +20,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
-from modeling.buckets import BucketConfig, BucketModel, Rebalanced, rebalance
+from modeling.buckets import BucketConfig, BucketModel
+from modeling.rebalancing import Rebalanced, rebalance
 
 SPLITS = ("train", "validation", "test", "live")
 LABEL_KINDS = ("raw", "excess", "cs_zscore")

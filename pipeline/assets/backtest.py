@@ -5,7 +5,7 @@ import signal
 import subprocess
 import time
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -186,6 +186,125 @@ def _windows_table(done: dict[int, dict]) -> pd.DataFrame:
     )
 
 
+def _profile_configs(config: BacktestConfig):
+    """The profile and its regressor and training configs with the asset config's overrides."""
+    profile = PROFILES.get(config.profile)
+    if profile is None:
+        raise ValueError(f"unknown profile {config.profile!r}; choose one of {sorted(PROFILES)}")
+    regressor_cfg, train_cfg = apply_overrides(profile.regressor, profile.train, config.overrides())
+    return profile, regressor_cfg, train_cfg
+
+
+@dataclass(frozen=True)
+class _BacktestRun:
+    """One backtest's identity and inputs: the run id (a hash of the inputs and the config), its
+    directory with the input snapshot, the window plan over the period, the corpus's prompt settings."""
+
+    run_id: str
+    run_dir: Path
+    plan: list
+    period: pd.DatetimeIndex
+    prompt: dict
+    corpus_facts: dict
+    backbone_note: str
+
+    @property
+    def horizon(self) -> int:
+        return int(self.prompt["horizon"])
+
+    @property
+    def corpus_path(self) -> Path:
+        return self.run_dir / "inputs" / "prompt_corpus.parquet"
+
+    @property
+    def training_set_path(self) -> Path:
+        return self.run_dir / "inputs" / "training_set.parquet"
+
+
+def _feature_calendar(warehouse) -> pd.DatetimeIndex:
+    with warehouse.get_connection() as con:
+        rows = con.execute(f"SELECT DISTINCT date FROM {FEATURES_TABLE} ORDER BY date").fetchall()
+    return pd.DatetimeIndex([d for (d,) in rows])
+
+
+def _plan_run(context, storage, warehouse, config, windows_spec, regressor_cfg, train_cfg) -> _BacktestRun:
+    """Snapshot the corpus and training set, plan the windows over the period, refuse a leaky backbone,
+    and key the run by its inputs and config (the snapshot moves into the run's directory once)."""
+    base_dir = storage.base_model_dir
+    runs_root = storage.root / "runs" / "backtest"
+    staging = runs_root / f".staging-{context.run_id}-{uuid.uuid4().hex[:8]}"
+    staged = snapshot_files(
+        {name: storage.parquet_path(name) for name in ("prompt_corpus", "training_set")}, staging
+    )
+    facts = read_parquet_metadata(staged["training_set"])
+    corpus_facts = read_parquet_metadata(staged["prompt_corpus"])
+    prompt = PromptBuilder.of_corpus(corpus_facts).settings()
+    calendar = _feature_calendar(warehouse)
+    period = _period(calendar, facts["splits"], config)
+    if period.empty:
+        raise ValueError("the backtest period holds no dates with features")
+    plan = plan_windows(calendar, period, int(prompt["horizon"]), windows_spec)
+    backbone_note = _refuse_leaky_backbone(storage.base_model_source.kind, base_dir, period[0])
+    run_id = build_key(
+        {
+            "code_version": BACKTEST_CODE_VERSION,
+            "corpus": file_sha256(staged["prompt_corpus"]),
+            "training_set": file_sha256(staged["training_set"]),
+            "base_model": model_fingerprint(base_dir),
+            "regressor": regressor_cfg.to_dict(),
+            "train": TrainJob("", "", "", prompt, regressor_cfg, train_cfg).to_dict()["train"],
+            "windows": [w.to_dict() for w in plan],
+        }
+    )
+    run_dir = runs_root / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "inputs").exists():
+        staging.rename(run_dir / "inputs")
+    shutil.rmtree(staging, ignore_errors=True)
+    return _BacktestRun(run_id, run_dir, plan, period, prompt, corpus_facts, backbone_note)
+
+
+def _log_to_mlflow(mlflow, run: _BacktestRun, params, analysis, windows, png, portfolio) -> tuple[str, bool]:
+    """One MLflow run for the analysis (nested runs per window); reused when it was logged before."""
+    from modeling import mlflow_registry
+
+    experiment_id = mlflow_registry.configure(
+        mlflow.tracking_uri, mlflow.experiment_name, mlflow.artifact_root
+    )
+    analysis_id = build_key({"run_id": run.run_id, "portfolio": vars(portfolio)})
+    return mlflow_registry.log_backtest_run(
+        experiment_id,
+        f"backtest-{run.run_id}",
+        analysis_id,
+        params=params,
+        metrics=analysis.metrics(),
+        windows=windows,
+        artifacts=[png],
+    )
+
+
+def _metadata(run: _BacktestRun, forecasts, analysis, done: dict, trained: list[int], png: Path) -> dict:
+    """The materialisation's metadata: the stored forecasts, the comparison and by-month tables, the
+    windows (trained now or reused), the LLM's paired differences, the backbone note and the plots."""
+    models = 1 + len(FEATURE_BASELINES)
+    return {
+        "dagster/row_count": MetadataValue.int(len(forecasts) * models),
+        "date_range": MetadataValue.text(f"{run.period[0].date()} .. {run.period[-1].date()}"),
+        "symbol_count": MetadataValue.int(int(forecasts["symbol"].nunique())),
+        "preview": MetadataValue.md(frame_markdown(forecasts.head(8))),
+        "run_id": MetadataValue.text(run.run_id),
+        "table": MetadataValue.text(BACKTEST_TABLE),
+        "comparison": MetadataValue.md(frame_markdown(analysis.table(), 4)),
+        "rank_ic_by_month": MetadataValue.md(frame_markdown(analysis.by_month.reset_index(names="month"), 4)),
+        "windows": MetadataValue.md(frame_markdown(_windows_table(done), 4)),
+        "windows_trained": MetadataValue.json(trained),
+        "windows_reused": MetadataValue.json(sorted(set(done) - set(trained))),
+        "llm_vs_baselines": MetadataValue.json(analysis.paired[LLM_MODEL]),
+        "backbone": MetadataValue.text(run.backbone_note),
+        "plots": png_markdown(png, "walk-forward backtest"),
+    }
+
+
 @asset(
     pool=TRAINING_POOL,
     group_name="evaluation",
@@ -208,10 +327,7 @@ def backtest(
     ICIR, paired ΔRankIC) and TopkDropout / decile long-short portfolios with costs (Qlib's names) go to
     one MLflow run with a nested run per window. A killed backtest resumes at the first unstored window;
     the same inputs and config recompute nothing."""
-    profile = PROFILES.get(config.profile)
-    if profile is None:
-        raise ValueError(f"unknown profile {config.profile!r}; choose one of {sorted(PROFILES)}")
-    regressor_cfg, train_cfg = apply_overrides(profile.regressor, profile.train, config.overrides())
+    profile, regressor_cfg, train_cfg = _profile_configs(config)
     windows_spec = WindowSpec(
         step=config.step, mode=config.mode, train_dates=config.train_dates, val_dates=config.val_dates
     )
@@ -221,121 +337,58 @@ def backtest(
         open_cost=config.open_cost_bp / 1e4,
         close_cost=config.close_cost_bp / 1e4,
     )
-    base_dir = storage.base_model_dir
-    runs_root = storage.root / "runs" / "backtest"
-    staging = runs_root / f".staging-{context.run_id}-{uuid.uuid4().hex[:8]}"
-    staged = snapshot_files(
-        {name: storage.parquet_path(name) for name in ("prompt_corpus", "training_set")}, staging
-    )
-    facts = read_parquet_metadata(staged["training_set"])
-    corpus_facts = read_parquet_metadata(staged["prompt_corpus"])
-    prompt = PromptBuilder.of_corpus(corpus_facts).settings()
-    horizon = int(prompt["horizon"])
+    run = _plan_run(context, storage, warehouse, config, windows_spec, regressor_cfg, train_cfg)
     with warehouse.get_connection() as con:
-        calendar = pd.DatetimeIndex(
-            [
-                d
-                for (d,) in con.execute(
-                    f"SELECT DISTINCT date FROM {FEATURES_TABLE} ORDER BY date"
-                ).fetchall()
-            ]
-        )
-    period = _period(calendar, facts["splits"], config)
-    if period.empty:
-        raise ValueError("the backtest period holds no dates with features")
-    plan = plan_windows(calendar, period, horizon, windows_spec)
-    backbone_note = _refuse_leaky_backbone(storage.base_model_source.kind, base_dir, period[0])
-    run_id = build_key(
-        {
-            "code_version": BACKTEST_CODE_VERSION,
-            "corpus": file_sha256(staged["prompt_corpus"]),
-            "training_set": file_sha256(staged["training_set"]),
-            "base_model": model_fingerprint(base_dir),
-            "regressor": regressor_cfg.to_dict(),
-            "train": TrainJob("", "", "", prompt, regressor_cfg, train_cfg).to_dict()["train"],
-            "windows": [w.to_dict() for w in plan],
-        }
+        done = completed_windows(con, run.run_id)
+    todo = [w for w in run.plan if w.index not in done]
+    context.log.info(
+        f"backtest {run.run_id}: {len(run.plan)} windows, {len(done)} stored, {len(todo)} to run"
     )
-    run_dir = runs_root / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not (run_dir / "inputs").exists():
-        staging.rename(run_dir / "inputs")
-    shutil.rmtree(staging, ignore_errors=True)
-    corpus_path, set_path = (
-        run_dir / "inputs" / "prompt_corpus.parquet",
-        run_dir / "inputs" / "training_set.parquet",
-    )
-
-    with warehouse.get_connection() as con:
-        done = completed_windows(con, run_id)
-    todo = [w for w in plan if w.index not in done]
-    context.log.info(f"backtest {run_id}: {len(plan)} windows, {len(done)} stored, {len(todo)} to run")
     if todo:
         template = TrainJob(
-            str(base_dir),
-            str(corpus_path),
+            str(storage.base_model_dir),
+            str(run.corpus_path),
             "",
-            prompt,
+            run.prompt,
             regressor_cfg,
             train_cfg,
-            training_set_path=str(set_path),
+            training_set_path=str(run.training_set_path),
         )
-        _run_windows(context, warehouse, run_id, run_dir, todo, template, corpus_facts, done)
+        _run_windows(context, warehouse, run.run_id, run.run_dir, todo, template, run.corpus_facts, done)
 
     models = [LLM_MODEL, *FEATURE_BASELINES]
     with warehouse.get_connection() as con:
-        forecasts = read_forecasts(con, run_id)
-        returns = next_day_returns(con, period[0], period[-1])
+        forecasts = read_forecasts(con, run.run_id)
+        returns = next_day_returns(con, run.period[0], run.period[-1])
     labels = (
-        pd.read_parquet(set_path, columns=["date", "symbol", "label"])
+        pd.read_parquet(run.training_set_path, columns=["date", "symbol", "label"])
         .dropna()
         .drop_duplicates(["date", "symbol"])
     )
-    analysis = analyse(forecasts, labels, returns, models, list(FEATURE_BASELINES), portfolio, horizon)
-    table = analysis.table()
+    analysis = analyse(forecasts, labels, returns, models, list(FEATURE_BASELINES), portfolio, run.horizon)
     png = backtest_png(analysis.daily, analysis.by_month, storage.reports_dir / "backtest.png")
-    windows_table = _windows_table(done)
-    from modeling import mlflow_registry
-
-    experiment_id = mlflow_registry.configure(
-        mlflow.tracking_uri, mlflow.experiment_name, mlflow.artifact_root
-    )
-    analysis_id = build_key({"run_id": run_id, "portfolio": vars(portfolio)})
-    mlflow_run_id, logged = mlflow_registry.log_backtest_run(
-        experiment_id,
-        f"backtest-{run_id}",
-        analysis_id,
+    mlflow_run_id, logged = _log_to_mlflow(
+        mlflow,
+        run,
         params={
-            "run_id": run_id,
+            "run_id": run.run_id,
             "profile": profile.name,
             "windows": vars(windows_spec),
             "portfolio": vars(portfolio),
-            "period": [str(period[0].date()), str(period[-1].date())],
-            "backbone": backbone_note,
+            "period": [str(run.period[0].date()), str(run.period[-1].date())],
+            "backbone": run.backbone_note,
         },
-        metrics=analysis.metrics(),
+        analysis=analysis,
         windows=[_window_run(k, r, forecasts, labels, models) for k, r in sorted(done.items())],
-        artifacts=[png],
+        png=png,
+        portfolio=portfolio,
     )
+    trained = [w.index for w in todo]
+    metadata = _metadata(run, forecasts, analysis, done, trained, png)
     return MaterializeResult(
         metadata={
-            "dagster/row_count": MetadataValue.int(len(forecasts) * len(models)),
-            "date_range": MetadataValue.text(f"{period[0].date()} .. {period[-1].date()}"),
-            "symbol_count": MetadataValue.int(int(forecasts["symbol"].nunique())),
-            "preview": MetadataValue.md(frame_markdown(forecasts.head(8))),
-            "run_id": MetadataValue.text(run_id),
-            "table": MetadataValue.text(BACKTEST_TABLE),
-            "comparison": MetadataValue.md(frame_markdown(table, 4)),
-            "rank_ic_by_month": MetadataValue.md(
-                frame_markdown(analysis.by_month.reset_index(names="month"), 4)
-            ),
-            "windows": MetadataValue.md(frame_markdown(windows_table, 4)),
-            "windows_trained": MetadataValue.json([w.index for w in todo]),
-            "windows_reused": MetadataValue.json(sorted(set(done) - {w.index for w in todo})),
-            "llm_vs_baselines": MetadataValue.json(analysis.paired[LLM_MODEL]),
-            "backbone": MetadataValue.text(backbone_note),
+            **metadata,
             "mlflow_run_id": MetadataValue.text(mlflow_run_id),
             "mlflow_logged_now": MetadataValue.bool(logged),
-            "plots": png_markdown(png, "walk-forward backtest"),
         }
     )

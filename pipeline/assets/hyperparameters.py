@@ -2,6 +2,7 @@ import json
 import os
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
@@ -10,7 +11,7 @@ from modeling.backbones.common import model_fingerprint
 from modeling.data.parquet_io import read_parquet_metadata
 from modeling.profiles import PROFILES
 from modeling.prompt import PromptBuilder
-from modeling.search import OBJECTIVE_DATES, SearchSpace, run_search
+from modeling.search import OBJECTIVE_DATES, SearchResult, SearchSpace, run_search
 from modeling.train import TrainJob
 from pipeline.metadata import frame_markdown, png_markdown
 from pipeline.resources import TRAINING_POOL, MlflowResource, StorageResource
@@ -50,27 +51,12 @@ class HyperparametersConfig(Config):
     )
 
 
-@asset(
-    pool=TRAINING_POOL,
-    group_name="training",
-    kinds={"optuna", "mlflow"},
-    deps=["prompt_corpus", "base_model", "training_set"],
-    code_version=HYPERPARAMETERS_CODE_VERSION,
-)
-def hyperparameters(
-    context: AssetExecutionContext,
-    config: HyperparametersConfig,
-    storage: StorageResource,
-    mlflow: MlflowResource,
-) -> MaterializeResult:
-    """The best regressor settings found by an Optuna TPE search on validation RankIC (median pruning on the
-    periodic validation RankIC; each trial judged on `objective_dates` validation dates, its standard
-    error in the trials table; the best re-scored on every validation date), saved as
-    DATA_DIR/hyperparameters.json; `regressor` uses them when present.
-    The study is stored in DATA_DIR/optuna.db, so a killed search resumes; each trial is a nested MLflow run.
-    """
-    from modeling import mlflow_registry
-
+def _search_template(
+    context: AssetExecutionContext, config: HyperparametersConfig, storage: StorageResource
+) -> tuple[TrainJob, Path, dict | None]:
+    """(the job every trial starts from, the directory of this run's trials, the training set's bucket
+    config): the profile's settings with the search's periodic evaluation, no checkpoints, no time budget
+    and no early stopping (pruning stops trials)."""
     profile = PROFILES[config.profile]
     corpus = storage.parquet_path("prompt_corpus")
     corpus_facts = read_parquet_metadata(corpus)
@@ -97,6 +83,84 @@ def hyperparameters(
         training_set_path=str(storage.parquet_path("training_set")),
     )
     bucket_config = (set_facts.get("buckets") or {}).get("config")
+    return template, out, bucket_config
+
+
+def _write_best(
+    storage: StorageResource, config: HyperparametersConfig, result: SearchResult, parent: str
+) -> Path:
+    """DATA_DIR/hyperparameters.json (written atomically): the best trial's parameters and scores, with the
+    study, profile and base model they hold for."""
+    full = result.best_full
+    path = storage.root / "hyperparameters.json"
+    payload = {
+        "best_params": result.best_params,
+        "best_val_rank_ic": full.mean,
+        "best_val_rank_ic_se": full.se,
+        "best_val_n_dates": full.n_dates,
+        "best_trial": result.best_trial,
+        "best_trial_objective": result.best_value,
+        "objective_dates": config.objective_dates,
+        "study": config.study_name,
+        "profile": config.profile,
+        "base_model_fingerprint": model_fingerprint(storage.base_model_dir),
+        "n_trials_in_study": len(result.trials),
+        "mlflow_run_id": parent,
+        "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _search_metadata(result: SearchResult, path: Path, parent: str) -> dict:
+    """The asset's metadata: the best trial's scores and parameters, the trials table and the history plot."""
+    full = result.best_full
+    trials = result.trials.rename(columns=lambda c: c.removeprefix("params_"))
+    if "duration" in trials:
+        trials["duration"] = trials["duration"].dt.total_seconds().round(1)
+    metadata = {
+        "path": MetadataValue.path(str(path)),
+        "best_val_rank_ic": MetadataValue.float(full.mean),
+        "best_val_rank_ic_se": MetadataValue.float(full.se),
+        "best_val_n_dates": MetadataValue.int(full.n_dates),
+        "best_trial": MetadataValue.int(result.best_trial),
+        "best_trial_objective": MetadataValue.float(result.best_value),
+        "best_params": MetadataValue.json(result.best_params),
+        "trials": MetadataValue.md(frame_markdown(trials)),
+        "n_new_trials": MetadataValue.int(result.n_new_trials),
+        "n_trials_in_study": MetadataValue.int(len(result.trials)),
+        "search_wall_s": MetadataValue.float(round(result.wall_s, 1)),
+        "mlflow_run_id": MetadataValue.text(parent),
+    }
+    if result.history_png:
+        metadata["optimisation_history"] = png_markdown(result.history_png, "optimisation history")
+    return metadata
+
+
+@asset(
+    pool=TRAINING_POOL,
+    group_name="training",
+    kinds={"optuna", "mlflow"},
+    deps=["prompt_corpus", "base_model", "training_set"],
+    code_version=HYPERPARAMETERS_CODE_VERSION,
+)
+def hyperparameters(
+    context: AssetExecutionContext,
+    config: HyperparametersConfig,
+    storage: StorageResource,
+    mlflow: MlflowResource,
+) -> MaterializeResult:
+    """The best regressor settings found by an Optuna TPE search on validation RankIC (median pruning on the
+    periodic validation RankIC; each trial judged on `objective_dates` validation dates, its standard
+    error in the trials table; the best re-scored on every validation date), saved as
+    DATA_DIR/hyperparameters.json; `regressor` uses them when present.
+    The study is stored in DATA_DIR/optuna.db, so a killed search resumes; each trial is a nested MLflow run.
+    """
+    from modeling import mlflow_registry
+
+    template, out, bucket_config = _search_template(context, config, storage)
     space = replace(_S, steps=tuple(config.steps), batch_size=tuple(config.batch_sizes))
 
     experiment_id = mlflow_registry.configure(
@@ -143,42 +207,5 @@ def hyperparameters(
         [result.history_png] if result.history_png else [],
     )
 
-    path = storage.root / "hyperparameters.json"
-    payload = {
-        "best_params": result.best_params,
-        "best_val_rank_ic": full.mean,
-        "best_val_rank_ic_se": full.se,
-        "best_val_n_dates": full.n_dates,
-        "best_trial": result.best_trial,
-        "best_trial_objective": result.best_value,
-        "objective_dates": config.objective_dates,
-        "study": config.study_name,
-        "profile": config.profile,
-        "base_model_fingerprint": model_fingerprint(storage.base_model_dir),
-        "n_trials_in_study": len(result.trials),
-        "mlflow_run_id": parent,
-        "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-    trials = result.trials.rename(columns=lambda c: c.removeprefix("params_"))
-    if "duration" in trials:
-        trials["duration"] = trials["duration"].dt.total_seconds().round(1)
-    metadata = {
-        "path": MetadataValue.path(str(path)),
-        "best_val_rank_ic": MetadataValue.float(full.mean),
-        "best_val_rank_ic_se": MetadataValue.float(full.se),
-        "best_val_n_dates": MetadataValue.int(full.n_dates),
-        "best_trial": MetadataValue.int(result.best_trial),
-        "best_trial_objective": MetadataValue.float(result.best_value),
-        "best_params": MetadataValue.json(result.best_params),
-        "trials": MetadataValue.md(frame_markdown(trials)),
-        "n_new_trials": MetadataValue.int(result.n_new_trials),
-        "n_trials_in_study": MetadataValue.int(len(result.trials)),
-        "search_wall_s": MetadataValue.float(round(result.wall_s, 1)),
-        "mlflow_run_id": MetadataValue.text(parent),
-    }
-    if result.history_png:
-        metadata["optimisation_history"] = png_markdown(result.history_png, "optimisation history")
-    return MaterializeResult(metadata=metadata)
+    path = _write_best(storage, config, result, parent)
+    return MaterializeResult(metadata=_search_metadata(result, path, parent))

@@ -12,6 +12,7 @@ from dagster import (
     Failure,
     MaterializeResult,
     MetadataValue,
+    PipesClientCompletedInvocation,
     PipesSubprocessClient,
     RetryPolicy,
     asset,
@@ -240,6 +241,26 @@ def _launch(context, client: PipesSubprocessClient, job: TrainJob, config: Regre
     return invocation, job_path
 
 
+def _trained_metadata(
+    invocation: PipesClientCompletedInvocation, out: Path, inputs_sha: str, job_path: Path, profile_name: str
+) -> dict:
+    """Metadata of a run that trained: what the training process reported through Pipes, plus the
+    comparison table and plots of its outcome, the inputs fingerprint, the job file and the profile."""
+    result = invocation.get_materialize_result()
+    outcome = Outcome.load(out)
+    reported = dict(result.metadata or {})
+    plots = {name: png_markdown(Path(path), name) for name, path in outcome.plots.items()}
+    return {
+        **reported,
+        "retrained": MetadataValue.bool(True),
+        "comparison": MetadataValue.md(outcome.comparison),
+        **{f"plot_{name}": value for name, value in plots.items()},
+        "inputs_sha": MetadataValue.text(inputs_sha),
+        "job": MetadataValue.path(str(job_path)),
+        "profile": MetadataValue.text(profile_name),
+    }
+
+
 @asset(
     pool=TRAINING_POOL,
     group_name="training",
@@ -322,18 +343,6 @@ def regressor(
         experiment=_experiment_spec(context, config, storage, mlflow, plan, out, best, resume_version),
     )
     invocation, job_path = _launch(context, pipes_subprocess_client, job, config, plan.profile)
-    result = invocation.get_materialize_result()
-    outcome = Outcome.load(out)
-    reported = dict(result.metadata or {})
-    plots = {name: png_markdown(Path(path), name) for name, path in outcome.plots.items()}
     return MaterializeResult(
-        metadata={
-            **reported,
-            "retrained": MetadataValue.bool(True),
-            "comparison": MetadataValue.md(outcome.comparison),
-            **{f"plot_{name}": value for name, value in plots.items()},
-            "inputs_sha": MetadataValue.text(inputs_sha),
-            "job": MetadataValue.path(str(job_path)),
-            "profile": MetadataValue.text(plan.profile.name),
-        }
+        metadata=_trained_metadata(invocation, out, inputs_sha, job_path, plan.profile.name)
     )

@@ -3,10 +3,11 @@ from typing import Literal
 from dagster import Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
-from modeling.buckets import BucketConfig, histogram_png
+from modeling.buckets import BucketConfig
 from modeling.data.features import FEATURES_TABLE, features_registry_sha
 from modeling.data.parquet_io import create_parquet_view, write_parquet_atomic
 from modeling.data.training_set import LabelSpec, SplitSpec, build_training_set
+from modeling.rebalancing import histogram_png
 from pipeline.metadata import frame_markdown, png_markdown, relation_metadata
 from pipeline.resources import WAREHOUSE_POOL, StorageResource, WarehouseResource
 

@@ -164,6 +164,24 @@ def lm_loss_per_token(
     return total / count
 
 
+def _optimizer_and_schedule(
+    model: PreTrainedModel, spec: PretrainSpec, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with weight decay on the matrices only (not on biases and norms), and warm-up then cosine
+    decay to `spec.min_lr_ratio` over `total_steps`."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=spec.learning_rate,
+    )
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, min(spec.warmup_steps, total_steps), total_steps, min_lr_rate=spec.min_lr_ratio
+    )
+    return optimizer, scheduler
+
+
 def pretrain_causal_lm(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -186,16 +204,7 @@ def pretrain_causal_lm(
     total_steps = spec.epochs * per_epoch
     if spec.max_steps is not None:
         total_steps = min(total_steps, spec.max_steps)
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=spec.learning_rate,
-    )
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, min(spec.warmup_steps, total_steps), total_steps, min_lr_rate=spec.min_lr_ratio
-    )
+    optimizer, scheduler = _optimizer_and_schedule(model, spec, total_steps)
     generator = torch.Generator().manual_seed(spec.seed)
     model.train()
     steps = samples = tokens = 0
