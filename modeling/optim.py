@@ -16,7 +16,7 @@ def param_groups(
 ) -> list[dict[str, Any]]:
     """AdamW groups of the trainable parameters (nanoGPT's `configure_optimizers`): adapters and head
     (`head.*`), each split into matrices (weight decay) and vectors (none); the head may take its own
-    learning rate."""
+    learning rate. Backbone pretraining uses them too: there every parameter of the LM is in "adapter"."""
     groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:

@@ -533,3 +533,25 @@ def test_smollm2_renders_the_prompt_corpus_with_its_own_template(smollm2_dir: Pa
     assert prompts[0].endswith("<|im_start|>assistant\n")
     n_tokens = count_tokens(tok, prompts)
     assert 150 < n_tokens.mean() < 600
+
+
+def test_pretraining_uses_the_trainers_parameter_groups_and_schedule() -> None:
+    """One `param_groups` and one `lr_factor` (modeling.optim) for the regressor and backbone pretraining:
+    decay on the matrices only; warm-up then cosine to the floor, step by step."""
+    import math
+
+    from modeling.backbones.embedded.pretrain import PretrainSpec, _optimizer_and_schedule
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    spec = PretrainSpec(learning_rate=2e-3, warmup_steps=4, min_lr_ratio=0.1, weight_decay=0.05)
+    optimizer, scheduler = _optimizer_and_schedule(model, spec, total_steps=20)
+    decay = {g["name"]: (g["weight_decay"], len(g["params"])) for g in optimizer.param_groups}
+    assert decay == {"adapter": (0.05, 1), "adapter_no_decay": (0.0, 3)}  # the weight; biases and norm
+    lrs = []
+    for _ in range(21):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == 0.0 and lrs[2] == pytest.approx(1e-3) and lrs[4] == pytest.approx(2e-3)
+    cosine_mid = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5))  # halfway through the decay: step 12
+    assert lrs[12] == pytest.approx(2e-3 * cosine_mid) and lrs[20] == pytest.approx(2e-4)

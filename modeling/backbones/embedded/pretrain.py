@@ -12,13 +12,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from transformers import (
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    get_cosine_with_min_lr_schedule_with_warmup,
-)
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from modeling.inference import encode_prompts, pad_batch
+from modeling.optim import lr_factor, param_groups
 
 
 @dataclass(frozen=True)
@@ -167,17 +164,15 @@ def lm_loss_per_token(
 def _optimizer_and_schedule(
     model: PreTrainedModel, spec: PretrainSpec, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW with weight decay on the matrices only (not on biases and norms), and warm-up then cosine
-    decay to `spec.min_lr_ratio` over `total_steps`."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
+    """AdamW over the trainer's parameter groups (`modeling.optim.param_groups`: weight decay on the
+    matrices, not on norms and biases), and the trainer's schedule (`modeling.optim.lr_factor`): linear
+    warm-up over `spec.warmup_steps`, then cosine decay to `spec.min_lr_ratio` at `total_steps`."""
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=spec.learning_rate,
+        param_groups(model, spec.learning_rate, spec.weight_decay), lr=spec.learning_rate
     )
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, min(spec.warmup_steps, total_steps), total_steps, min_lr_rate=spec.min_lr_ratio
+    warmup_ratio = min(spec.warmup_steps, total_steps) / total_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step / total_steps, warmup_ratio, spec.min_lr_ratio)
     )
     return optimizer, scheduler
 
