@@ -127,6 +127,9 @@ def test_a_killed_backtest_resumes_and_a_rerun_recomputes_nothing(market: Settin
         [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'"
     )
     assert len(children) == n_windows
+    # each window's training process reported its numbers back through Pipes
+    for child in children:
+        assert child.data.metrics["train_rows"] > 0 and child.data.metrics["score_rows_per_s"] > 0
 
     again = _backtest(market, BACKTEST_CONFIG)
     meta2 = {

@@ -1,15 +1,21 @@
-import json
 import os
 import shutil
 import signal
-import subprocess
 import time
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
-from dagster import AssetExecutionContext, Config, Failure, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetExecutionContext,
+    Config,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    PipesSubprocessClient,
+    asset,
+)
 from pydantic import Field
 
 from modeling.backbones.common import file_sha256, model_fingerprint
@@ -66,6 +72,20 @@ class BacktestConfig(Config):
     eval_max_dates: int | None = Field(default=None, ge=1, description="Validation dates during training.")
     seed: int | None = Field(default=None, ge=0, description="Seed of sample, batches, initialisation.")
 
+    def window_spec(self) -> WindowSpec:
+        return WindowSpec(
+            step=self.step, mode=self.mode, train_dates=self.train_dates, val_dates=self.val_dates
+        )
+
+    def portfolio_spec(self) -> PortfolioSpec:
+        """Qlib's TopkDropout and cost settings (costs in bp here, as fractions of the weight there)."""
+        return PortfolioSpec(
+            topk=self.topk,
+            n_drop=self.n_drop,
+            open_cost=self.open_cost_bp / 1e4,
+            close_cost=self.close_cost_bp / 1e4,
+        )
+
     def overrides(self) -> dict:
         names = (
             "max_train_samples",
@@ -100,21 +120,24 @@ def _refuse_leaky_backbone(source_kind: str, base_dir: Path, start: pd.Timestamp
     return f"embedded backbone pretrained on train-split prompts {dates[0]} .. {dates[1]}, before the period"
 
 
-def _train_window(context, job: TrainJob, out: Path) -> dict:
-    """Run one window's training process (train -> forecast -> baselines); its report."""
+def _train_window(context, client: PipesSubprocessClient, job: TrainJob, out: Path) -> dict:
+    """Run one window's training process through Pipes, as `regressor` does (train -> forecast ->
+    baselines; its log lines reach this run's logs); the report it sends back."""
     command = launch_command(job.save(out / "job.json"), 1)
-    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_PIPES_CONTEXT"}
-    env["REGRESSOR_PARENT_PID"] = str(os.getpid())  # the trainer dies with this process
-    with (out / "train.log").open("w") as log:
-        code = subprocess.run(
-            command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(Path.cwd())
-        ).returncode
-    if code != 0:
+    try:
+        invocation = client.run(
+            command=command,
+            context=context,
+            cwd=str(Path.cwd()),
+            env={"REGRESSOR_PARENT_PID": str(os.getpid())},  # the trainer dies with this process
+        )
+    except Exception as error:  # the Pipes client raises when the child exits with an error
         texts = [p.read_text() for p in sorted(out.glob("error_rank*.txt"))]
-        tail = (out / "train.log").read_text()[-3000:]
-        raise Failure(description=f"window training failed (exit {code}):\n" + ("\n".join(texts) or tail))
-    lines = [ln for ln in (out / "train.log").read_text().splitlines() if ln.startswith("RESULT ")]
-    return json.loads(lines[-1][len("RESULT ") :]) if lines else {}
+        if not texts:
+            raise
+        raise Failure(description="window training failed:\n" + "\n".join(texts)) from error
+    metadata = invocation.get_materialize_result().metadata or {}
+    return {key: value.value for key, value in metadata.items()}
 
 
 def _window_run(
@@ -131,36 +154,35 @@ def _window_run(
 
 def _run_windows(
     context,
+    client: PipesSubprocessClient,
     warehouse,
-    run_id: str,
-    run_dir: Path,
+    run: "_BacktestRun",
     todo: list,
     template: TrainJob,
-    corpus_facts: dict,
     done: dict[int, dict],
 ) -> None:
     """Train and forecast each window in its own process, storing each whole as soon as it is done."""
-    corpus = pd.read_parquet(template.corpus_path or run_dir / "inputs" / "prompt_corpus.parquet")
+    corpus = pd.read_parquet(run.corpus_path)
     training_set = pd.read_parquet(
         template.training_set_path, columns=["date", "symbol", "split", "bucket", "weight"]
     )
     for window in todo:
         started = time.perf_counter()
-        out = run_dir / f"window_{window.index:03d}"
+        out = run.run_dir / f"window_{window.index:03d}"
         out.mkdir(exist_ok=True)
         rows = window_corpus(corpus, training_set, window)
-        write_parquet_atomic(rows, out / "corpus.parquet", corpus_facts)
+        write_parquet_atomic(rows, out / "corpus.parquet", run.corpus_facts)
         job = replace(
             template,
             corpus_path=str(out / "corpus.parquet"),
             output_dir=str(out),
             backtest_output=str(out / "forecasts.parquet"),
         )
-        report = _train_window(context, job, out)
+        report = _train_window(context, client, job, out)
         forecasts = pd.read_parquet(out / "forecasts.parquet")
         report = {**report, **window.to_dict(), "wall_s": round(time.perf_counter() - started, 1)}
         with warehouse.get_connection() as con:
-            store_window(con, run_id, window.index, window.predict, forecasts, report)
+            store_window(con, run.run_id, window.index, window.predict, forecasts, report)
         done[window.index] = report
         context.log.info(f"window {window.index}: {report['wall_s']} s (scoring {report.get('score_s')} s)")
         if os.environ.get(FAULT_ENV) == str(window.index):
@@ -318,6 +340,7 @@ def backtest(
     storage: StorageResource,
     warehouse: WarehouseResource,
     mlflow: MlflowResource,
+    pipes_subprocess_client: PipesSubprocessClient,
 ) -> MaterializeResult:
     """A walk-forward backtest (on demand): the period (the test split by default) cut into windows of
     `step` dates; per window the LLM regressor (same profile and backbone as `regressor`) and ridge,
@@ -328,15 +351,7 @@ def backtest(
     one MLflow run with a nested run per window. A killed backtest resumes at the first unstored window;
     the same inputs and config recompute nothing."""
     profile, regressor_cfg, train_cfg = _profile_configs(config)
-    windows_spec = WindowSpec(
-        step=config.step, mode=config.mode, train_dates=config.train_dates, val_dates=config.val_dates
-    )
-    portfolio = PortfolioSpec(
-        topk=config.topk,
-        n_drop=config.n_drop,
-        open_cost=config.open_cost_bp / 1e4,
-        close_cost=config.close_cost_bp / 1e4,
-    )
+    windows_spec, portfolio = config.window_spec(), config.portfolio_spec()
     run = _plan_run(context, storage, warehouse, config, windows_spec, regressor_cfg, train_cfg)
     with warehouse.get_connection() as con:
         done = completed_windows(con, run.run_id)
@@ -354,7 +369,7 @@ def backtest(
             train_cfg,
             training_set_path=str(run.training_set_path),
         )
-        _run_windows(context, warehouse, run.run_id, run.run_dir, todo, template, run.corpus_facts, done)
+        _run_windows(context, pipes_subprocess_client, warehouse, run, todo, template, done)
 
     models = [LLM_MODEL, *FEATURE_BASELINES]
     with warehouse.get_connection() as con:
