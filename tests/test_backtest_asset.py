@@ -95,6 +95,7 @@ def test_a_killed_backtest_resumes_and_a_rerun_recomputes_nothing(market: Settin
     assert meta["run_id"] == stored[0][0]
     assert meta["windows_reused"] == [0] and meta["windows_trained"] and 0 not in meta["windows_trained"]
     n_windows = 1 + len(meta["windows_trained"])
+    assert n_windows >= 3  # the resumed run launched several training processes, each its own Pipes session
 
     con = duckdb.connect(str(market.warehouse_path), read_only=True)
     rows = con.execute("SELECT * FROM backtest_predictions").df()
