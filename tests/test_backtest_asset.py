@@ -151,3 +151,39 @@ def test_a_backbone_pretrained_into_the_period_is_refused(market: Settings) -> N
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     assert "inside the backtest period" in str(failure.event_specific_data.error)
+
+
+def test_the_search_asset_stores_its_study_and_writes_the_best_settings(market: Settings) -> None:
+    """`hyperparameters` (on demand) end to end on the same small market: trials run, the best trial is
+    re-scored on every validation date, hyperparameters.json is written, and a second run adds trials to
+    the stored study."""
+    import json
+
+    def search(n_trials: int):
+        config = {
+            "n_trials": n_trials,
+            "steps": [6],
+            "batch_sizes": [8],
+            "eval_every_steps": 3,
+            "eval_max_dates": 2,
+            "objective_dates": 2,
+        }
+        result = materialize(
+            [_asset("hyperparameters")],
+            resources=build_resources(market),
+            run_config={"ops": {"hyperparameters": {"config": config}}},
+            instance=DagsterInstance.ephemeral(),
+        )
+        event = result.get_asset_materialization_events()[0]
+        return {k: v.value for k, v in event.materialization.metadata.items()}
+
+    meta = search(2)
+    best = json.loads((market.data_dir / "hyperparameters.json").read_text())
+    frame = pd.read_parquet(market.data_dir / "training_set.parquet", columns=["date", "split", "label"])
+    n_validation = frame[(frame["split"] == "validation") & frame["label"].notna()]["date"].nunique()
+    assert meta["n_new_trials"] == 2 and best["n_trials_in_study"] == 2
+    assert best["best_val_n_dates"] == n_validation > 2  # judged on 2 dates, re-scored on every one
+    assert best["best_val_rank_ic_se"] > 0 and best["best_params"] == meta["best_params"]
+    assert (best["best_params"]["max_steps"], best["best_params"]["batch_size"]) == (6, 8)  # the space given
+    assert meta["trials"].count("\n") >= 3  # header, rule and a row per trial
+    assert search(1)["n_trials_in_study"] == 3  # the study is stored: a new run adds to it
