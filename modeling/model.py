@@ -25,6 +25,7 @@ This module must not import dagster, duckdb or mlflow: it runs on the GPU image,
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -125,12 +126,14 @@ def _llama_last_hidden(
 
     embeds = model.embed_tokens(input_ids)  # [B, T, H]
     position_ids = position_ids_from_mask(attention_mask)
+    # no cache here; transformers 5.x renamed the argument `past_key_values` -> `cache`
+    cache_arg = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
     causal_mask = create_causal_mask(
         config=model.config,
         inputs_embeds=embeds,
         attention_mask=attention_mask,
-        past_key_values=None,
         position_ids=position_ids,
+        **{cache_arg: None},
     )
     cos, sin = model.rotary_emb(embeds, position_ids=position_ids)  # [B, T, D] each
     hidden = embeds
