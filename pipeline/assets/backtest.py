@@ -3,14 +3,13 @@ import shutil
 import signal
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pandas as pd
 from dagster import (
     AssetExecutionContext,
     Config,
-    Failure,
     MaterializeResult,
     MetadataValue,
     PipesSubprocessClient,
@@ -30,7 +29,6 @@ from modeling.data.backtest_store import (
 )
 from modeling.data.features import FEATURES_TABLE
 from modeling.data.parquet_io import read_parquet_metadata, snapshot_files, write_parquet_atomic
-from modeling.launch import launch_command
 from modeling.metrics import per_date_correlation
 from modeling.profiles import PROFILES, apply_overrides
 from modeling.prompt import PromptBuilder
@@ -39,6 +37,7 @@ from modeling.train import TrainJob
 from modeling.walk_forward import FEATURE_BASELINES, LLM_MODEL
 from pipeline.metadata import frame_markdown, png_markdown
 from pipeline.resources import TRAINING_POOL, MlflowResource, StorageResource, WarehouseResource
+from pipeline.training_process import run_training_process
 
 BACKTEST_CODE_VERSION = "backtest-v1"
 FAULT_ENV = "BACKTEST_KILL_AFTER_WINDOW"
@@ -120,22 +119,10 @@ def _refuse_leaky_backbone(source_kind: str, base_dir: Path, start: pd.Timestamp
     return f"embedded backbone pretrained on train-split prompts {dates[0]} .. {dates[1]}, before the period"
 
 
-def _train_window(context, client: PipesSubprocessClient, job: TrainJob, out: Path) -> dict:
+def _train_window(context, client: PipesSubprocessClient, job: TrainJob) -> dict:
     """Run one window's training process through Pipes, as `regressor` does (train -> forecast ->
-    baselines; its log lines reach this run's logs); the report it sends back."""
-    command = launch_command(job.save(out / "job.json"), 1)
-    try:
-        invocation = client.run(
-            command=command,
-            context=context,
-            cwd=str(Path.cwd()),
-            env={"REGRESSOR_PARENT_PID": str(os.getpid())},  # the trainer dies with this process
-        )
-    except Exception as error:  # the Pipes client raises when the child exits with an error
-        texts = [p.read_text() for p in sorted(out.glob("error_rank*.txt"))]
-        if not texts:
-            raise
-        raise Failure(description="window training failed:\n" + "\n".join(texts)) from error
+    baselines); the report it sends back."""
+    invocation, _ = run_training_process(context, client, job, what="window training")
     metadata = invocation.get_materialize_result().metadata or {}
     return {key: value.value for key, value in metadata.items()}
 
@@ -178,7 +165,7 @@ def _run_windows(
             output_dir=str(out),
             backtest_output=str(out / "forecasts.parquet"),
         )
-        report = _train_window(context, client, job, out)
+        report = _train_window(context, client, job)
         forecasts = pd.read_parquet(out / "forecasts.parquet")
         report = {**report, **window.to_dict(), "wall_s": round(time.perf_counter() - started, 1)}
         with warehouse.get_connection() as con:
@@ -274,7 +261,7 @@ def _plan_run(context, storage, warehouse, config, windows_spec, regressor_cfg, 
             "training_set": file_sha256(staged["training_set"]),
             "base_model": model_fingerprint(base_dir),
             "regressor": regressor_cfg.to_dict(),
-            "train": TrainJob("", "", "", prompt, regressor_cfg, train_cfg).to_dict()["train"],
+            "train": asdict(train_cfg),
             "windows": [w.to_dict() for w in plan],
         }
     )

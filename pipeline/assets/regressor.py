@@ -1,5 +1,4 @@
 import json
-import os
 import shutil
 import uuid
 from dataclasses import replace
@@ -9,7 +8,6 @@ from dagster import (
     AssetExecutionContext,
     Backoff,
     Config,
-    Failure,
     MaterializeResult,
     MetadataValue,
     PipesClientCompletedInvocation,
@@ -22,10 +20,11 @@ from pydantic import Field
 from modeling.backbones.files import model_fingerprint
 from modeling.data.parquet_io import snapshot_files
 from modeling.job import ExperimentSpec, Outcome, TrainJob
-from modeling.launch import launch_command, visible_gpus
+from modeling.launch import visible_gpus
 from modeling.plan import RegressorPlan, plan_regressor_job
 from pipeline.metadata import png_markdown
 from pipeline.resources import TRAINING_POOL, MlflowResource, StorageResource
+from pipeline.training_process import run_training_process
 
 REGRESSOR_CODE_VERSION = "regressor-v1"
 """Dagster code version; also part of the inputs fingerprint that decides whether to retrain."""
@@ -218,27 +217,8 @@ def _experiment_spec(
 
 def _launch(context, client: PipesSubprocessClient, job: TrainJob, config: RegressorAssetConfig, profile):
     """Run the training process through Pipes; a failure carries the child's own traceback."""
-    out = Path(job.output_dir)
-    job_path = job.save(out / "job.json")
     processes = config.num_processes or profile.num_processes or max(1, visible_gpus())
-    command = launch_command(job_path, processes, config.accelerate_config_file)
-    context.log.info(f"launching: {' '.join(command)}")
-    try:
-        invocation = client.run(
-            command=command,
-            context=context,
-            cwd=str(Path.cwd()),
-            env={"REGRESSOR_PARENT_PID": str(os.getpid())},  # the trainer dies with this run's process
-        )
-    except Exception as error:  # the Pipes client raises when the child exits with an error
-        texts = [p.read_text() for p in sorted(out.glob("error_rank*.txt"))]
-        if not texts:
-            raise
-        raise Failure(
-            description="the training process failed:\n" + "\n".join(texts),
-            metadata={"job": MetadataValue.path(str(job_path))},
-        ) from error
-    return invocation, job_path
+    return run_training_process(context, client, job, processes, config.accelerate_config_file)
 
 
 def _trained_metadata(

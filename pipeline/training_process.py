@@ -1,0 +1,45 @@
+"""Launch a training process (`modeling.run_job`) through Dagster Pipes: the `regressor` asset and each
+`backtest` window run their child the same way."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dagster import Failure, MetadataValue, PipesClientCompletedInvocation, PipesSubprocessClient
+
+from modeling.job import TrainJob
+from modeling.launch import launch_command
+
+
+def run_training_process(
+    context,
+    client: PipesSubprocessClient,
+    job: TrainJob,
+    processes: int = 1,
+    accelerate_config_file: str | None = None,
+    what: str = "the training process",
+) -> tuple[PipesClientCompletedInvocation, Path]:
+    """Save `job` in its output directory and run it through Pipes (its log lines reach the run's logs,
+    its result comes back as Pipes metadata); (the invocation, the job file). A failure carries the
+    child's own traceback (`error_rank<N>.txt`); the child dies with this process."""
+    out = Path(job.output_dir)
+    job_path = job.save(out / "job.json")
+    command = launch_command(job_path, processes, accelerate_config_file)
+    context.log.info(f"launching: {' '.join(command)}")
+    try:
+        invocation = client.run(
+            command=command,
+            context=context,
+            cwd=str(Path.cwd()),
+            env={"REGRESSOR_PARENT_PID": str(os.getpid())},  # the trainer dies with this run's process
+        )
+    except Exception as error:  # the Pipes client raises when the child exits with an error
+        texts = [p.read_text() for p in sorted(out.glob("error_rank*.txt"))]
+        if not texts:
+            raise
+        raise Failure(
+            description=f"{what} failed:\n" + "\n".join(texts),
+            metadata={"job": MetadataValue.path(str(job_path))},
+        ) from error
+    return invocation, job_path
