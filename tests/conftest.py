@@ -63,21 +63,27 @@ def make_training_set(n_dates: int = 40, n_symbols: int = 12, seed: int = 0):
     return frame
 
 
-@pytest.fixture(scope="session")
-def tiny_base_model(tmp_path_factory):
-    """A small embedded Llama (hidden 32, 2 layers) with a tokenizer fit to prompt text."""
+def build_tiny_backbone(out_dir: Path, hidden_size: int = 32) -> Path:
+    """A small embedded Llama (2 layers, MLP twice as wide as `hidden_size`) with a tokenizer fit to
+    prompt text, built into `out_dir`."""
     from modeling.backbones.embedded import TinyLlamaSpec, build_embedded_base_model
 
     spec = TinyLlamaSpec(
         vocab_size=600,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,
     )
     texts = tokenizer_training_texts(PromptBuilder(), n_rows=400, seed=3)
-    return build_embedded_base_model(tmp_path_factory.mktemp("tiny") / "base_model", texts, spec)
+    return build_embedded_base_model(out_dir, texts, spec)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_model(tmp_path_factory):
+    """A small embedded Llama (hidden 32, 2 layers) with a tokenizer fit to prompt text."""
+    return build_tiny_backbone(tmp_path_factory.mktemp("tiny") / "base_model")
 
 
 @pytest.fixture(scope="session")

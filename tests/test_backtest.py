@@ -295,19 +295,9 @@ def _prompt_market(shuffle: bool) -> pd.DataFrame:
 def reading_backbone(tmp_path_factory):
     """An embedded Llama a little wider than the session's tiny one (hidden 64, 2 layers): wide enough to
     learn to read a number from its digits in a few hundred steps."""
-    from modeling.backbones.embedded import TinyLlamaSpec, build_embedded_base_model
-    from modeling.prompt import PromptBuilder, tokenizer_training_texts
+    from tests.conftest import build_tiny_backbone
 
-    spec = TinyLlamaSpec(
-        vocab_size=600,
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-    )
-    texts = tokenizer_training_texts(PromptBuilder(), n_rows=400, seed=3)
-    return build_embedded_base_model(tmp_path_factory.mktemp("reading") / "base_model", texts, spec)
+    return build_tiny_backbone(tmp_path_factory.mktemp("reading") / "base_model", hidden_size=64)
 
 
 @pytest.mark.slow
