@@ -281,6 +281,7 @@ def bench_quality(args) -> None:
     out = OUT / "regressor_quality"
     profile = PROFILES["cpu"]
     size = profile.train.max_train_samples
+    passes = "one pass" if profile.train.epochs == 1 else f"{profile.train.epochs} passes"
     features = pd.read_parquet(
         training_set, columns=["date", "symbol", *FEATURE_NAMES, "fwd_ret"]
     ).drop_duplicates(["date", "symbol"])
@@ -370,7 +371,7 @@ def bench_quality(args) -> None:
         "regressor_quality",
         f"""## Forecast quality on the default market (issues 8 and 13)
 
-Command: `python bench/bench_regressor.py quality --seeds {args.seeds}` after `make demo`. Machine: {machine()["cores"]} cores ({machine()["cpu"]}). The demo's recipe (cpu profile: {size:,} sampled train rows, one pass); every model scored on **every** validation and test date ({len(frames["validation"]):,} / {len(frames["test"]):,} rows): mean daily RankIC ± SE (dates). The pretrained-backbone LLM is averaged over {args.seeds} seeds date by date (seed sd: the spread of the seeds' means); "vs ridge" is the paired daily difference to ridge on the same rows and targets, Δ ± SE (t).
+Command: `python bench/bench_regressor.py quality --seeds {args.seeds}` after `make demo`. Machine: {machine()["cores"]} cores ({machine()["cpu"]}). The demo's recipe (cpu profile: {size:,} sampled train rows, {passes}); every model scored on **every** validation and test date ({len(frames["validation"]):,} / {len(frames["test"]):,} rows): mean daily RankIC ± SE (dates). The pretrained-backbone LLM is averaged over {args.seeds} seeds date by date (seed sd: the spread of the seeds' means); "vs ridge" is the paired daily difference to ridge on the same rows and targets, Δ ± SE (t).
 
 | model | validation RankIC | test RankIC | vs ridge (same rows), validation |
 |---|---:|---:|---:|
@@ -420,9 +421,11 @@ def curve_run(
     seed: int,
     out: Path,
     profile_name: str = "cpu",
+    epochs: int | None = None,
 ) -> dict:
-    """One point of the curve: train the LLM on `size` rows, score every date of both splits, fit ridge
-    and the feature MLP on the same rows, targets and weights. Kept as JSON (daily RankIC series)."""
+    """One point of the curve: train the LLM on `size` rows (`epochs` passes; None = the profile's),
+    score every date of both splits, fit ridge and the feature MLP on the same rows, targets and weights.
+    Kept as JSON (daily RankIC series)."""
     from modeling.backbones.common import load_tokenizer
     from modeling.baselines import BaselineConfig, fit_predict_baselines
     from modeling.data.corpus import train_sample
@@ -431,13 +434,16 @@ def curve_run(
     from modeling.profiles import PROFILES
 
     profile = PROFILES[profile_name]
-    cfg = replace(profile.train, max_train_samples=size, seed=seed)
+    passes = {} if epochs is None else {"epochs": epochs}
+    cfg = replace(profile.train, max_train_samples=size, seed=seed, **passes)
     key = f"{size or 'all'}-seed{seed}-{_recipe_key(cfg, profile.regressor)}"
     path = out / f"{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
     started = time.perf_counter()
-    trained = ours_train(base, corpus, size, seed, out / key, eval_every=None, profile_name=profile_name)
+    trained = ours_train(
+        base, corpus, size, seed, out / key, eval_every=None, profile_name=profile_name, **passes
+    )
     train_s = time.perf_counter() - started
     model, tok = load_regressor(trained.model_dir), load_tokenizer(base)
     train = train_sample(corpus, cfg, None, ["date", "symbol", "label", "weight"]).merge(
@@ -515,7 +521,7 @@ def bench_curve(args) -> None:
         for seed in seeds:
             print(f"curve: {size or 'all'} rows, seed {seed}", flush=True)
             runs.setdefault(size, []).append(
-                curve_run(base, corpus, features, frames, size, seed, out, args.profile)
+                curve_run(base, corpus, features, frames, size, seed, out, args.profile, epochs=1)
             )
     # ridge on every train row with the recipe's targets and weights: the reference line
     cfg_all = replace(PROFILES["cpu"].train, max_train_samples=None)
@@ -660,13 +666,29 @@ ROUTES: dict[str, tuple[int, dict]] = {
         24_000,
         {"aux_feature_weight": 1.0, "target_transform": "cs_rank", "lora.r": 64, "lora.alpha": 128.0},
     ),
+    "aux 1.0, cs_rank, LoRA r=32, 2 epochs": (
+        24_000,
+        {
+            "aux_feature_weight": 1.0,
+            "target_transform": "cs_rank",
+            "lora.r": 32,
+            "lora.alpha": 64.0,
+            "epochs": 2,
+        },
+    ),
+    "aux 1.0, cs_rank, LoRA r=32, batch 16": (
+        24_000,
+        {
+            "aux_feature_weight": 1.0,
+            "target_transform": "cs_rank",
+            "lora.r": 32,
+            "lora.alpha": 64.0,
+            "batch_size": 16,
+        },
+    ),
     "aux 1.0, cs_rank, head lr 3e-3": (
         24_000,
         {"aux_feature_weight": 1.0, "target_transform": "cs_rank", "head_learning_rate": 3e-3},
-    ),
-    "aux 1.0, cs_rank, 2 epochs": (
-        24_000,
-        {"aux_feature_weight": 1.0, "target_transform": "cs_rank", "epochs": 2},
     ),
     "aux 1.0, cs_rank, lr 2e-3": (
         24_000,
@@ -947,7 +969,7 @@ def bench_inference(args) -> None:
     rows = split_rows(corpus, "validation", args.eval_dates)
     ids = tokenise_rows(rows, tok).ids
     model = load_regressor(trained.model_dir, merge_adapters=False)  # as the trainer holds it: unmerged
-    results = {"train_rows_per_s": train_rate, "eval_rows": len(ids)}
+    results = {"train_rows_per_s": train_rate, "eval_rows": len(ids), "malloc": args.malloc}
     started = time.perf_counter()
     predict_ids(model, tok, ids)  # the trainer's evaluation: merges for the call, restores afterwards
     results["trainer evaluation (`predict_ids`)"] = len(ids) / (time.perf_counter() - started)
@@ -979,13 +1001,13 @@ def bench_inference(args) -> None:
     lines += [
         f"| {name} | {rate:.0f} | {rate / train_rate:.2f} |"
         for name, rate in results.items()
-        if name not in ("train_rows_per_s", "eval_rows")
+        if name not in ("train_rows_per_s", "eval_rows", "malloc")
     ]
     write_section(
         "regressor_inference",
         f"""## Scoring throughput (issue 13)
 
-Command: `python bench/bench_regressor.py inference --rows {args.rows} --eval-dates {args.eval_dates}` after `make demo`. Machine: {machine()["cores"]} cores ({machine()["cpu"]}), fp32. Training: the cpu profile on {args.rows:,} rows; scoring: {len(ids):,} validation rows ({args.eval_dates} dates), batches of 32 by length, forward only, adapters merged, no LM head, last-layer shortcut. The pyfunc line is the registered champion of DATA_DIR's store, fed raw feature rows (it renders and tokenises the prompts too). Target: scoring ≥ 3× the training throughput.
+Command: `python bench/bench_regressor.py inference --rows {args.rows} --eval-dates {args.eval_dates}` after `make demo`. Machine: {machine()["cores"]} cores ({machine()["cpu"]}), fp32, malloc {args.malloc} (`modeling/allocator.py`). Training: the cpu profile on {args.rows:,} rows; scoring: {len(ids):,} validation rows ({args.eval_dates} dates), batches of 32 by length, forward only, adapters merged, no LM head, last-layer shortcut. The pyfunc line is the registered champion of DATA_DIR's store, fed raw feature rows (it renders and tokenises the prompts too). Target: scoring ≥ 3× the training throughput.
 
 {chr(10).join(lines)}
 """,
@@ -1015,6 +1037,11 @@ def main() -> None:
         "--multi-seed-max", type=int, default=24000, help="curve: sizes up to this get --seeds"
     )
     args = parser.parse_args()
+    from modeling.allocator import tune_malloc
+
+    # as the training process and the pyfunc do (modeling/allocator.py); `GLIBC_TUNABLES= python ...`
+    # measures glibc's defaults instead
+    args.malloc = "tuned" if tune_malloc() else "glibc defaults"
     runners = {
         "peer": bench_peer,
         "quality": bench_quality,

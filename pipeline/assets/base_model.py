@@ -5,6 +5,7 @@ import pandas as pd
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
+from modeling.allocator import tune_malloc
 from modeling.backbones.common import SOURCE_INFO_FILE, describe_base_model, load_tokenizer
 from modeling.backbones.embedded import (
     EMBEDDED_MODEL_FORMAT_VERSION,
@@ -123,6 +124,7 @@ def _embedded(context: AssetExecutionContext, config: BaseModelConfig, storage: 
         context.log.info(f"embedded base model kept: {reason}")
         return {"rebuilt": False, "reason": reason}
     context.log.info(f"building the embedded base model: {reason if not config.force_rebuild else 'forced'}")
+    tune_malloc()  # pretraining is tensor work in this step's process, like the trainer's (allocator.py)
     # labels and weights never leave this frame: pretraining reads prompt text only
     rows = builder.with_percentiles(pd.read_parquet(source, columns=None))  # whole dates, before sampling
     train_rows, eval_rows = select_pretraining_rows(rows, pretrain_spec)
