@@ -3,7 +3,7 @@
 - `cpu`: the demo on 2 CPU cores. Bounded so that `make demo` finishes in minutes: a seeded sample of
   the train rows, two passes, periodic validation on a few evenly spaced dates (monitoring), the final
   comparison on every validation and every other test date. The embedded tiny Llama trains at about
-  180-250 samples/s (the 2-core machine varies).
+  290-330 samples/s (the 2-core machine varies).
 - `gpu`: Llama 3 8B (or any large `BASE_MODEL`) on GPUs: every train row, bf16, LoRA r=16 on every
   projection, the final comparison on every validation and test date.
 
@@ -59,7 +59,7 @@ PROFILES: dict[str, Profile] = {
             # mean of 3 seeds; test +0.0020 +- 0.0010, t 2.1), which brings the LLM within noise of ridge
             # on the same rows; batch 16 for one pass instead lost 0.013 (routes and quality, BENCHMARKS.md)
             epochs=2,
-            # a guard, not a schedule: two passes take 190-270 s on 2 cores
+            # a guard, not a schedule: two passes take 190-270 s on 2 cores (193 s in the last demo)
             time_budget_s=420.0,
             eval_every_steps=375,
             eval_max_dates=16,
@@ -68,7 +68,7 @@ PROFILES: dict[str, Profile] = {
         ),
         final_eval_max_dates=None,
         # every validation date (179 on the default market, SE about 0.005: what the gate decides on);
-        # 120 of the 240 test dates (SE about 0.005), which keeps `make demo` within 10 minutes
+        # 120 of the 240 test dates (SE about 0.005): all 240 would take `make demo` past 10 minutes
         final_test_max_dates=120,
         num_processes=1,
     ),
