@@ -676,6 +676,10 @@ ROUTES: dict[str, tuple[int, dict]] = {
             "epochs": 2,
         },
     ),
+    "aux 1.0, cs_rank, LoRA r=32, 48k rows (one pass, the steps of 2 epochs)": (
+        48_000,
+        {"aux_feature_weight": 1.0, "target_transform": "cs_rank", "lora.r": 32, "lora.alpha": 64.0},
+    ),
     "aux 1.0, cs_rank, LoRA r=32, batch 16": (
         24_000,
         {
@@ -856,6 +860,9 @@ def bench_routes(args) -> None:
             f"| {name} | {r['size']:,} | {_stat_cell(DailyMean.of(llm))} | {_stat_cell(DailyMean.of(ridge))} | "
             f"{paired_series_difference(llm, ridge)} | {vs_base} | {r['train_s']:.0f} |"
         )
+    if args.only:  # a subset: the table's other rows would be lost, so print the rows to add by hand
+        print("--only: BENCHMARKS.md left as it is; rows:\n" + "\n".join(lines))
+        return
     write_section(
         "regressor_routes",
         f"""## Routes to a recipe that learns from data (issue 13)
