@@ -676,6 +676,27 @@ ROUTES: dict[str, tuple[int, dict]] = {
             "epochs": 2,
         },
     ),
+    "aux 1.0, cs_rank, LoRA r=32, 3 epochs": (
+        24_000,
+        {
+            "aux_feature_weight": 1.0,
+            "target_transform": "cs_rank",
+            "lora.r": 32,
+            "lora.alpha": 64.0,
+            "epochs": 3,
+        },
+    ),
+    "aux 1.0, cs_rank, LoRA r=32, 2 epochs, LoRA dropout 0.1": (
+        24_000,
+        {
+            "aux_feature_weight": 1.0,
+            "target_transform": "cs_rank",
+            "lora.r": 32,
+            "lora.alpha": 64.0,
+            "lora.dropout": 0.1,
+            "epochs": 2,
+        },
+    ),
     "aux 1.0, cs_rank, LoRA r=32, 48k rows (one pass, the steps of 2 epochs)": (
         48_000,
         {"aux_feature_weight": 1.0, "target_transform": "cs_rank", "lora.r": 32, "lora.alpha": 64.0},
