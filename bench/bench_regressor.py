@@ -643,6 +643,9 @@ def _curve_png(runs: dict, summary: dict, reference: dict, name: str = "learning
 
 
 # --- routes to a recipe that learns from data -------------------------------------------------------------
+R32 = {"aux_feature_weight": 1.0, "target_transform": "cs_rank", "lora.r": 32, "lora.alpha": 64.0}
+"""The recipe of the cpu profile's model (the probe, rank-gaussian targets, LoRA r=32): the later routes' base."""
+
 ROUTES: dict[str, tuple[int, dict]] = {
     # name: (train rows, overrides of the cpu profile's train config; "lora." / "head." prefixes for those)
     "base (lr 1e-3, MSE, raw label, bucket weights)": (24_000, {}),
@@ -658,59 +661,19 @@ ROUTES: dict[str, tuple[int, dict]] = {
     "aux feature probe 1.0": (24_000, {"aux_feature_weight": 1.0}),
     "aux 1.0, cs_rank": (24_000, {"aux_feature_weight": 1.0, "target_transform": "cs_rank"}),
     "aux 3.0, cs_rank": (24_000, {"aux_feature_weight": 3.0, "target_transform": "cs_rank"}),
-    "aux 1.0, cs_rank, LoRA r=32": (
-        24_000,
-        {"aux_feature_weight": 1.0, "target_transform": "cs_rank", "lora.r": 32, "lora.alpha": 64.0},
-    ),
+    "aux 1.0, cs_rank, LoRA r=32": (24_000, R32),
     "aux 1.0, cs_rank, LoRA r=64": (
         24_000,
         {"aux_feature_weight": 1.0, "target_transform": "cs_rank", "lora.r": 64, "lora.alpha": 128.0},
     ),
-    "aux 1.0, cs_rank, LoRA r=32, 2 epochs": (
-        24_000,
-        {
-            "aux_feature_weight": 1.0,
-            "target_transform": "cs_rank",
-            "lora.r": 32,
-            "lora.alpha": 64.0,
-            "epochs": 2,
-        },
-    ),
-    "aux 1.0, cs_rank, LoRA r=32, 3 epochs": (
-        24_000,
-        {
-            "aux_feature_weight": 1.0,
-            "target_transform": "cs_rank",
-            "lora.r": 32,
-            "lora.alpha": 64.0,
-            "epochs": 3,
-        },
-    ),
+    "aux 1.0, cs_rank, LoRA r=32, 2 epochs": (24_000, {**R32, "epochs": 2}),
+    "aux 1.0, cs_rank, LoRA r=32, 3 epochs": (24_000, {**R32, "epochs": 3}),
     "aux 1.0, cs_rank, LoRA r=32, 2 epochs, LoRA dropout 0.1": (
         24_000,
-        {
-            "aux_feature_weight": 1.0,
-            "target_transform": "cs_rank",
-            "lora.r": 32,
-            "lora.alpha": 64.0,
-            "lora.dropout": 0.1,
-            "epochs": 2,
-        },
+        {**R32, "lora.dropout": 0.1, "epochs": 2},
     ),
-    "aux 1.0, cs_rank, LoRA r=32, 48k rows (one pass, the steps of 2 epochs)": (
-        48_000,
-        {"aux_feature_weight": 1.0, "target_transform": "cs_rank", "lora.r": 32, "lora.alpha": 64.0},
-    ),
-    "aux 1.0, cs_rank, LoRA r=32, batch 16": (
-        24_000,
-        {
-            "aux_feature_weight": 1.0,
-            "target_transform": "cs_rank",
-            "lora.r": 32,
-            "lora.alpha": 64.0,
-            "batch_size": 16,
-        },
-    ),
+    "aux 1.0, cs_rank, LoRA r=32, 48k rows (one pass, the steps of 2 epochs)": (48_000, R32),
+    "aux 1.0, cs_rank, LoRA r=32, batch 16": (24_000, {**R32, "batch_size": 16}),
     "aux 1.0, cs_rank, head lr 3e-3": (
         24_000,
         {"aux_feature_weight": 1.0, "target_transform": "cs_rank", "head_learning_rate": 3e-3},

@@ -6,11 +6,12 @@ back with `munmap` on free, and gives the top of its heap back to the system abo
 A forward pass of a batch allocates and frees activations of a few MB per layer, so under the defaults
 every batch maps, page-faults and unmaps the same memory again. With the heap kept (mmap threshold
 32 MiB, trim threshold 1 GiB) the pages stay mapped between batches: on 2 cores, scoring the embedded
-backbone ran 1.35-1.45x faster (760-910 -> 1,110-1,190 rows/s, the same forecasts) and training 1.15x,
-for about 1% more peak memory (BENCHMARKS.md, "Scoring throughput").
+backbone ran 1.35-1.45x faster (760-910 -> 1,110-1,190 rows/s, the same forecasts) and training
+1.08-1.15x, for about 1% more peak memory (BENCHMARKS.md, "Scoring throughput").
 
 `tune_malloc` sets both at run time with `mallopt`, in the processes that do the tensor work: the
-training process (`modeling.run_job`) and the pyfunc when it loads. It does nothing on a C library
+training process (`modeling.run_job`), the pyfunc when it loads, and the `base_model` step before it
+pretrains the embedded backbone. It does nothing on a C library
 other than glibc, or when the environment already sets glibc's malloc tunables (the user's choice wins).
 """
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -47,8 +48,6 @@ def test_a_tuned_process_serves_a_16_mib_block_from_the_heap_not_mmap():
 
 @pytest.mark.skipif(not GLIBC, reason="glibc only")
 def test_malloc_tunables_set_by_the_user_are_left_alone(monkeypatch):
-    import os
-
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     tuned, mapped = probe("tune", env)
     assert tuned == "False"
