@@ -167,6 +167,20 @@ def peer_predict(model_tok, frame) -> object:
     return out
 
 
+def bench_train_config(train, n_rows: int | None, seed: int, **overrides):
+    """A profile's train config as the benches train it: `n_rows` sampled rows, no time budget (a guard
+    that would make runs depend on the machine's load), no checkpoints, no progress bar."""
+    return replace(
+        train,
+        max_train_samples=n_rows,
+        seed=seed,
+        time_budget_s=None,
+        progress=False,
+        checkpoint_every_steps=0,
+        **overrides,
+    )
+
+
 def ours_train(
     base: Path,
     corpus: Path,
@@ -185,13 +199,10 @@ def ours_train(
     from modeling.train import TrainJob, train_regressor
 
     profile = PROFILES[profile_name]
-    train = replace(
+    train = bench_train_config(
         profile.train,
-        max_train_samples=n_rows,
-        seed=seed,
-        time_budget_s=None,
-        progress=False,
-        checkpoint_every_steps=0,
+        n_rows,
+        seed,
         **({} if eval_every is None else {"eval_every_steps": eval_every}),
         **overrides,
     )
@@ -294,18 +305,37 @@ def bench_quality(args) -> None:
     ]
     rows: list[str] = []
 
-    def llm_row(name: str, records: list[dict]) -> None:
+    def seed_mean(records: list[dict], split: str, model: str):  # averaged over seeds date by date
+        return pd.concat([_series_from(r["daily"][split][model]) for r in records], axis=1).mean(axis=1)
+
+    def llm_row(name: str, records: list[dict], model: str = "prediction") -> None:
+        """Mean over the seeds (each seed samples its own rows); "vs ridge" pairs every seed with ridge
+        on that seed's rows, then lists the per-seed differences: the seeds' samples move ridge and the
+        LLM together, so the seed sd of the level is much wider than that of the difference."""
         cells = []
         for split in ("validation", "test"):
-            daily = [_series_from(r["daily"][split]["prediction"]) for r in records]
-            mean = DailyMean.of(pd.concat(daily, axis=1).mean(axis=1))
+            daily = [_series_from(r["daily"][split][model]) for r in records]
             sd = np.std([DailyMean.of(d).mean for d in daily], ddof=1) if len(daily) > 1 else float("nan")
-            cells.append(_stat_cell(mean) + (f", seed sd {sd:.4f}" if np.isfinite(sd) else ""))
-            if split == "validation":
-                ridge = pd.concat([_series_from(r["daily"][split]["ridge"]) for r in records], axis=1).mean(
-                    axis=1
+            cells.append(
+                _stat_cell(DailyMean.of(seed_mean(records, split, model)))
+                + (f", seed sd {sd:.4f}" if np.isfinite(sd) else "")
+            )
+        vs_ridge = ""
+        if model != "ridge":
+            vs_ridge = str(
+                paired_series_difference(
+                    seed_mean(records, "validation", model), seed_mean(records, "validation", "ridge")
                 )
-                vs_ridge = str(paired_series_difference(pd.concat(daily, axis=1).mean(axis=1), ridge))
+            )
+            if len(records) > 1:
+                per_seed = [
+                    paired_series_difference(
+                        _series_from(r["daily"]["validation"][model]),
+                        _series_from(r["daily"]["validation"]["ridge"]),
+                    ).delta
+                    for r in records
+                ]
+                vs_ridge += f"; per seed {' / '.join(f'{d:+.4f}' for d in per_seed)}"
         rows.append(f"| {name} | {cells[0]} | {cells[1]} | {vs_ridge} |")
 
     llm_row(f"LLM regressor, pretrained backbone ({len(seeds)} seeds)", seeds)
@@ -314,17 +344,24 @@ def bench_quality(args) -> None:
         build_embedded_base_model(
             random_base, tokenizer_training_texts(PromptBuilder(), 20_000, 0), TinyLlamaSpec()
         )
-    trained = ours_train(random_base, corpus, size, 0, out / "random", eval_every=None)
-    model, tok = load_regressor(trained.model_dir), load_tokenizer(random_base)
-    random_record = {"daily": {}}
-    for split, frame in frames.items():
-        scored, _ = score_rows(model, tok, frame)
-        both = frame.drop(columns="prompt").assign(prediction=scored["prediction"].to_numpy())
-        random_record["daily"][split] = {
-            "prediction": _series_json(_daily(both, "prediction")),
-            "ridge": seeds[0]["daily"][split]["ridge"],
-        }
+    random_path = out / f"random-{_recipe_key(replace(profile.train, seed=0), profile.regressor)}.json"
+    if random_path.is_file():  # the random backbone's run is kept like the curve's
+        random_record = json.loads(random_path.read_text())
+    else:
+        trained = ours_train(random_base, corpus, size, 0, out / "random", eval_every=None)
+        model, tok = load_regressor(trained.model_dir), load_tokenizer(random_base)
+        random_record = {"daily": {}}
+        for split, frame in frames.items():
+            scored, _ = score_rows(model, tok, frame)
+            both = frame.drop(columns="prompt").assign(prediction=scored["prediction"].to_numpy())
+            random_record["daily"][split] = {
+                "prediction": _series_json(_daily(both, "prediction")),
+                "ridge": seeds[0]["daily"][split]["ridge"],
+            }
+        random_path.write_text(json.dumps(random_record, default=float))
     llm_row("LLM regressor, random backbone (seed 0)", [random_record])
+    for name in ("ridge", "mlp_features"):  # fit on each seed's rows, like the LLM row above
+        llm_row(f"{name} (each seed's {size:,} rows and targets, {len(seeds)} seeds)", seeds, name)
 
     cfg = replace(profile.train, max_train_samples=size, seed=0)
     train = train_sample(corpus, cfg, None, ["date", "symbol", "label", "weight"]).merge(
@@ -341,7 +378,7 @@ def bench_quality(args) -> None:
     )
     ridge_val = _daily(frames["validation"].assign(p=preds["ridge"]["validation"]), "p")
     for label, source, names in (
-        (f"same {len(train):,} rows and targets", preds, ("ridge", "lightgbm", "mlp_features", "zero")),
+        (f"seed 0's {len(train):,} rows and targets", preds, ("ridge", "lightgbm", "mlp_features", "zero")),
         (f"all {len(everything):,} train rows", preds_all, ("ridge", "lightgbm")),
     ):
         for name in names:
@@ -371,7 +408,7 @@ def bench_quality(args) -> None:
         "regressor_quality",
         f"""## Forecast quality on the default market (issues 8 and 13)
 
-Command: `python bench/bench_regressor.py quality --seeds {args.seeds}` after `make demo`. Machine: {machine()["cores"]} cores ({machine()["cpu"]}). The demo's recipe (cpu profile: {size:,} sampled train rows, {passes}); every model scored on **every** validation and test date ({len(frames["validation"]):,} / {len(frames["test"]):,} rows): mean daily RankIC ± SE (dates). The pretrained-backbone LLM is averaged over {args.seeds} seeds date by date (seed sd: the spread of the seeds' means); "vs ridge" is the paired daily difference to ridge on the same rows and targets, Δ ± SE (t).
+Command: `python bench/bench_regressor.py quality --seeds {args.seeds}` after `make demo`. Machine: {machine()["cores"]} cores ({machine()["cpu"]}). The demo's recipe (cpu profile: {size:,} sampled train rows, {passes}); every model scored on **every** validation and test date ({len(frames["validation"]):,} / {len(frames["test"]):,} rows): mean daily RankIC ± SE (dates). The pretrained-backbone LLM is averaged over {args.seeds} seeds date by date (seed sd: the spread of the seeds' means). A seed also draws the {size:,} train rows, so ridge and the MLP are shown on each seed's rows (averaged the same way) and on seed 0's rows alone. "vs ridge" is the paired daily difference to ridge on the same rows and targets, Δ ± SE (t); for the seeds' mean it pairs each seed with its own ridge, and lists the per-seed differences.
 
 | model | validation RankIC | test RankIC | vs ridge (same rows), validation |
 |---|---:|---:|---:|
@@ -435,7 +472,8 @@ def curve_run(
 
     profile = PROFILES[profile_name]
     passes = {} if epochs is None else {"epochs": epochs}
-    cfg = replace(profile.train, max_train_samples=size, seed=seed, **passes)
+    # keyed on what `ours_train` trains (a profile's time-budget guard can change without changing a run)
+    cfg = bench_train_config(profile.train, size, seed, **passes)
     key = f"{size or 'all'}-seed{seed}-{_recipe_key(cfg, profile.regressor)}"
     path = out / f"{key}.json"
     if path.is_file():
@@ -521,7 +559,7 @@ def bench_curve(args) -> None:
         for seed in seeds:
             print(f"curve: {size or 'all'} rows, seed {seed}", flush=True)
             runs.setdefault(size, []).append(
-                curve_run(base, corpus, features, frames, size, seed, out, args.profile, epochs=1)
+                curve_run(base, corpus, features, frames, size, seed, out, args.profile, epochs=args.epochs)
             )
     # ridge on every train row with the recipe's targets and weights: the reference line
     cfg_all = replace(PROFILES["cpu"].train, max_train_samples=None)
@@ -584,15 +622,19 @@ def bench_curve(args) -> None:
         f"- at the largest size ≥ 0.9 × ridge on all rows ({goal:.4f}): {last['llm'].mean:.4f} — "
         f"{'met' if last['llm'].mean >= goal else 'not met'}"
     )
-    suffix = "" if args.profile == "cpu" else f"_{args.profile}"  # each profile keeps its own section
+    # each profile and pass count keeps its own section
+    suffix = ("" if args.profile == "cpu" else f"_{args.profile}") + (
+        "" if args.epochs == 1 else f"_epochs{args.epochs}"
+    )
+    passes = "one pass" if args.epochs == 1 else f"{args.epochs} passes over the same rows"
     png = _curve_png(runs, summary, reference, f"learning_curve{suffix}.png")
     save_json(f"curve{suffix}", {"runs": {str(k): v for k, v in runs.items()}})
     rate = np.mean([r["score_rows_per_s"]["validation"] for rs in runs.values() for r in rs])
     write_section(
         f"regressor_curve{suffix}",
-        f"""## Learning curve of the LLM regressor, {args.profile} profile (issue 13)
+        f"""## Learning curve of the LLM regressor, {args.profile} profile, {passes} (issue 13)
 
-Command: `python bench/bench_regressor.py curve --sizes {args.sizes} --seeds {args.seeds} --profile {args.profile}` after `make demo`. Machine: {machine()["cores"]} cores ({machine()["cpu"]}). Recipe: the {args.profile} profile (`modeling/profiles.py`) with `max_train_samples` = the size, one pass, no time budget, the final weights (its periodic validation on 16 dates only monitors; no early stopping). The `train s` column is wall time, which other jobs on the same cores may have stretched: not a speed measurement. Every model is scored on **every** validation and test date; cells are mean daily RankIC ± its standard error (dates). Ridge and the MLP on the 16 features are fit on exactly the same rows, targets and weights; "LLM − ridge" is the paired daily difference on the same rows, Δ ± SE (t). With several seeds, the LLM's daily RankIC is averaged over seeds date by date (the seed sd is the spread of the seeds' means). Scoring ran at {rate:,.0f} rows/s.
+Command: `python bench/bench_regressor.py curve --sizes {args.sizes} --seeds {args.seeds} --profile {args.profile}{"" if args.epochs == 1 else f" --epochs {args.epochs}"}` after `make demo`. Machine: {machine()["cores"]} cores ({machine()["cpu"]}). Recipe: the {args.profile} profile (`modeling/profiles.py`) with `max_train_samples` = the size, {passes}, no time budget, the final weights (its periodic validation on 16 dates only monitors; no early stopping). The `train s` column is wall time, which other jobs on the same cores may have stretched: not a speed measurement. Every model is scored on **every** validation and test date; cells are mean daily RankIC ± its standard error (dates). Ridge and the MLP on the 16 features are fit on exactly the same rows, targets and weights; "LLM − ridge" is the paired daily difference on the same rows, Δ ± SE (t). With several seeds, the LLM's daily RankIC is averaged over seeds date by date (the seed sd is the spread of the seeds' means). Scoring ran at {rate:,.0f} rows/s.
 
 | train rows | LLM validation | LLM test | ridge validation | MLP validation | LLM − ridge, validation | LLM − ridge, test | LLM − MLP, validation | train s |
 |---|---:|---:|---:|---:|---:|---:|---:|---:|
@@ -620,14 +662,14 @@ def _curve_png(runs: dict, summary: dict, reference: dict, name: str = "learning
     axes = fig.subplots(1, 2, sharey=True)
     x = np.array([runs[s][0]["n_train_rows"] for s in runs], dtype=float)
     for ax, split in zip(axes, ("validation", "test"), strict=True):
-        for key, name, color in (
+        for key, label, color in (
             ("llm", "LLM regressor", "tab:red"),
             ("ridge", "ridge", "tab:blue"),
             ("mlp", "MLP on features", "tab:green"),
         ):
             y = np.array([summary[(s, split)][key].mean for s in runs])
             e = np.array([summary[(s, split)][key].se for s in runs])
-            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, color=color, label=f"{name} (± 1 SE)")
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, color=color, label=f"{label} (± 1 SE)")
         ax.axhline(reference[split].mean, color="tab:blue", ls="--", lw=1, label="ridge, all train rows")
         ax.set_xscale("log")
         ax.set_xlabel("train rows")
@@ -645,6 +687,9 @@ def _curve_png(runs: dict, summary: dict, reference: dict, name: str = "learning
 # --- routes to a recipe that learns from data -------------------------------------------------------------
 R32 = {"aux_feature_weight": 1.0, "target_transform": "cs_rank", "lora.r": 32, "lora.alpha": 64.0}
 """The recipe of the cpu profile's model (the probe, rank-gaussian targets, LoRA r=32): the later routes' base."""
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""Every linear layer of a Llama decoder layer ("all-linear" spelled out, to add other modules to it)."""
 
 ROUTES: dict[str, tuple[int, dict]] = {
     # name: (train rows, overrides of the cpu profile's train config; "lora." / "head." prefixes for those)
@@ -671,6 +716,18 @@ ROUTES: dict[str, tuple[int, dict]] = {
     "aux 1.0, cs_rank, LoRA r=32, 2 epochs, LoRA dropout 0.1": (
         24_000,
         {**R32, "lora.dropout": 0.1, "epochs": 2},
+    ),
+    "aux 1.0, cs_rank, LoRA r=32, 2 epochs, LoRA on the token embeddings too": (
+        24_000,
+        {**R32, "epochs": 2, "lora.target_modules": (*PROJECTIONS, "embed_tokens")},
+    ),
+    "aux 1.0, cs_rank, LoRA r=32, 2 epochs, head dropout 0": (
+        24_000,
+        {**R32, "epochs": 2, "head.dropout": 0.0},
+    ),
+    "aux 1.0, cs_rank, LoRA r=32, 2 epochs, linear head": (
+        24_000,
+        {**R32, "epochs": 2, "head.hidden_sizes": ()},
     ),
     "aux 1.0, cs_rank, LoRA r=32, 48k rows (one pass, the steps of 2 epochs)": (48_000, R32),
     "aux 1.0, cs_rank, LoRA r=32, batch 16": (24_000, {**R32, "batch_size": 16}),
@@ -1023,6 +1080,13 @@ def main() -> None:
         help="curve: the training profile (gpu: on a GPU machine, see BENCHMARKS.md)",
     )
     parser.add_argument("--seeds", type=int, default=3, help="curve / quality: seeds at the small sizes")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=1,
+        help="curve: passes over each size's rows (1, the issue's curve; 2 = the cpu profile's recipe; "
+        "other than 1 gets its own BENCHMARKS.md section)",
+    )
     parser.add_argument("--date-step", type=int, default=1, help="curve: every n-th date (1 = every date)")
     parser.add_argument(
         "--multi-seed-max", type=int, default=24000, help="curve: sizes up to this get --seeds"
