@@ -729,6 +729,10 @@ ROUTES: dict[str, tuple[int, dict]] = {
         24_000,
         {**R32, "epochs": 2, "head.hidden_sizes": ()},
     ),
+    "aux 1.0, cs_rank, LoRA r=32, 2 epochs, IC loss on date groups of 16": (
+        24_000,
+        {**R32, "epochs": 2, "loss": "ic", "date_group_size": 16},
+    ),
     "aux 1.0, cs_rank, LoRA r=32, 48k rows (one pass, the steps of 2 epochs)": (48_000, R32),
     "aux 1.0, cs_rank, LoRA r=32, batch 16": (24_000, {**R32, "batch_size": 16}),
     "aux 1.0, cs_rank, head lr 3e-3": (
