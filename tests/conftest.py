@@ -80,6 +80,38 @@ def build_tiny_backbone(out_dir: Path, hidden_size: int = 32) -> Path:
     return build_embedded_base_model(out_dir, texts, spec)
 
 
+def planted_prompt_market(shuffle: bool = False, n_symbols: int = 40):
+    """A small training set (100 dates x `n_symbols` names, the columns of the `training_set` asset) whose
+    label *is* `ret_5d` / 0.02, a number the prompt shows; or the same with the labels permuted within each
+    date (the shuffled-label control). The other features are noise. The last 40 dates are `test`. Shared
+    by the slow walk-forward test and `bench/bench_planted.py`."""
+    import numpy as np
+    import pandas as pd
+
+    from modeling.feature_registry import FEATURE_NAMES
+
+    rng = np.random.default_rng(0)
+    dates = pd.bdate_range("2021-01-04", periods=100)
+    width = max(2, len(str(n_symbols - 1)))
+    frame = pd.DataFrame(
+        [(d, f"S{i:0{width}d}") for d in dates for i in range(n_symbols)], columns=["date", "symbol"]
+    )
+    frame["sector"] = "Technology"
+    for name in FEATURE_NAMES:
+        frame[name] = rng.normal(0, 0.02, len(frame))
+    frame["rsi_14d"] = rng.uniform(20, 80, len(frame))
+    frame["log_dollar_volume_20d"] = rng.uniform(15, 22, len(frame))
+    frame["label"] = frame["ret_5d"] / 0.02
+    if shuffle:
+        frame["label"] = frame.groupby("date")["label"].transform(
+            lambda s: s.sample(frac=1, random_state=0).to_numpy()
+        )
+    frame["fwd_ret"] = frame["label"] * 0.02
+    frame["split"] = np.where(frame["date"] < dates[60], "train", "test")
+    frame["weight"], frame["bucket"] = 1.0, "all"
+    return frame
+
+
 @pytest.fixture(scope="session")
 def tiny_base_model(tmp_path_factory):
     """A small embedded Llama (hidden 32, 2 layers) with a tokenizer fit to prompt text."""

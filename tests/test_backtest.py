@@ -254,7 +254,17 @@ def test_walk_forward_baselines_find_a_planted_signal_and_nothing_in_shuffled_la
         assert min(costs) > 1.0  # more than 100% a year over the universe, after costs
     else:
         assert (result.signal["RankIC"].abs() < 0.01).all(), result.signal
-        assert max(costs) <= 0.0  # no edge survives the costs
+        # no edge after costs: no model's mean daily excess return is 2 standard errors above zero (a
+        # point bound at 0 failed now and then: the feature MLP's shuffled book once made +0.5% a year,
+        # where one standard error over 60 dates is several points a year)
+        edge = {
+            m: result.portfolio[m]["excess_return_with_cost.mean"]
+            / result.portfolio[m]["excess_return_with_cost.std"]
+            * np.sqrt(oos["date"].nunique())
+            for m in models
+        }
+        assert max(edge.values()) < 2.0, (edge, costs)
+        assert np.mean(costs) < 0.0  # on average over the models, the costs eat more than the noise adds
 
 
 def test_the_signal_summary_gives_each_rank_ic_its_standard_error() -> None:
@@ -264,31 +274,6 @@ def test_the_signal_summary_gives_each_rank_ic_its_standard_error() -> None:
 
     daily = per_date_correlation(frame, "m", "label", "spearman")
     assert summary.loc["m", "RankIC_se"] == pytest.approx(daily.std(ddof=1) / np.sqrt(len(daily)), rel=1e-9)
-
-
-def _prompt_market(shuffle: bool) -> pd.DataFrame:
-    """A small training set (100 dates x 40 names, the columns of the `training_set` asset) whose label
-    *is* `ret_5d` / 0.02, a number the prompt shows; or the same with the labels permuted within each date
-    (the shuffled-label control). The other features are noise."""
-    from modeling.feature_registry import FEATURE_NAMES
-
-    rng = np.random.default_rng(0)
-    dates = pd.bdate_range("2021-01-04", periods=100)
-    frame = pd.DataFrame([(d, f"S{i:02d}") for d in dates for i in range(40)], columns=["date", "symbol"])
-    frame["sector"] = "Technology"
-    for name in FEATURE_NAMES:
-        frame[name] = rng.normal(0, 0.02, len(frame))
-    frame["rsi_14d"] = rng.uniform(20, 80, len(frame))
-    frame["log_dollar_volume_20d"] = rng.uniform(15, 22, len(frame))
-    frame["label"] = frame["ret_5d"] / 0.02
-    if shuffle:
-        frame["label"] = frame.groupby("date")["label"].transform(
-            lambda s: s.sample(frac=1, random_state=0).to_numpy()
-        )
-    frame["fwd_ret"] = frame["label"] * 0.02
-    frame["split"] = np.where(frame["date"] < dates[60], "train", "test")
-    frame["weight"], frame["bucket"] = 1.0, "all"
-    return frame
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +294,8 @@ def test_walk_forward_llm_reads_a_planted_signal_and_finds_nothing_in_shuffled_l
     `backtest_output` -> `train_regressor` -> `run_window`, what the window's child process runs), on a
     market whose label is a number in the prompt, with the profiles' recipe (rank-gaussian targets, the
     feature probe). A 2-layer, 64-wide backbone reads the number digit by digit: 400 steps take it to a
-    RankIC of about 0.7 (1,000 steps: 0.8), where the feature baselines, handed the number, reach 0.93-1.
+    RankIC of 0.7-0.8 (`bench/bench_planted.py`: 0.805 ± 0.013; 5x the names, 128 wide, 1,500 steps:
+    BENCHMARKS.md), where the feature baselines, handed the number, reach 0.93-1.
     The shuffled control, same config: no model's RankIC or mean daily excess return after cost is beyond
     noise (|t| < 3 and t < 2 over the 40 predicted dates)."""
     from modeling.backbones.common import load_tokenizer
@@ -320,8 +306,9 @@ def test_walk_forward_llm_reads_a_planted_signal_and_finds_nothing_in_shuffled_l
     from modeling.prompt import PromptBuilder
     from modeling.train import train_regressor
     from modeling.walk_forward import FEATURE_BASELINES, LLM_MODEL, run_window
+    from tests.conftest import planted_prompt_market
 
-    frame = _prompt_market(shuffle)
+    frame = planted_prompt_market(shuffle)
     training_set = write_parquet_atomic(frame, tmp_path / "training_set.parquet", metadata={"horizon": 1})
     facts = {"horizon": 1, "label_kind": "excess", "sig_digits": 3}
     write_prompt_corpus(
