@@ -305,9 +305,6 @@ def bench_quality(args) -> None:
     ]
     rows: list[str] = []
 
-    def seed_mean(records: list[dict], split: str, model: str):  # averaged over seeds date by date
-        return pd.concat([_series_from(r["daily"][split][model]) for r in records], axis=1).mean(axis=1)
-
     def llm_row(name: str, records: list[dict], model: str = "prediction") -> None:
         """Mean over the seeds (each seed samples its own rows); "vs ridge" pairs every seed with ridge
         on that seed's rows, then lists the per-seed differences: the seeds' samples move ridge and the
@@ -317,14 +314,14 @@ def bench_quality(args) -> None:
             daily = [_series_from(r["daily"][split][model]) for r in records]
             sd = np.std([DailyMean.of(d).mean for d in daily], ddof=1) if len(daily) > 1 else float("nan")
             cells.append(
-                _stat_cell(DailyMean.of(seed_mean(records, split, model)))
+                _stat_cell(DailyMean.of(_seed_mean(records, split, model)))
                 + (f", seed sd {sd:.4f}" if np.isfinite(sd) else "")
             )
         vs_ridge = ""
         if model != "ridge":
             vs_ridge = str(
                 paired_series_difference(
-                    seed_mean(records, "validation", model), seed_mean(records, "validation", "ridge")
+                    _seed_mean(records, "validation", model), _seed_mean(records, "validation", "ridge")
                 )
             )
             if len(records) > 1:
@@ -344,7 +341,10 @@ def bench_quality(args) -> None:
         build_embedded_base_model(
             random_base, tokenizer_training_texts(PromptBuilder(), 20_000, 0), TinyLlamaSpec()
         )
-    random_path = out / f"random-{_recipe_key(replace(profile.train, seed=0), profile.regressor)}.json"
+    # keyed on what `ours_train` trains, like the curve's runs
+    random_path = (
+        out / f"random-{_recipe_key(bench_train_config(profile.train, size, 0), profile.regressor)}.json"
+    )
     if random_path.is_file():  # the random backbone's run is kept like the curve's
         random_record = json.loads(random_path.read_text())
     else:
@@ -427,6 +427,13 @@ def _daily(frame, column: str):
     from modeling.metrics import per_date_correlation
 
     return per_date_correlation(frame, column, "label", "spearman")
+
+
+def _seed_mean(records: list[dict], split: str, model: str):
+    """One model's daily RankIC series of several seeds' runs, averaged over the seeds date by date."""
+    import pandas as pd
+
+    return pd.concat([_series_from(r["daily"][split][model]) for r in records], axis=1).mean(axis=1)
 
 
 def _series_json(series) -> dict:
@@ -573,16 +580,13 @@ def bench_curve(args) -> None:
         s: DailyMean.of(_daily(frames[s].assign(ridge=ridge_all["ridge"][s]), "ridge")) for s in frames
     }
 
-    def seed_mean(records, split, model):  # the seeds' daily series averaged date by date
-        return pd.concat([_series_from(r["daily"][split][model]) for r in records], axis=1).mean(axis=1)
-
     rows, summary = [], {}
     for size, records in runs.items():
         label = f"{records[0]['n_train_rows']:,}" + (f" ({len(records)} seeds)" if len(records) > 1 else "")
         for split in ("validation", "test"):
-            llm = seed_mean(records, split, "prediction")
+            llm = _seed_mean(records, split, "prediction")
             per_seed = [DailyMean.of(_series_from(r["daily"][split]["prediction"])).mean for r in records]
-            ridge, mlp = seed_mean(records, split, "ridge"), seed_mean(records, split, "mlp_features")
+            ridge, mlp = _seed_mean(records, split, "ridge"), _seed_mean(records, split, "mlp_features")
             summary[(size, split)] = {
                 "llm": DailyMean.of(llm),
                 "seed_sd": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else float("nan"),
