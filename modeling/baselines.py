@@ -123,13 +123,35 @@ def fit_mlp_features(
     loss: str = "mse",
     huber_delta: float = 1.0,
 ):
-    """The regressor's head on the standardised features, trained with the same weighted loss."""
+    """The regressor's head on the standardised features, trained with the same weighted loss; the same
+    rows and `cfg.seed` give the same forecasts, whatever ran before in the process."""
+    # the seed alone decides the fit: initialisation and dropout draw from the global generator, so the
+    # whole fit runs on a forked one seeded with `cfg.seed` (before, dropout followed whatever had drawn
+    # from the process's generator earlier, and two fits of the same rows differed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        head = _train_mlp(train, validation, scaler, cfg, loss, huber_delta)
+
+    def predict(frame: pd.DataFrame) -> np.ndarray:
+        with torch.no_grad():
+            return head(torch.tensor(scaler.transform(frame), dtype=torch.float32)).numpy().astype(float)
+
+    return predict
+
+
+def _train_mlp(
+    train: pd.DataFrame,
+    validation: pd.DataFrame,
+    scaler: FeatureScaler,
+    cfg: BaselineConfig,
+    loss: str,
+    huber_delta: float,
+) -> RegressionHead:
+    """The feature MLP's training loop (weighted loss, early stopping on validation RankIC), in eval mode."""
     from modeling.losses import weighted_loss
 
     generator = torch.Generator().manual_seed(cfg.seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        head = RegressionHead(len(FEATURE_NAMES), cfg.mlp_head)
+    head = RegressionHead(len(FEATURE_NAMES), cfg.mlp_head)
     x = torch.tensor(scaler.transform(train), dtype=torch.float32)
     y = torch.tensor(train["label"].to_numpy(float), dtype=torch.float32)
     w = torch.tensor(_weights(train), dtype=torch.float32)
@@ -154,13 +176,7 @@ def fit_mlp_features(
             break
     if best_state is not None:
         head.load_state_dict(best_state)
-    head.eval()
-
-    def predict(frame: pd.DataFrame) -> np.ndarray:
-        with torch.no_grad():
-            return head(torch.tensor(scaler.transform(frame), dtype=torch.float32)).numpy().astype(float)
-
-    return predict
+    return head.eval()
 
 
 def fit_predict_baselines(

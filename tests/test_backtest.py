@@ -254,9 +254,10 @@ def test_walk_forward_baselines_find_a_planted_signal_and_nothing_in_shuffled_la
         assert min(costs) > 1.0  # more than 100% a year over the universe, after costs
     else:
         assert (result.signal["RankIC"].abs() < 0.01).all(), result.signal
-        # no edge after costs: no model's mean daily excess return is 2 standard errors above zero (a
-        # point bound at 0 failed now and then: the feature MLP's shuffled book once made +0.5% a year,
-        # where one standard error over 60 dates is several points a year)
+        # no edge after costs: no model's mean daily excess return is 2 standard errors above zero, and
+        # none is positive at all (every baseline is a deterministic function of its rows and seed, so
+        # this is one fixed outcome, not a draw that fails now and then: before the feature MLP's
+        # dropout was seeded, its shuffled book once made +0.5% a year)
         edge = {
             m: result.portfolio[m]["excess_return_with_cost.mean"]
             / result.portfolio[m]["excess_return_with_cost.std"]
@@ -264,7 +265,28 @@ def test_walk_forward_baselines_find_a_planted_signal_and_nothing_in_shuffled_la
             for m in models
         }
         assert max(edge.values()) < 2.0, (edge, costs)
-        assert np.mean(costs) < 0.0  # on average over the models, the costs eat more than the noise adds
+        assert max(costs) <= 0.0, costs
+
+
+def test_the_feature_mlp_is_a_function_of_its_rows_and_seed_alone() -> None:
+    """Two fits on the same rows with the same seed give the same forecasts whatever the process's global
+    generator holds (its dropout used to draw from it), and another seed gives other forecasts."""
+    import torch
+
+    from modeling.baselines import BaselineConfig, FeatureScaler, fit_mlp_features
+
+    frame = _feature_market(5, shuffle=False)
+    dates = sorted(frame["date"].unique())
+    train, validation = frame[frame["date"] < dates[150]], frame[frame["date"] >= dates[150]]
+    cfg = BaselineConfig(mlp_epochs=2, seed=0)
+    scaler = FeatureScaler.fit(train, cfg.clip_z)
+    forecasts = []
+    for global_seed, seed in ((1, 0), (2, 0), (1, 1)):
+        torch.manual_seed(global_seed)
+        fitted = fit_mlp_features(train, validation, scaler, BaselineConfig(mlp_epochs=2, seed=seed))
+        forecasts.append(fitted(validation))
+    np.testing.assert_array_equal(forecasts[0], forecasts[1])
+    assert np.abs(forecasts[0] - forecasts[2]).max() > 1e-3
 
 
 def test_the_signal_summary_gives_each_rank_ic_its_standard_error() -> None:
