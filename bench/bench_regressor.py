@@ -739,6 +739,11 @@ ROUTES: dict[str, tuple[int, dict]] = {
     ),
     "aux 1.0, cs_rank, LoRA r=32, 48k rows (one pass, the steps of 2 epochs)": (48_000, R32),
     "aux 1.0, cs_rank, LoRA r=32, batch 16": (24_000, {**R32, "batch_size": 16}),
+    "aux 1.0, cs_rank, LoRA r=32, 2 epochs, batch 64": (24_000, {**R32, "epochs": 2, "batch_size": 64}),
+    "aux 1.0, cs_rank, LoRA r=32, 2 epochs, batch 64, lr 1.4e-3": (
+        24_000,
+        {**R32, "epochs": 2, "batch_size": 64, "learning_rate": 1.4e-3},
+    ),
     "aux 1.0, cs_rank, head lr 3e-3": (
         24_000,
         {"aux_feature_weight": 1.0, "target_transform": "cs_rank", "head_learning_rate": 3e-3},
