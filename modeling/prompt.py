@@ -141,6 +141,13 @@ class PromptBuilder:
             number_format=str(facts.get("number_format", "value")),
         )
 
+    def differences(self, other: Mapping) -> dict[str, tuple]:
+        """The settings in which `other` (another builder's `settings()`, e.g. the prompts a backbone was
+        pretrained on) differs from this builder's: {name: (other's, this one's)}. Settings `other` does
+        not record are not compared."""
+        mine = self.settings()
+        return {k: (other[k], v) for k, v in mine.items() if k in other and other[k] != v}
+
     # --- text ------------------------------------------------------------------------------------------
     @property
     def system_message(self) -> str:

@@ -213,6 +213,40 @@ def prompts_have_finite_values(storage: StorageResource) -> AssetCheckResult:
     return AssetCheckResult(passed=n_bad == 0, metadata={"prompts": len(prompts), "nan_prompts": n_bad})
 
 
+@asset_check(
+    asset="prompt_corpus",
+    description="Warning: the corpus's prompts are written as the embedded backbone's pretraining prompts "
+    "were (number format, significant digits, horizon, target, template, feature registry), so pretraining "
+    "taught the backbone the text it is fine-tuned on. Other backbones were not pretrained here: passes.",
+)
+def prompts_match_pretraining(storage: StorageResource) -> AssetCheckResult:
+    from modeling.backbones.embedded import read_embedded_info
+    from modeling.prompt import PromptBuilder
+
+    source = storage.base_model_source
+    info = read_embedded_info(source.path) if source.kind == "embedded" else None
+    pretrained_on = (info or {}).get("pretrain_prompt")
+    if not ((info or {}).get("pretraining") or {}).get("steps") or not pretrained_on:
+        why = (
+            f"a {source.kind} backbone, not pretrained here"
+            if source.kind != "embedded"
+            else "an embedded backbone not pretrained, or built before it recorded its prompt settings"
+        )
+        return AssetCheckResult(passed=True, severity=AssetCheckSeverity.WARN, metadata={"compared": why})
+    corpus = PromptBuilder.of_corpus(read_parquet_metadata(storage.parquet_path("prompt_corpus")))
+    differences = corpus.differences(pretrained_on)
+    return AssetCheckResult(
+        passed=not differences,
+        severity=AssetCheckSeverity.WARN,
+        metadata={
+            "compared": MetadataValue.json(sorted(k for k in corpus.settings() if k in pretrained_on)),
+            "differences (pretrained on, corpus)": MetadataValue.json(
+                {k: list(v) for k, v in differences.items()}
+            ),
+        },
+    )
+
+
 BEATS_K = 1.0
 """`regressor_beats_baselines`: the paired difference must exceed this many standard errors."""
 
@@ -375,6 +409,7 @@ ALL_CHECKS = [
     prompts_fit_context,
     prompts_cover_training_set,
     prompts_have_finite_values,
+    prompts_match_pretraining,
     regressor_beats_baselines,
     predictions_cover_live_universe,
     pretraining_lowered_lm_loss,

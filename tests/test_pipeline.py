@@ -1,6 +1,7 @@
 """The Dagster layer: the whole chain materialises in-process on a small synthetic market."""
 
 import importlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -11,7 +12,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from dagster import AssetKey, DagsterInstance, materialize
+from dagster import AssetCheckSeverity, AssetKey, DagsterInstance, materialize
 
 from modeling.backbones.common import load_backbone, load_tokenizer
 from pipeline.assets import ALL_ASSETS
@@ -396,6 +397,27 @@ def test_pretraining_check_fails_when_the_loss_barely_moved(run, tmp_path):
     info["pretraining"]["val_loss_after"] = 0.9 * info["pretraining"]["val_loss_before"]
     info_file.write_text(__import__("json").dumps(info))
     assert not pretraining_lowered_lm_loss(storage=storage).passed
+
+
+def test_prompt_check_warns_when_the_corpus_is_written_otherwise_than_the_pretraining(run, tmp_path):
+    from modeling.backbones.common import EMBEDDED_MODEL_INFO_FILE
+    from pipeline.checks import prompts_match_pretraining
+
+    _, settings, _ = run
+    storage = _copy_outputs(settings, tmp_path)
+    shutil.copytree(settings.data_dir / "models", tmp_path / "data" / "models")
+    result = prompts_match_pretraining(storage=storage)
+    compared = set(result.metadata["compared"].value)
+    assert result.passed and {"sig_digits", "number_format", "horizon"} <= compared
+    info_file = tmp_path / "data" / "models" / "base_model" / EMBEDDED_MODEL_INFO_FILE
+    info = json.loads(info_file.read_text())
+    assert info["pretrain_prompt"]["sig_digits"] == 3  # recorded by the build
+    info["pretrain_prompt"].update(sig_digits=2, number_format="percentile")
+    info_file.write_text(json.dumps(info))
+    result = prompts_match_pretraining(storage=storage)
+    assert not result.passed and result.severity == AssetCheckSeverity.WARN
+    differences = result.metadata["differences (pretrained on, corpus)"].value
+    assert differences == {"sig_digits": [2, 3], "number_format": ["percentile", "value"]}
 
 
 def test_regressor_reports_every_rankic_with_its_se_dates_and_paired_differences(run):

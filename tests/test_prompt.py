@@ -166,6 +166,14 @@ def test_task_line_names_the_label_kind():
     assert "%" not in PromptBuilder().task_line  # the label is not in percent
 
 
+def test_settings_differences_name_each_setting_written_otherwise():
+    corpus = PromptBuilder(horizon=5, sig_digits=3)
+    pretrained = PromptBuilder(horizon=5, sig_digits=2, number_format="both").settings()
+    assert corpus.differences(pretrained) == {"sig_digits": (2, 3), "number_format": ("both", "value")}
+    assert corpus.differences(corpus.settings()) == {}
+    assert corpus.differences({"horizon": 1, "unrecorded": 0}) == {"horizon": (1, 5)}  # only what both record
+
+
 LLAMA31_STYLE_TEMPLATE = (
     "{{- bos_token }}"
     "{%- if not date_string is defined %}{%- if strftime_now is defined %}"

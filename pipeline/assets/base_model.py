@@ -66,10 +66,17 @@ class BaseModelConfig(Config):
         description="Validation prompts for the before/after loss (never trained on).",
     )
     pretrain_seed: int = Field(default=_P.seed, ge=0, description="Seed of the row draw and batch order.")
+    prompt_sig_digits: int = Field(
+        default=3,
+        ge=1,
+        le=8,
+        description="Significant digits of the pretraining prompts' values: keep it equal to the prompt "
+        "corpus's sig_digits (the `prompts_match_pretraining` check warns when they differ).",
+    )
     prompt_number_format: str = Field(
         default=DEFAULT_NUMBER_FORMAT,
         description="Number format of the pretraining prompts (value, percentile, both): keep it equal to "
-        "the prompt corpus's.",
+        "the prompt corpus's number_format (the `prompts_match_pretraining` check warns when they differ).",
     )
     force_rebuild: bool = Field(
         default=False, description="Rebuild the embedded model even when its config and code are unchanged."
@@ -106,6 +113,7 @@ def _embedded(context: AssetExecutionContext, config: BaseModelConfig, storage: 
     builder = PromptBuilder(
         horizon=int(facts["horizon"]),
         target=str(facts["label"]["kind"]),
+        sig_digits=config.prompt_sig_digits,
         number_format=config.prompt_number_format,
     )
     model_spec, pretrain_spec = config.specs()
@@ -140,6 +148,7 @@ def _embedded(context: AssetExecutionContext, config: BaseModelConfig, storage: 
         extra_info={
             "build_key": key,
             "train_end": train_end,
+            "pretrain_prompt": builder.settings(),  # what `prompts_match_pretraining` compares the corpus to
             "pretrain_train_dates": [
                 str(train_rows["date"].min().date()),
                 str(train_rows["date"].max().date()),

@@ -14,7 +14,13 @@ from pipeline.resources import WAREHOUSE_POOL, StorageResource, WarehouseResourc
 
 
 class PromptCorpusConfig(Config):
-    sig_digits: int = Field(default=3, ge=1, le=8, description="Significant digits of each feature value.")
+    sig_digits: int = Field(
+        default=3,
+        ge=1,
+        le=8,
+        description="Significant digits of each feature value. Keep base_model's prompt_sig_digits equal "
+        "to it.",
+    )
     batch_size: int = Field(default=8192, ge=1, description="Rows rendered and tokenised per batch.")
     number_format: str = Field(
         default=DEFAULT_NUMBER_FORMAT,
