@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 from _common import machine, write_section
@@ -36,67 +35,17 @@ def run_config(
     n_symbols: int, hidden: int, steps: int, root: Path, lr: float = DEFAULT_LR, aux_weight: float = 1.0
 ) -> dict:
     """Train and forecast the two windows of one configuration; returns its analysis and timings."""
-    import pandas as pd
-
-    from modeling.backbones.common import load_tokenizer
-    from modeling.backtest import WindowSpec, analyse, plan_windows, window_corpus
-    from modeling.data.parquet_io import write_parquet_atomic
-    from modeling.data.prompt_corpus import write_prompt_corpus
-    from modeling.job import HeadConfig, LoraSettings, RegressorConfig, TrainConfig, TrainJob
-    from modeling.prompt import PromptBuilder
-    from modeling.train import train_regressor
-    from modeling.walk_forward import FEATURE_BASELINES, LLM_MODEL, run_window
-    from tests.conftest import build_tiny_backbone, planted_prompt_market
+    from modeling.backtest import analyse
+    from modeling.walk_forward import FEATURE_BASELINES, LLM_MODEL
+    from tests.conftest import build_tiny_backbone, planted_prompt_market, planted_walk_forward
 
     base = build_tiny_backbone(root / "base_model", hidden_size=hidden)  # the slow test's, `hidden` wide
     frame = planted_prompt_market(n_symbols=n_symbols)
-    training_set = write_parquet_atomic(frame, root / "training_set.parquet", metadata={"horizon": 1})
-    facts = {"horizon": 1, "label_kind": "excess", "sig_digits": 3}
-    write_prompt_corpus(frame, PromptBuilder(), load_tokenizer(base), root / "corpus.parquet", metadata=facts)
-    corpus = pd.read_parquet(root / "corpus.parquet")
-    calendar = pd.DatetimeIndex(sorted(frame["date"].unique()))
-    windows = plan_windows(calendar, calendar[60:], horizon=1, spec=WindowSpec(step=20, val_dates=10))
-    train = TrainConfig(  # the slow test's settings, `steps` apart
-        batch_size=16,
-        learning_rate=lr,
-        max_steps=steps,
-        epochs=50,
-        eval_every_steps=max(steps // 4, 1),
-        eval_max_dates=10,
-        progress=False,
-        checkpoint_every_steps=0,
-        target_transform="cs_rank",
-        aux_feature_weight=aux_weight,
-    )
-    forecasts, train_s, n_train = [], 0.0, 0
-    for window in windows:
-        out = root / f"window_{window.index}"
-        out.mkdir()
-        rows = window_corpus(corpus, frame, window)
-        n_train = max(n_train, int((rows["split"] == "train").sum()))
-        write_parquet_atomic(rows, out / "corpus.parquet", facts)
-        job = TrainJob(
-            base_model_dir=str(base),
-            corpus_path=str(out / "corpus.parquet"),
-            output_dir=str(out),
-            prompt=PromptBuilder().settings(),
-            regressor=RegressorConfig(lora=LoraSettings(r=8, alpha=16), head=HeadConfig(hidden_sizes=(32,))),
-            train=train,
-            training_set_path=str(training_set),
-            backtest_output=str(out / "forecasts.parquet"),
-        )
-        started = time.perf_counter()
-        result = train_regressor(job, log=lambda _m: None)
-        train_s += time.perf_counter() - started
-        run_window(job, result, log=lambda _m: None)
-        forecasts.append(pd.read_parquet(out / "forecasts.parquet").assign(window=window.index))
-    oos = pd.concat(forecasts, ignore_index=True).pivot_table(
-        index=["date", "symbol", "window"], columns="model", values="prediction"
-    )
+    run = planted_walk_forward(base, frame, root, steps, lr, aux_weight)
     models = [LLM_MODEL, *FEATURE_BASELINES]
     returns = frame[["date", "symbol"]].assign(ret=frame["fwd_ret"])
-    analysis = analyse(oos.reset_index(), frame[["date", "symbol", "label"]], returns, models, ["ridge"])
-    return {"analysis": analysis, "models": models, "train_s": train_s, "n_train": n_train}
+    analysis = analyse(run["oos"], frame[["date", "symbol", "label"]], returns, models, ["ridge"])
+    return {"analysis": analysis, "models": models, "train_s": run["train_s"], "n_train": run["n_train"]}
 
 
 def main() -> None:

@@ -112,6 +112,79 @@ def planted_prompt_market(shuffle: bool = False, n_symbols: int = 40):
     return frame
 
 
+def planted_walk_forward(
+    base: Path,
+    frame,
+    root: Path,
+    steps: int,
+    lr: float,
+    aux_weight: float = 1.0,
+    eval_every: int | None = None,
+) -> dict:
+    """The LLM and the feature baselines forecast the last 40 dates of a `planted_prompt_market` frame out of
+    sample, in two walk-forward windows of 20 dates, through a backtest window's real path (window corpus
+    -> `TrainJob` with `backtest_output` -> `train_regressor` -> `run_window`, what the window's child
+    process runs), with the profiles' recipe (rank-gaussian targets, the feature probe of `aux_weight`),
+    LoRA r=8, batch 16, `steps` steps at peak lr `lr` on the backbone `base`. Shared by the slow test and
+    `bench/bench_planted.py`. Returns the wide out-of-sample frame (`oos`: date, symbol, window, one column
+    per model), the calendar, each window's `run_window` report, the largest window's train rows and the
+    seconds spent training."""
+    import time
+
+    import pandas as pd
+
+    from modeling.backbones.common import load_tokenizer
+    from modeling.backtest import WindowSpec, plan_windows, window_corpus
+    from modeling.data.parquet_io import write_parquet_atomic
+    from modeling.data.prompt_corpus import write_prompt_corpus
+    from modeling.walk_forward import run_window
+
+    training_set = write_parquet_atomic(frame, root / "training_set.parquet", metadata={"horizon": 1})
+    facts = {"horizon": 1, "label_kind": "excess", "sig_digits": 3}
+    write_prompt_corpus(frame, PromptBuilder(), load_tokenizer(base), root / "corpus.parquet", metadata=facts)
+    corpus = pd.read_parquet(root / "corpus.parquet")
+    calendar = pd.DatetimeIndex(sorted(frame["date"].unique()))
+    windows = plan_windows(calendar, calendar[60:], horizon=1, spec=WindowSpec(step=20, val_dates=10))
+    train = TrainConfig(
+        batch_size=16,
+        learning_rate=lr,
+        max_steps=steps,
+        epochs=50,
+        eval_every_steps=eval_every or max(steps // 4, 1),
+        eval_max_dates=10,
+        progress=False,
+        checkpoint_every_steps=0,
+        target_transform="cs_rank",
+        aux_feature_weight=aux_weight,
+    )
+    forecasts, reports, train_s, n_train = [], [], 0.0, 0
+    for window in windows:
+        out = root / f"window_{window.index}"
+        out.mkdir()
+        rows = window_corpus(corpus, frame, window)
+        n_train = max(n_train, int((rows["split"] == "train").sum()))
+        write_parquet_atomic(rows, out / "corpus.parquet", facts)
+        job = TrainJob(
+            base_model_dir=str(base),
+            corpus_path=str(out / "corpus.parquet"),
+            output_dir=str(out),
+            prompt=PromptBuilder().settings(),
+            regressor=RegressorConfig(lora=LoraSettings(r=8, alpha=16), head=HeadConfig(hidden_sizes=(32,))),
+            train=train,
+            training_set_path=str(training_set),
+            backtest_output=str(out / "forecasts.parquet"),
+        )
+        started = time.perf_counter()
+        result = train_regressor(job, log=lambda _m: None)
+        train_s += time.perf_counter() - started
+        reports.append(run_window(job, result, log=lambda _m: None))
+        forecasts.append(pd.read_parquet(out / "forecasts.parquet").assign(window=window.index))
+    long = pd.concat(forecasts, ignore_index=True)
+    oos = long.pivot_table(index=["date", "symbol", "window"], columns="model", values="prediction")
+    oos = oos.reset_index()
+    return {"oos": oos, "calendar": calendar, "reports": reports, "n_train": n_train, "train_s": train_s}
+
+
 @pytest.fixture(scope="session")
 def tiny_base_model(tmp_path_factory):
     """A small embedded Llama (hidden 32, 2 layers) with a tokenizer fit to prompt text."""

@@ -321,60 +321,15 @@ def test_walk_forward_llm_reads_a_planted_signal_and_finds_nothing_in_shuffled_l
     before, 0.77-0.81), where the feature baselines, handed the number, reach 1.
     The shuffled control, same config: no model's RankIC or mean daily excess return after cost is beyond
     noise (|t| < 3 and t < 2 over the 40 predicted dates)."""
-    from modeling.backbones.common import load_tokenizer
-    from modeling.backtest import analyse, window_corpus
-    from modeling.data.parquet_io import write_parquet_atomic
-    from modeling.data.prompt_corpus import write_prompt_corpus
-    from modeling.job import HeadConfig, LoraSettings, RegressorConfig, TrainConfig, TrainJob
-    from modeling.prompt import PromptBuilder
-    from modeling.train import train_regressor
-    from modeling.walk_forward import FEATURE_BASELINES, LLM_MODEL, run_window
-    from tests.conftest import planted_prompt_market
+    from modeling.backtest import analyse
+    from modeling.walk_forward import FEATURE_BASELINES, LLM_MODEL
+    from tests.conftest import planted_prompt_market, planted_walk_forward
 
     n_symbols = 200
     frame = planted_prompt_market(shuffle, n_symbols=n_symbols)
-    training_set = write_parquet_atomic(frame, tmp_path / "training_set.parquet", metadata={"horizon": 1})
-    facts = {"horizon": 1, "label_kind": "excess", "sig_digits": 3}
-    write_prompt_corpus(
-        frame, PromptBuilder(), load_tokenizer(reading_backbone), tmp_path / "corpus.parquet", metadata=facts
-    )
-    corpus = pd.read_parquet(tmp_path / "corpus.parquet")
-    calendar = pd.DatetimeIndex(sorted(frame["date"].unique()))
-    windows = plan_windows(calendar, calendar[60:], horizon=1, spec=WindowSpec(step=20, val_dates=10))
-    assert len(windows) == 2
-    train = TrainConfig(
-        batch_size=16,
-        learning_rate=1e-3,
-        max_steps=2000,
-        epochs=50,
-        eval_every_steps=500,
-        eval_max_dates=10,
-        progress=False,
-        checkpoint_every_steps=0,
-        target_transform="cs_rank",
-        aux_feature_weight=1.0,
-    )
-    forecasts = []
-    for window in windows:
-        out = tmp_path / f"window_{window.index}"
-        out.mkdir()
-        write_parquet_atomic(window_corpus(corpus, frame, window), out / "corpus.parquet", facts)
-        job = TrainJob(
-            base_model_dir=str(reading_backbone),
-            corpus_path=str(out / "corpus.parquet"),
-            output_dir=str(out),
-            prompt=PromptBuilder().settings(),
-            regressor=RegressorConfig(lora=LoraSettings(r=8, alpha=16), head=HeadConfig(hidden_sizes=(32,))),
-            train=train,
-            training_set_path=str(training_set),
-            backtest_output=str(out / "forecasts.parquet"),
-        )
-        report = run_window(job, train_regressor(job, log=lambda _: None), log=lambda _: None)
-        assert report["rows"] == 20 * n_symbols and report["dates"] == 20
-        forecasts.append(pd.read_parquet(out / "forecasts.parquet").assign(window=window.index))
-    long = pd.concat(forecasts, ignore_index=True)
-    oos = long.pivot_table(index=["date", "symbol", "window"], columns="model", values="prediction")
-    oos = oos.reset_index()
+    run = planted_walk_forward(reading_backbone, frame, tmp_path, steps=2000, lr=1e-3, eval_every=500)
+    assert [(r["rows"], r["dates"]) for r in run["reports"]] == [(20 * n_symbols, 20)] * 2  # two windows
+    oos, calendar = run["oos"], run["calendar"]
     assert len(oos) == 40 * n_symbols and oos["date"].min() == calendar[60]  # every name of every date
     models = [LLM_MODEL, *FEATURE_BASELINES]
     returns = frame[["date", "symbol"]].assign(ret=frame["fwd_ret"])
