@@ -87,7 +87,7 @@ def bench_llama8b(args: argparse.Namespace) -> dict:
         head=HeadConfig(hidden_sizes=(1024, 256)),
         gradient_checkpointing=args.grad_ckpt,
     )
-    peft_model = get_peft_model(backbone, settings.lora.peft_config())
+    peft_model = get_peft_model(backbone, settings.lora.peft_config(backbone))
     model = LLMRegressor(
         peft_model, RegressionHead(config.hidden_size, settings.head).to(device), settings, {}
     )

@@ -725,6 +725,18 @@ ROUTES: dict[str, tuple[int, dict]] = {
         24_000,
         {**R32, "epochs": 2, "lora.target_modules": (*PROJECTIONS, "embed_tokens")},
     ),
+    "aux 1.0, cs_rank, LoRA r=32, 2 epochs, LoRA on the attention projections only": (
+        24_000,
+        {**R32, "epochs": 2, "lora.target_modules": PROJECTIONS[:4]},
+    ),
+    "aux 1.0, cs_rank, LoRA r=32, 2 epochs, LoRA on the MLP projections only": (
+        24_000,
+        {**R32, "epochs": 2, "lora.target_modules": PROJECTIONS[4:]},
+    ),
+    "aux 1.0, cs_rank, LoRA r=32, 2 epochs, LoRA in the last decoder layer only": (
+        24_000,
+        {**R32, "epochs": 2, "lora.last_layers": 1},
+    ),
     "aux 1.0, cs_rank, LoRA r=32, 2 epochs, head dropout 0": (
         24_000,
         {**R32, "epochs": 2, "head.dropout": 0.0},

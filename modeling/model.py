@@ -339,7 +339,7 @@ def build_regressor(
     backbone.requires_grad_(False)
     if config.gradient_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    peft_model = get_peft_model(backbone, config.lora.peft_config())  # adapters trainable, fp32
+    peft_model = get_peft_model(backbone, config.lora.peft_config(backbone))  # adapters trainable, fp32
     hidden = int(backbone.config.get_text_config().hidden_size)
     head = RegressionHead(hidden, config.head).to(device=next(peft_model.parameters()).device)
     return LLMRegressor(peft_model, head, config, base_model or describe_reference(path))

@@ -132,6 +132,7 @@ OVERRIDABLE = {
     "target_modules": ("lora", "target_modules"),
     "use_rslora": ("lora", "use_rslora"),
     "use_dora": ("lora", "use_dora"),
+    "lora_last_layers": ("lora", "last_layers"),
     "head_hidden_sizes": ("head", "hidden_sizes"),
     "head_activation": ("head", "activation"),
     "head_dropout": ("head", "dropout"),

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from modeling.job import ExperimentSpec, HeadConfig, Outcome, RegressorConfig, TrainConfig, TrainJob
+from modeling.job import (
+    ExperimentSpec,
+    HeadConfig,
+    LoraSettings,
+    Outcome,
+    RegressorConfig,
+    TrainConfig,
+    TrainJob,
+)
+from modeling.profiles import PROFILES, apply_overrides
 
 
 def _job(**kwargs) -> TrainJob:
@@ -23,6 +32,17 @@ def test_nested_parts_are_typed_and_round_trip_through_json(tmp_path: Path) -> N
     assert isinstance(job.experiment, ExperimentSpec) and job.experiment.gate_k == 2.0
     again = TrainJob.load(job.save(tmp_path / "job.json"))
     assert again == job and again.regressor.head.hidden_sizes == (64, 32)
+
+
+def test_lora_last_layers_is_a_flat_override_and_round_trips(tmp_path: Path) -> None:
+    cpu = PROFILES["cpu"]
+    regressor, _ = apply_overrides(cpu.regressor, cpu.train, {"lora_last_layers": 1})
+    assert (
+        regressor.lora == LoraSettings(r=32, alpha=64.0, last_layers=1)
+        and cpu.regressor.lora.last_layers is None
+    )
+    job = _job(regressor=regressor)
+    assert TrainJob.load(job.save(tmp_path / "job.json")).regressor.lora.last_layers == 1
 
 
 def test_a_typo_fails_when_the_job_is_built() -> None:

@@ -134,6 +134,48 @@ def test_only_lora_and_head_train_and_the_backbone_stays_frozen(
     assert any(not torch.equal(after[n], v) for n, v in lora.items())
 
 
+def test_lora_in_the_last_layers_only_adapts_those_layers_and_survives_save_and_load(
+    tiny_base_model: Path, prompts: list[str], tmp_path: Path
+) -> None:
+    def adapted(model, trainable: bool = True) -> set[tuple[int, str]]:  # (layer, projection) of each LoRA A
+        names = [
+            n for n, p in model.named_parameters() if "lora_A" in n and (p.requires_grad or not trainable)
+        ]
+        return {
+            (int(n.split(".layers.")[1].split(".")[0]), n.split(".lora_A")[0].rsplit(".", 1)[-1])
+            for n in names
+        }
+
+    projections = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert adapted(_model(tiny_base_model)) == {(i, p) for i in (0, 1) for p in projections}  # 2 layers
+    last = _model(tiny_base_model, lora=LoraSettings(last_layers=1))
+    assert adapted(last) == {(1, p) for p in projections}  # attention and MLP, the last layer only
+    named = _model(tiny_base_model, lora=LoraSettings(last_layers=1, target_modules=("q_proj", "down_proj")))
+    assert adapted(named) == {(1, "q_proj"), (1, "down_proj")}
+    assert adapted(_model(tiny_base_model, lora=LoraSettings(last_layers=5))) == adapted(
+        _model(tiny_base_model)
+    )
+    with pytest.raises(ValueError, match="last_layers"):
+        LoraSettings(last_layers=0)
+    with pytest.raises(ValueError, match="backbone"):
+        LoraSettings(last_layers=1).peft_config()
+    # every adapter of the last layer learns; the saved model reloads with the same adapters and forecasts
+    tok = load_tokenizer(tiny_base_model)
+    batch = pad_batch(tok, encode_prompts(tok, prompts))
+    last.train()
+    (last(**batch) ** 2).mean().backward()
+    grads = [p.grad for n, p in last.named_parameters() if p.requires_grad and "lora_" in n]
+    assert len(grads) == 14 and all(g is not None and g.abs().sum() > 0 for g in grads)
+    last.eval()
+    expected = predict_prompts(last, tok, prompts)
+    loaded = load_regressor(save_regressor(last, tmp_path / "saved", PromptBuilder().settings()))
+    loaded_layers = {
+        n.split(".layers.")[1].split(".")[0] for n, _ in loaded.named_parameters() if "lora_A" in n
+    }
+    assert loaded_layers == {"1"} and loaded.config.lora.last_layers == 1
+    np.testing.assert_allclose(predict_prompts(loaded, tok, prompts), expected, atol=1e-6)
+
+
 def test_loss_falls_when_overfitting_a_tiny_batch(tiny_base_model: Path, prompts: list[str]) -> None:
     torch.manual_seed(0)
     model = build_regressor(tiny_base_model, RegressorConfig(head=HeadConfig(dropout=0.0))).train()

@@ -45,6 +45,11 @@ class RegressorAssetConfig(Config):
     epochs: int | None = Field(default=None, ge=1, description="Passes over the sampled train rows.")
     lora_r: int | None = Field(default=None, ge=1, description="LoRA rank.")
     lora_alpha: float | None = Field(default=None, gt=0, description="LoRA alpha.")
+    lora_last_layers: int | None = Field(
+        default=None,
+        ge=1,
+        description="Adapt the last N decoder layers only (None = the profile's: every layer).",
+    )
     loss: str | None = Field(
         default=None, description="mse, huber, or ic (per-date correlation; needs date_group_size)."
     )
@@ -107,6 +112,7 @@ class RegressorAssetConfig(Config):
             "epochs",
             "lora_r",
             "lora_alpha",
+            "lora_last_layers",
             "loss",
             "target_transform",
             "aux_feature_weight",
