@@ -68,9 +68,8 @@ class LoraSettings:
     use_dora: bool = False
     """Weight-decomposed LoRA (DoRA)."""
     last_layers: int | None = None
-    """Adapt the target modules of the last this many decoder layers only (None = every layer). Backward
-    then stops at the first adapted layer: on the embedded 2-layer backbone, the last layer alone trains
-    2.5x the samples/s of both at a validation RankIC within noise of them (routes, BENCHMARKS.md)."""
+    """Adapt the last this many decoder layers only (None = all): backward stops at the first adapted one
+    (2.5-2.8x the samples/s on the embedded backbone with 1 of 2; routes, BENCHMARKS.md)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.target_modules, str):
@@ -83,23 +82,20 @@ class LoraSettings:
             raise ValueError(f"LoRA last_layers must be >= 1 or None, got {self.last_layers}")
 
     def peft_config(self, backbone: Any = None) -> Any:
-        """peft's `LoraConfig`; `backbone` (the model the adapters go into) is needed with `last_layers`,
-        to count its layers and, for "all-linear", to name its linear modules."""
+        """peft's `LoraConfig`; `last_layers` needs the `backbone` (its layer count and linear modules)."""
         from peft import LoraConfig
+
+        from modeling.backbones.common import decoder_linear_names
 
         targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
         layers = None
         if self.last_layers is not None:
-            if backbone is None:
-                raise ValueError("LoRA last_layers needs the backbone to count its layers")
+            if backbone is None or (isinstance(targets, str) and targets != "all-linear"):
+                raise ValueError("LoRA last_layers needs the backbone, and module names or 'all-linear'")
             n_layers = int(backbone.config.get_text_config().num_hidden_layers)
             layers = list(range(max(0, n_layers - self.last_layers), n_layers))
-            if targets == "all-linear":  # peft takes layer indices only with module names, not a pattern
-                targets = _decoder_linear_names(backbone)
-            elif isinstance(targets, str):
-                raise ValueError(
-                    "LoRA last_layers needs target_modules as names or 'all-linear', not a regex"
-                )
+            # peft takes layer indices only with module names, not a pattern
+            targets = decoder_linear_names(backbone) if targets == "all-linear" else targets
         return LoraConfig(
             r=self.r,
             lora_alpha=self.alpha,
@@ -111,19 +107,6 @@ class LoraSettings:
             use_dora=self.use_dora,
             bias="none",
         )
-
-
-def _decoder_linear_names(backbone: Any) -> list[str]:
-    """The names of the linear modules inside the decoder layers (what "all-linear" adapts), e.g. q_proj."""
-    import torch
-
-    return sorted(
-        {
-            name.rsplit(".", 1)[-1]
-            for name, module in backbone.named_modules()
-            if isinstance(module, torch.nn.Linear) and "layers" in name.split(".")
-        }
-    )
 
 
 @dataclass(frozen=True)

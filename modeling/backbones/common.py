@@ -116,6 +116,17 @@ def load_causal_lm(
     return AutoModelForCausalLM.from_pretrained(p, **_load_kwargs(dtype, device_map))
 
 
+def decoder_linear_names(backbone: torch.nn.Module) -> list[str]:
+    """The names of the linear modules inside the decoder layers (what "all-linear" adapts), e.g. q_proj."""
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in backbone.named_modules()
+            if isinstance(module, torch.nn.Linear) and "layers" in name.split(".")
+        }
+    )
+
+
 def _count_parameters_from_safetensors(files: list[Path]) -> int:
     """Sum of the tensor sizes declared in the safetensors headers; reads no weight data."""
     from safetensors import safe_open
