@@ -85,11 +85,11 @@ class LoraSettings:
         """peft's `LoraConfig`; `last_layers` needs the `backbone` (its layer count and linear modules)."""
         from peft import LoraConfig
 
-        from modeling.backbones.common import decoder_linear_names
-
         targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
         layers = None
         if self.last_layers is not None:
+            from modeling.backbones.common import decoder_linear_names
+
             if backbone is None or (isinstance(targets, str) and targets != "all-linear"):
                 raise ValueError("LoRA last_layers needs the backbone, and module names or 'all-linear'")
             n_layers = int(backbone.config.get_text_config().num_hidden_layers)
