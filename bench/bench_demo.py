@@ -65,7 +65,7 @@ def main() -> None:
         "demo",
         f"""## `make demo` (issue 9)
 
-Command: `{COMMAND}` (= `make demo` on a fresh DATA_DIR, virtual environment already installed). Machine: {m["cores"]} cores ({m["cpu"]}). Default market (1000 symbols x 5 years), embedded backbone pretrained on 8,000 train prompts, `cpu` training profile (24,000 sampled train rows), final comparison on every validation date and 120 evenly spaced test dates (the profile's `final_test_max_dates`), champion predictions for the live date.
+Command: `{COMMAND}` (= `make demo` on a fresh DATA_DIR, virtual environment already installed). Machine: {m["cores"]} cores ({m["cpu"]}). Default market (1000 symbols x 5 years), embedded backbone pretrained on 8,000 train prompts, `cpu` training profile (24,000 sampled train rows, LoRA in the last decoder layer), final comparison on every validation and test date, champion predictions for the live date.
 
 {chr(10).join(lines)}
 

@@ -737,6 +737,10 @@ ROUTES: dict[str, tuple[int, dict]] = {
         24_000,
         {**R32, "epochs": 2, "lora.last_layers": 1},
     ),
+    "aux 1.0, cs_rank, LoRA r=32, 2 epochs, LoRA in the last decoder layer only, 48k rows": (
+        48_000,
+        {**R32, "epochs": 2, "lora.last_layers": 1},
+    ),
     "aux 1.0, cs_rank, LoRA r=32, 2 epochs, head dropout 0": (
         24_000,
         {**R32, "epochs": 2, "head.dropout": 0.0},
@@ -941,6 +945,57 @@ Command: `python bench/bench_regressor.py routes` after `make demo`. Machine: {m
     print("\n".join(lines))
 
 
+def bench_route_seeds(args) -> None:
+    """The routes named by `--only` (exact names, "|"-separated) on seeds 0..--seeds-1, each paired with
+    every other on the seed-averaged daily series (a profile change takes this, not one seed's route).
+    Prints the rows; BENCHMARKS.md gets them by hand, with the decision they support."""
+    import pandas as pd
+
+    from modeling.evaluation import split_rows
+    from modeling.feature_registry import FEATURE_NAMES
+    from modeling.metrics import DailyMean, paired_series_difference
+
+    names = [n for n in args.only.split("|") if n]
+    missing = [n for n in names if n not in ROUTES]
+    if len(names) < 2 or missing:
+        raise SystemExit(f"route-seeds needs two or more exact route names in --only; unknown: {missing}")
+    base, corpus, training_set = _paths()
+    features = pd.read_parquet(
+        training_set, columns=["date", "symbol", *FEATURE_NAMES, "fwd_ret"]
+    ).drop_duplicates(["date", "symbol"])
+    frame = split_rows(corpus, "validation", None)
+    frame = frame[frame["date"].isin(sorted(frame["date"].unique())[::2])].reset_index(drop=True)
+    frame = frame.merge(features, on=["date", "symbol"], how="left")
+    series: dict[str, list] = {}
+    lines = ["| run | " + " | ".join(f"seed {s}" for s in range(args.seeds)) + " | mean (sd) | samples/s |"]
+    lines.append("|---|" + "---:|" * (args.seeds + 2))
+    for name in names:
+        size, overrides = ROUTES[name]
+        runs = []
+        for seed in range(args.seeds):  # seed 0 is the route itself (its cache entry)
+            over = overrides if seed == 0 else {**overrides, "seed": seed}
+            print(f"route: {name}, seed {seed}", flush=True)
+            runs.append(route_run(base, corpus, features, frame, name, size, over, OUT / "routes"))
+        series[name] = [_series_from(r["daily"]["prediction"]) for r in runs]
+        ridge = [_series_from(r["daily"]["ridge"]) for r in runs]
+        if not any(k.startswith("ridge") and all(map(pd.Series.equals, v, ridge)) for k, v in series.items()):
+            series[f"ridge on the rows of: {name}"] = ridge  # (routes on the same rows share one ridge)
+        means = pd.Series([DailyMean.of(x).mean for x in series[name]])
+        rates = [r["samples_per_s"] for r in runs]
+        lines.append(
+            f"| {name} | "
+            + " | ".join(_stat_cell(DailyMean.of(x)) for x in series[name])
+            + f" | {means.mean():.4f} ({means.std():.4f}) | {min(rates):.0f}-{max(rates):.0f} |"
+        )
+    averaged = {k: pd.concat(v, axis=1).mean(axis=1) for k, v in series.items()}
+    lines.append("")
+    keys = list(averaged)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1 :]:
+            lines.append(f"- {a} − {b}: {paired_series_difference(averaged[a], averaged[b])}")
+    print("\n".join(lines))
+
+
 # --- time levers ----------------------------------------------------------------------------------------------
 def _train_rate(
     base: Path, corpus: Path, n_rows: int, compile_model: bool = False, steps: int = 60
@@ -1092,9 +1147,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", choices=["peer", "quality", "curve", "inference", "routes", "levers"])
+    parser.add_argument(
+        "what", choices=["peer", "quality", "curve", "inference", "routes", "route-seeds", "levers"]
+    )
     parser.add_argument("--pct-data", default="", help="levers: a DATA_DIR built with percentile prompts")
-    parser.add_argument("--only", default="", help="routes: comma-separated substrings of route names")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="routes: comma-separated substrings of route names; route-seeds: exact names, '|'-separated",
+    )
     parser.add_argument("--rows", type=int, default=8000, help="peer / inference: train rows")
     parser.add_argument("--eval-dates", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
@@ -1104,7 +1165,7 @@ def main() -> None:
         default="cpu",
         help="curve: the training profile (gpu: on a GPU machine, see BENCHMARKS.md)",
     )
-    parser.add_argument("--seeds", type=int, default=3, help="curve / quality: seeds at the small sizes")
+    parser.add_argument("--seeds", type=int, default=3, help="curve / quality / route-seeds: seeds")
     parser.add_argument(
         "--epochs",
         type=int,
@@ -1128,6 +1189,7 @@ def main() -> None:
         "curve": bench_curve,
         "inference": bench_inference,
         "routes": bench_routes,
+        "route-seeds": bench_route_seeds,
         "levers": bench_levers,
     }
     runners[args.what](args)

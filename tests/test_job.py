@@ -35,14 +35,15 @@ def test_nested_parts_are_typed_and_round_trip_through_json(tmp_path: Path) -> N
 
 
 def test_lora_last_layers_is_a_flat_override_and_round_trips(tmp_path: Path) -> None:
-    cpu = PROFILES["cpu"]
-    regressor, _ = apply_overrides(cpu.regressor, cpu.train, {"lora_last_layers": 1})
-    assert (
-        regressor.lora == LoraSettings(r=32, alpha=64.0, last_layers=1)
-        and cpu.regressor.lora.last_layers is None
-    )
+    cpu, gpu = PROFILES["cpu"], PROFILES["gpu"]
+    # the cpu profile adapts the last layer only (the 3-seed comparison); the gpu one every layer
+    assert cpu.regressor.lora.last_layers == 1 and gpu.regressor.lora.last_layers is None
+    regressor, _ = apply_overrides(gpu.regressor, gpu.train, {"lora_last_layers": 2})
+    assert regressor.lora == LoraSettings(r=16, alpha=32.0, last_layers=2)
+    every, _ = apply_overrides(cpu.regressor, cpu.train, {"lora_last_layers": None})
+    assert every.lora == LoraSettings(r=32, alpha=64.0) and every.lora.last_layers is None
     job = _job(regressor=regressor)
-    assert TrainJob.load(job.save(tmp_path / "job.json")).regressor.lora.last_layers == 1
+    assert TrainJob.load(job.save(tmp_path / "job.json")).regressor.lora.last_layers == 2
 
 
 def test_a_typo_fails_when_the_job_is_built() -> None:

@@ -48,7 +48,10 @@ class RegressorAssetConfig(Config):
     lora_last_layers: int | None = Field(
         default=None,
         ge=1,
-        description="Adapt the last N decoder layers only (None = the profile's: every layer).",
+        description=(
+            "Adapt the last N decoder layers only (None = the profile's: cpu 1, gpu every layer; "
+            "N >= the backbone's layer count adapts every layer)."
+        ),
     )
     loss: str | None = Field(
         default=None, description="mse, huber, or ic (per-date correlation; needs date_group_size)."
