@@ -889,12 +889,13 @@ def hashlib_key(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def bench_routes(args) -> None:
+def _route_inputs():
+    """(backbone, corpus, the 16 features by date and symbol, every other validation date's rows with
+    their features): what every route is trained from and judged on."""
     import pandas as pd
 
     from modeling.evaluation import split_rows
     from modeling.feature_registry import FEATURE_NAMES
-    from modeling.metrics import DailyMean, paired_series_difference
 
     base, corpus, training_set = _paths()
     features = pd.read_parquet(
@@ -902,7 +903,13 @@ def bench_routes(args) -> None:
     ).drop_duplicates(["date", "symbol"])
     frame = split_rows(corpus, "validation", None)
     frame = frame[frame["date"].isin(sorted(frame["date"].unique())[::2])].reset_index(drop=True)
-    frame = frame.merge(features, on=["date", "symbol"], how="left")
+    return base, corpus, features, frame.merge(features, on=["date", "symbol"], how="left")
+
+
+def bench_routes(args) -> None:
+    from modeling.metrics import DailyMean, paired_series_difference
+
+    base, corpus, features, frame = _route_inputs()
     chosen = [n for n in ROUTES if not args.only or any(o in n for o in args.only.split(","))]
     records = {}
     for name in chosen:
@@ -951,21 +958,13 @@ def bench_route_seeds(args) -> None:
     Prints the rows; BENCHMARKS.md gets them by hand, with the decision they support."""
     import pandas as pd
 
-    from modeling.evaluation import split_rows
-    from modeling.feature_registry import FEATURE_NAMES
     from modeling.metrics import DailyMean, paired_series_difference
 
     names = [n for n in args.only.split("|") if n]
     missing = [n for n in names if n not in ROUTES]
     if len(names) < 2 or missing:
         raise SystemExit(f"route-seeds needs two or more exact route names in --only; unknown: {missing}")
-    base, corpus, training_set = _paths()
-    features = pd.read_parquet(
-        training_set, columns=["date", "symbol", *FEATURE_NAMES, "fwd_ret"]
-    ).drop_duplicates(["date", "symbol"])
-    frame = split_rows(corpus, "validation", None)
-    frame = frame[frame["date"].isin(sorted(frame["date"].unique())[::2])].reset_index(drop=True)
-    frame = frame.merge(features, on=["date", "symbol"], how="left")
+    base, corpus, features, frame = _route_inputs()
     series: dict[str, list] = {}
     lines = ["| run | " + " | ".join(f"seed {s}" for s in range(args.seeds)) + " | mean (sd) | samples/s |"]
     lines.append("|---|" + "---:|" * (args.seeds + 2))
