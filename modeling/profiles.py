@@ -64,7 +64,8 @@ PROFILES: dict[str, Profile] = {
             # mean of 3 seeds; test +0.0020 +- 0.0010, t 2.1), which brings the LLM within noise of ridge
             # on the same rows; batch 16 for one pass instead lost 0.013 (routes and quality, BENCHMARKS.md)
             epochs=2,
-            # a guard, not a schedule: two passes take 75-160 s on 2 cores with the last-layer adapters
+            # a guard, not a schedule: two passes take 110-280 s on 2 cores with the last-layer adapters
+            # (280 s, periodic evaluations included, in the slowest demo measured)
             time_budget_s=420.0,
             eval_every_steps=375,
             eval_max_dates=16,
