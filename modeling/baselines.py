@@ -109,7 +109,8 @@ def fit_lightgbm(train: pd.DataFrame, validation: pd.DataFrame, cfg: BaselineCon
         train[features],
         train["label"],
         sample_weight=_weights(train),
-        eval_set=[(validation[features], validation["label"])],
+        eval_X=validation[features],  # `eval_set` is deprecated since lightgbm 4.7
+        eval_y=validation["label"],
         callbacks=[lgb.early_stopping(30, verbose=False)],
     )
     return lambda frame: model.predict(frame[features], num_iteration=model.best_iteration_)
