@@ -50,6 +50,14 @@ def _paths() -> tuple[Path, Path, Path]:
     return base, corpus, training_set
 
 
+def _horizon(corpus: Path) -> int:
+    """The label horizon of the corpus's prompts (the purge of the baselines' early-stopping rows)."""
+    from modeling.data.parquet_io import read_parquet_metadata
+    from modeling.prompt import PromptBuilder
+
+    return int(PromptBuilder.of_corpus(read_parquet_metadata(corpus)).settings()["horizon"])
+
+
 def _eval_frame(corpus: Path, training_set: Path, split: str, n_dates: int | None):
     import pandas as pd
 
@@ -367,14 +375,14 @@ def bench_quality(args) -> None:
     train = train_sample(corpus, cfg, None, ["date", "symbol", "label", "weight"]).merge(
         features, on=["date", "symbol"], how="left"
     )
-    preds, _ = fit_predict_baselines(
-        train, frames["validation"], frames, BaselineConfig(mlp_head=profile.regressor.head)
+    preds, _ = fit_predict_baselines(  # (early stopping on the train rows' last dates: None)
+        train, None, frames, BaselineConfig(mlp_head=profile.regressor.head), horizon=_horizon(corpus)
     )
     everything = train_sample(
         corpus, replace(cfg, max_train_samples=None), None, ["date", "symbol", "label", "weight"]
     ).merge(features, on=["date", "symbol"], how="left")
     preds_all, _ = fit_predict_baselines(
-        everything, frames["validation"], frames, BaselineConfig(), only=("ridge", "lightgbm")
+        everything, None, frames, BaselineConfig(), only=("ridge", "lightgbm"), horizon=_horizon(corpus)
     )
     ridge_val = _daily(frames["validation"].assign(p=preds["ridge"]["validation"]), "p")
     for label, source, names in (
@@ -403,12 +411,20 @@ def bench_quality(args) -> None:
         oracle = None
     if oracle is not None:
         rows.append(f"| oracle (planted signal, universe, all dates) | {oracle:.4f} | {oracle:.4f} | |")
-    save_json("regressor_quality", {"rows": rows})
-    write_section(
+    name, title, command = (
         "regressor_quality",
-        f"""## Forecast quality on the default market (issues 8 and 13)
+        "",
+        f"python bench/bench_regressor.py quality --seeds {args.seeds}",
+    )
+    if args.override:  # a candidate profile gets its own section; the profile's own table stays
+        name, title = "regressor_quality_candidate", f", candidate cpu profile with {args.override}"
+        command += f" --override '{args.override}'"
+    save_json(name, {"rows": rows})
+    write_section(
+        name,
+        f"""## Forecast quality on the default market{title} (issues 8 and 13)
 
-Command: `python bench/bench_regressor.py quality --seeds {args.seeds}` after `make demo`. Machine: {machine()["cores"]} cores ({machine()["cpu"]}). The demo's recipe (cpu profile: {size:,} sampled train rows, {passes}); every model scored on **every** validation and test date ({len(frames["validation"]):,} / {len(frames["test"]):,} rows): mean daily RankIC ± SE (dates). The pretrained-backbone LLM is averaged over {args.seeds} seeds date by date (seed sd: the spread of the seeds' means). A seed also draws the {size:,} train rows, so ridge and the MLP are shown on each seed's rows (averaged the same way) and on seed 0's rows alone. "vs ridge" is the paired daily difference to ridge on the same rows and targets, Δ ± SE (t); for the seeds' mean it pairs each seed with its own ridge, and lists the per-seed differences.
+Command: `{command}` after `make demo`. Machine: {machine()["cores"]} cores ({machine()["cpu"]}). The demo's recipe (cpu profile: {size:,} sampled train rows, {passes}); every model scored on **every** validation and test date ({len(frames["validation"]):,} / {len(frames["test"]):,} rows): mean daily RankIC ± SE (dates). The pretrained-backbone LLM is averaged over {args.seeds} seeds date by date (seed sd: the spread of the seeds' means). A seed also draws the {size:,} train rows, so ridge and the MLP are shown on each seed's rows (averaged the same way) and on seed 0's rows alone. "vs ridge" is the paired daily difference to ridge on the same rows and targets, Δ ± SE (t); for the seeds' mean it pairs each seed with its own ridge, and lists the per-seed differences.
 
 | model | validation RankIC | test RankIC | vs ridge (same rows), validation |
 |---|---:|---:|---:|
@@ -471,8 +487,6 @@ def curve_run(
     score every date of both splits, fit ridge and the feature MLP on the same rows, targets and weights.
     Kept as JSON (daily RankIC series)."""
     from modeling.backbones.common import load_tokenizer
-    from modeling.baselines import BaselineConfig, fit_predict_baselines
-    from modeling.data.corpus import train_sample
     from modeling.evaluation import score_rows
     from modeling.model import load_regressor
     from modeling.profiles import PROFILES
@@ -484,30 +498,20 @@ def curve_run(
     key = f"{size or 'all'}-seed{seed}-{_recipe_key(cfg, profile.regressor)}"
     path = out / f"{key}.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
+        if record.get("baselines_version") != BASELINES_VERSION:  # the LLM's series stay, the baselines refit
+            record = _with_baselines(record, corpus, features, frames, cfg, profile.regressor.head, seed)
+            path.write_text(json.dumps(record, default=float))
+        return record
     started = time.perf_counter()
     trained = ours_train(
         base, corpus, size, seed, out / key, eval_every=None, profile_name=profile_name, **passes
     )
     train_s = time.perf_counter() - started
     model, tok = load_regressor(trained.model_dir), load_tokenizer(base)
-    train = train_sample(corpus, cfg, None, ["date", "symbol", "label", "weight"]).merge(
-        features, on=["date", "symbol"], how="left"
-    )
-    mlp_loss = cfg.loss if cfg.loss != "ic" else "mse"
-    preds, _ = fit_predict_baselines(
-        train,
-        frames["validation"],
-        frames,
-        BaselineConfig(mlp_head=profile.regressor.head, seed=seed),
-        mlp_loss,
-        cfg.huber_delta,
-        only=("ridge", "mlp_features"),
-    )
     record = {
         "size": size,
         "seed": seed,
-        "n_train_rows": len(train),
         "train_s": round(train_s, 1),
         "report": {k: v for k, v in trained.report().items() if k not in ("history", "eval_dates")},
         "history": trained.report()["history"],
@@ -516,18 +520,43 @@ def curve_run(
     }
     for split, frame in frames.items():
         scored, rate = score_rows(model, tok, frame)
-        both = frame.drop(columns="prompt").assign(
-            prediction=scored["prediction"].to_numpy(),
-            ridge=preds["ridge"][split],
-            mlp_features=preds["mlp_features"][split],
-        )
+        both = frame.drop(columns="prompt").assign(prediction=scored["prediction"].to_numpy())
         record["score_rows_per_s"][split] = round(rate, 1)
-        record["daily"][split] = {
-            m: _series_json(_daily(both, m)) for m in ("prediction", "ridge", "mlp_features")
-        }
+        record["daily"][split] = {"prediction": _series_json(_daily(both, "prediction"))}
+    record = _with_baselines(record, corpus, features, frames, cfg, profile.regressor.head, seed)
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, default=float))
     return record
+
+
+BASELINES_VERSION = 2
+"""Version of the baselines' fitting in a curve record. 2: LightGBM and the MLP stop early on the train
+rows' last dates (before: on the validation split they are judged on). A cached record of another version
+keeps its LLM series and gets its baselines refit."""
+
+
+def _with_baselines(record: dict, corpus: Path, features, frames: dict, cfg, head, seed: int) -> dict:
+    """`record` with ridge's and the feature MLP's daily series, fit on the run's rows, targets and weights."""
+    from modeling.baselines import BaselineConfig, fit_predict_baselines
+    from modeling.data.corpus import train_sample
+
+    train = train_sample(corpus, cfg, None, ["date", "symbol", "label", "weight"]).merge(
+        features, on=["date", "symbol"], how="left"
+    )
+    preds, _ = fit_predict_baselines(
+        train,
+        None,  # the MLP stops early on the train rows' last dates, not on the dates it is judged on
+        frames,
+        BaselineConfig(mlp_head=head, seed=seed),
+        cfg.loss if cfg.loss != "ic" else "mse",
+        cfg.huber_delta,
+        only=("ridge", "mlp_features"),
+        horizon=_horizon(corpus),
+    )
+    for split, frame in frames.items():
+        both = frame.drop(columns="prompt").assign(**{m: p[split] for m, p in preds.items()})
+        record["daily"][split].update({m: _series_json(_daily(both, m)) for m in preds})
+    return {**record, "n_train_rows": len(train), "baselines_version": BASELINES_VERSION}
 
 
 def _stat_cell(stat) -> str:
@@ -573,9 +602,7 @@ def bench_curve(args) -> None:
     all_rows = train_sample(corpus, cfg_all, None, ["date", "symbol", "label", "weight"]).merge(
         features, on=["date", "symbol"], how="left"
     )
-    ridge_all, _ = fit_predict_baselines(
-        all_rows, frames["validation"], frames, BaselineConfig(), only=("ridge",)
-    )
+    ridge_all, _ = fit_predict_baselines(all_rows, None, frames, BaselineConfig(), only=("ridge",))
     reference = {
         s: DailyMean.of(_daily(frames[s].assign(ridge=ridge_all["ridge"][s]), "ridge")) for s in frames
     }
@@ -740,6 +767,14 @@ ROUTES: dict[str, tuple[int, dict]] = {
     "aux 1.0, cs_rank, LoRA r=32, 2 epochs, LoRA in the last decoder layer only, 48k rows": (
         48_000,
         {**R32, "epochs": 2, "lora.last_layers": 1},
+    ),
+    "aux 1.0, cs_rank, LoRA r=32, 2 epochs, LoRA in the last decoder layer only, MSE on date groups of 16": (
+        24_000,
+        {**R32, "epochs": 2, "lora.last_layers": 1, "date_group_size": 16},
+    ),
+    "aux 1.0, cs_rank, LoRA r=32, 2 epochs, LoRA in the last decoder layer only, IC loss on date groups of 16": (
+        24_000,
+        {**R32, "epochs": 2, "lora.last_layers": 1, "loss": "ic", "date_group_size": 16},
     ),
     "aux 1.0, cs_rank, LoRA r=32, 2 epochs, head dropout 0": (
         24_000,
@@ -1142,6 +1177,20 @@ Command: `python bench/bench_regressor.py inference --rows {args.rows} --eval-da
     print(json.dumps(results, indent=1))
 
 
+def _override_cpu_profile(spec: str) -> None:
+    """Replace the cpu profile, in this process only, by itself with `spec`'s flat settings (`k=v`,
+    comma-separated, JSON values; the names `modeling.profiles.OVERRIDABLE` knows)."""
+    from modeling.profiles import PROFILES, apply_overrides
+
+    overrides = {}
+    for item in spec.split(","):
+        key, _, value = item.partition("=")
+        overrides[key.strip()] = json.loads(value)
+    cpu = PROFILES["cpu"]
+    regressor, train = apply_overrides(cpu.regressor, cpu.train, overrides)
+    PROFILES["cpu"] = replace(cpu, regressor=regressor, train=train)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1176,7 +1225,15 @@ def main() -> None:
     parser.add_argument(
         "--multi-seed-max", type=int, default=24000, help="curve: sizes up to this get --seeds"
     )
+    parser.add_argument(
+        "--override",
+        default="",
+        help="quality: a candidate cpu profile, flat settings as JSON values, e.g. "
+        "'loss=\"ic\",date_group_size=16' (its own BENCHMARKS.md section)",
+    )
     args = parser.parse_args()
+    if args.override:
+        _override_cpu_profile(args.override)
     from modeling.allocator import tune_malloc
 
     # as the training process and the pyfunc do (modeling/allocator.py); `GLIBC_TUNABLES= python ...`

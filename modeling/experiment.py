@@ -222,8 +222,9 @@ def _compare_with_baselines(
     train = with_features(train_keys, features)
     baseline_config = BaselineConfig(mlp_head=job.regressor.head, seed=job.train.seed)
     mlp_loss = job.train.loss if job.train.loss != "ic" else "mse"
+    # early stopping on the train rows' last dates, never on the validation rows they are judged on
     predictions, baseline_seconds = fit_predict_baselines(
-        train, frames["validation"], frames, baseline_config, mlp_loss, job.train.huber_delta
+        train, None, frames, baseline_config, mlp_loss, job.train.huber_delta, horizon=horizon
     )
     for name, per_split in predictions.items():
         results[name] = {

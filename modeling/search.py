@@ -45,6 +45,17 @@ TARGET_MODULE_SETS: dict[str, tuple[str, ...] | str] = {
 """Named target-module sets (Llama naming; "all" is every linear layer of any architecture)."""
 
 
+IC_DATE_GROUP = 16
+"""Rows of one date per group when a trial takes the per-date IC loss (the cpu profile's groups)."""
+
+
+def with_date_groups(params: dict[str, Any], group: int = IC_DATE_GROUP) -> dict[str, Any]:
+    """`params` with the `date_group_size` its loss needs: `group` for `ic`, 0 (plain rows) otherwise,
+    so that a trial (or the best trial's overrides) never inherits the profile's grouping for another
+    loss."""
+    return {**params, "date_group_size": group if params.get("loss") == "ic" else 0}
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """Ranges and choices of the search."""
@@ -61,7 +72,19 @@ class SearchSpace:
     steps: tuple[int, ...] = (250, 500, 750)
     """Optimizer steps per trial (the training budget; `max_train_samples` is set to cover them)."""
     weight_scheme: tuple[str, ...] = ("sqrt_inverse", "inverse", "lds", "none")
-    loss: tuple[str, ...] = ("mse", "huber")
+    loss: tuple[str, ...] = ("mse", "huber", "ic")
+    date_group_size: int = IC_DATE_GROUP
+    """Rows of one date per group in an `ic` trial (a per-date correlation needs several names of one
+    date in a batch); `mse` and `huber` trials draw plain rows in length-grouped batches."""
+
+    def __post_init__(self) -> None:
+        if "ic" in self.loss:
+            bad = [b for b in self.batch_size if b % self.date_group_size]
+            if bad:
+                raise ValueError(
+                    f"batch sizes {bad} are not multiples of the ic loss's date groups of "
+                    f"{self.date_group_size}: drop 'ic' from the losses or change the batch sizes"
+                )
 
 
 def suggest(trial: Any, space: SearchSpace, reweight: bool) -> dict[str, Any]:
@@ -84,7 +107,7 @@ def suggest(trial: Any, space: SearchSpace, reweight: bool) -> dict[str, Any]:
     }
     if reweight:
         params["weight_scheme"] = trial.suggest_categorical("weight_scheme", list(space.weight_scheme))
-    return params
+    return with_date_groups(params, space.date_group_size)
 
 
 def trial_job(template: TrainJob, params: dict[str, Any], out: Path, bucket_config: dict | None) -> TrainJob:
@@ -110,7 +133,7 @@ def trial_job(template: TrainJob, params: dict[str, Any], out: Path, bucket_conf
     )
 
 
-def best_params_to_overrides(best: dict[str, Any]) -> dict[str, Any]:
+def best_params_to_overrides(best: dict[str, Any], group: int = IC_DATE_GROUP) -> dict[str, Any]:
     """The study's best trial as the overrides `regressor` applies (JSON-friendly)."""
     params = dict(best)
     multiple = params.pop("lora_alpha_multiple", None)
@@ -124,7 +147,7 @@ def best_params_to_overrides(best: dict[str, Any]) -> dict[str, Any]:
         params["target_modules"] = target if isinstance(target, str) else list(target)
     params["max_train_samples"] = int(params["max_steps"]) * int(params["batch_size"])
     params["epochs"] = 1
-    return params
+    return with_date_groups(params, group) if "loss" in params else params
 
 
 OBJECTIVE_DATES: int | None = None
@@ -297,7 +320,7 @@ def run_search(
         history_png(trials, png)
     return SearchResult(
         best_value=float(best.value),
-        best_params=best_params_to_overrides(best.params),
+        best_params=best_params_to_overrides(best.params, space.date_group_size),
         best_full=best_full,
         best_trial=best.number,
         trials=trials,

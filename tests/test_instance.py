@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
 import time
@@ -50,17 +51,25 @@ def _overlaps_of_simultaneous_claims(home: Path, rounds: int = 25) -> tuple[int,
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(2)
     ]  # fmt: skip
-    for claimer in claimers:
-        assert claimer.stdout.readline().strip() == "ready", claimer.stderr.read()[-2000:]
-    t0 = time.time() + 0.5
-    for claimer in claimers:
-        claimer.stdin.write(f"{t0}\n")
-        claimer.stdin.flush()  # `communicate` below closes it
     held = []
-    for claimer in claimers:
-        out, err = claimer.communicate(timeout=120)
-        assert claimer.returncode == 0, err[-2000:]
-        held += [tuple(span) for span in json.loads(out)]
+    try:
+        for claimer in claimers:  # a claimer stuck before "ready" fails the test instead of hanging it
+            readable, _, _ = select.select([claimer.stdout], [], [], 120)
+            assert readable, "a claimer did not start within 120 s"
+            assert claimer.stdout.readline().strip() == "ready", claimer.stderr.read()[-2000:]
+        t0 = time.time() + 0.5
+        for claimer in claimers:
+            claimer.stdin.write(f"{t0}\n")
+            claimer.stdin.flush()  # `communicate` below closes it
+        for claimer in claimers:
+            out, err = claimer.communicate(timeout=120)
+            assert claimer.returncode == 0, err[-2000:]
+            held += [tuple(span) for span in json.loads(out)]
+    finally:
+        for claimer in claimers:
+            if claimer.poll() is None:
+                claimer.kill()
+                claimer.wait()
     held.sort()
     return len(held), sum(a[1] > b[0] for a, b in zip(held, held[1:], strict=False))
 

@@ -38,6 +38,8 @@ def test_lora_last_layers_is_a_flat_override_and_round_trips(tmp_path: Path) -> 
     cpu, gpu = PROFILES["cpu"], PROFILES["gpu"]
     # the cpu profile adapts the last layer only (the 3-seed comparison); the gpu one every layer
     assert cpu.regressor.lora.last_layers == 1 and gpu.regressor.lora.last_layers is None
+    # the cpu profile trains on the per-date IC loss (date groups of 16); the gpu one on MSE
+    assert (cpu.train.loss, cpu.train.date_group_size, gpu.train.loss) == ("ic", 16, "mse")
     regressor, _ = apply_overrides(gpu.regressor, gpu.train, {"lora_last_layers": 2})
     assert regressor.lora == LoraSettings(r=16, alpha=32.0, last_layers=2)
     every, _ = apply_overrides(cpu.regressor, cpu.train, {"lora_last_layers": None})

@@ -6,15 +6,18 @@ from dataclasses import asdict
 from pathlib import Path
 
 import optuna
+import pytest
 
 from modeling.buckets import BucketConfig
 from modeling.model import HeadConfig, RegressorConfig
 from modeling.profiles import apply_overrides
 from modeling.prompt import PromptBuilder
-from modeling.search import SearchSpace, best_params_to_overrides, run_search
+from modeling.search import SearchSpace, best_params_to_overrides, run_search, trial_job, with_date_groups
 from modeling.train import TrainConfig, TrainJob
 
-SPACE = SearchSpace(steps=(6, 9), batch_size=(8,), lora_r=(2, 4), head_width=(16, 32), head_depth=(1,))
+SPACE = SearchSpace(
+    steps=(6, 9), batch_size=(8,), lora_r=(2, 4), head_width=(16, 32), head_depth=(1,), loss=("mse", "huber")
+)
 
 
 def test_three_trials_then_a_fourth_resumes_the_stored_study(
@@ -106,3 +109,24 @@ def test_three_trials_then_a_fourth_resumes_the_stored_study(
         "max_train_samples": 20,
         "epochs": 1,
     }
+
+
+def test_an_ic_trial_gets_date_groups_and_other_losses_plain_rows(tmp_path: Path) -> None:
+    """The per-date IC loss needs date-grouped batches; an MSE or Huber trial must not inherit a profile's
+    grouping (its rows would be drawn per date): the trial job and the best trial's overrides say so."""
+    with pytest.raises(ValueError, match="not multiples of the ic loss's date groups of 16"):
+        SearchSpace(batch_size=(8, 32))
+    assert SearchSpace(batch_size=(8,), loss=("mse",)).batch_size == (8,)
+    template = TrainJob(
+        "base", "corpus", str(tmp_path), PromptBuilder().settings(), RegressorConfig(),
+        TrainConfig(batch_size=32, loss="ic", date_group_size=16),
+    )  # fmt: skip
+    params = {
+        "learning_rate": 1e-3, "lora_r": 4, "lora_alpha": 8.0, "lora_dropout": 0.0, "target_modules": "all",
+        "head_hidden_sizes": [16], "head_dropout": 0.0, "batch_size": 32, "max_steps": 10,
+    }  # fmt: skip
+    for loss, group in (("ic", 16), ("mse", 0), ("huber", 0)):
+        job = trial_job(template, with_date_groups({**params, "loss": loss}), tmp_path / loss, None)
+        assert (job.train.loss, job.train.date_group_size) == (loss, group)
+        overrides = best_params_to_overrides({"loss": loss, "max_steps": 10, "batch_size": 32})
+        assert overrides["date_group_size"] == group

@@ -36,6 +36,11 @@ class HyperparametersConfig(Config):
     seed: int = Field(default=0, ge=0, description="Seed of the TPE sampler.")
     steps: list[int] = Field(default=list(_S.steps), description="Optimizer-step budgets a trial may take.")
     batch_sizes: list[int] = Field(default=list(_S.batch_size), description="Batch sizes a trial may take.")
+    losses: list[str] = Field(
+        default=list(_S.loss),
+        description="Losses a trial may take (mse, huber, ic; an ic trial needs batch sizes that are "
+        f"multiples of its date groups of {_S.date_group_size}).",
+    )
     eval_every_steps: int = Field(
         default=125, ge=1, description="Validation RankIC (and pruning) every N steps."
     )
@@ -161,7 +166,9 @@ def hyperparameters(
     from modeling import mlflow_registry
 
     template, out, bucket_config = _search_template(context, config, storage)
-    space = replace(_S, steps=tuple(config.steps), batch_size=tuple(config.batch_sizes))
+    space = replace(
+        _S, steps=tuple(config.steps), batch_size=tuple(config.batch_sizes), loss=tuple(config.losses)
+    )
 
     experiment_id = mlflow_registry.configure(
         mlflow.tracking_uri, mlflow.experiment_name, mlflow.artifact_root
