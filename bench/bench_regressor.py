@@ -344,30 +344,31 @@ def bench_quality(args) -> None:
         rows.append(f"| {name} | {cells[0]} | {cells[1]} | {vs_ridge} |")
 
     llm_row(f"LLM regressor, pretrained backbone ({len(seeds)} seeds)", seeds)
-    random_base = out / "random_base_model"
-    if not random_base.exists():  # same tokenizer recipe and init as the asset, no pretraining
-        build_embedded_base_model(
-            random_base, tokenizer_training_texts(PromptBuilder(), 20_000, 0), TinyLlamaSpec()
+    if not args.skip_random:  # the random-backbone control (one more training run and scoring pass)
+        random_base = out / "random_base_model"
+        if not random_base.exists():  # same tokenizer recipe and init as the asset, no pretraining
+            build_embedded_base_model(
+                random_base, tokenizer_training_texts(PromptBuilder(), 20_000, 0), TinyLlamaSpec()
+            )
+        # keyed on what `ours_train` trains, like the curve's runs
+        random_path = (
+            out / f"random-{_recipe_key(bench_train_config(profile.train, size, 0), profile.regressor)}.json"
         )
-    # keyed on what `ours_train` trains, like the curve's runs
-    random_path = (
-        out / f"random-{_recipe_key(bench_train_config(profile.train, size, 0), profile.regressor)}.json"
-    )
-    if random_path.is_file():  # the random backbone's run is kept like the curve's
-        random_record = json.loads(random_path.read_text())
-    else:
-        trained = ours_train(random_base, corpus, size, 0, out / "random", eval_every=None)
-        model, tok = load_regressor(trained.model_dir), load_tokenizer(random_base)
-        random_record = {"daily": {}}
-        for split, frame in frames.items():
-            scored, _ = score_rows(model, tok, frame)
-            both = frame.drop(columns="prompt").assign(prediction=scored["prediction"].to_numpy())
-            random_record["daily"][split] = {
-                "prediction": _series_json(_daily(both, "prediction")),
-                "ridge": seeds[0]["daily"][split]["ridge"],
-            }
-        random_path.write_text(json.dumps(random_record, default=float))
-    llm_row("LLM regressor, random backbone (seed 0)", [random_record])
+        if random_path.is_file():  # the random backbone's run is kept like the curve's
+            random_record = json.loads(random_path.read_text())
+        else:
+            trained = ours_train(random_base, corpus, size, 0, out / "random", eval_every=None)
+            model, tok = load_regressor(trained.model_dir), load_tokenizer(random_base)
+            random_record = {"daily": {}}
+            for split, frame in frames.items():
+                scored, _ = score_rows(model, tok, frame)
+                both = frame.drop(columns="prompt").assign(prediction=scored["prediction"].to_numpy())
+                random_record["daily"][split] = {
+                    "prediction": _series_json(_daily(both, "prediction")),
+                    "ridge": seeds[0]["daily"][split]["ridge"],
+                }
+            random_path.write_text(json.dumps(random_record, default=float))
+        llm_row("LLM regressor, random backbone (seed 0)", [random_record])
     for name in ("ridge", "mlp_features"):  # fit on each seed's rows, like the LLM row above
         llm_row(f"{name} (each seed's {size:,} rows and targets, {len(seeds)} seeds)", seeds, name)
 
@@ -416,6 +417,7 @@ def bench_quality(args) -> None:
         "",
         f"python bench/bench_regressor.py quality --seeds {args.seeds}",
     )
+    command += " --skip-random" if args.skip_random else ""
     if args.override:  # a candidate profile gets its own section; the profile's own table stays
         name, title = "regressor_quality_candidate", f", candidate cpu profile with {args.override}"
         command += f" --override '{args.override}'"
@@ -1224,6 +1226,9 @@ def main() -> None:
     parser.add_argument("--date-step", type=int, default=1, help="curve: every n-th date (1 = every date)")
     parser.add_argument(
         "--multi-seed-max", type=int, default=24000, help="curve: sizes up to this get --seeds"
+    )
+    parser.add_argument(
+        "--skip-random", action="store_true", help="quality: leave out the random-backbone control run"
     )
     parser.add_argument(
         "--override",
