@@ -376,14 +376,15 @@ def bench_quality(args) -> None:
     train = train_sample(corpus, cfg, None, ["date", "symbol", "label", "weight"]).merge(
         features, on=["date", "symbol"], how="left"
     )
+    horizon = _horizon(corpus)
     preds, _ = fit_predict_baselines(  # (early stopping on the train rows' last dates: None)
-        train, None, frames, BaselineConfig(mlp_head=profile.regressor.head), horizon=_horizon(corpus)
+        train, None, frames, BaselineConfig(mlp_head=profile.regressor.head), horizon=horizon
     )
     everything = train_sample(
         corpus, replace(cfg, max_train_samples=None), None, ["date", "symbol", "label", "weight"]
     ).merge(features, on=["date", "symbol"], how="left")
     preds_all, _ = fit_predict_baselines(
-        everything, None, frames, BaselineConfig(), only=("ridge", "lightgbm"), horizon=_horizon(corpus)
+        everything, None, frames, BaselineConfig(), only=("ridge", "lightgbm"), horizon=horizon
     )
     ridge_val = _daily(frames["validation"].assign(p=preds["ridge"]["validation"]), "p")
     for label, source, names in (
