@@ -36,6 +36,13 @@ from modeling.optim import BestTracker
 BASELINES = ("zero", "ridge", "lightgbm", "mlp_features")
 
 
+def mlp_baseline_loss(regressor_loss: str) -> str:
+    """The feature MLP's loss for a regressor trained with `regressor_loss`: the same one, except that the
+    per-date IC loss (which needs date-grouped batches the MLP's plain row batches do not have) maps to
+    MSE on the same targets and weights."""
+    return "mse" if regressor_loss == "ic" else regressor_loss
+
+
 @dataclass(frozen=True)
 class BaselineConfig:
     """Settings of the baselines (fixed, not searched: they are references, not contenders)."""

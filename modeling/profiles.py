@@ -19,6 +19,10 @@ from dataclasses import dataclass, field
 
 from modeling.job import HeadConfig, LoraSettings, RegressorConfig, TrainConfig
 
+IC_DATE_GROUP = 16
+"""Rows of one date per group under the per-date IC loss: the cpu profile's groups, and a search trial's
+when it takes that loss (`modeling.search.with_date_groups`)."""
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -70,7 +74,7 @@ PROFILES: dict[str, Profile] = {
             # +0.0080 +- 0.0021 validation RankIC over MSE on the same rows and batches (3 seeds, 90
             # dates), level with ridge on its rows where MSE trails it (routes and quality, BENCHMARKS.md)
             loss="ic",
-            date_group_size=16,
+            date_group_size=IC_DATE_GROUP,
             # a guard, not a schedule: two passes take 110-280 s on 2 cores with the last-layer adapters
             # (280 s, periodic evaluations included, in the slowest demo measured)
             time_budget_s=420.0,

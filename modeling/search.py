@@ -34,7 +34,7 @@ import pandas as pd
 
 from modeling.evaluation import score_split
 from modeling.metrics import DailyMean
-from modeling.profiles import apply_overrides
+from modeling.profiles import IC_DATE_GROUP, apply_overrides
 from modeling.train import TrainJob, train_regressor
 
 TARGET_MODULE_SETS: dict[str, tuple[str, ...] | str] = {
@@ -43,10 +43,6 @@ TARGET_MODULE_SETS: dict[str, tuple[str, ...] | str] = {
     "mlp": ("gate_proj", "up_proj", "down_proj"),
 }
 """Named target-module sets (Llama naming; "all" is every linear layer of any architecture)."""
-
-
-IC_DATE_GROUP = 16
-"""Rows of one date per group when a trial takes the per-date IC loss (the cpu profile's groups)."""
 
 
 def with_date_groups(params: dict[str, Any], group: int = IC_DATE_GROUP) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from modeling.baselines import BaselineConfig, early_stopping_split, fit_predict_baselines
+from modeling.baselines import BaselineConfig, early_stopping_split, fit_predict_baselines, mlp_baseline_loss
 from modeling.feature_registry import FEATURE_NAMES
 from modeling.metrics import rank_ic
 
@@ -40,6 +40,11 @@ def test_early_stopping_split_holds_out_the_last_dates_behind_a_purge_by_hand() 
     assert sorted(held1["date"].unique()) == dates[7:] and sorted(fit1["date"].unique()) == dates[:6]
     with pytest.raises(ValueError, match="cannot hold out"):
         early_stopping_split(frame, fraction=0.5, horizon=5)
+
+
+def test_the_feature_mlp_takes_the_regressors_loss_but_mse_for_the_per_date_ic_loss() -> None:
+    """The IC loss needs date-grouped batches, which the MLP's plain row batches are not."""
+    assert [mlp_baseline_loss(loss) for loss in ("mse", "huber", "ic")] == ["mse", "huber", "mse"]
 
 
 def test_baseline_config_rejects_an_early_stopping_share_outside_0_1() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from modeling.buckets import BucketConfig
 from modeling.model import HeadConfig, RegressorConfig
-from modeling.profiles import apply_overrides
+from modeling.profiles import PROFILES, apply_overrides
 from modeling.prompt import PromptBuilder
 from modeling.search import SearchSpace, best_params_to_overrides, run_search, trial_job, with_date_groups
 from modeling.train import TrainConfig, TrainJob
@@ -130,3 +130,6 @@ def test_an_ic_trial_gets_date_groups_and_other_losses_plain_rows(tmp_path: Path
         assert (job.train.loss, job.train.date_group_size) == (loss, group)
         overrides = best_params_to_overrides({"loss": loss, "max_steps": 10, "batch_size": 32})
         assert overrides["date_group_size"] == group
+    # a trial's groups are the cpu profile's, so an ic trial and the profile draw rows alike
+    assert PROFILES["cpu"].train.loss == "ic"
+    assert with_date_groups({"loss": "ic"})["date_group_size"] == PROFILES["cpu"].train.date_group_size
