@@ -540,7 +540,7 @@ keeps its LLM series and gets its baselines refit."""
 
 def _with_baselines(record: dict, corpus: Path, features, frames: dict, cfg, head, seed: int) -> dict:
     """`record` with ridge's and the feature MLP's daily series, fit on the run's rows, targets and weights."""
-    from modeling.baselines import BaselineConfig, fit_predict_baselines, mlp_baseline_loss
+    from modeling.baselines import BaselineConfig, fit_predict_baselines
     from modeling.data.corpus import train_sample
 
     train = train_sample(corpus, cfg, None, ["date", "symbol", "label", "weight"]).merge(
@@ -551,7 +551,7 @@ def _with_baselines(record: dict, corpus: Path, features, frames: dict, cfg, hea
         None,  # the MLP stops early on the train rows' last dates, not on the dates it is judged on
         frames,
         BaselineConfig(mlp_head=head, seed=seed),
-        mlp_baseline_loss(cfg.loss),
+        cfg.loss,
         cfg.huber_delta,
         only=("ridge", "mlp_features"),
         horizon=_horizon(corpus),

@@ -270,7 +270,8 @@ def fit_predict_baselines(
     """Fit every baseline named in `only` on `train` (columns: date, the 16 features, label, weight), stop
     early on `validation` (or, None, on the train rows' last dates, purged by `horizon`: pass None when
     `evaluate_on` scores the validation split), and predict every frame of `evaluate_on` (e.g.
-    {"validation": ..., "test": ...}).
+    {"validation": ..., "test": ...}). `loss` is the regressor's; the feature MLP trains on
+    `mlp_baseline_loss(loss)`.
 
     Returns ({baseline: {name: predictions}}, {baseline: fit seconds}).
     """
@@ -282,7 +283,9 @@ def fit_predict_baselines(
         "zero": lambda: lambda frame: np.zeros(len(frame)),
         "ridge": lambda: fit_ridge(train, scaler, cfg),
         "lightgbm": lambda: fit_lightgbm(train, validation, cfg, horizon),
-        "mlp_features": lambda: fit_mlp_features(train, validation, scaler, cfg, loss, huber_delta, horizon),
+        "mlp_features": lambda: fit_mlp_features(
+            train, validation, scaler, cfg, mlp_baseline_loss(loss), huber_delta, horizon
+        ),
     }
     predictions: dict[str, dict[str, np.ndarray]] = {}
     seconds: dict[str, float] = {}

@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 
 from modeling.backbones.common import load_tokenizer
-from modeling.baselines import BaselineConfig, fit_predict_baselines, mlp_baseline_loss
+from modeling.baselines import BaselineConfig, fit_predict_baselines
 from modeling.data.corpus import train_sample
 from modeling.evaluation import score_rows, split_rows
 from modeling.feature_registry import FEATURE_NAMES, MODEL_INPUT_COLUMNS
@@ -221,10 +221,9 @@ def _compare_with_baselines(
     train_keys = train_sample(job.corpus_path, job.train, job.reweight, ["date", "symbol", "label", "weight"])
     train = with_features(train_keys, features)
     baseline_config = BaselineConfig(mlp_head=job.regressor.head, seed=job.train.seed)
-    mlp_loss = mlp_baseline_loss(job.train.loss)
     # early stopping on the train rows' last dates, never on the validation rows they are judged on
     predictions, baseline_seconds = fit_predict_baselines(
-        train, None, frames, baseline_config, mlp_loss, job.train.huber_delta, horizon=horizon
+        train, None, frames, baseline_config, job.train.loss, job.train.huber_delta, horizon=horizon
     )
     for name, per_split in predictions.items():
         results[name] = {

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from modeling.baselines import BaselineConfig, fit_predict_baselines, mlp_baseline_loss
+from modeling.baselines import BaselineConfig, fit_predict_baselines
 from modeling.data.corpus import train_sample
 from modeling.data.parquet_io import write_parquet_atomic
 from modeling.evaluation import score_rows, split_rows
@@ -82,7 +82,7 @@ def run_window(job: TrainJob, result: TrainResult, log: Callable[[str], None] = 
         validation,
         predict,
         BaselineConfig(mlp_head=job.regressor.head, seed=job.train.seed),
-        mlp_baseline_loss(job.train.loss),
+        job.train.loss,
         job.train.huber_delta,
     )
     baselines_s = time.perf_counter() - started
