@@ -7,6 +7,7 @@ DATA_DIR with the training set, the pretrained embedded backbone and the prompt 
     python bench/bench_regressor.py inference  # scoring rows/s (pyfunc and trainer path) vs training rows/s
     python bench/bench_regressor.py routes     # each change to the recipe, measured against ridge and the base
     python bench/bench_regressor.py levers     # training samples/s: torch.compile, threads, percentile prompts
+    python bench/bench_regressor.py samplers   # ridge on plain vs per-date train draws, over seeds
 
 peer: identical prompts, tokenizer, backbone (the pretrained embedded tiny Llama) and train rows (a
 seeded sample), batch 32, one pass, 2 CPU cores, fp32. The peer is transformers'
@@ -465,13 +466,20 @@ def _series_from(data: dict):
     return pd.Series(list(data.values()), index=pd.to_datetime(list(data.keys())), dtype=float)
 
 
+_KEY_OMITS_AT_DEFAULT = {"ic_mse_weight": 0.0}
+"""Train settings added after runs were cached: left out of a run's key while at their default, so the
+cached runs (which trained with that default) keep their keys."""
+
+
 def _recipe_key(train_cfg, regressor_cfg) -> str:
     import hashlib
     from dataclasses import asdict
 
-    text = json.dumps(
-        {"train": asdict(train_cfg), "regressor": regressor_cfg.to_dict()}, sort_keys=True, default=str
-    )
+    train = asdict(train_cfg)
+    for name, default in _KEY_OMITS_AT_DEFAULT.items():
+        if train.get(name) == default:
+            del train[name]
+    text = json.dumps({"train": train, "regressor": regressor_cfg.to_dict()}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -485,16 +493,18 @@ def curve_run(
     out: Path,
     profile_name: str = "cpu",
     epochs: int | None = None,
-) -> dict:
+    profile=None,
+) -> dict | None:
     """One point of the curve: train the LLM on `size` rows (`epochs` passes; None = the profile's),
     score every date of both splits, fit ridge and the feature MLP on the same rows, targets and weights.
-    Kept as JSON (daily RankIC series)."""
+    Kept as JSON (daily RankIC series). `profile` given: that profile's run, if cached (None if not)."""
     from modeling.backbones.common import load_tokenizer
     from modeling.evaluation import score_rows
     from modeling.model import load_regressor
     from modeling.profiles import PROFILES
 
-    profile = PROFILES[profile_name]
+    cached_only = profile is not None
+    profile = profile or PROFILES[profile_name]
     passes = {} if epochs is None else {"epochs": epochs}
     # keyed on what `ours_train` trains (a profile's time-budget guard can change without changing a run)
     cfg = bench_train_config(profile.train, size, seed, **passes)
@@ -506,6 +516,8 @@ def curve_run(
             record = _with_baselines(record, corpus, features, frames, cfg, profile.regressor.head, seed)
             path.write_text(json.dumps(record, default=float))
         return record
+    if cached_only:
+        return None
     started = time.perf_counter()
     trained = ours_train(
         base, corpus, size, seed, out / key, eval_every=None, profile_name=profile_name, **passes
@@ -577,6 +589,8 @@ def bench_curve(args) -> None:
     from modeling.metrics import DailyMean, paired_series_difference
     from modeling.profiles import PROFILES
 
+    if args.override and args.profile != "cpu":
+        raise SystemExit("--override changes the cpu profile: use it with --profile cpu")
     base, corpus, training_set = _paths()
     features = pd.read_parquet(
         training_set, columns=["date", "symbol", *FEATURE_NAMES, "fwd_ret"]
@@ -594,7 +608,8 @@ def bench_curve(args) -> None:
         out = out.with_name(f"{out.name}-{args.profile}")
     runs: dict = {}
     for size in sizes:
-        seeds = range(args.seeds) if size is not None and size <= args.multi_seed_max else range(1)
+        small = size is not None and size <= args.multi_seed_max
+        seeds = range(args.seeds if small else args.large_seeds)
         for seed in seeds:
             print(f"curve: {size or 'all'} rows, seed {seed}", flush=True)
             runs.setdefault(size, []).append(
@@ -633,6 +648,37 @@ def bench_curve(args) -> None:
             f"| {label} | {_stat_cell(v['llm'])}{sd} | {_stat_cell(t['llm'])} | {_stat_cell(v['ridge'])} | "
             f"{_stat_cell(v['mlp'])} | {v['vs_ridge']} | {t['vs_ridge']} | {v['vs_mlp']} | {train_s:.0f} |"
         )
+    if args.override:  # the candidate against the profile as it is, paired on the same seeds' rows
+        for size, records in runs.items():
+            base_runs = [
+                curve_run(
+                    base,
+                    corpus,
+                    features,
+                    frames,
+                    size,
+                    r["seed"],
+                    out,
+                    epochs=args.epochs,
+                    profile=args.base_profile,
+                )
+                for r in records
+            ]
+            if any(b is None for b in base_runs):
+                print(f"curve: the profile's own runs at {size or 'all'} rows are not cached: no pairing")
+                continue
+            cells = [
+                str(
+                    paired_series_difference(
+                        _seed_mean(records, split, "prediction"), _seed_mean(base_runs, split, "prediction")
+                    )
+                )
+                for split in ("validation", "test")
+            ]
+            rows.append(
+                f"| {records[0]['n_train_rows']:,}: **candidate − the {args.profile} profile** (same seeds' "
+                f"rows) | {cells[0]} | {cells[1]} | | | | | | |"
+            )
     # targets
     checks = []
     previous = None
@@ -657,18 +703,21 @@ def bench_curve(args) -> None:
         f"{'met' if last['llm'].mean >= goal else 'not met'}"
     )
     # each profile and pass count keeps its own section
-    suffix = ("" if args.profile == "cpu" else f"_{args.profile}") + (
-        "" if args.epochs == 1 else f"_epochs{args.epochs}"
+    suffix = (
+        ("" if args.profile == "cpu" else f"_{args.profile}")
+        + ("" if args.epochs == 1 else f"_epochs{args.epochs}")
+        + ("_candidate" if args.override else "")
     )
+    candidate = f", candidate: the profile with {args.override}" if args.override else ""
     passes = "one pass" if args.epochs == 1 else f"{args.epochs} passes over the same rows"
     png = _curve_png(runs, summary, reference, f"learning_curve{suffix}.png")
     save_json(f"curve{suffix}", {"runs": {str(k): v for k, v in runs.items()}})
     rate = np.mean([r["score_rows_per_s"]["validation"] for rs in runs.values() for r in rs])
     write_section(
         f"regressor_curve{suffix}",
-        f"""## Learning curve of the LLM regressor, {args.profile} profile, {passes} (issue 13)
+        f"""## Learning curve of the LLM regressor, {args.profile} profile, {passes}{candidate} (issue 13)
 
-Command: `python bench/bench_regressor.py curve --sizes {args.sizes} --seeds {args.seeds} --profile {args.profile}{"" if args.epochs == 1 else f" --epochs {args.epochs}"}` after `make demo`. Machine: {machine()["cores"]} cores ({machine()["cpu"]}). Recipe: the {args.profile} profile (`modeling/profiles.py`) with `max_train_samples` = the size, {passes}, no time budget, the final weights (its periodic validation on 16 dates only monitors; no early stopping). The `train s` column is wall time, which other jobs on the same cores may have stretched: not a speed measurement. Every model is scored on **every** validation and test date; cells are mean daily RankIC ± its standard error (dates). Ridge and the MLP on the 16 features are fit on exactly the same rows, targets and weights; "LLM − ridge" is the paired daily difference on the same rows, Δ ± SE (t). With several seeds, the LLM's daily RankIC is averaged over seeds date by date (the seed sd is the spread of the seeds' means). Scoring ran at {rate:,.0f} rows/s.
+Command: `python bench/bench_regressor.py curve --sizes {args.sizes} --seeds {args.seeds}{"" if args.large_seeds == 1 else f" --large-seeds {args.large_seeds}"} --profile {args.profile}{"" if args.epochs == 1 else f" --epochs {args.epochs}"}{f" --override '{args.override}'" if args.override else ""}` after `make demo`. Machine: {machine()["cores"]} cores ({machine()["cpu"]}). Recipe: the {args.profile} profile (`modeling/profiles.py`) with `max_train_samples` = the size, {passes}, no time budget, the final weights (its periodic validation on 16 dates only monitors; no early stopping). The `train s` column is wall time, which other jobs on the same cores may have stretched: not a speed measurement. Every model is scored on **every** validation and test date; cells are mean daily RankIC ± its standard error (dates). Ridge and the MLP on the 16 features are fit on exactly the same rows, targets and weights; "LLM − ridge" is the paired daily difference on the same rows, Δ ± SE (t). With several seeds, the LLM's daily RankIC is averaged over seeds date by date (the seed sd is the spread of the seeds' means). Scoring ran at {rate:,.0f} rows/s.
 
 | train rows | LLM validation | LLM test | ridge validation | MLP validation | LLM − ridge, validation | LLM − ridge, test | LLM − MLP, validation | train s |
 |---|---:|---:|---:|---:|---:|---:|---:|---:|
@@ -1074,6 +1123,78 @@ def _train_rate(
     return 32 * steps / (time.perf_counter() - started), warm
 
 
+def bench_samplers(args) -> None:
+    """Ridge on the two train samplers at the same size: plain rows (the MSE profiles) against whole
+    groups of `IC_DATE_GROUP` rows per date (the IC loss's), each over `--seeds` seeds, scored on every
+    validation and test date. Does the per-date draw itself cost signal, and how far apart do two seeds'
+    draws put ridge?"""
+    import numpy as np
+    import pandas as pd
+
+    from modeling.baselines import BaselineConfig, fit_predict_baselines
+    from modeling.data.corpus import train_sample
+    from modeling.evaluation import split_rows
+    from modeling.feature_registry import FEATURE_NAMES
+    from modeling.metrics import DailyMean, paired_series_difference
+    from modeling.profiles import IC_DATE_GROUP, PROFILES
+
+    _, corpus, training_set = _paths()
+    features = pd.read_parquet(training_set, columns=["date", "symbol", *FEATURE_NAMES]).drop_duplicates(
+        ["date", "symbol"]
+    )
+    frames = {
+        s: split_rows(corpus, s, None)
+        .drop(columns="prompt")
+        .merge(features, on=["date", "symbol"], how="left")
+        for s in ("validation", "test")
+    }
+    sizes = [None if x == "all" else int(x) for x in args.sizes.split(",")]
+    lines = []
+    for size in sizes:
+        daily: dict = {}
+        for sampler, group in (("plain", 0), ("per date", IC_DATE_GROUP)):
+            for seed in range(args.seeds):
+                cfg = replace(
+                    PROFILES["cpu"].train,
+                    max_train_samples=size,
+                    date_group_size=group,
+                    seed=seed,
+                    loss="mse",
+                )
+                rows = train_sample(corpus, cfg, None, ["date", "symbol", "label", "weight"]).merge(
+                    features, on=["date", "symbol"], how="left"
+                )
+                preds, _ = fit_predict_baselines(rows, None, frames, BaselineConfig(), only=("ridge",))
+                for split, frame in frames.items():
+                    series = _daily(frame.assign(ridge=preds["ridge"][split]), "ridge")
+                    daily.setdefault((sampler, split), []).append(series)
+            print(f"samplers: {size or 'all'} rows, {sampler}, {len(rows):,} rows (last seed)", flush=True)
+        cells = []
+        for split in frames:
+            plain = pd.concat(daily[("plain", split)], axis=1)
+            grouped = pd.concat(daily[("per date", split)], axis=1)
+            sd = np.std(np.r_[plain.mean().to_numpy(), grouped.mean().to_numpy()], ddof=1)
+            cells += [
+                _stat_cell(DailyMean.of(plain.mean(axis=1))),
+                _stat_cell(DailyMean.of(grouped.mean(axis=1))),
+                str(paired_series_difference(plain.mean(axis=1), grouped.mean(axis=1))),
+                f"{sd:.4f}",
+            ]
+        lines.append(f"| {f'{size:,}' if size else 'all'} | " + " | ".join(cells) + " |")
+    write_section(
+        "regressor_samplers",
+        f"""## Ridge on the two train samplers (issue 13)
+
+Command: `python bench/bench_regressor.py samplers --sizes {args.sizes} --seeds {args.seeds}` after `make demo`. Machine: {machine()["cores"]} cores ({machine()["cpu"]}). Ridge (the cpu profile's targets and bucket weights) on a seeded draw of the train rows: plain rows (`sample_rows`, what an MSE profile trains on) or whole groups of {IC_DATE_GROUP} rows per date (`sample_rows_by_date`, what the IC loss trains on), seeds 0..{args.seeds - 1} each, scored on every validation and test date. Cells: the seeds' daily RankIC averaged date by date, mean ± SE (dates); "plain − per date" is the paired daily difference of those averages; "seed sd" is the spread of the {2 * args.seeds} draws' means: how far apart two draws of the same size put ridge, which is why the curve compares the LLM with ridge on its own rows.
+
+| train rows | plain, validation | per date, validation | plain − per date, validation | seed sd, validation | plain, test | per date, test | plain − per date, test | seed sd, test |
+|---|---:|---:|---:|---:|---:|---:|---:|---:|
+{chr(10).join(lines)}
+""",
+    )
+    print("\n".join(lines))
+
+
 def bench_levers(args) -> None:
     """What buys `make demo` time: training samples/s with torch.compile, with 1 or 2 threads, and with
     the percentile prompt (a DATA_DIR built with number_format=percentile, `--pct-data`)."""
@@ -1199,7 +1320,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "what", choices=["peer", "quality", "curve", "inference", "routes", "route-seeds", "levers"]
+        "what",
+        choices=["peer", "quality", "curve", "inference", "routes", "route-seeds", "levers", "samplers"],
     )
     parser.add_argument("--pct-data", default="", help="levers: a DATA_DIR built with percentile prompts")
     parser.add_argument(
@@ -1229,15 +1351,21 @@ def main() -> None:
         "--multi-seed-max", type=int, default=24000, help="curve: sizes up to this get --seeds"
     )
     parser.add_argument(
+        "--large-seeds", type=int, default=1, help="curve: seeds of the sizes above --multi-seed-max"
+    )
+    parser.add_argument(
         "--skip-random", action="store_true", help="quality: leave out the random-backbone control run"
     )
     parser.add_argument(
         "--override",
         default="",
-        help="quality: a candidate cpu profile, flat settings as JSON values, e.g. "
+        help="quality / curve: a candidate cpu profile, flat settings as JSON values, e.g. "
         "'loss=\"ic\",date_group_size=16' (its own BENCHMARKS.md section)",
     )
     args = parser.parse_args()
+    from modeling.profiles import PROFILES
+
+    args.base_profile = PROFILES["cpu"]  # the profile as it is (a curve pairs a candidate with it)
     if args.override:
         _override_cpu_profile(args.override)
     from modeling.allocator import tune_malloc
@@ -1253,6 +1381,7 @@ def main() -> None:
         "routes": bench_routes,
         "route-seeds": bench_route_seeds,
         "levers": bench_levers,
+        "samplers": bench_samplers,
     }
     runners[args.what](args)
 

@@ -188,6 +188,11 @@ class TrainConfig:
     forecast and target on date-grouped batches (needs `date_group_size`; see `modeling.losses`)."""
     huber_delta: float = 1.0
     """Huber transition point, in label units (unit train std by default)."""
+    ic_mse_weight: float = 0.0
+    """Under loss `ic`: weight of the bucket-weighted squared error added to minus the per-date
+    correlation (0 = the correlation alone). The correlation is blind to the forecast's scale, so its
+    gradient, which shrinks as the forecast's spread grows, sets no scale; the squared error pins it to
+    the target's (see `modeling.losses.ic_mse_loss`)."""
     target_transform: Literal["none", "clip", "cs_zscore", "cs_rank"] = "none"
     """What the train label becomes before the loss (`modeling.targets`): as is, clipped, per-date
     z-score (clipped) or per-date rank-gaussian. Evaluation always uses the raw label."""
@@ -273,6 +278,11 @@ class TrainConfig:
             )
         if self.loss == "ic" and not self.date_group_size:
             raise ValueError("loss 'ic' is a per-date correlation: set date_group_size (e.g. 16)")
+        if self.ic_mse_weight < 0 or (self.ic_mse_weight and self.loss != "ic"):
+            raise ValueError(
+                "TrainConfig.ic_mse_weight must be >= 0, and 0 unless loss is 'ic' "
+                f"(got {self.ic_mse_weight!r} with loss {self.loss!r})"
+            )
         if self.date_group_size and (self.batch_size // self.grad_accum_steps) % self.date_group_size:
             raise ValueError(
                 f"the micro-batch {self.batch_size // self.grad_accum_steps} is not a multiple of "

@@ -6,7 +6,9 @@
   date-grouped batch (each batch holds whole groups of rows from one date each). The metric the model
   is judged by is a per-date rank correlation; a correlation loss is blind to the level and scale of
   the forecast and to the market move of the day, and a single extreme return cannot dominate it the
-  way it dominates a squared error.
+  way it dominates a squared error;
+- `ic` with `ic_mse_weight` > 0: the correlation plus that weight times the weighted squared error
+  (`ic_mse_loss`), so that the forecast keeps the target's scale.
 
 This module imports only torch.
 """
@@ -76,3 +78,27 @@ def ic_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, grou
     DDP applies to the gradients is the mean over all groups of the global batch.
     """
     return -per_group_correlation(pred, target, weight, group_size).mean()
+
+
+def ic_mse_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor,
+    group_size: int,
+    mse_weight: float,
+    weight_total: torch.Tensor | None = None,
+    n_processes: int = 1,
+) -> torch.Tensor:
+    """`ic_loss` + mse_weight x `weighted_loss(..., "mse")`: the ranking objective with an anchor.
+
+    The correlation's gradient with respect to a group's forecasts scales as 1 / their spread, and
+    nothing in it holds the spread still: as the head's outputs grow over a long run, the steps the
+    correlation takes in forecast space shrink. The squared error pins the forecast to the target's
+    scale (on per-date rank-gaussian targets, spread about the correlation itself). `weight_total` and
+    `n_processes` as in `weighted_loss` (the squared error is the global weighted mean under DDP; the
+    correlation the mean over groups, as in `ic_loss`)."""
+    correlation = ic_loss(pred, target, weight, group_size)
+    if not mse_weight:
+        return correlation
+    squared = weighted_loss(pred, target, weight, "mse", weight_total=weight_total, n_processes=n_processes)
+    return correlation + mse_weight * squared

@@ -49,7 +49,7 @@ from modeling import checkpointing
 from modeling.data.corpus import FixedBatches, RowsDataset, make_collate
 from modeling.inference import predict_ids
 from modeling.job import TrainConfig, TrainJob  # noqa: F401 (re-exported: what callers hand the recipe)
-from modeling.losses import ic_loss, weighted_loss
+from modeling.losses import ic_mse_loss, weighted_loss
 from modeling.metrics import rank_ic
 from modeling.model import save_regressor
 from modeling.optim import ema_update, lr_factor, lr_length_factor  # noqa: F401 (lr_length_factor: re-export)
@@ -173,7 +173,15 @@ class RegressorTrainer(TrainerSetup):
             else:
                 pred = self.model(batch["input_ids"], batch["attention_mask"])
             if cfg.loss == "ic":  # whole date groups on every process: the mean over them is exact
-                loss = ic_loss(pred, batch["label"], batch["weight"], cfg.date_group_size)
+                loss = ic_mse_loss(
+                    pred,
+                    batch["label"],
+                    batch["weight"],
+                    cfg.date_group_size,
+                    cfg.ic_mse_weight,
+                    torch.tensor(step_weight, device=pred.device),
+                    self.n_proc * cfg.grad_accum_steps,
+                )
             else:  # x processes (DDP averages them) x accumulation steps (accelerate divides by them)
                 loss = weighted_loss(
                     pred,

@@ -9,7 +9,7 @@ import torch
 from scipy.stats import norm, pearsonr
 
 from modeling.data.corpus import epoch_batches, sample_rows_by_date
-from modeling.losses import ic_loss, per_group_correlation
+from modeling.losses import ic_loss, ic_mse_loss, per_group_correlation
 from modeling.targets import tempered_weights, training_targets
 from modeling.train import TrainConfig
 
@@ -92,6 +92,45 @@ def test_ic_loss_gradient_pushes_towards_the_target() -> None:
     assert float(loss) < -0.95
 
 
+def test_ic_mse_loss_by_hand() -> None:
+    rng = np.random.default_rng(1)
+    pred, target = rng.normal(size=8), rng.normal(size=8)
+    weight = rng.uniform(0.5, 2.0, size=8)
+    args = [torch.tensor(pred), torch.tensor(target), torch.tensor(weight), 4]
+
+    def weighted_corr(p: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
+        w = w / w.sum()
+        dp, dy = p - w @ p, y - w @ y
+        return float((w * dp * dy).sum() / np.sqrt((w * dp * dp).sum() * (w * dy * dy).sum()))
+
+    correlation = np.mean(
+        [weighted_corr(pred[i : i + 4], target[i : i + 4], weight[i : i + 4]) for i in (0, 4)]
+    )
+    squared = float((weight * (pred - target) ** 2).sum() / weight.sum())
+    assert float(ic_mse_loss(*args, 0.5)) == pytest.approx(-correlation + 0.5 * squared, abs=1e-5)
+    assert float(ic_mse_loss(*args, 0.0)) == float(ic_loss(*args))  # weight 0: the correlation alone
+    # under DDP (2 processes): the squared error is normalised by the global weight sum, times 2
+    half = ic_mse_loss(*args, 0.5, weight_total=torch.tensor(2 * weight.sum()), n_processes=2)
+    assert float(half) == pytest.approx(-correlation + 0.5 * squared, abs=1e-5)
+    # the squared error holds the scale the correlation leaves free: 3 x pred + 5 costs more
+    scaled = ic_mse_loss(torch.tensor(3 * pred + 5), *args[1:], 0.5)
+    assert float(scaled) > float(ic_mse_loss(*args, 0.5)) + 1.0
+
+
+def test_ic_mse_loss_gradient_fits_rank_and_scale() -> None:
+    torch.manual_seed(0)
+    target = torch.randn(32)
+    pred = (0.01 * torch.randn(32)).requires_grad_(True)
+    opt = torch.optim.SGD([pred], lr=0.2)
+    for _ in range(300):
+        loss = ic_mse_loss(pred, target, torch.ones(32), 8, 1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < -0.95  # correlation near 1 and squared error near 0
+    assert float(((pred - target) ** 2).mean()) < 0.01
+
+
 def test_date_grouped_batches_hold_whole_groups_of_one_date() -> None:
     dates = np.repeat(np.arange(10), [20, 17, 16, 3, 40, 8, 8, 12, 16, 24])
     lengths = np.full(len(dates), 100)
@@ -126,3 +165,8 @@ def test_config_refuses_an_ic_loss_without_date_groups() -> None:
     with pytest.raises(ValueError, match="multiple of date_group_size"):
         TrainConfig(loss="ic", date_group_size=12, batch_size=32)
     assert TrainConfig(loss="ic", date_group_size=16, batch_size=32).date_group_size == 16
+    with pytest.raises(ValueError, match="ic_mse_weight"):
+        TrainConfig(loss="mse", ic_mse_weight=1.0)  # the anchor belongs to the correlation loss
+    with pytest.raises(ValueError, match="ic_mse_weight"):
+        TrainConfig(loss="ic", date_group_size=16, ic_mse_weight=-0.1)
+    assert TrainConfig(loss="ic", date_group_size=16, ic_mse_weight=0.5).ic_mse_weight == 0.5

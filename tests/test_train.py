@@ -98,14 +98,24 @@ def test_killed_training_resumes_to_the_same_weights(tiny_base_model, tiny_data,
         assert np.array_equal(expected[name].numpy(), got[name].numpy()), name
 
 
-def test_two_process_ddp_matches_one_process(tiny_base_model, tiny_data, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "loss",
+    [
+        {},
+        # the per-date correlation with its squared-error anchor: each process holds one date group of
+        # the batch's two, and the anchor is normalised by the global weight sum
+        {"loss": "ic", "date_group_size": 4, "ic_mse_weight": 0.5},
+    ],
+    ids=["mse", "ic_mse"],
+)
+def test_two_process_ddp_matches_one_process(tiny_base_model, tiny_data, tmp_path: Path, loss: dict) -> None:
     """`accelerate launch` with 2 gloo processes and the same global batch gives the same model.
 
     Tolerance: predictions within 1e-4 (labels have unit scale); the two runs differ only in the order of
     floating-point sums (per-process halves, then the all-reduce). Dropout is off: each process draws its
     own masks, so dropout noise cannot match a single process's draws."""
     _, corpus = tiny_data
-    settings = {"max_steps": 12, "epochs": 2, "dropout": 0.0}
+    settings = {"max_steps": 12, "epochs": 2, "dropout": 0.0, **loss}
     single = train_regressor(_job(tiny_base_model, corpus, tmp_path / "one", **settings), log=lambda _: None)
     job_path = _job(tiny_base_model, corpus, tmp_path / "two", **settings).save(tmp_path / "job2.json")
     done = subprocess.run(

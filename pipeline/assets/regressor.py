@@ -59,6 +59,11 @@ class RegressorAssetConfig(Config):
     target_transform: str | None = Field(
         default=None, description="Training target: none, clip, cs_zscore or cs_rank (rank-gaussian)."
     )
+    ic_mse_weight: float | None = Field(
+        default=None,
+        ge=0,
+        description="Under the ic loss: weight of a weighted squared error added to it (0 = off).",
+    )
     aux_feature_weight: float | None = Field(
         default=None, ge=0, description="Weight of the auxiliary feature-reconstruction loss (0 = off)."
     )
@@ -117,6 +122,7 @@ class RegressorAssetConfig(Config):
             "lora_alpha",
             "lora_last_layers",
             "loss",
+            "ic_mse_weight",
             "target_transform",
             "aux_feature_weight",
             "date_group_size",
