@@ -188,3 +188,21 @@ def test_the_search_asset_stores_its_study_and_writes_the_best_settings(market: 
     assert (best["best_params"]["max_steps"], best["best_params"]["batch_size"]) == (6, 8)  # the space given
     assert meta["trials"].count("\n") >= 3  # header, rule and a row per trial
     assert search(1)["n_trials_in_study"] == 3  # the study is stored: a new run adds to it
+
+
+def test_windows_evaluate_only_at_the_end_when_evaluations_decide_nothing(monkeypatch) -> None:
+    from dataclasses import replace
+
+    from modeling.profiles import PROFILES
+    from pipeline.assets.backtest import BacktestConfig, _profile_configs
+
+    cpu = PROFILES["cpu"].train
+    assert cpu.early_stopping_patience is None and not cpu.select_best and cpu.eval_every_steps > 0
+    assert _profile_configs(BacktestConfig())[2].eval_every_steps == 0  # final weights, no early stop
+    assert _profile_configs(BacktestConfig(eval_every_steps=100))[2].eval_every_steps == 100  # asked for
+    # a profile whose evaluations pick the saved checkpoint or stop the run keeps its cadence
+    for decides in ({"select_best": True}, {"early_stopping_patience": 3}):
+        monkeypatch.setitem(
+            PROFILES, "cpu", replace(PROFILES["cpu"], train=replace(cpu, eval_every_steps=375, **decides))
+        )
+        assert _profile_configs(BacktestConfig())[2].eval_every_steps == 375

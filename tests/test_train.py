@@ -152,6 +152,25 @@ def test_training_is_seeded_and_learns_the_planted_signal(tiny_base_model, tiny_
     assert report["samples"] == 36 * 8 and report["samples_per_s"] > 0 and report["tokens_per_s"] > 0
 
 
+def test_evaluations_that_decide_nothing_leave_the_weights_alone(
+    tiny_base_model, tiny_data, tmp_path: Path
+) -> None:
+    """With the final weights kept and no early stopping, periodic evaluations only monitor: the trained
+    weights are bit-identical with or without them (the backtest drops them on that ground)."""
+    _, corpus = tiny_data
+    settings = {"max_steps": 18, "select_best": False, "early_stopping_patience": None, "eval_max_dates": 4}
+    watched = train_regressor(
+        _job(tiny_base_model, corpus, tmp_path / "a", eval_every_steps=6, **settings), log=lambda _: None
+    )
+    quiet = train_regressor(
+        _job(tiny_base_model, corpus, tmp_path / "b", eval_every_steps=0, **settings), log=lambda _: None
+    )
+    assert [h["step"] for h in watched.state.history] == [6, 12, 18]
+    assert [h["step"] for h in quiet.state.history] == [18]  # evaluated once, at the end
+    first, second = _weights(watched.model_dir), _weights(quiet.model_dir)
+    assert all(np.array_equal(first[k].numpy(), second[k].numpy()) for k in first)
+
+
 def test_caps_and_early_stopping(tiny_base_model, tiny_data, tmp_path: Path) -> None:
     _, corpus = tiny_data
     capped = train_regressor(

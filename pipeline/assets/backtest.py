@@ -49,7 +49,7 @@ class BacktestConfig(Config):
 
     profile: str = Field(default="cpu", description="Training profile of the LLM, as for `regressor`.")
     step: int = Field(
-        default=60, ge=1, description="Dates per window (cpu: the 240 test dates in 4 windows, 13 min)."
+        default=60, ge=1, description="Dates per window (cpu: the 240 test dates in 4 windows, ~30 min)."
     )
     mode: str = Field(default="expanding", description="expanding (from the first date) or sliding.")
     train_dates: int | None = Field(default=None, ge=2, description="Sliding window's train length in dates.")
@@ -67,7 +67,12 @@ class BacktestConfig(Config):
     max_train_samples: int | None = Field(default=None, ge=1, description="Train rows sampled per window.")
     time_budget_s: float | None = Field(default=None, gt=0, description="Training wall-clock cap per window.")
     batch_size: int | None = Field(default=None, ge=1, description="Global batch per optimizer step.")
-    eval_every_steps: int | None = Field(default=None, ge=0, description="Validation RankIC every N steps.")
+    eval_every_steps: int | None = Field(
+        default=None,
+        ge=0,
+        description="Validation RankIC every N steps (None: the profile's when it stops early or keeps the "
+        "best checkpoint, else only at the end).",
+    )
     eval_max_dates: int | None = Field(default=None, ge=1, description="Validation dates during training.")
     seed: int | None = Field(default=None, ge=0, description="Seed of sample, batches, initialisation.")
 
@@ -201,7 +206,17 @@ def _profile_configs(config: BacktestConfig):
     if profile is None:
         raise ValueError(f"unknown profile {config.profile!r}; choose one of {sorted(PROFILES)}")
     regressor_cfg, train_cfg = apply_overrides(profile.regressor, profile.train, config.overrides())
+    if config.eval_every_steps is None and not _evaluations_decide(train_cfg):
+        # a window's periodic evaluations would only monitor (and cost 120 of its 317 s of training in
+        # the cpu profile, BENCHMARKS.md): evaluate once, at the end; the weights are the same
+        train_cfg = replace(train_cfg, eval_every_steps=0)
     return profile, regressor_cfg, train_cfg
+
+
+def _evaluations_decide(train_cfg) -> bool:
+    """Whether a run's periodic evaluations change what it saves: they stop it early or pick its best
+    checkpoint."""
+    return train_cfg.early_stopping_patience is not None or train_cfg.select_best
 
 
 @dataclass(frozen=True)
