@@ -172,26 +172,14 @@ class RegressorTrainer(TrainerSetup):
                 pred, aux_pred = self.model(batch["input_ids"], batch["attention_mask"], with_aux=True)
             else:
                 pred = self.model(batch["input_ids"], batch["attention_mask"])
+            # a pointwise loss is summed over the local rows, divided by the step's global weight sum and
+            # multiplied by the processes (DDP averages them) x accumulation steps (accelerate divides)
+            total, scale = torch.tensor(step_weight, device=pred.device), self.n_proc * cfg.grad_accum_steps
+            target, weight = batch["label"], batch["weight"]
             if cfg.loss == "ic":  # whole date groups on every process: the mean over them is exact
-                loss = ic_mse_loss(
-                    pred,
-                    batch["label"],
-                    batch["weight"],
-                    cfg.date_group_size,
-                    cfg.ic_mse_weight,
-                    torch.tensor(step_weight, device=pred.device),
-                    self.n_proc * cfg.grad_accum_steps,
-                )
-            else:  # x processes (DDP averages them) x accumulation steps (accelerate divides by them)
-                loss = weighted_loss(
-                    pred,
-                    batch["label"],
-                    batch["weight"],
-                    cfg.loss,
-                    cfg.huber_delta,
-                    torch.tensor(step_weight, device=pred.device),
-                    self.n_proc * cfg.grad_accum_steps,
-                )
+                loss = ic_mse_loss(pred, target, weight, cfg.date_group_size, cfg.ic_mse_weight, total, scale)
+            else:
+                loss = weighted_loss(pred, target, weight, cfg.loss, cfg.huber_delta, total, scale)
             if self.train_rows.aux is not None:  # equal rows per process: DDP's average is the global mean
                 loss = loss + cfg.aux_feature_weight * ((aux_pred - batch["aux"]) ** 2).mean()
             accelerator.backward(loss)
