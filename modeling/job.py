@@ -189,10 +189,7 @@ class TrainConfig:
     huber_delta: float = 1.0
     """Huber transition point, in label units (unit train std by default)."""
     ic_mse_weight: float = 0.0
-    """Under loss `ic`: weight of the bucket-weighted squared error added to minus the per-date
-    correlation (0 = the correlation alone). The correlation is blind to the forecast's scale, so its
-    gradient, which shrinks as the forecast's spread grows, sets no scale; the squared error pins it to
-    the target's (see `modeling.losses.ic_mse_loss`)."""
+    """Under loss `ic`: weight of a weighted squared error added to it (0 = off; `losses.ic_mse_loss`)."""
     target_transform: Literal["none", "clip", "cs_zscore", "cs_rank"] = "none"
     """What the train label becomes before the loss (`modeling.targets`): as is, clipped, per-date
     z-score (clipped) or per-date rank-gaussian. Evaluation always uses the raw label."""
@@ -244,13 +241,8 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        for name in (
-            "max_train_samples",
-            "max_steps",
-            "eval_max_dates",
-            "early_stopping_patience",
-            "lr_reference_steps",
-        ):
+        optional = ("max_train_samples", "max_steps", "eval_max_dates", "early_stopping_patience")
+        for name in (*optional, "lr_reference_steps"):  # None or >= 1
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1 or None, got {value!r}")
@@ -272,16 +264,15 @@ class TrainConfig:
             )
         if not self.target_clip > 0 or self.weight_power < 0 or self.aux_feature_weight < 0:
             raise ValueError("TrainConfig needs target_clip > 0, weight_power >= 0, aux_feature_weight >= 0")
-        if self.date_group_size < 0 or self.date_group_size == 1 or self.date_group_size == 2:
+        if self.date_group_size < 0 or self.date_group_size in (1, 2):
             raise ValueError(
-                f"TrainConfig.date_group_size must be 0 (off) or >= 3 rows, got {self.date_group_size}"
+                f"TrainConfig.date_group_size must be 0 (off) or >= 3, got {self.date_group_size}"
             )
         if self.loss == "ic" and not self.date_group_size:
             raise ValueError("loss 'ic' is a per-date correlation: set date_group_size (e.g. 16)")
         if self.ic_mse_weight < 0 or (self.ic_mse_weight and self.loss != "ic"):
             raise ValueError(
-                "TrainConfig.ic_mse_weight must be >= 0, and 0 unless loss is 'ic' "
-                f"(got {self.ic_mse_weight!r} with loss {self.loss!r})"
+                f"TrainConfig.ic_mse_weight must be >= 0, and 0 unless loss is 'ic' ({self.loss})"
             )
         if self.date_group_size and (self.batch_size // self.grad_accum_steps) % self.date_group_size:
             raise ValueError(
@@ -291,9 +282,7 @@ class TrainConfig:
         if self.eval_every_steps < 0 or self.checkpoint_every_steps < 0:
             raise ValueError("TrainConfig.eval_every_steps and checkpoint_every_steps must be >= 0")
         if self.batch_size % self.grad_accum_steps:
-            raise ValueError(
-                f"batch_size {self.batch_size} is not a multiple of grad_accum_steps {self.grad_accum_steps}"
-            )
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of grad_accum_steps")
 
 
 @dataclass
