@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -675,9 +676,12 @@ def bench_curve(args) -> None:
                 )
                 for split in ("validation", "test")
             ]
+            drawn = (
+                "rows" if not DRAW_SETTINGS & set(_override_names(args.override)) else "seeds, its own rows"
+            )
             rows.append(
-                f"| {records[0]['n_train_rows']:,}: **candidate − the {args.profile} profile** (same seeds' "
-                f"rows) | {cells[0]} | {cells[1]} | | | | | | |"
+                f"| {records[0]['n_train_rows']:,}: **candidate − the {args.profile} profile** (same {drawn}) "
+                f"| {cells[0]} | {cells[1]} | | | | | | |"
             )
     # targets
     checks = []
@@ -706,7 +710,7 @@ def bench_curve(args) -> None:
     suffix = (
         ("" if args.profile == "cpu" else f"_{args.profile}")
         + ("" if args.epochs == 1 else f"_epochs{args.epochs}")
-        + ("_candidate" if args.override else "")
+        + (f"_candidate_{_slug(args.override)}" if args.override else "")
     )
     candidate = f", candidate: the profile with {args.override}" if args.override else ""
     passes = "one pass" if args.epochs == 1 else f"{args.epochs} passes over the same rows"
@@ -1299,6 +1303,20 @@ Command: `python bench/bench_regressor.py inference --rows {args.rows} --eval-da
 """,
     )
     print(json.dumps(results, indent=1))
+
+
+DRAW_SETTINGS = {"date_group_size", "max_train_samples", "seed"}
+"""Settings that change which train rows a seed draws: a candidate with one of them is paired with the
+profile on the same dates, not on the same rows."""
+
+
+def _override_names(spec: str) -> list[str]:
+    return [item.partition("=")[0].strip() for item in spec.split(",")]
+
+
+def _slug(spec: str) -> str:
+    """A candidate's section and file name part: 'ic_mse_weight=1.0' -> 'ic_mse_weight_1_0'."""
+    return re.sub(r"[^a-z0-9]+", "_", spec.lower()).strip("_")
 
 
 def _override_cpu_profile(spec: str) -> None:

@@ -21,8 +21,9 @@ specific to the method:
   gradient accumulation and clipping;
 - validation RankIC every N steps on a fixed set of validation dates, early stopping on it, and the best
   weights restored at the end;
-- caps: `max_train_samples`, `max_steps`, `time_budget_s` (under a time budget the cosine schedule runs
-  on elapsed time, so the learning rate still decays to its floor when the budget ends);
+- caps: `max_train_samples`, `max_steps`, `time_budget_s` (when the clock runs ahead of the steps, the
+  cosine schedule follows elapsed time, so the learning rate still decays to its floor when the budget
+  ends; a run that fits its budget has a schedule of steps alone: `modeling.optim.schedule_progress`);
 - checkpoints of the trainable weights, optimizer, RNG states and loop position (elapsed time included),
   in safetensors and JSON (no pickle), fsynced and renamed into place before the previous one is deleted
   (`modeling.checkpointing`); a killed run resumes from the last one to the same weights as an
@@ -52,7 +53,7 @@ from modeling.job import TrainConfig, TrainJob  # noqa: F401 (re-exported: what 
 from modeling.losses import ic_mse_loss, weighted_loss
 from modeling.metrics import rank_ic
 from modeling.model import save_regressor
-from modeling.optim import ema_update, lr_factor, lr_length_factor  # noqa: F401 (lr_length_factor: re-export)
+from modeling.optim import ema_update, lr_factor, lr_length_factor, schedule_progress  # noqa: F401 (lr_length_factor: re-export)
 from modeling.train_setup import TrainerSetup
 from modeling.train_state import (  # noqa: F401 (re-exported: the loop's files and state)
     BEST_FILE,
@@ -86,9 +87,7 @@ class RegressorTrainer(TrainerSetup):
         """The schedule is a function of progress (steps, or elapsed time under a budget), not of a step
         counter, so it is set directly rather than through an LRScheduler."""
         cfg = self.cfg
-        progress = self.state.step / self.total_steps
-        if cfg.time_budget_s:
-            progress = max(progress, elapsed / cfg.time_budget_s)
+        progress = schedule_progress(self.state.step, self.total_steps, elapsed, cfg.time_budget_s)
         factor = lr_factor(progress, cfg.warmup_ratio, cfg.min_lr_ratio)
         for group, peak in zip(self.optimizer.param_groups, self.peak_lrs, strict=True):
             group["lr"] = peak * factor

@@ -206,3 +206,34 @@ def test_windows_evaluate_only_at_the_end_when_evaluations_decide_nothing(monkey
             PROFILES, "cpu", replace(PROFILES["cpu"], train=replace(cpu, eval_every_steps=375, **decides))
         )
         assert _profile_configs(BacktestConfig())[2].eval_every_steps == 375
+
+
+def test_windows_train_on_the_profiles_processes_and_rows(monkeypatch) -> None:
+    """A window launches its training as `regressor` does: the cpu profile one process, the gpu profile one
+    per visible GPU on every train row, an explicit `num_processes` wins."""
+    import importlib
+    from types import SimpleNamespace
+
+    from modeling.profiles import PROFILES
+
+    asset = importlib.import_module("pipeline.assets.backtest")  # the module (the package exports the asset)
+
+    monkeypatch.setattr(asset, "visible_gpus", lambda: 4)
+    assert asset.BacktestConfig().processes(PROFILES["cpu"]) == 1
+    gpu = asset.BacktestConfig(profile="gpu")
+    assert gpu.processes(PROFILES["gpu"]) == 4
+    assert asset._profile_configs(gpu)[2].max_train_samples is None  # every train row
+    assert asset.BacktestConfig(profile="gpu", num_processes=2).processes(PROFILES["gpu"]) == 2
+    monkeypatch.setattr(asset, "visible_gpus", lambda: 0)
+    assert gpu.processes(PROFILES["gpu"]) == 1  # no GPU here: one process
+
+    calls = []
+
+    def fake_run(context, client, job, processes, accelerate_config, what):
+        calls.append((job, processes, accelerate_config, what))
+        result = SimpleNamespace(metadata={"score_s": SimpleNamespace(value=1.5)})
+        return SimpleNamespace(get_materialize_result=lambda: result), None
+
+    monkeypatch.setattr(asset, "run_training_process", fake_run)
+    assert asset._train_window(None, None, "job", 4, "multi_gpu.yaml") == {"score_s": 1.5}
+    assert calls == [("job", 4, "multi_gpu.yaml", "window training")]

@@ -171,6 +171,44 @@ def test_evaluations_that_decide_nothing_leave_the_weights_alone(
     assert all(np.array_equal(first[k].numpy(), second[k].numpy()) for k in first)
 
 
+def test_schedule_follows_the_clock_only_when_the_budget_binds() -> None:
+    from modeling.optim import TIME_GUARD_SLACK, schedule_progress
+
+    assert TIME_GUARD_SLACK == 0.1
+    assert schedule_progress(10, 100, 5.0, None) == 0.1
+    # the backtest's first step: 0.31 s of a 420 s budget no longer beats 1 of 1,526 steps
+    assert schedule_progress(1, 1526, 0.31, 420.0) == 1 / 1526
+    # a run far behind its steps follows the clock: (300 / 400 - 0.1) / 0.9
+    assert schedule_progress(100, 1000, 300.0, 400.0) == pytest.approx(0.65 / 0.9)
+    assert schedule_progress(100, 1000, 400.0, 400.0) == pytest.approx(1.0)  # the budget's end: the floor
+
+
+def test_a_run_that_fits_its_time_budget_does_not_depend_on_the_clock(
+    tiny_base_model, tiny_data, tmp_path: Path, monkeypatch
+) -> None:
+    """A slow first step (9 s of a 100 s budget, where 1 of 12 steps is 8.3%) once set the learning rate
+    from the clock; a run that fits its budget now trains bit-identically to the same run without one."""
+    import itertools
+
+    from modeling import train as train_module
+
+    _, corpus = tiny_data
+    settings = {"max_steps": 12, "eval_every_steps": 1, "select_best": False, "early_stopping_patience": None}
+    free = train_regressor(_job(tiny_base_model, corpus, tmp_path / "a", **settings), log=lambda _: None)
+    readings = itertools.chain(
+        [1000.0, 1009.0], itertools.count(1010.0)
+    )  # 1 s a reading after the first step
+    monkeypatch.setattr(train_module, "_clock", lambda: next(readings))
+    timed = train_regressor(
+        _job(tiny_base_model, corpus, tmp_path / "b", time_budget_s=100.0, **settings), log=lambda _: None
+    )
+    assert timed.state.stopped_by == "max_steps" and timed.state.elapsed_s < 100
+    assert timed.state.history[0]["elapsed_s"] >= 9  # the slow first step happened
+    assert [h["lr"] for h in timed.state.history] == [h["lr"] for h in free.state.history]
+    first, second = _weights(free.model_dir), _weights(timed.model_dir)
+    assert all(np.array_equal(first[k].numpy(), second[k].numpy()) for k in first)
+
+
 def test_caps_and_early_stopping(tiny_base_model, tiny_data, tmp_path: Path) -> None:
     _, corpus = tiny_data
     capped = train_regressor(

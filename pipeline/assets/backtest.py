@@ -29,6 +29,7 @@ from modeling.data.backtest_store import (
 )
 from modeling.data.features import FEATURES_TABLE
 from modeling.data.parquet_io import read_parquet_metadata, snapshot_files, write_parquet_atomic
+from modeling.launch import visible_gpus
 from modeling.metrics import per_date_correlation
 from modeling.profiles import PROFILES, apply_overrides
 from modeling.prompt import PromptBuilder
@@ -75,6 +76,18 @@ class BacktestConfig(Config):
     )
     eval_max_dates: int | None = Field(default=None, ge=1, description="Validation dates during training.")
     seed: int | None = Field(default=None, ge=0, description="Seed of sample, batches, initialisation.")
+    num_processes: int | None = Field(
+        default=None,
+        ge=1,
+        description="Training processes per window (None = the profile's; gpu: one per GPU).",
+    )
+    accelerate_config_file: str | None = Field(
+        default=None, description="An accelerate config file (e.g. configs/accelerate/multi_gpu.yaml)."
+    )
+
+    def processes(self, profile) -> int:
+        """Training processes of each window, chosen as `regressor` chooses them."""
+        return self.num_processes or profile.num_processes or max(1, visible_gpus())
 
     def window_spec(self) -> WindowSpec:
         return WindowSpec(
@@ -124,10 +137,14 @@ def _refuse_leaky_backbone(source_kind: str, base_dir: Path, start: pd.Timestamp
     return f"embedded backbone pretrained on train-split prompts {dates[0]} .. {dates[1]}, before the period"
 
 
-def _train_window(context, client: PipesSubprocessClient, job: TrainJob) -> dict:
+def _train_window(
+    context, client: PipesSubprocessClient, job: TrainJob, processes: int, accelerate_config: str | None
+) -> dict:
     """Run one window's training process through Pipes, as `regressor` does (train -> forecast ->
     baselines); the report it sends back."""
-    invocation, _ = run_training_process(context, client, job, what="window training")
+    invocation, _ = run_training_process(
+        context, client, job, processes, accelerate_config, what="window training"
+    )
     metadata = invocation.get_materialize_result().metadata or {}
     return {key: value.value for key, value in metadata.items()}
 
@@ -152,6 +169,7 @@ def _run_windows(
     todo: list,
     template: TrainJob,
     done: dict[int, dict],
+    launch: tuple[int, str | None],
 ) -> None:
     """Train and forecast each window in its own process, storing each whole as soon as it is done."""
     corpus = pd.read_parquet(run.corpus_path)
@@ -170,7 +188,7 @@ def _run_windows(
             output_dir=str(out),
             backtest_output=str(out / "forecasts.parquet"),
         )
-        report = _train_window(context, client, job)
+        report = _train_window(context, client, job, *launch)
         forecasts = pd.read_parquet(out / "forecasts.parquet")
         report = {**report, **window.to_dict(), "wall_s": round(time.perf_counter() - started, 1)}
         with warehouse.get_connection() as con:
@@ -371,7 +389,8 @@ def backtest(
             train_cfg,
             training_set_path=str(run.training_set_path),
         )
-        _run_windows(context, pipes_subprocess_client, warehouse, run, todo, template, done)
+        launch = (config.processes(profile), config.accelerate_config_file)
+        _run_windows(context, pipes_subprocess_client, warehouse, run, todo, template, done, launch)
 
     models = [LLM_MODEL, *FEATURE_BASELINES]
     with warehouse.get_connection() as con:
