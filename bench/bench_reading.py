@@ -122,14 +122,14 @@ def _write(args, results: dict) -> None:
         r = results[n]["reading_correlation"]
         lines.append(f"| {n} | " + " | ".join(f"{r[f]:.3f}" for f in feats) + " |")
     sig = [
-        "| model | signal from true features | signal from readouts | read − true | LLM forecast |",
-        "|---|---:|---:|---:|---:|",
+        "| model | signal from true features | signal from readouts | read − true | LLM forecast | LLM − readouts |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for n in names:
         ic = results[n]["rank_ic"]
         cell = {c: f"{v['mean']:.4f} ± {v['se']:.4f} ({v['n_dates']})" for c, v in ic.items()}
         sig.append(
-            f"| {n} | {cell['true_signal']} | {cell['read_signal']} | {results[n]['read_minus_true']} | {cell['llm']} |"
+            f"| {n} | {cell['true_signal']} | {cell['read_signal']} | {results[n]['read_minus_true']} | {cell['llm']} | {results[n]['llm_minus_read']} |"
         )
     facts = machine()
     write_section(
