@@ -87,7 +87,7 @@ def main() -> None:
         x_fit, x_held = states[fit], states[~fit]
         mu, sd = x_fit.mean(0), x_fit.std(0) + 1e-6
         x_fit, x_held = (x_fit - mu) / sd, (x_held - mu) / sd
-        gram = x_fit.T @ x_fit + 1.0 * len(x_fit) * 1e-3 * np.eye(x_fit.shape[1])
+        gram = x_fit.T @ x_fit + 1e-3 * len(x_fit) * np.eye(x_fit.shape[1])
         reading = {}
         for feature in FEATURE_NAMES:
             y = rows.loc[fit, feature].to_numpy(np.float64)

@@ -9,7 +9,13 @@ from pathlib import Path
 from dagster import Failure, MetadataValue, PipesClientCompletedInvocation, PipesSubprocessClient
 
 from modeling.job import TrainJob
-from modeling.launch import launch_command
+from modeling.launch import launch_command, visible_gpus
+
+
+def training_processes(requested: int | None, profile) -> int:
+    """Training processes of a run: the config's count, else the profile's, else one per visible GPU
+    (at least one). `regressor` and each `backtest` window choose alike."""
+    return requested or profile.num_processes or max(1, visible_gpus())
 
 
 def run_training_process(

@@ -217,14 +217,15 @@ def test_windows_train_on_the_profiles_processes_and_rows(monkeypatch) -> None:
     from modeling.profiles import PROFILES
 
     asset = importlib.import_module("pipeline.assets.backtest")  # the module (the package exports the asset)
+    launching = importlib.import_module("pipeline.training_process")
 
-    monkeypatch.setattr(asset, "visible_gpus", lambda: 4)
+    monkeypatch.setattr(launching, "visible_gpus", lambda: 4)
     assert asset.BacktestConfig().processes(PROFILES["cpu"]) == 1
     gpu = asset.BacktestConfig(profile="gpu")
     assert gpu.processes(PROFILES["gpu"]) == 4
     assert asset._profile_configs(gpu)[2].max_train_samples is None  # every train row
     assert asset.BacktestConfig(profile="gpu", num_processes=2).processes(PROFILES["gpu"]) == 2
-    monkeypatch.setattr(asset, "visible_gpus", lambda: 0)
+    monkeypatch.setattr(launching, "visible_gpus", lambda: 0)
     assert gpu.processes(PROFILES["gpu"]) == 1  # no GPU here: one process
 
     calls = []

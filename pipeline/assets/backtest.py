@@ -29,7 +29,6 @@ from modeling.data.backtest_store import (
 )
 from modeling.data.features import FEATURES_TABLE
 from modeling.data.parquet_io import read_parquet_metadata, snapshot_files, write_parquet_atomic
-from modeling.launch import visible_gpus
 from modeling.metrics import per_date_correlation
 from modeling.profiles import PROFILES, apply_overrides
 from modeling.prompt import PromptBuilder
@@ -38,7 +37,7 @@ from modeling.train import TrainJob
 from modeling.walk_forward import FEATURE_BASELINES, LLM_MODEL
 from pipeline.metadata import frame_markdown, png_markdown
 from pipeline.resources import TRAINING_POOL, MlflowResource, StorageResource, WarehouseResource
-from pipeline.training_process import run_training_process
+from pipeline.training_process import run_training_process, training_processes
 
 BACKTEST_CODE_VERSION = "backtest-v1"
 FAULT_ENV = "BACKTEST_KILL_AFTER_WINDOW"
@@ -87,7 +86,7 @@ class BacktestConfig(Config):
 
     def processes(self, profile) -> int:
         """Training processes of each window, chosen as `regressor` chooses them."""
-        return self.num_processes or profile.num_processes or max(1, visible_gpus())
+        return training_processes(self.num_processes, profile)
 
     def window_spec(self) -> WindowSpec:
         return WindowSpec(

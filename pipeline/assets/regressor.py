@@ -20,11 +20,10 @@ from pydantic import Field
 from modeling.backbones.files import model_fingerprint
 from modeling.data.parquet_io import snapshot_files
 from modeling.job import ExperimentSpec, Outcome, TrainJob
-from modeling.launch import visible_gpus
 from modeling.plan import RegressorPlan, plan_regressor_job
 from pipeline.metadata import png_markdown
 from pipeline.resources import TRAINING_POOL, MlflowResource, StorageResource
-from pipeline.training_process import run_training_process
+from pipeline.training_process import run_training_process, training_processes
 
 REGRESSOR_CODE_VERSION = "regressor-v1"
 """Dagster code version; also part of the inputs fingerprint that decides whether to retrain."""
@@ -232,7 +231,7 @@ def _experiment_spec(
 
 def _launch(context, client: PipesSubprocessClient, job: TrainJob, config: RegressorAssetConfig, profile):
     """Run the training process through Pipes; a failure carries the child's own traceback."""
-    processes = config.num_processes or profile.num_processes or max(1, visible_gpus())
+    processes = training_processes(config.num_processes, profile)
     return run_training_process(context, client, job, processes, config.accelerate_config_file)
 
 
