@@ -155,6 +155,7 @@ def main() -> None:
                 raise SystemExit(f"{run.name}: forecast {mine:.5f} on {split}, the record says {theirs:.5f}")
         runs[run.name] = {
             "seed": record["seed"],
+            "size": record["size"],
             "n_train_rows": len(train),
             "ridge": {s: recorded[s]["ridge"] for s in splits},
             **{inputs: refit_series(train, states, splits, inputs) for inputs in ("last", "pooled")},
@@ -167,7 +168,14 @@ def main() -> None:
         "| runs | refit on | penalty | split | trained forecast | refit | refit − forecast | refit − ridge | forecast − ridge |",
         "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
-    groups = {name: [name] for name in runs} | ({"mean of all": list(runs)} if len(runs) > 1 else {})
+    by_size: dict[int, list[str]] = {}
+    for name, run in runs.items():
+        by_size.setdefault(run["size"], []).append(name)
+    groups = {name: [name] for name in runs} | {
+        f"{size:,} rows, mean of {len(names)} seeds": names
+        for size, names in by_size.items()
+        if len(names) > 1
+    }
     results = {}
     for label, names in groups.items():
         for inputs in ("last", "pooled"):
@@ -201,8 +209,8 @@ last token) and the output layer's input ("last", the head's hidden activations)
 them to the training target with the penalty (× the weighted row count, columns standardised) picked on the
 train rows' last 20% of dates, purged by the horizon, refits on every train row, and scores every
 validation and test row. Cells: mean daily RankIC ± SE (dates); differences are paired by date; "ridge" is
-ridge on the 16 features on the same rows (the curve record's series). "mean of all": the runs' daily
-series averaged date by date.
+ridge on the 16 features on the same rows (the curve record's series). "mean of n seeds": the daily
+series of one size's runs averaged date by date.
 
 {chr(10).join(lines)}
 """,
