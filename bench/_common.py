@@ -65,3 +65,10 @@ def save_json(name: str, payload: dict) -> Path:
     path = OUT / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, default=str))
     return path
+
+
+def daily_series(data: dict):
+    """A daily series stored as JSON ({"YYYY-MM-DD": value}) back as a float Series on a date index."""
+    import pandas as pd
+
+    return pd.Series(list(data.values()), index=pd.to_datetime(list(data.keys())), dtype=float)

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from _common import OUT, machine, save_json, write_section
+from _common import OUT, daily_series, machine, save_json, write_section
+from bench_reading import pooled_states
 
 COMMAND = "python bench/bench_head_refit.py"
 
@@ -38,42 +39,29 @@ HOLDOUT_FROM = 0.8
 """The penalty is picked on the train rows' dates from this quantile on (the baselines' early-stopping rule)."""
 
 
-def head_inputs(model, tokenizer, prompts: list[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def head_inputs(model, tokenizer, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(pooled state [N, H], the head's last hidden activations [N, K]) in prompt order, dropout off."""
-    from modeling.inference import encode_prompts, length_batches, pad_batch
-
-    ids = encode_prompts(tokenizer, prompts)
-    hidden = model.head.net[0].in_features
-    width = model.head.net[-1].in_features
-    pooled = np.zeros((len(ids), hidden), dtype=np.float32)
-    last = np.zeros((len(ids), width), dtype=np.float32)
-    model.eval()
+    pooled = pooled_states(model, tokenizer, prompts)  # model in eval mode
     with torch.inference_mode():
-        for n, idx in enumerate(length_batches([len(x) for x in ids], batch_size)):
-            batch = pad_batch(tokenizer, [ids[i] for i in idx])
-            p = model.pooled_hidden(batch["input_ids"], batch["attention_mask"]).float()
-            pooled[idx] = p.numpy()
-            last[idx] = model.head.net[:-1](p).numpy()
-            if n % 500 == 0:
-                print(f"  {n * batch_size:,} / {len(ids):,} rows", flush=True)
+        last = model.head.net[:-1](torch.from_numpy(pooled)).numpy()
     return pooled, last
 
 
 def weighted_ridge(x: np.ndarray, y: np.ndarray, w: np.ndarray, penalty: float):
-    """Ridge on standardised columns with an unpenalised intercept; returns predict(x)."""
+    """sklearn's ridge on columns standardised with the weights; `penalty` x the weighted row count (weights
+    at mean 1); returns predict(x)."""
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     w = w / w.mean()
-    mu = (w[:, None] * x).sum(0) / w.sum()
-    sd = np.sqrt((w[:, None] * (x - mu) ** 2).sum(0) / w.sum()) + 1e-6
-    z = (x - mu) / sd
-    y_mean = float((w * y).sum() / w.sum())
-    gram = (z * w[:, None]).T @ z + penalty * w.sum() * np.eye(z.shape[1])
-    coef = np.linalg.solve(gram, (z * w[:, None]).T @ (y - y_mean))
-    return lambda x_new: ((x_new - mu) / sd) @ coef + y_mean
+    model = make_pipeline(StandardScaler(), Ridge(alpha=penalty * w.sum()))
+    model.fit(x, y, standardscaler__sample_weight=w, ridge__sample_weight=w)
+    return model.predict
 
 
 def refit_series(train: pd.DataFrame, states: dict, splits: dict, inputs: str) -> dict:
-    """Daily RankIC series of the refit on `inputs` ("last" or "pooled") and of the trained forecast, on
-    each split, with the penalty picked on the train rows' last 20% of dates (purged by one date, the
+    """Daily RankIC series of the refit on `inputs` ("last" or "pooled") on each split, with the penalty picked on the train rows' last 20% of dates (purged by one date, the
     horizon) and the held-out IC of every penalty."""
     from modeling.metrics import DailyMean, per_date_correlation
 
@@ -93,10 +81,9 @@ def refit_series(train: pd.DataFrame, states: dict, splits: dict, inputs: str) -
     out = {"penalty": best, "holdout_ic": picks}
     for split, frame in splits.items():
         scored = frame[["date", "label"]].assign(
-            refit=predict(states[f"{split}_{inputs}"].astype(np.float64)),
-            forecast=states[f"{split}_forecast"],
+            refit=predict(states[f"{split}_{inputs}"].astype(np.float64))
         )
-        out[split] = {c: per_date_correlation(scored, c, "label", "spearman") for c in ("refit", "forecast")}
+        out[split] = per_date_correlation(scored, "refit", "label", "spearman")
     return out
 
 
@@ -143,14 +130,18 @@ def main() -> None:
                     last = torch.from_numpy(states[f"{name}_last"])
                     states[f"{name}_forecast"] = model.head.net[-1](last).squeeze(-1).numpy()
             np.savez(cache, **states)
-        recorded = {
-            s: {m: pd.Series(list(v.values()), index=pd.to_datetime(list(v.keys()))) for m, v in d.items()}
-            for s, d in record["daily"].items()
+        recorded = {s: {m: daily_series(v) for m, v in d.items()} for s, d in record["daily"].items()}
+        forecast = {
+            split: per_date_correlation(
+                frame[["date", "label"]].assign(f=states[f"{split}_forecast"]), "f", "label", "spearman"
+            )
+            for split, frame in splits.items()
         }
-        for split, frame in splits.items():  # the states reproduce the recorded forecast's series
-            scored = frame[["date", "label"]].assign(forecast=states[f"{split}_forecast"])
-            mine = DailyMean.of(per_date_correlation(scored, "forecast", "label", "spearman")).mean
-            theirs = DailyMean.of(recorded[split]["prediction"]).mean
+        for split in splits:  # the states reproduce the recorded forecast's series
+            mine, theirs = (
+                DailyMean.of(forecast[split]).mean,
+                DailyMean.of(recorded[split]["prediction"]).mean,
+            )
             if abs(mine - theirs) > 1e-4:
                 raise SystemExit(f"{run.name}: forecast {mine:.5f} on {split}, the record says {theirs:.5f}")
         runs[run.name] = {
@@ -158,6 +149,7 @@ def main() -> None:
             "size": record["size"],
             "n_train_rows": len(train),
             "ridge": {s: recorded[s]["ridge"] for s in splits},
+            "forecast": forecast,
             **{inputs: refit_series(train, states, splits, inputs) for inputs in ("last", "pooled")},
         }
 
@@ -181,8 +173,8 @@ def main() -> None:
         for inputs in ("last", "pooled"):
             penalty = ", ".join(f"{runs[n][inputs]['penalty']:g}" for n in names)
             for split in splits:
-                forecast = mean([runs[n][inputs][split]["forecast"] for n in names])
-                refit = mean([runs[n][inputs][split]["refit"] for n in names])
+                forecast = mean([runs[n]["forecast"][split] for n in names])
+                refit = mean([runs[n][inputs][split] for n in names])
                 ridge = mean([runs[n]["ridge"][split] for n in names])
                 row = {
                     "forecast": str(DailyMean.of(forecast)),

@@ -35,7 +35,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from _common import OUT, ROOT, machine, save_json, write_section
+from _common import OUT, ROOT, daily_series, machine, save_json, write_section
 
 DATA = Path(os.environ.get("DATA_DIR", "data")).resolve()
 
@@ -321,7 +321,7 @@ def bench_quality(args) -> None:
         LLM together, so the seed sd of the level is much wider than that of the difference."""
         cells = []
         for split in ("validation", "test"):
-            daily = [_series_from(r["daily"][split][model]) for r in records]
+            daily = [daily_series(r["daily"][split][model]) for r in records]
             sd = np.std([DailyMean.of(d).mean for d in daily], ddof=1) if len(daily) > 1 else float("nan")
             cells.append(
                 _stat_cell(DailyMean.of(_seed_mean(records, split, model)))
@@ -337,8 +337,8 @@ def bench_quality(args) -> None:
             if len(records) > 1:
                 per_seed = [
                     paired_series_difference(
-                        _series_from(r["daily"]["validation"][model]),
-                        _series_from(r["daily"]["validation"]["ridge"]),
+                        daily_series(r["daily"]["validation"][model]),
+                        daily_series(r["daily"]["validation"]["ridge"]),
                     ).delta
                     for r in records
                 ]
@@ -454,17 +454,11 @@ def _seed_mean(records: list[dict], split: str, model: str):
     """One model's daily RankIC series of several seeds' runs, averaged over the seeds date by date."""
     import pandas as pd
 
-    return pd.concat([_series_from(r["daily"][split][model]) for r in records], axis=1).mean(axis=1)
+    return pd.concat([daily_series(r["daily"][split][model]) for r in records], axis=1).mean(axis=1)
 
 
 def _series_json(series) -> dict:
     return {str(d.date()): float(v) for d, v in series.items()}
-
-
-def _series_from(data: dict):
-    import pandas as pd
-
-    return pd.Series(list(data.values()), index=pd.to_datetime(list(data.keys())), dtype=float)
 
 
 _KEY_OMITS_AT_DEFAULT = {"ic_mse_weight": 0.0}
@@ -631,7 +625,7 @@ def bench_curve(args) -> None:
         label = f"{records[0]['n_train_rows']:,}" + (f" ({len(records)} seeds)" if len(records) > 1 else "")
         for split in ("validation", "test"):
             llm = _seed_mean(records, split, "prediction")
-            per_seed = [DailyMean.of(_series_from(r["daily"][split]["prediction"])).mean for r in records]
+            per_seed = [DailyMean.of(daily_series(r["daily"][split]["prediction"])).mean for r in records]
             ridge, mlp = _seed_mean(records, split, "ridge"), _seed_mean(records, split, "mlp_features")
             summary[(size, split)] = {
                 "llm": DailyMean.of(llm),
@@ -1008,7 +1002,7 @@ def bench_routes(args) -> None:
         print(f"route: {name}", flush=True)
         records[name] = route_run(base, corpus, features, frame, name, size, overrides, OUT / "routes")
     reference = {
-        size: _series_from(r["daily"]["prediction"])
+        size: daily_series(r["daily"]["prediction"])
         for r in records.values()
         for size in [r["size"]]
         if r["overrides"] == {}
@@ -1018,7 +1012,7 @@ def bench_routes(args) -> None:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in records.items():
-        llm, ridge = _series_from(r["daily"]["prediction"]), _series_from(r["daily"]["ridge"])
+        llm, ridge = daily_series(r["daily"]["prediction"]), daily_series(r["daily"]["ridge"])
         vs_base = (
             str(paired_series_difference(llm, reference[r["size"]]))
             if r["size"] in reference and r["overrides"]
@@ -1066,8 +1060,8 @@ def bench_route_seeds(args) -> None:
             over = overrides if seed == 0 else {**overrides, "seed": seed}
             print(f"route: {name}, seed {seed}", flush=True)
             runs.append(route_run(base, corpus, features, frame, name, size, over, OUT / "routes"))
-        series[name] = [_series_from(r["daily"]["prediction"]) for r in runs]
-        ridge = [_series_from(r["daily"]["ridge"]) for r in runs]
+        series[name] = [daily_series(r["daily"]["prediction"]) for r in runs]
+        ridge = [daily_series(r["daily"]["ridge"]) for r in runs]
         if not any(k.startswith("ridge") and all(map(pd.Series.equals, v, ridge)) for k, v in series.items()):
             series[f"ridge on the rows of: {name}"] = ridge  # (routes on the same rows share one ridge)
         means = pd.Series([DailyMean.of(x).mean for x in series[name]])
