@@ -478,6 +478,17 @@ def _recipe_key(train_cfg, regressor_cfg) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def _prompt_key(corpus: Path) -> str:
+    """A cache-key part for a corpus whose prompts are not the default ones ('' for the default, so the
+    runs cached before prompts had options keep their keys): '-legend-value' and the like."""
+    from modeling.data.parquet_io import read_parquet_metadata
+    from modeling.prompt import PromptBuilder
+
+    prompt = PromptBuilder.of_corpus(read_parquet_metadata(corpus))
+    default = PromptBuilder(horizon=prompt.horizon, sig_digits=prompt.sig_digits, target=prompt.target)
+    return "" if prompt == default else f"-{prompt.layout}-{prompt.number_format}"
+
+
 def curve_run(
     base: Path,
     corpus: Path,
@@ -503,7 +514,7 @@ def curve_run(
     passes = {} if epochs is None else {"epochs": epochs}
     # keyed on what `ours_train` trains (a profile's time-budget guard can change without changing a run)
     cfg = bench_train_config(profile.train, size, seed, **passes)
-    key = f"{size or 'all'}-seed{seed}-{_recipe_key(cfg, profile.regressor)}"
+    key = f"{size or 'all'}-seed{seed}-{_recipe_key(cfg, profile.regressor)}{_prompt_key(corpus)}"
     path = out / f"{key}.json"
     if path.is_file():
         record = json.loads(path.read_text())

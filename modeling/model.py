@@ -17,8 +17,9 @@ query, attention output and MLP matter; every other position's output there is d
 Llama-family backbones (Llama 3, SmolLM2, the embedded tiny Llama) `pooled_hidden` runs the last layer
 on the last token only (its keys and values still cover the whole prompt). The result is the same
 hidden state as the full forward (tested to 1e-5); it skips most of one layer's work, which is about
-40% of the compute of the 2-layer embedded backbone and 1/L of an L-layer one. Other architectures take
-the full forward.
+40% of the compute of the 2-layer embedded backbone and 1/L of an L-layer one. The batch's common
+leading tokens (the system turn) run once per batch there (`modeling.shared_prefix`). Other
+architectures take the full forward.
 
 This module must not import dagster, duckdb or mlflow: it runs on the GPU image, which lacks them.
 """
@@ -44,6 +45,7 @@ from modeling.errors import ModelUnloadableError
 # module (no cycle).
 from modeling.inference import predict_prompts as predict_prompts
 from modeling.job import HeadConfig, LoraSettings, RegressorConfig  # noqa: F401 (re-exported: the model's shape)
+from modeling.shared_prefix import prefix_sharable, run_with_shared_prefix, shared_prefix_length
 
 REGRESSOR_FORMAT_VERSION = 1
 """Version of the saved layout below; bumped when it changes."""
@@ -153,40 +155,45 @@ def _llama_last_hidden(
     """
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-    embeds = model.embed_tokens(input_ids)  # [B, T, H]
     position_ids = position_ids_from_mask(attention_mask)
     # SDPA applies causality itself only when handed no mask (eager attention would not)
     sdpa = getattr(model.config, "_attn_implementation", None) == "sdpa"
-    if sdpa and is_right_padded(attention_mask):
-        causal_mask = None
+    right_padded = is_right_padded(attention_mask)
+    sharable = right_padded and prefix_sharable(model)
+    n_prefix = shared_prefix_length(input_ids, attention_mask) if sharable else 0
+    if n_prefix:  # the batch's common leading tokens once, not once per row (`modeling.shared_prefix`)
+        hidden, prefix_kv, (cos, sin) = run_with_shared_prefix(model, input_ids, position_ids, n_prefix)
     else:
-        causal_mask = _padding_causal_mask(model, embeds, attention_mask)
-    cos, sin = model.rotary_emb(embeds, position_ids=position_ids)  # [B, T, D] each
-    hidden = embeds
-    for layer in model.layers[: model.config.num_hidden_layers - 1]:
-        hidden = layer(
-            hidden, attention_mask=causal_mask, position_embeddings=(cos, sin), position_ids=position_ids
-        )
+        embeds = model.embed_tokens(input_ids)  # [B, T, H]
+        causal_mask = None if sdpa and right_padded else _padding_causal_mask(model, embeds, attention_mask)
+        cos, sin = model.rotary_emb(embeds, position_ids=position_ids)  # [B, T, D] each
+        hidden = embeds
+        for layer in model.layers[: model.config.num_hidden_layers - 1]:
+            hidden = layer(
+                hidden, attention_mask=causal_mask, position_embeddings=(cos, sin), position_ids=position_ids
+            )
 
     layer = model.layers[model.config.num_hidden_layers - 1]
     attn = layer.self_attn
-    b, t, _ = hidden.shape
+    b, t, _ = hidden.shape  # t: the rows' own tokens (after the shared prefix, if any)
     rows = torch.arange(b, device=hidden.device)
-    last = last_token_index(attention_mask)  # [B]
-    normed = layer.input_layernorm(hidden)  # [B, T, H]
+    last = last_token_index(attention_mask)  # [B], position in the whole prompt
+    normed = layer.input_layernorm(hidden)  # [B, T', H]
     # keys and values of every position; the query of the last real token only
-    k = attn.k_proj(normed).view(b, t, -1, attn.head_dim).transpose(1, 2)  # [B, KV, T, D]
+    k = attn.k_proj(normed).view(b, t, -1, attn.head_dim).transpose(1, 2)  # [B, KV, T', D]
     v = attn.v_proj(normed).view(b, t, -1, attn.head_dim).transpose(1, 2)
-    q = attn.q_proj(normed[rows, last].unsqueeze(1))  # [B, 1, NH * D]
+    q = attn.q_proj(normed[rows, last - n_prefix].unsqueeze(1))  # [B, 1, NH * D]
     q = q.view(b, 1, -1, attn.head_dim).transpose(1, 2)  # [B, NH, 1, D]
     q, _ = apply_rotary_pos_emb(q, q, cos[rows, last].unsqueeze(1), sin[rows, last].unsqueeze(1))
-    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    _, k = apply_rotary_pos_emb(k, k, cos[:, n_prefix:], sin[:, n_prefix:])
+    if n_prefix:
+        k, v = prefix_kv.extended(model.config.num_hidden_layers - 1, k, v)  # [B, KV, T, D]
     k, v = repeat_kv(k, attn.num_key_value_groups), repeat_kv(v, attn.num_key_value_groups)
     # the last real token sees every real token (all precede it); padding is masked out
     key_mask = attention_mask.to(torch.bool)[:, None, None, :]  # [B, 1, 1, T]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=attn.scaling)  # [B, NH, 1, D]
     out = attn.o_proj(out.transpose(1, 2).reshape(b, 1, -1))  # [B, 1, H]
-    h = hidden[rows, last].unsqueeze(1) + out
+    h = hidden[rows, last - n_prefix].unsqueeze(1) + out
     h = h + layer.mlp(layer.post_attention_layernorm(h))
     return model.norm(h).squeeze(1)  # [B, H]
 

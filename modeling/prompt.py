@@ -54,6 +54,10 @@ NUMBER_FORMATS = ("value", "percentile", "both")
 DEFAULT_NUMBER_FORMAT = "value"
 """The default of the prompt corpus and of the embedded backbone's pretraining prompts (BENCHMARKS.md
 compares the formats)."""
+LAYOUTS = ("inline", "legend")
+"""Where a feature's definition is written (`PromptBuilder.layout`)."""
+DEFAULT_LAYOUT = "inline"
+"""The default of the prompt corpus and of the embedded backbone's pretraining prompts."""
 MIN_PERCENTILE_NAMES = 20
 """A percentile is a rank among the stocks of a date: fewer names than this make it meaningless."""
 PERCENTILE_SUFFIX = "_pct"
@@ -85,8 +89,16 @@ class PromptBuilder:
     rank among the stocks of the same date, 0-99 (two digit tokens instead of about six, no sign, no
     decimals, blind to outliers; needs each date's whole cross-section, see `with_percentiles`); both:
     the value, then the percentile."""
+    layout: str = DEFAULT_LAYOUT
+    """inline: one line per feature, its definition next to its number ("5d return %=1.79"); legend: the
+    definitions once in the system turn, each with a letter code, and the task there too, so the user turn
+    holds only the stock, the date and "b=1.79"-style pairs. A legend prompt's leading system turn is the
+    same text in every row, which the shared-prefix forward (`modeling.shared_prefix`) computes once per
+    batch instead of once per row."""
 
     def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.number_format not in NUMBER_FORMATS:
             raise ValueError(f"number_format must be one of {NUMBER_FORMATS}, got {self.number_format!r}")
         if self.target not in TARGET_PHRASES:
@@ -104,6 +116,7 @@ class PromptBuilder:
             "sig_digits": self.sig_digits,
             "target": self.target,
             "number_format": self.number_format,
+            "layout": self.layout,
             "template_version": PROMPT_TEMPLATE_VERSION,
             "feature_registry_sha": registry_fingerprint(self.features),
         }
@@ -129,6 +142,7 @@ class PromptBuilder:
             target=str(settings["target"]),
             # models saved before the option existed wrote values
             number_format=str(settings.get("number_format", "value")),
+            layout=str(settings.get("layout", "inline")),
         )
 
     @classmethod
@@ -139,6 +153,7 @@ class PromptBuilder:
             sig_digits=int(facts.get("sig_digits", 3)),
             target=str(facts["label_kind"]),
             number_format=str(facts.get("number_format", "value")),
+            layout=str(facts.get("layout", "inline")),
         )
 
     def differences(self, other: Mapping) -> dict[str, tuple]:
@@ -151,7 +166,25 @@ class PromptBuilder:
     # --- text ------------------------------------------------------------------------------------------
     @property
     def system_message(self) -> str:
-        return "You are a quantitative equity analyst. Regression task: answer with one number only."
+        role = "You are a quantitative equity analyst. Regression task: answer with one number only."
+        if self.layout == "inline":
+            return role
+        return f"{role} {self.task_line} Each stock-day gives its features as code=value: {self.legend}."
+
+    @property
+    def codes(self) -> list[str]:
+        """The legend's feature codes: a, b, c, ... (f1, f2, ... past 26 features)."""
+        n = len(self.features)
+        return list("abcdefghijklmnopqrstuvwxyz"[:n]) if n <= 26 else [f"f{j + 1}" for j in range(n)]
+
+    @property
+    def legend(self) -> str:
+        """Each feature's code and definition, in prompt order (the legend layout's data definition)."""
+        what = {"value": "", "percentile": " (percentile 0-99)", "both": " (value pct percentile 0-99)"}
+        return ", ".join(
+            f"{code} {f.label}{' ' + f.unit if f.unit else ''}{what[self.number_format]}"
+            for code, f in zip(self.codes, self.features, strict=True)
+        )
 
     @property
     def task_line(self) -> str:
@@ -159,6 +192,8 @@ class PromptBuilder:
         return f"Predict {TARGET_PHRASES[self.target]} over the {days}."
 
     def _line_prefixes(self) -> list[str]:
+        if self.layout == "legend":
+            return [f"{code}=" for code in self.codes]
         if self.number_format == "percentile":
             return [f"{f.label} pct=" for f in self.features]
         return [f"{f.label}{' ' + f.unit if f.unit else ''}=" for f in self.features]
@@ -202,9 +237,9 @@ class PromptBuilder:
             sectors = [f" ({s})" if isinstance(s, str) and s else "" for s in frame["sector"].tolist()]
         else:
             sectors = [""] * n
+        at = "daily data at the " if self.layout == "inline" else ""
         headers = [
-            f"Stock {sym}{sec}, daily data at the {d} close:"
-            for sym, sec, d in zip(symbols, sectors, dates, strict=True)
+            f"Stock {sym}{sec}, {at}{d} close:" for sym, sec, d in zip(symbols, sectors, dates, strict=True)
         ]
         scaled = values * np.array([f.prompt_scale for f in self.features])
         digits = self.sig_digits
@@ -228,6 +263,8 @@ class PromptBuilder:
                     ]
                     for j, prefix in enumerate(self._line_prefixes())
                 ]
+        if self.layout == "legend":  # the task and the definitions are in the system turn
+            return [" ".join((header, *pairs)) for header, *pairs in zip(headers, *columns, strict=True)]
         task = self.task_line
         return ["\n".join((header, *lines, task)) for header, *lines in zip(headers, *columns, strict=True)]
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import modeling.model as model_module
+import modeling.shared_prefix as shared_prefix
 from modeling.backbones.common import load_tokenizer
 from modeling.inference import encode_prompts, merged_adapters, pad_batch, predict_prompts
 from modeling.losses import pointwise_loss, weighted_loss
@@ -91,6 +92,7 @@ def test_a_right_padded_batch_builds_no_mask_and_equals_the_masked_forward(
     ids[1] = ids[1][:-17]
     batch = pad_batch(tok, ids)
     assert (batch["attention_mask"] == 0).any() and is_right_padded(batch["attention_mask"])
+    monkeypatch.setattr(shared_prefix, "MIN_SHARED_FRACTION", 2.0)  # every row's whole prompt (not shared)
     built: list[torch.Tensor | None] = []
     real = model_module._padding_causal_mask
     monkeypatch.setattr(model_module, "_padding_causal_mask", lambda *a: built.append(real(*a)) or built[-1])

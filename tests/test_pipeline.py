@@ -408,16 +408,20 @@ def test_prompt_check_warns_when_the_corpus_is_written_otherwise_than_the_pretra
     shutil.copytree(settings.data_dir / "models", tmp_path / "data" / "models")
     result = prompts_match_pretraining(storage=storage)
     compared = set(result.metadata["compared"].value)
-    assert result.passed and {"sig_digits", "number_format", "horizon"} <= compared
+    assert result.passed and {"sig_digits", "number_format", "layout", "horizon"} <= compared
     info_file = tmp_path / "data" / "models" / "base_model" / EMBEDDED_MODEL_INFO_FILE
     info = json.loads(info_file.read_text())
     assert info["pretrain_prompt"]["sig_digits"] == 3  # recorded by the build
-    info["pretrain_prompt"].update(sig_digits=2, number_format="percentile")
+    info["pretrain_prompt"].update(sig_digits=2, number_format="percentile", layout="legend")
     info_file.write_text(json.dumps(info))
     result = prompts_match_pretraining(storage=storage)
     assert not result.passed and result.severity == AssetCheckSeverity.WARN
     differences = result.metadata["differences (pretrained on, corpus)"].value
-    assert differences == {"sig_digits": [2, 3], "number_format": ["percentile", "value"]}
+    assert differences == {
+        "sig_digits": [2, 3],
+        "number_format": ["percentile", "value"],
+        "layout": ["legend", "inline"],
+    }
 
 
 def test_regressor_reports_every_rankic_with_its_se_dates_and_paired_differences(run):

@@ -299,3 +299,44 @@ def test_a_model_refuses_features_defined_otherwise(monkeypatch) -> None:
         PromptBuilder.from_settings(saved)
     legacy = {k: v for k, v in saved.items() if k != "feature_registry_sha"}  # saved before the fingerprint
     assert PromptBuilder.from_settings(legacy).number_format == "value"
+
+
+LEGEND_GOLDEN = (
+    "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+    "You are a quantitative equity analyst. Regression task: answer with one number only. "
+    "Predict its return minus the average return of the universe over the next trading day. "
+    "Each stock-day gives its features as code=value: a 1d return %, b 5d return %, c 20d return %, "
+    "d 60d return %, e 20d vol %, f 60d vol %, g 20d high-low range %, h 20d SMA gap %, i 60d SMA gap %, "
+    "j 14d RSI, k 60d high gap %, l 5d/20d volume ratio, m 20d log dollar volume, n 20d Amihud per $1B, "
+    "o 20d max daily return %, p overnight gap %.<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\n"
+    "Stock ACME (Technology), 2021-03-04 close: a=1.23 b=-3.21 c=0 d=25 e=1.54 f=2 g=3.1 h=-0.456 i=10 "
+    "j=55.5 k=-12 l=1.23 m=18.5 n=0.0789 o=5 p=-0.1<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n"
+)
+
+
+def test_legend_layout_golden_prompt_and_a_shared_system_turn(prompt_tokenizer):
+    legend = PromptBuilder(horizon=1, layout="legend")
+    assert legend.render(ROW, prompt_tokenizer) == LEGEND_GOLDEN
+    # the same numbers as the inline prompt, in the same order, and the definitions once, up front
+    inline_values = [
+        line.split("=")[1] for line in GOLDEN.split("close:\n")[1].split("\nPredict")[0].split("\n")
+    ]
+    legend_values = [
+        pair.split("=")[1] for pair in LEGEND_GOLDEN.split("close: ")[1].split("<|eot_id|>")[0].split()
+    ]
+    assert legend_values == inline_values
+    # every row's text up to its symbol is the same: what the shared-prefix forward computes once
+    prompts = legend.render_batch(_frame(20), prompt_tokenizer)
+    head = prompts[0].split("Stock ")[0] + "Stock "
+    assert all(p.startswith(head) for p in prompts) and len(head) > 0.6 * len(prompts[0])
+    assert PromptBuilder.from_settings(legend.settings()).layout == "legend"
+    old = {k: v for k, v in PromptBuilder().settings().items() if k != "layout"}
+    assert PromptBuilder.from_settings(old).layout == "inline"  # models saved before the option
+    assert PromptBuilder.of_corpus({"horizon": 1, "label_kind": "excess", "layout": "legend"}) == legend
+    assert PromptBuilder().differences(legend.settings()) == {"layout": ("legend", "inline")}
+    pct = PromptBuilder(layout="legend", number_format="percentile")
+    assert "a 1d return % (percentile 0-99)," in pct.system_message
+    with pytest.raises(ValueError, match="layout"):
+        PromptBuilder(layout="table")

@@ -20,7 +20,7 @@ from modeling.backbones.embedded import (
 from modeling.backbones.gguf import convert_gguf
 from modeling.backbones.smollm2 import prepare_smollm2
 from modeling.data.parquet_io import read_parquet_metadata
-from modeling.prompt import DEFAULT_NUMBER_FORMAT, PromptBuilder, tokenizer_training_texts
+from modeling.prompt import DEFAULT_LAYOUT, DEFAULT_NUMBER_FORMAT, PromptBuilder, tokenizer_training_texts
 from pipeline.resources import WAREHOUSE_POOL, StorageResource
 
 BASE_MODEL_CODE_VERSION = f"backbones-v{EMBEDDED_MODEL_FORMAT_VERSION}"
@@ -78,6 +78,11 @@ class BaseModelConfig(Config):
         description="Number format of the pretraining prompts (value, percentile, both): keep it equal to "
         "the prompt corpus's number_format (the `prompts_match_pretraining` check warns when they differ).",
     )
+    prompt_layout: str = Field(
+        default=DEFAULT_LAYOUT,
+        description="Layout of the pretraining prompts (inline, legend): keep it equal to the prompt "
+        "corpus's layout (the `prompts_match_pretraining` check warns when they differ).",
+    )
     force_rebuild: bool = Field(
         default=False, description="Rebuild the embedded model even when its config and code are unchanged."
     )
@@ -115,6 +120,7 @@ def _embedded(context: AssetExecutionContext, config: BaseModelConfig, storage: 
         target=str(facts["label"]["kind"]),
         sig_digits=config.prompt_sig_digits,
         number_format=config.prompt_number_format,
+        layout=config.prompt_layout,
     )
     model_spec, pretrain_spec = config.specs()
     key = build_key(

@@ -8,7 +8,7 @@ from pydantic import Field
 from modeling.backbones.common import load_tokenizer
 from modeling.data.parquet_io import create_parquet_view, read_parquet_metadata
 from modeling.data.prompt_corpus import write_prompt_corpus
-from modeling.prompt import DEFAULT_NUMBER_FORMAT, PromptBuilder
+from modeling.prompt import DEFAULT_LAYOUT, DEFAULT_NUMBER_FORMAT, PromptBuilder
 from pipeline.metadata import relation_metadata
 from pipeline.resources import WAREHOUSE_POOL, StorageResource, WarehouseResource
 
@@ -26,6 +26,13 @@ class PromptCorpusConfig(Config):
         default=DEFAULT_NUMBER_FORMAT,
         description="How each feature's number is written: value (significant digits), percentile (rank "
         "among the date's stocks, 0-99) or both. Keep base_model's prompt_number_format equal to it.",
+    )
+    layout: str = Field(
+        default=DEFAULT_LAYOUT,
+        description="Where each feature's definition is written: inline (next to its number, one line per "
+        "feature) or legend (once in the system turn with a letter code; the rows carry code=value pairs, "
+        "and the shared system turn is computed once per batch). Keep base_model's prompt_layout equal "
+        "to it.",
     )
 
 
@@ -48,7 +55,11 @@ def prompt_corpus(
     model_dir = storage.base_model_dir
     tokenizer = load_tokenizer(model_dir)
     builder = PromptBuilder(
-        horizon=horizon, sig_digits=config.sig_digits, target=label_kind, number_format=config.number_format
+        horizon=horizon,
+        sig_digits=config.sig_digits,
+        target=label_kind,
+        number_format=config.number_format,
+        layout=config.layout,
     )
     rows = builder.with_percentiles(pd.read_parquet(source))  # each date's whole cross-section
 
@@ -66,6 +77,7 @@ def prompt_corpus(
             "base_model": str(model_dir),
             "sig_digits": config.sig_digits,
             "number_format": config.number_format,
+            "layout": config.layout,
         },
     )
     elapsed = time.perf_counter() - started
