@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,19 +33,31 @@ FORWARDS = {"plain": 2.0, "shared prefix": 0.0}
 `MIN_SHARED_PREFIX` tokens or more is shared, whatever its share of the prompt."""
 
 
-def _set_forward(name: str) -> None:
+@contextmanager
+def _forward(name: str):
+    """`MIN_SHARED_FRACTION` set for one forward, and the module's own restored afterwards."""
     import modeling.shared_prefix as shared_prefix
 
+    default = shared_prefix.MIN_SHARED_FRACTION
     shared_prefix.MIN_SHARED_FRACTION = FORWARDS[name]
+    try:
+        yield
+    finally:
+        shared_prefix.MIN_SHARED_FRACTION = default
 
 
-def _prefix_stats(batches) -> tuple[float, float]:
-    """(mean tokens per row, mean shared prefix per batch) of padded batches."""
+def _prefix_stats(batches) -> tuple[float, float, float]:
+    """(mean tokens per row, mean shared prefix per batch, share of batches the default thresholds send
+    to the shared-prefix forward) of padded batches."""
     from modeling.shared_prefix import shared_prefix_length
 
     tokens = np.mean([float(b["attention_mask"].sum(dim=1).float().mean()) for b in batches])
     shared = [shared_prefix_length(b["input_ids"], b["attention_mask"], min_fraction=0) for b in batches]
-    return float(tokens), float(np.mean(shared))
+    taken = [
+        shared_prefix_length(b["input_ids"], b["attention_mask"]) > 0  # the module's thresholds
+        for b in batches
+    ]
+    return float(tokens), float(np.mean(shared)), float(np.mean(taken))
 
 
 def _train_batches(data: Path, n_rows: int):
@@ -89,8 +102,8 @@ def bench_training(datas: dict[str, Path], n_rows: int, steps: int, rounds: int)
     for r in range(rounds):
         for prompt in setups:
             for forward in FORWARDS:
-                _set_forward(forward)
-                rates[prompt][forward].append(run(prompt, 4 + r * steps))
+                with _forward(forward):
+                    rates[prompt][forward].append(run(prompt, 4 + r * steps))
     stats = {p: _prefix_stats(setups[p][2]) for p in setups}
     return {"rates": rates, "stats": stats}
 
@@ -120,10 +133,10 @@ def bench_scoring(datas: dict[str, Path], models: dict[str, Path], n_dates: int,
     for _ in range(rounds):
         for prompt, (model, tok, ids) in setups.items():
             for forward in FORWARDS:
-                _set_forward(forward)
-                started = time.perf_counter()
-                preds[(prompt, forward)] = predict_ids(model, tok, ids)
-                rates[prompt][forward].append(len(ids) / (time.perf_counter() - started))
+                with _forward(forward):
+                    started = time.perf_counter()
+                    preds[(prompt, forward)] = predict_ids(model, tok, ids)
+                    rates[prompt][forward].append(len(ids) / (time.perf_counter() - started))
     diff = {p: float(np.abs(preds[(p, "shared prefix")] - preds[(p, "plain")]).max()) for p in setups}
     stats = {
         p: _prefix_stats(
@@ -140,7 +153,7 @@ def _table(result: dict) -> list[str]:
     lines = []
     for prompt, forward in ((p, f) for p in result["rates"] for f in FORWARDS):
         runs = result["rates"][prompt][forward]
-        tokens, shared = result["stats"][prompt]
+        tokens, shared, _ = result["stats"][prompt]
         lines.append(
             f"| {prompt} | {forward} | {tokens:.0f} | {shared:.0f} | {np.mean(runs):.0f} | "
             f"{np.mean(runs) / ref:.2f} | {', '.join(f'{r:.0f}' for r in runs)} |"
@@ -149,15 +162,14 @@ def _table(result: dict) -> list[str]:
 
 
 def _default_paths(stats: dict) -> str:
-    """Which forward each prompt's batches take under the module's thresholds (from their mean prefix)."""
-    import modeling.shared_prefix as shared_prefix
+    """Which forward each prompt's batches take under the module's thresholds."""
 
-    def path(tokens: float, shared: float) -> str:
-        width = 8 * np.ceil(tokens / 8)
-        ok = shared >= max(shared_prefix.MIN_SHARED_PREFIX, shared_prefix.MIN_SHARED_FRACTION * width)
-        return "the shared-prefix forward" if ok else "the plain forward"
+    def path(taken: float) -> str:
+        if taken in (0.0, 1.0):
+            return "the shared-prefix forward" if taken else "the plain forward"
+        return f"the shared-prefix forward in {taken:.0%} of their batches"
 
-    return "; ".join(f"{prompt} prompts take {path(*stat)}" for prompt, stat in stats.items())
+    return "; ".join(f"{prompt} prompts take {path(stat[2])}" for prompt, stat in stats.items())
 
 
 def main() -> None:
@@ -182,7 +194,6 @@ def main() -> None:
     default = shared_prefix.MIN_SHARED_FRACTION
     train = bench_training(datas, args.rows, args.steps, args.rounds)
     score = bench_scoring(datas, models, args.eval_dates, args.rounds)
-    shared_prefix.MIN_SHARED_FRACTION = default
     save_json(
         "shared_prefix",
         {"training": train, "scoring": score},
