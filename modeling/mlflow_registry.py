@@ -23,6 +23,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from modeling import pyfunc_model
+from modeling.metrics import DailyMean
 
 REGISTERED_MODEL_NAME = "return-regressor"
 """Default registry name (configurable, fixed by the interface contract)."""
@@ -105,6 +106,19 @@ def _package_dir(model_dir: Path, tokenizer_dir: Path, base_model_dir: Path) -> 
     return artifacts, stage
 
 
+EVAL_KEYS = ("val_rank_ic", "val_rank_ic_se", "val_n_dates")
+"""A periodic evaluation's RankIC with its precision: logged as `eval/<key>` at its step."""
+
+
+def _eval_metrics(record: dict[str, Any], extra: tuple[str, ...] = ()) -> dict[str, float]:
+    """The finite values of a training history record, as `eval/<key>` metrics."""
+    return {
+        f"eval/{key}": float(record[key])
+        for key in (*EVAL_KEYS, *extra)
+        if record.get(key) is not None and np.isfinite(record[key])
+    }
+
+
 def log_run(
     experiment_id: str,
     run_name: str,
@@ -133,10 +147,8 @@ def log_run(
         for start in range(0, len(flat), 90):  # MLflow takes at most 100 params per batch
             mlflow.log_params(dict(list(flat.items())[start : start + 90]))
         for record in history:
-            step = int(record["step"])
-            for key in ("val_rank_ic", "train_loss", "lr"):
-                if record.get(key) is not None and np.isfinite(record[key]):
-                    mlflow.log_metric(f"eval/{key}", float(record[key]), step=step)
+            for key, value in _eval_metrics(record, ("train_loss", "lr")).items():
+                mlflow.log_metric(key, value, step=int(record["step"]))
         # NaN is kept (an undefined metric, e.g. the RankIC of a constant forecast); inf is not a value
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and not np.isinf(v)})
         for path in artifact_files:
@@ -200,11 +212,12 @@ def log_trial_run(
     parent_run_id: str,
     trial: int,
     params: dict[str, Any],
-    value: float,
+    score: DailyMean | None,
     history: list[dict[str, Any]],
     state: str,
 ) -> str:
-    """One search trial as a nested run: its params, per-eval validation RankIC and result."""
+    """One search trial as a nested run: its params, per-eval validation RankIC and its judged score
+    (`val_rank_ic` with `val_rank_ic_se` and `val_n_dates`; None for a pruned or failed trial)."""
     client = MlflowClient()
     run = client.create_run(
         experiment_id,
@@ -214,12 +227,12 @@ def log_trial_run(
     for key, text in flatten("", params).items():
         client.log_param(run.info.run_id, key, text)
     for record in history:
-        if record.get("val_rank_ic") is not None and np.isfinite(record["val_rank_ic"]):
-            client.log_metric(
-                run.info.run_id, "eval/val_rank_ic", float(record["val_rank_ic"]), step=int(record["step"])
-            )
-    if np.isfinite(value):
-        client.log_metric(run.info.run_id, "val_rank_ic", float(value))
+        for key, value in _eval_metrics(record).items():
+            client.log_metric(run.info.run_id, key, value, step=int(record["step"]))
+    if score is not None and np.isfinite(score.mean):
+        client.log_metric(run.info.run_id, "val_rank_ic", score.mean)
+        client.log_metric(run.info.run_id, "val_rank_ic_se", score.se)
+        client.log_metric(run.info.run_id, "val_n_dates", score.n_dates)
     client.set_terminated(run.info.run_id, status="FINISHED" if state == "complete" else "KILLED")
     return run.info.run_id
 

@@ -225,7 +225,7 @@ def _objective(
     out_dir: Path,
     objective_dates: int | None,
     horizon: int,
-    log_trial: Callable[[int, dict[str, Any], float, list[dict[str, Any]], str], None] | None,
+    log_trial: Callable[[int, dict[str, Any], DailyMean | None, list[dict[str, Any]], str], None] | None,
     log: Callable[[str], None],
 ) -> Callable[[Any], float]:
     """The study's objective: train the trial's regressor (reporting each periodic validation RankIC to
@@ -243,6 +243,7 @@ def _objective(
                 raise optuna.TrialPruned(f"pruned at step {step} (validation RankIC {score:.4f})")
 
         state, value = "failed", float("nan")
+        scored: DailyMean | None = None
         history: list[dict[str, Any]] = []
         try:
             result = train_regressor(job, log=lambda _msg: None, on_eval=report)
@@ -260,9 +261,7 @@ def _objective(
             raise
         finally:
             if log_trial is not None:
-                log_trial(
-                    trial.number, params, value if state == "complete" else float("nan"), history, state
-                )
+                log_trial(trial.number, params, scored if state == "complete" else None, history, state)
             log(f"trial {trial.number} {state}: {json.dumps(params, default=str)} -> {value:.5f}")
         return value
 
@@ -279,7 +278,8 @@ def run_search(
     space: SearchSpace = SearchSpace(),
     bucket_config: dict | None = None,
     seed: int = 0,
-    log_trial: Callable[[int, dict[str, Any], float, list[dict[str, Any]], str], None] | None = None,
+    log_trial: Callable[[int, dict[str, Any], DailyMean | None, list[dict[str, Any]], str], None]
+    | None = None,
     log: Callable[[str], None] = print,
     objective_dates: int | None = OBJECTIVE_DATES,
 ) -> SearchResult:

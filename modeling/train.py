@@ -51,7 +51,7 @@ from modeling.data.corpus import FixedBatches, RowsDataset, make_collate
 from modeling.inference import predict_ids
 from modeling.job import TrainConfig, TrainJob  # noqa: F401 (re-exported: what callers hand the recipe)
 from modeling.losses import ic_mse_loss, weighted_loss
-from modeling.metrics import rank_ic
+from modeling.metrics import DailyMean, rank_ic_stats
 from modeling.model import save_regressor
 from modeling.optim import ema_update, lr_factor, lr_length_factor, schedule_progress  # noqa: F401 (lr_length_factor: re-export)
 from modeling.train_setup import TrainerSetup
@@ -237,8 +237,9 @@ class RegressorTrainer(TrainerSetup):
             return {k: v.detach().cpu().clone() for k, v in self.ema.items()}
         return {k: v.cpu() for k, v in self.unwrapped.trainable_state_dict().items()}
 
-    def evaluate(self) -> float:
-        """Validation RankIC of the judged weights on the fixed evaluation dates (all processes score)."""
+    def evaluate(self) -> DailyMean:
+        """Validation RankIC of the judged weights on the fixed evaluation dates, with its standard error
+        and number of dates (all processes score)."""
         live = None
         if self.ema is not None:  # judge the average, then put the live weights back to go on training
             live = self.unwrapped.trainable_state_dict()
@@ -253,13 +254,15 @@ class RegressorTrainer(TrainerSetup):
         checkpointing.fault_point("eval")
         if live is not None:
             self.unwrapped.load_trainable_state_dict(live)
-        return rank_ic(self.val_rows.frame.assign(prediction=preds, label=self.val_rows.label))
+        frame = self.val_rows.frame.assign(prediction=preds, label=self.val_rows.label)
+        return rank_ic_stats(frame, horizon=int(self.job.prompt.get("horizon", 1)))
 
     def record_eval(self, train_loss: float | None) -> bool:
         """Evaluate, keep the best weights; True when early stopping says stop."""
         state = self.state
         eval_started = _clock()
-        score = self.evaluate()
+        stats = self.evaluate()
+        score = stats.mean
         state.eval_s += _clock() - eval_started
         if self.tracker.update(score, state.step):
             self.best_state = self.evaluated_weights()
@@ -273,12 +276,14 @@ class RegressorTrainer(TrainerSetup):
                 "train_loss": train_loss,
                 "lr": float(self.optimizer.param_groups[0]["lr"]),
                 "val_rank_ic": float(score),
+                "val_rank_ic_se": float(stats.se),
+                "val_n_dates": int(stats.n_dates),
             }
         )
         if self.on_eval is not None:
             self.on_eval(state.step, float(score))
         self.say(
-            f"step {state.step}: validation RankIC {score:.4f} (best {state.best_rank_ic:.4f} at step "
+            f"step {state.step}: validation RankIC {stats} (best {state.best_rank_ic:.4f} at step "
             f"{state.best_step})"
         )
         return self.tracker.should_stop

@@ -59,6 +59,7 @@ class TrainResult:
     def report(self) -> dict[str, Any]:
         s = self.state
         train_s = s.elapsed_s - s.eval_s
+        best = next((h for h in s.history if h["step"] == s.best_step), {})
         return {
             "model_dir": str(self.model_dir),
             "steps": s.step,
@@ -71,6 +72,9 @@ class TrainResult:
             "tokens_per_s": round(s.tokens / train_s, 1) if train_s > 0 else None,
             "best_step": s.best_step,
             "best_val_rank_ic": s.best_rank_ic,
+            # its precision (a history saved before evaluations carried them has none)
+            "best_val_rank_ic_se": best.get("val_rank_ic_se"),
+            "best_val_n_dates": best.get("val_n_dates"),
             "stopped_by": s.stopped_by,
             "n_train_rows": self.n_train_rows,
             "n_eval_rows": self.n_eval_rows,

@@ -53,6 +53,11 @@ def test_run_has_params_metrics_artifacts_and_the_registered_model(registered_st
     assert metrics["validation_rank_ic"] == pytest.approx(first["val_rank_ic"])
     history = client.get_metric_history(first["run_id"], "eval/val_rank_ic")
     assert [m.step for m in history] == [12, 24, 36]
+    # each periodic evaluation with its precision: the standard error and the 8 evaluation dates
+    se = client.get_metric_history(first["run_id"], "eval/val_rank_ic_se")
+    n_dates = client.get_metric_history(first["run_id"], "eval/val_n_dates")
+    assert [m.step for m in se] == [12, 24, 36] and all(m.value > 0 for m in se)
+    assert [(m.step, m.value) for m in n_dates] == [(12, 8), (24, 8), (36, 8)]
     artifacts = {a.path for a in client.list_artifacts(first["run_id"], "report")}
     assert {
         "report/comparison.csv",

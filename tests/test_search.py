@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 
@@ -51,6 +52,16 @@ def test_three_trials_then_a_fourth_resumes_the_stored_study(
     study = optuna.load_study(study_name="study", storage=f"sqlite:///{storage}")
     assert len(study.trials) == 4  # the fourth trial ran against the three stored ones
     assert [entry[0] for entry in logged] == [0, 1, 2, 3]  # one nested MLflow run per trial
+    # a complete trial is logged with its judged score's precision; a pruned one with none
+    for number, _, score, history, state in logged:
+        assert (score is not None) == (state == "complete"), number
+        if score is not None:
+            assert score.n_dates == 6 and score.se > 0
+        assert all(
+            h["val_n_dates"] == 4 and h["val_rank_ic_se"] > 0
+            for h in history
+            if np.isfinite(h["val_rank_ic"])
+        )
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert resumed.best_value == max(t.value for t in complete)
     # every trial is judged on the objective dates with its standard error; the trials table shows it

@@ -169,6 +169,22 @@ def test_evaluations_that_decide_nothing_leave_the_weights_alone(
     assert [h["step"] for h in quiet.state.history] == [18]  # evaluated once, at the end
     first, second = _weights(watched.model_dir), _weights(quiet.model_dir)
     assert all(np.array_equal(first[k].numpy(), second[k].numpy()) for k in first)
+    # every evaluation carries its precision; the last one judged the saved weights, so by hand: the
+    # Spearman correlation of forecast and label on each evaluation date, their mean, std / sqrt(n)
+    # (horizon 1: no Newey-West lag)
+    from scipy.stats import spearmanr
+
+    last = watched.state.history[-1]
+    val = read_corpus_split(corpus, "validation")
+    val = val[val["date"].isin(pd.to_datetime(watched.report()["eval_dates"]))].reset_index(drop=True)
+    ids = tokenise_rows(val, load_tokenizer(tiny_base_model)).ids
+    val["prediction"] = predict_ids(load_regressor(watched.model_dir), load_tokenizer(tiny_base_model), ids)
+    daily = np.array([spearmanr(g["prediction"], g["label"])[0] for _, g in val.groupby("date")])
+    assert last["val_n_dates"] == len(daily) == 4
+    assert last["val_rank_ic"] == pytest.approx(daily.mean(), abs=1e-9)
+    assert last["val_rank_ic_se"] == pytest.approx(daily.std(ddof=1) / np.sqrt(len(daily)), abs=1e-9)
+    best = next(h for h in watched.state.history if h["step"] == watched.state.best_step)
+    assert watched.report()["best_val_rank_ic_se"] == best["val_rank_ic_se"] > 0
 
 
 def test_schedule_follows_the_clock_only_when_the_budget_binds() -> None:

@@ -194,8 +194,8 @@ def hyperparameters(
             space,
             bucket_config,
             config.seed,
-            log_trial=lambda n, params, value, history, state: mlflow_registry.log_trial_run(
-                experiment_id, parent, n, params, value, history, state
+            log_trial=lambda n, params, score, history, state: mlflow_registry.log_trial_run(
+                experiment_id, parent, n, params, score, history, state
             ),
             log=context.log.info,
             objective_dates=config.objective_dates,
