@@ -177,8 +177,9 @@ def test_evaluations_that_decide_nothing_leave_the_weights_alone(
     last = watched.state.history[-1]
     val = read_corpus_split(corpus, "validation")
     val = val[val["date"].isin(pd.to_datetime(watched.report()["eval_dates"]))].reset_index(drop=True)
-    ids = tokenise_rows(val, load_tokenizer(tiny_base_model)).ids
-    val["prediction"] = predict_ids(load_regressor(watched.model_dir), load_tokenizer(tiny_base_model), ids)
+    tokenizer = load_tokenizer(tiny_base_model)
+    ids = tokenise_rows(val, tokenizer).ids
+    val["prediction"] = predict_ids(load_regressor(watched.model_dir), tokenizer, ids)
     daily = np.array([spearmanr(g["prediction"], g["label"])[0] for _, g in val.groupby("date")])
     assert last["val_n_dates"] == len(daily) == 4
     assert last["val_rank_ic"] == pytest.approx(daily.mean(), abs=1e-9)
