@@ -77,6 +77,22 @@ def test_per_group_correlation_and_ic_loss_by_hand() -> None:
         per_group_correlation(torch.tensor(pred), torch.tensor(target), torch.tensor(weight), 5)
 
 
+def test_ic_loss_sees_cs_zscore_targets_as_the_raw_label_clipped() -> None:
+    """Under the per-date IC loss, `cs_zscore` is the raw label with only its clip: a per-date affine map
+    leaves each date group's correlation unchanged (why the route measures the clip, BENCHMARKS.md)."""
+    rng = np.random.default_rng(1)
+    dates = np.repeat(pd.date_range("2024-01-02", periods=3), 8)
+    label = rng.standard_t(3, size=24) * 2.0 + np.repeat([0.5, -1.0, 3.0], 8)
+    frame = pd.DataFrame({"date": dates, "label": label})
+    pred, weight = torch.tensor(rng.normal(size=24)), torch.tensor(rng.uniform(0.5, 2.0, size=24))
+    raw = ic_loss(pred, torch.tensor(training_targets(frame, "none")), weight, 8)
+    unclipped = ic_loss(pred, torch.tensor(training_targets(frame, "cs_zscore", 1e6)), weight, 8)
+    assert float(unclipped) == pytest.approx(float(raw), abs=1e-6)
+    # a clip that binds changes it: the only difference between the two targets under this loss
+    clipped = ic_loss(pred, torch.tensor(training_targets(frame, "cs_zscore", 0.5)), weight, 8)
+    assert abs(float(clipped) - float(raw)) > 1e-3
+
+
 def test_ic_loss_gradient_pushes_towards_the_target() -> None:
     torch.manual_seed(0)
     target = torch.randn(32)
