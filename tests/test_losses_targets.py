@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.stats import norm, pearsonr
 
-from modeling.data.corpus import epoch_batches, sample_rows_by_date
+from modeling.data.corpus import epoch_batches, read_corpus_split, sample_rows_by_date, train_sample
 from modeling.losses import ic_loss, ic_mse_loss, per_group_correlation
 from modeling.targets import tempered_weights, training_targets
 from modeling.train import TrainConfig
@@ -51,6 +51,27 @@ def test_tempered_weights() -> None:
     assert tempered_weights(w, 0.0).tolist() == [1.0] * 4
     half = np.sqrt(w) / np.sqrt(w).mean()
     np.testing.assert_allclose(tempered_weights(w, 0.5), half, rtol=1e-6)
+
+
+def test_train_sample_carries_the_tempered_bucket_weights(tiny_data) -> None:
+    """What the model and the baselines train on: the corpus's bucket weights raised to `weight_power`
+    over the whole train split and rescaled to mean 1 (0.5 halves their log spread; 1 keeps them)."""
+    _, corpus = tiny_data
+    stored = read_corpus_split(corpus, "train", ["date", "symbol", "weight"])
+    assert stored["weight"].std() > 0.2  # uneven, so each power gives different weights
+    for power in (1.0, 0.5, 0.0):
+        rows = train_sample(
+            corpus, TrainConfig(weight_power=power), columns=["date", "symbol", "label", "weight"]
+        )
+        both = rows.merge(stored, on=["date", "symbol"], suffixes=("", "_stored"), validate="one_to_one")
+        assert len(both) == len(stored)
+        expected = both["weight_stored"].to_numpy() ** power
+        if power != 1.0:  # power 1 keeps the weights exactly as the training set built them
+            expected = expected / expected.mean()
+        np.testing.assert_allclose(both["weight"], expected, rtol=1e-5)
+    half = train_sample(corpus, TrainConfig(weight_power=0.5), columns=["date", "symbol", "label", "weight"])
+    ratio = half["weight"].max() / half["weight"].min()
+    assert ratio == pytest.approx(np.sqrt(stored["weight"].max() / stored["weight"].min()), rel=1e-5)
 
 
 def test_per_group_correlation_and_ic_loss_by_hand() -> None:
