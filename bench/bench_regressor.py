@@ -293,7 +293,7 @@ def bench_quality(args) -> None:
     from modeling.data.corpus import train_sample
     from modeling.evaluation import score_rows, split_rows
     from modeling.feature_registry import FEATURE_NAMES
-    from modeling.metrics import DailyMean, evaluate, paired_series_difference
+    from modeling.metrics import DailyMean, evaluate, paired_series_difference, seed_paired_difference
     from modeling.model import load_regressor
     from modeling.profiles import PROFILES
     from modeling.prompt import PromptBuilder, tokenizer_training_texts
@@ -317,8 +317,9 @@ def bench_quality(args) -> None:
 
     def llm_row(name: str, records: list[dict], model: str = "prediction") -> None:
         """Mean over the seeds (each seed samples its own rows); "vs ridge" pairs every seed with ridge
-        on that seed's rows, then lists the per-seed differences: the seeds' samples move ridge and the
-        LLM together, so the seed sd of the level is much wider than that of the difference."""
+        on that seed's rows, then gives the per-seed differences and their SE over seeds: the seeds'
+        samples move ridge and the LLM together, so the seed sd of the level is much wider than that of
+        the difference."""
         cells = []
         for split in ("validation", "test"):
             daily = [daily_series(r["daily"][split][model]) for r in records]
@@ -330,19 +331,15 @@ def bench_quality(args) -> None:
         vs_ridge = ""
         if model != "ridge":
             vs_ridge = str(
-                paired_series_difference(
+                seed_paired_difference(
+                    [daily_series(r["daily"]["validation"][model]) for r in records],
+                    [daily_series(r["daily"]["validation"]["ridge"]) for r in records],
+                )
+                if len(records) > 1
+                else paired_series_difference(
                     _seed_mean(records, "validation", model), _seed_mean(records, "validation", "ridge")
                 )
             )
-            if len(records) > 1:
-                per_seed = [
-                    paired_series_difference(
-                        daily_series(r["daily"]["validation"][model]),
-                        daily_series(r["daily"]["validation"]["ridge"]),
-                    ).delta
-                    for r in records
-                ]
-                vs_ridge += f"; per seed {' / '.join(f'{d:+.4f}' for d in per_seed)}"
         rows.append(f"| {name} | {cells[0]} | {cells[1]} | {vs_ridge} |")
 
     llm_row(f"LLM regressor, pretrained backbone ({len(seeds)} seeds)", seeds)
@@ -429,7 +426,7 @@ def bench_quality(args) -> None:
         name,
         f"""## Forecast quality on the default market{title} (issues 8 and 13)
 
-Command: `{command}` after `make demo`. Machine: {machine()["cores"]} cores ({machine()["cpu"]}). The demo's recipe (cpu profile: {size:,} sampled train rows, {passes}); every model scored on **every** validation and test date ({len(frames["validation"]):,} / {len(frames["test"]):,} rows): mean daily RankIC ± SE (dates). The pretrained-backbone LLM is averaged over {args.seeds} seeds date by date (seed sd: the spread of the seeds' means). A seed also draws the {size:,} train rows, so ridge and the MLP are shown on each seed's rows (averaged the same way) and on seed 0's rows alone. "vs ridge" is the paired daily difference to ridge on the same rows and targets, Δ ± SE (t); for the seeds' mean it pairs each seed with its own ridge, and lists the per-seed differences.
+Command: `{command}` after `make demo`. Machine: {machine()["cores"]} cores ({machine()["cpu"]}). The demo's recipe (cpu profile: {size:,} sampled train rows, {passes}); every model scored on **every** validation and test date ({len(frames["validation"]):,} / {len(frames["test"]):,} rows): mean daily RankIC ± SE (dates). The pretrained-backbone LLM is averaged over {args.seeds} seeds date by date (seed sd: the spread of the seeds' means). A seed also draws the {size:,} train rows, so ridge and the MLP are shown on each seed's rows (averaged the same way) and on seed 0's rows alone. "vs ridge" is the paired daily difference to ridge on the same rows and targets, Δ ± SE (t); for the seeds' mean it pairs each seed with its own ridge, and gives the per-seed differences with their SE over seeds (the training run's noise) beside the date SE of the seed-averaged series.
 
 | model | validation RankIC | test RankIC | vs ridge (same rows), validation |
 |---|---:|---:|---:|
@@ -592,7 +589,7 @@ def bench_curve(args) -> None:
     from modeling.data.corpus import train_sample
     from modeling.evaluation import split_rows
     from modeling.feature_registry import FEATURE_NAMES
-    from modeling.metrics import DailyMean, paired_series_difference
+    from modeling.metrics import DailyMean, paired_series_difference, seed_paired_difference
     from modeling.profiles import PROFILES
 
     if args.override and args.profile != "cpu":
@@ -644,6 +641,10 @@ def bench_curve(args) -> None:
                 "ridge": DailyMean.of(ridge),
                 "mlp": DailyMean.of(mlp),
                 "vs_ridge": paired_series_difference(llm, ridge),
+                "vs_ridge_seeds": seed_paired_difference(
+                    [daily_series(r["daily"][split]["prediction"]) for r in records],
+                    [daily_series(r["daily"][split]["ridge"]) for r in records],
+                ),
                 "vs_mlp": paired_series_difference(llm, mlp),
                 "llm_daily": llm,
             }
@@ -675,7 +676,12 @@ def bench_curve(args) -> None:
                 continue
             cells = [
                 str(
-                    paired_series_difference(
+                    seed_paired_difference(
+                        [daily_series(r["daily"][split]["prediction"]) for r in records],
+                        [daily_series(b["daily"][split]["prediction"]) for b in base_runs],
+                    )
+                    if len(records) > 1
+                    else paired_series_difference(
                         _seed_mean(records, split, "prediction"), _seed_mean(base_runs, split, "prediction")
                     )
                 )
@@ -701,8 +707,10 @@ def bench_curve(args) -> None:
                 f"{'met' if ok else 'not met'} (at least the previous minus 1 SE)"
             )
         ok = cur["vs_ridge"].delta >= 0
+        seeds = cur["vs_ridge_seeds"]
         checks.append(
             f"- ≥ ridge on the same rows at {size or 'all'}: {cur['vs_ridge']} — {'met' if ok else 'not met'}"
+            + (f" (each seed against its own ridge: {seeds})" if seeds.n_seeds > 1 else "")
         )
         previous = cur
     last = summary[(list(runs)[-1], "validation")]
@@ -726,7 +734,7 @@ def bench_curve(args) -> None:
         f"regressor_curve{suffix}",
         f"""## Learning curve of the LLM regressor, {args.profile} profile, {passes}{candidate} (issue 13)
 
-Command: `python bench/bench_regressor.py curve --sizes {args.sizes} --seeds {args.seeds}{"" if args.large_seeds == 1 else f" --large-seeds {args.large_seeds}"} --profile {args.profile}{"" if args.epochs == 1 else f" --epochs {args.epochs}"}{f" --override '{args.override}'" if args.override else ""}` after `make demo`. Machine: {machine()["cores"]} cores ({machine()["cpu"]}). Recipe: the {args.profile} profile (`modeling/profiles.py`) with `max_train_samples` = the size, {passes}, no time budget, the final weights (its periodic validation on 16 dates only monitors; no early stopping). The `train s` column is wall time, which other jobs on the same cores may have stretched: not a speed measurement. Every model is scored on **every** validation and test date; cells are mean daily RankIC ± its standard error (dates). Ridge and the MLP on the 16 features are fit on exactly the same rows, targets and weights; "LLM − ridge" is the paired daily difference on the same rows, Δ ± SE (t). With several seeds, the LLM's daily RankIC is averaged over seeds date by date (the seed sd is the spread of the seeds' means). Scoring ran at {rate:,.0f} rows/s.
+Command: `python bench/bench_regressor.py curve --sizes {args.sizes} --seeds {args.seeds}{"" if args.large_seeds == 1 else f" --large-seeds {args.large_seeds}"} --profile {args.profile}{"" if args.epochs == 1 else f" --epochs {args.epochs}"}{f" --override '{args.override}'" if args.override else ""}` after `make demo`. Machine: {machine()["cores"]} cores ({machine()["cpu"]}). Recipe: the {args.profile} profile (`modeling/profiles.py`) with `max_train_samples` = the size, {passes}, no time budget, the final weights (its periodic validation on 16 dates only monitors; no early stopping). The `train s` column is wall time, which other jobs on the same cores may have stretched: not a speed measurement. Every model is scored on **every** validation and test date; cells are mean daily RankIC ± its standard error (dates). Ridge and the MLP on the 16 features are fit on exactly the same rows, targets and weights; "LLM − ridge" is the paired daily difference on the same rows, Δ ± SE (t). With several seeds, the LLM's daily RankIC is averaged over seeds date by date (the seed sd is the spread of the seeds' means); a comparison over several seeds also pairs each seed with its own counterpart and gives the SE over seeds of those per-seed differences (`modeling.metrics.seed_paired_difference`), which holds the training run's noise that the date SE does not: a change counts only when it clears both. Scoring ran at {rate:,.0f} rows/s.
 
 | train rows | LLM validation | LLM test | ridge validation | MLP validation | LLM − ridge, validation | LLM − ridge, test | LLM − MLP, validation | train s |
 |---|---:|---:|---:|---:|---:|---:|---:|---:|

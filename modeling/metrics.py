@@ -311,3 +311,88 @@ def paired_series_difference(a: pd.Series, b: pd.Series, horizon: int = 1) -> Pa
     lag = nw_lag(horizon)
     series = (a - b).rename("difference")
     return PairedDifference(DailyMean.of(a, lag), DailyMean.of(b, lag), DailyMean.of(series, lag), series)
+
+
+@dataclass(frozen=True)
+class SeedPairedDifference:
+    """Forecast a minus forecast b over several training seeds, each seed's pair on the same rows.
+
+    Two sources of noise sit in a comparison of two recipes: the dates (the market of a day hits both
+    forecasts, which the paired daily difference removes) and the training run (initialisation, row
+    draw and batch order move a whole model up or down by more than the date SE of a paired
+    difference). `pooled` averages the seeds' daily differences date by date and reads the date noise
+    of that average; `se_seeds` reads the run noise: the spread of the per-seed mean differences,
+    sd(ddof=1) / sqrt(n_seeds). A recipe change is larger than the noise only when it is larger than
+    both (`t` is the smaller of the two t statistics in absolute value).
+    """
+
+    per_seed: tuple[PairedDifference, ...]
+    """Each seed's paired difference (a_s - b_s on that seed's rows and dates)."""
+    pooled: PairedDifference
+    """The paired difference of the seed-averaged daily series (date noise only)."""
+
+    @property
+    def n_seeds(self) -> int:
+        return len(self.per_seed)
+
+    @property
+    def deltas(self) -> np.ndarray:
+        """Mean daily difference of each seed."""
+        return np.array([p.delta for p in self.per_seed], dtype=float)
+
+    @property
+    def delta(self) -> float:
+        """Mean of the per-seed mean differences."""
+        return float(self.deltas.mean())
+
+    @property
+    def se_seeds(self) -> float:
+        """Standard error over seeds: sd of the per-seed deltas (ddof=1) / sqrt(n_seeds); NaN with one."""
+        if self.n_seeds < 2:
+            return float("nan")
+        return float(self.deltas.std(ddof=1) / np.sqrt(self.n_seeds))
+
+    @property
+    def t_seeds(self) -> float:
+        se = self.se_seeds
+        return self.delta / se if np.isfinite(se) and se > 0 else float("nan")
+
+    @property
+    def t(self) -> float:
+        """The more cautious of the two t statistics (over seeds, over dates): the one nearer zero."""
+        ts = [t for t in (self.t_seeds, self.pooled.t) if np.isfinite(t)]
+        return min(ts, key=abs) if ts else float("nan")
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "delta": self.delta,
+            "se_seeds": self.se_seeds,
+            "t_seeds": self.t_seeds,
+            "n_seeds": self.n_seeds,
+            "se_dates": self.pooled.se,
+            "t_dates": self.pooled.t,
+            "n_dates": self.pooled.n_dates,
+            "t": self.t,
+        }
+
+    def __str__(self) -> str:
+        per_seed = " / ".join(f"{d:+.4f}" for d in self.deltas)
+        return (
+            f"Δ {self.delta:+.4f} ± {self.se_seeds:.4f} over {self.n_seeds} seeds (t {self.t_seeds:.2f}; "
+            f"per seed {per_seed}), ± {self.pooled.se:.4f} over {self.pooled.n_dates} dates "
+            f"(t {self.pooled.t:.2f})"
+        )
+
+
+def seed_paired_difference(a: list[pd.Series], b: list[pd.Series], horizon: int = 1) -> SeedPairedDifference:
+    """`paired_series_difference` per seed (a[i] against b[i]) and on the seed-averaged series.
+
+    Every seed is paired on its own common dates; the pooled series averages the seeds' daily RankICs
+    over the dates common to all of them, so every seed weighs the same on every date.
+    """
+    if len(a) != len(b) or not a:
+        raise ValueError(f"need the same number (>= 1) of seeds on both sides, got {len(a)} and {len(b)}")
+    per_seed = tuple(paired_series_difference(x, y, horizon) for x, y in zip(a, b, strict=True))
+    mean_a = pd.concat([x.rename(i) for i, x in enumerate(a)], axis=1, join="inner").mean(axis=1)
+    mean_b = pd.concat([y.rename(i) for i, y in enumerate(b)], axis=1, join="inner").mean(axis=1)
+    return SeedPairedDifference(per_seed, paired_series_difference(mean_a, mean_b, horizon))

@@ -19,6 +19,7 @@ from modeling.metrics import (
     per_date_correlation,
     rank_ic,
     rank_ic_stats,
+    seed_paired_difference,
 )
 
 
@@ -167,3 +168,38 @@ def test_paired_se_is_smaller_than_either_when_noise_is_shared() -> None:
     paired = paired_difference(frame, "a", "b")
     assert paired.se < 0.5 * min(paired.a.se, paired.b.se)
     assert paired.t > 3  # a carries the signal, b does not
+
+
+def test_seed_paired_difference_by_hand() -> None:
+    """Three seeds on three dates: the per-seed deltas, their SE over seeds, and the pooled date SE."""
+    dates = pd.to_datetime(["2024-01-01", "2024-01-02", "2024-01-03"])
+    a = [pd.Series(v, index=dates) for v in ([0.10, 0.20, 0.30], [0.00, 0.10, 0.50], [0.20, 0.20, 0.20])]
+    b = [pd.Series(v, index=dates) for v in ([0.00, 0.10, 0.20], [0.10, 0.10, 0.10], [0.20, 0.30, 0.40])]
+    paired = seed_paired_difference(a, b)
+    # per seed: means of (0.1, 0.1, 0.1), (-0.1, 0, 0.4), (0, -0.1, -0.2)
+    deltas = np.array([0.1, 0.1, -0.1])
+    assert paired.n_seeds == 3
+    np.testing.assert_allclose(paired.deltas, deltas, atol=1e-12)
+    assert paired.delta == pytest.approx(0.1 / 3)
+    se_seeds = np.sqrt(((deltas - deltas.mean()) ** 2).sum() / 2) / np.sqrt(3)
+    assert paired.se_seeds == pytest.approx(se_seeds)
+    assert paired.t_seeds == pytest.approx((0.1 / 3) / se_seeds)
+    # pooled: the seeds' daily means, a = (0.1, 1/6, 1/3), b = (0.1, 1/6, 0.7/3): daily diff (0, 0, 0.1)
+    pooled = np.array([0.0, 0.0, 0.1])
+    assert paired.pooled.delta == pytest.approx(pooled.mean())
+    assert paired.pooled.se == pytest.approx(pooled.std(ddof=1) / np.sqrt(3))
+    assert paired.pooled.n_dates == 3
+    # the decision t is the cautious one: the seeds' (0.5) here, not the dates' (1.0)
+    assert paired.t == pytest.approx(min(paired.t_seeds, paired.pooled.t, key=abs))
+    assert abs(paired.t) < abs(paired.pooled.t)
+    assert "over 3 seeds" in str(paired) and "+0.1000 / +0.1000 / -0.1000" in str(paired)
+
+
+def test_seed_paired_difference_one_seed_and_mismatch() -> None:
+    dates = pd.to_datetime(["2024-01-01", "2024-01-02", "2024-01-03"])
+    a, b = pd.Series([0.1, 0.3, 0.2], index=dates), pd.Series([0.0, 0.1, 0.1], index=dates)
+    one = seed_paired_difference([a], [b])
+    assert np.isnan(one.se_seeds) and one.t == pytest.approx(one.pooled.t)
+    assert one.delta == pytest.approx(paired_series_difference(a, b).delta)
+    with pytest.raises(ValueError, match="same number"):
+        seed_paired_difference([a, a], [b])
