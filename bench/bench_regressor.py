@@ -1058,11 +1058,12 @@ Command: `python bench/bench_regressor.py routes` after `make demo`. Machine: {m
 
 def bench_route_seeds(args) -> None:
     """The routes named by `--only` (exact names, "|"-separated) on seeds 0..--seeds-1, each paired with
-    every other on the seed-averaged daily series (a profile change takes this, not one seed's route).
-    Prints the rows; BENCHMARKS.md gets them by hand, with the decision they support."""
+    every other seed by seed (`seed_paired_difference`: the SE over seeds and over dates; a profile change
+    takes this, not one seed's route). Prints the rows; BENCHMARKS.md gets them by hand, with the decision
+    they support."""
     import pandas as pd
 
-    from modeling.metrics import DailyMean, paired_series_difference
+    from modeling.metrics import DailyMean, seed_paired_difference
 
     names = [n for n in args.only.split("|") if n]
     missing = [n for n in names if n not in ROUTES]
@@ -1090,12 +1091,11 @@ def bench_route_seeds(args) -> None:
             + " | ".join(_stat_cell(DailyMean.of(x)) for x in series[name])
             + f" | {means.mean():.4f} ({means.std():.4f}) | {min(rates):.0f}-{max(rates):.0f} |"
         )
-    averaged = {k: pd.concat(v, axis=1).mean(axis=1) for k, v in series.items()}
     lines.append("")
-    keys = list(averaged)
+    keys = list(series)
     for i, a in enumerate(keys):
-        for b in keys[i + 1 :]:
-            lines.append(f"- {a} − {b}: {paired_series_difference(averaged[a], averaged[b])}")
+        for b in keys[i + 1 :]:  # each seed against the same seed (the same rows where the draw matches)
+            lines.append(f"- {a} − {b}: {seed_paired_difference(series[a], series[b])}")
     print("\n".join(lines))
 
 
