@@ -335,10 +335,6 @@ def bench_quality(args) -> None:
                     [daily_series(r["daily"]["validation"][model]) for r in records],
                     [daily_series(r["daily"]["validation"]["ridge"]) for r in records],
                 )
-                if len(records) > 1
-                else paired_series_difference(
-                    _seed_mean(records, "validation", model), _seed_mean(records, "validation", "ridge")
-                )
             )
         rows.append(f"| {name} | {cells[0]} | {cells[1]} | {vs_ridge} |")
 
@@ -679,10 +675,6 @@ def bench_curve(args) -> None:
                     seed_paired_difference(
                         [daily_series(r["daily"][split]["prediction"]) for r in records],
                         [daily_series(b["daily"][split]["prediction"]) for b in base_runs],
-                    )
-                    if len(records) > 1
-                    else paired_series_difference(
-                        _seed_mean(records, split, "prediction"), _seed_mean(base_runs, split, "prediction")
                     )
                 )
                 for split in ("validation", "test")

@@ -376,6 +376,8 @@ class SeedPairedDifference:
         }
 
     def __str__(self) -> str:
+        if self.n_seeds == 1:  # no spread over seeds to report: the one seed's paired difference
+            return str(self.pooled)
         per_seed = " / ".join(f"{d:+.4f}" for d in self.deltas)
         return (
             f"Δ {self.delta:+.4f} ± {self.se_seeds:.4f} over {self.n_seeds} seeds (t {self.t_seeds:.2f}; "

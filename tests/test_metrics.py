@@ -201,5 +201,6 @@ def test_seed_paired_difference_one_seed_and_mismatch() -> None:
     one = seed_paired_difference([a], [b])
     assert np.isnan(one.se_seeds) and one.t == pytest.approx(one.pooled.t)
     assert one.delta == pytest.approx(paired_series_difference(a, b).delta)
+    assert str(one) == str(paired_series_difference(a, b))  # one seed: just its paired difference
     with pytest.raises(ValueError, match="same number"):
         seed_paired_difference([a, a], [b])
