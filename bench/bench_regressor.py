@@ -457,6 +457,17 @@ def _series_json(series) -> dict:
 _KEY_OMITS_AT_DEFAULT = {"ic_mse_weight": 0.0}
 """Train settings added after runs were cached: left out of a run's key while at their default, so the
 cached runs (which trained with that default) keep their keys."""
+_HEAD_KEY_OMITS_AT_DEFAULT = {"feature_bottleneck": 0}
+"""The same for the head's settings."""
+
+
+def _regressor_key(regressor_cfg) -> dict:
+    """The regressor config as a cache key sees it (head settings at their old default left out)."""
+    regressor = regressor_cfg.to_dict()
+    for name, default in _HEAD_KEY_OMITS_AT_DEFAULT.items():
+        if regressor["head"].get(name) == default:
+            del regressor["head"][name]
+    return regressor
 
 
 def _recipe_key(train_cfg, regressor_cfg) -> str:
@@ -467,7 +478,9 @@ def _recipe_key(train_cfg, regressor_cfg) -> str:
     for name, default in _KEY_OMITS_AT_DEFAULT.items():
         if train.get(name) == default:
             del train[name]
-    text = json.dumps({"train": train, "regressor": regressor_cfg.to_dict()}, sort_keys=True, default=str)
+    text = json.dumps(
+        {"train": train, "regressor": _regressor_key(regressor_cfg)}, sort_keys=True, default=str
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -909,7 +922,7 @@ def route_config(name: str, size: int, overrides: dict):
         progress=False,
         **train_over,
     )
-    return cfg, regressor, hashlib_key({"name": name, "train": cfg, "regressor": regressor.to_dict()})
+    return cfg, regressor, hashlib_key({"name": name, "train": cfg, "regressor": _regressor_key(regressor)})
 
 
 def route_record(

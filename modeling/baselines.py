@@ -58,7 +58,8 @@ class BaselineConfig:
     lgbm_min_child_samples: int = 200
     """Rows per leaf at least."""
     mlp_head: HeadConfig = field(default_factory=HeadConfig)
-    """The head shape (the regressor's own by default)."""
+    """The head shape (the regressor's own by default; a feature bottleneck is dropped: the MLP reads the
+    16 features themselves, which is what the regressor's bottleneck reads them back as)."""
     mlp_epochs: int = 20
     """Epochs cap of the feature MLP (early stopping on validation RankIC)."""
     mlp_batch_size: int = 512
@@ -223,7 +224,7 @@ def _train_mlp(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        head = RegressionHead(len(FEATURE_NAMES), cfg.mlp_head)
+        head = RegressionHead(len(FEATURE_NAMES), replace(cfg.mlp_head, feature_bottleneck=0))
         generator = torch.Generator().manual_seed(cfg.seed)
         x = torch.tensor(scaler.transform(train), dtype=torch.float32)
         y = torch.tensor(train["label"].to_numpy(float), dtype=torch.float32)

@@ -39,9 +39,17 @@ class HeadConfig:
     """Activation between layers: gelu, relu, silu or tanh."""
     dropout: float = 0.1
     """Dropout after each hidden layer (training only)."""
+    feature_bottleneck: int = 0
+    """0: the MLP reads the pooled hidden state. k > 0: a linear readout first maps the state to k numbers
+    and the MLP reads only those. With the auxiliary probe on (`TrainConfig.aux_feature_weight`), k must
+    be the number of features and the readout *is* the probe: it is taught to reproduce the prompt's
+    feature values, so the forecast is a function of the 16 numbers as the backbone read them, with as
+    few input directions to learn from noisy labels as ridge on the features has."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in self.hidden_sizes))
+        if self.feature_bottleneck < 0:
+            raise ValueError(f"head feature_bottleneck must be >= 0, got {self.feature_bottleneck}")
         if any(h < 1 for h in self.hidden_sizes):
             raise ValueError(f"head hidden_sizes must be positive, got {self.hidden_sizes}")
         if self.activation not in ACTIVATIONS:

@@ -68,12 +68,21 @@ class RegressionHead(nn.Module):
 
     The output layer starts small (weights scaled by 0.1, bias 0), so the first predictions are close
     to 0, the mean of a demeaned label, and the first gradients do not shake the adapters.
+
+    With `HeadConfig.feature_bottleneck` = k, a linear readout maps the state to k numbers first and the
+    MLP reads only those; under the auxiliary loss the readout is the probe of the prompt's features.
     """
 
     def __init__(self, in_features: int, config: HeadConfig = HeadConfig()) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
+        self.in_features = in_features
+        """Width of the state the head reads (the backbone's hidden size)."""
         width = in_features
+        self.readout: nn.Linear | None = None
+        if config.feature_bottleneck:
+            self.readout = nn.Linear(width, config.feature_bottleneck)
+            width = config.feature_bottleneck
+        layers: list[nn.Module] = []
         for hidden in config.hidden_sizes:
             layers += [nn.Linear(width, hidden), ACTIVATIONS[config.activation](), nn.Dropout(config.dropout)]
             width = hidden
@@ -83,8 +92,12 @@ class RegressionHead(nn.Module):
             out.bias.zero_()
         self.net = nn.Sequential(*layers, out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).squeeze(-1)  # [B, H] -> [B]
+    def forward(
+        self, x: torch.Tensor, with_readouts: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        z = x if self.readout is None else self.readout(x)  # [B, H] -> [B, k] with the bottleneck
+        prediction = self.net(z).squeeze(-1)  # [B]
+        return (prediction, z) if with_readouts else prediction
 
 
 # --- pooling --------------------------------------------------------------------------------------------
@@ -225,12 +238,20 @@ class LLMRegressor(nn.Module):
         """Reference to the base model: path, fingerprint, model type (saved with the regressor)."""
         self.aux_head: nn.Linear | None = None
         """Training only (`attach_aux_head`): a linear probe from the pooled state to the prompt's own
-        feature values; never saved, never used to forecast."""
+        feature values; never saved, never used to forecast. A head with a feature bottleneck needs none:
+        its readout is the probe, and it is saved with the head."""
 
     def attach_aux_head(self, n_outputs: int) -> None:
-        """Add the auxiliary probe (see `TrainConfig.aux_feature_weight`), on the head's device."""
-        hidden = self.head.net[0].in_features
-        self.aux_head = nn.Linear(hidden, n_outputs).to(next(self.head.parameters()).device)
+        """Add the auxiliary probe (see `TrainConfig.aux_feature_weight`), on the head's device; with a
+        feature bottleneck, check that its readout has one output per feature instead."""
+        if self.head.readout is not None:
+            if self.head.readout.out_features != n_outputs:
+                raise ValueError(
+                    f"the head's feature bottleneck has {self.head.readout.out_features} outputs, the "
+                    f"auxiliary probe needs {n_outputs} (one per feature)"
+                )
+            return
+        self.aux_head = nn.Linear(self.head.in_features, n_outputs).to(next(self.head.parameters()).device)
 
     @property
     def base(self) -> nn.Module:
@@ -251,10 +272,11 @@ class LLMRegressor(nn.Module):
         # the head runs in fp32 even under bf16 autocast: its output is the forecast, and small
         # differences between stocks (the cross-section) are what matters
         with torch.autocast(device_type=pooled.device.type, enabled=False):
-            prediction = self.head(pooled.float())  # [B]
-            if with_aux:
-                return prediction, self.aux_head(pooled.float())  # [B], [B, F]
-            return prediction
+            if not with_aux:
+                return self.head(pooled.float())  # [B]
+            if self.head.readout is not None:
+                return self.head(pooled.float(), with_readouts=True)  # [B], [B, F]: the probe is the readout
+            return self.head(pooled.float()), self.aux_head(pooled.float())  # [B], [B, F]
 
     def lora_layers(self) -> list[nn.Module]:
         """The backbone's LoRA-wrapped projections."""
@@ -373,7 +395,7 @@ def save_regressor(
         "format_version": REGRESSOR_FORMAT_VERSION,
         "config": model.config.to_dict(),
         "base_model": model.base_model,
-        "hidden_size": int(model.head.net[0].in_features),
+        "hidden_size": int(model.head.in_features),
         "prompt": prompt,
         "extra": extra or {},
     }

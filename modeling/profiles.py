@@ -156,6 +156,7 @@ OVERRIDABLE = {
     "head_hidden_sizes": ("head", "hidden_sizes"),
     "head_activation": ("head", "activation"),
     "head_dropout": ("head", "dropout"),
+    "head_feature_bottleneck": ("head", "feature_bottleneck"),
     "quantization": ("regressor", "quantization"),
     "gradient_checkpointing": ("regressor", "gradient_checkpointing"),
     "last_layer_shortcut": ("regressor", "last_layer_shortcut"),
