@@ -71,3 +71,20 @@ def test_baselines_stopped_on_their_own_train_dates_learn_the_signal_and_ignore_
     judged, _ = fit_predict_baselines(train, later, {"later": later}, cfg, only=("lightgbm",))
     judged_flipped, _ = fit_predict_baselines(train, flipped, {"later": later}, cfg, only=("lightgbm",))
     assert np.abs(judged["lightgbm"]["later"] - judged_flipped["lightgbm"]["later"]).max() > 1e-3
+
+
+def test_the_feature_mlp_drops_the_regressors_feature_bottleneck() -> None:
+    """The MLP on the 16 features is the regressor's head without the LLM; with a feature bottleneck that
+    head reads the features back from the state, so the MLP reads them directly: the same forecasts as a
+    head configured without one (an extra 16 x 16 layer would change the ablation)."""
+    from modeling.model import HeadConfig
+
+    train = _market(30, 40, 0.5, 3)
+    later = _market(5, 40, 0.5, 4, start="2020-06-01")
+    head = HeadConfig(hidden_sizes=(16,))
+    plain, _ = fit_predict_baselines(
+        train, None, {"later": later}, BaselineConfig(mlp_head=head, mlp_epochs=2), only=("mlp_features",)
+    )
+    bottleneck = BaselineConfig(mlp_head=HeadConfig(hidden_sizes=(16,), feature_bottleneck=16), mlp_epochs=2)
+    dropped, _ = fit_predict_baselines(train, None, {"later": later}, bottleneck, only=("mlp_features",))
+    np.testing.assert_array_equal(dropped["mlp_features"]["later"], plain["mlp_features"]["later"])

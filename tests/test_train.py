@@ -354,3 +354,61 @@ def test_the_trainer_dies_with_the_run_process() -> None:
     parent.send_signal(signal.SIGKILL)  # not reaped yet: a zombie counts as dead
     assert trainer.wait(timeout=30) == -signal.SIGKILL
     parent.wait()
+
+
+def test_a_feature_bottleneck_head_forecasts_from_the_probe_and_saves_it(
+    tiny_base_model, tiny_data, tmp_path: Path
+) -> None:
+    """`HeadConfig.feature_bottleneck`: the auxiliary probe is the head's first layer. The forecast is the
+    MLP of its 16 readouts, the probe's loss trains that layer (no separate probe), and it is saved."""
+    import torch
+
+    from modeling.inference import encode_prompts, pad_batch
+
+    training_set, corpus = tiny_data
+    head = HeadConfig(hidden_sizes=(16,), dropout=0.0, feature_bottleneck=16)
+    job = replace(
+        _job(tiny_base_model, corpus, tmp_path / "a", max_steps=6, aux_feature_weight=1.0),
+        training_set_path=str(training_set),
+        regressor=RegressorConfig(head=head),
+    )
+    result = train_regressor(job, log=lambda _: None)
+    weights = _weights(result.model_dir)
+    assert weights["readout.weight"].shape == (16, 32)  # 16 features from the tiny backbone's 32-wide state
+    assert weights["net.0.weight"].shape == (16, 16)  # the MLP reads the 16 readouts, not the state
+    assert not any("aux" in k for k in weights)
+
+    model = load_regressor(result.model_dir)
+    assert model.aux_head is None
+    train_frame = read_corpus_split(corpus, "train").head(8)
+    tok = load_tokenizer(tiny_base_model)
+    batch = pad_batch(tok, encode_prompts(tok, train_frame["prompt"].tolist()))
+    with torch.no_grad():
+        pooled = model.pooled_hidden(batch["input_ids"], batch["attention_mask"])
+        readouts = model.head.readout(pooled)
+        forecast, aux = model(batch["input_ids"], batch["attention_mask"], with_aux=True)
+        by_hand = model.head.net(readouts).squeeze(-1)
+    np.testing.assert_allclose(forecast.numpy(), by_hand.numpy(), atol=1e-6)
+    np.testing.assert_array_equal(aux.numpy(), readouts.numpy())  # the probe's output is the readout
+
+    # the probe's loss reaches the readout: the same run without it ends with another readout
+    plain = train_regressor(
+        replace(job, output_dir=str(tmp_path / "b"), train=replace(job.train, aux_feature_weight=0.0)),
+        log=lambda _: None,
+    )
+    assert not np.allclose(
+        _weights(plain.model_dir)["readout.weight"].numpy(), weights["readout.weight"].numpy()
+    )
+
+    # the probe has one output per feature: a bottleneck of another width cannot be it
+    with pytest.raises(ValueError, match="feature bottleneck has 8 outputs"):
+        train_regressor(
+            replace(
+                job,
+                output_dir=str(tmp_path / "c"),
+                regressor=RegressorConfig(head=replace(head, feature_bottleneck=8)),
+            ),
+            log=lambda _: None,
+        )
+    with pytest.raises(ValueError, match="feature_bottleneck"):
+        HeadConfig(feature_bottleneck=-1)
