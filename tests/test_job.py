@@ -40,6 +40,9 @@ def test_lora_last_layers_is_a_flat_override_and_round_trips(tmp_path: Path) -> 
     assert cpu.regressor.lora.last_layers == 1 and gpu.regressor.lora.last_layers is None
     # the cpu profile trains on the per-date IC loss (date groups of 16); the gpu one on MSE
     assert (cpu.train.loss, cpu.train.date_group_size, gpu.train.loss) == ("ic", 16, "mse")
+    # the cpu profile's head reads the feature probe's 16 readouts (the seeds' spread); the gpu one the state
+    assert (cpu.regressor.head.feature_bottleneck, gpu.regressor.head.feature_bottleneck) == (16, 0)
+    assert cpu.train.aux_feature_weight > 0  # the readout is the probe: it needs the probe's loss
     regressor, _ = apply_overrides(gpu.regressor, gpu.train, {"lora_last_layers": 2})
     assert regressor.lora == LoraSettings(r=16, alpha=32.0, last_layers=2)
     every, _ = apply_overrides(cpu.regressor, cpu.train, {"lora_last_layers": None})
