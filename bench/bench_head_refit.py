@@ -43,7 +43,10 @@ def head_inputs(model, tokenizer, prompts: list[str]) -> tuple[np.ndarray, np.nd
     """(pooled state [N, H], the head's last hidden activations [N, K]) in prompt order, dropout off."""
     pooled = pooled_states(model, tokenizer, prompts)  # model in eval mode
     with torch.inference_mode():
-        last = model.head.net[:-1](torch.from_numpy(pooled)).numpy()
+        state = torch.from_numpy(pooled)
+        if model.head.readout is not None:  # a feature-bottleneck head reads its 16 readouts of the state
+            state = model.head.readout(state)
+        last = model.head.net[:-1](state).numpy()
     return pooled, last
 
 

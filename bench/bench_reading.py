@@ -29,11 +29,12 @@ COMMAND = "python bench/bench_reading.py"
 
 
 def pooled_states(model, tokenizer, prompts: list[str], batch_size: int = 32) -> np.ndarray:
-    """The head's input for each prompt, in order: [N, H] (forward only, adapters merged at load)."""
+    """The pooled state of each prompt (what the head reads), in order: [N, H] (forward only, adapters
+    merged at load)."""
     from modeling.inference import encode_prompts, length_batches, pad_batch
 
     ids = encode_prompts(tokenizer, prompts)
-    out = np.zeros((len(ids), model.head.net[0].in_features), dtype=np.float32)
+    out = np.zeros((len(ids), model.head.in_features), dtype=np.float32)
     model.eval()
     with torch.inference_mode():
         for idx in length_batches([len(x) for x in ids], batch_size):
