@@ -40,18 +40,16 @@ class HeadConfig:
     dropout: float = 0.1
     """Dropout after each hidden layer (training only)."""
     feature_bottleneck: int = 0
-    """0: the MLP reads the pooled hidden state. k > 0: a linear readout first maps the state to k numbers
-    and the MLP reads only those. With the auxiliary probe on (`TrainConfig.aux_feature_weight`), k must
-    be the number of features and the readout *is* the probe: it is taught to reproduce the prompt's
-    feature values, so the forecast is a function of the 16 numbers as the backbone read them, with as
-    few input directions to learn from noisy labels as ridge on the features has."""
+    """0: the MLP reads the pooled state. k > 0: it reads a linear readout of k numbers; under the auxiliary
+    probe (k = the feature count) the readout is the probe, so it forecasts from the 16 numbers as read."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in self.hidden_sizes))
-        if self.feature_bottleneck < 0:
-            raise ValueError(f"head feature_bottleneck must be >= 0, got {self.feature_bottleneck}")
-        if any(h < 1 for h in self.hidden_sizes):
-            raise ValueError(f"head hidden_sizes must be positive, got {self.hidden_sizes}")
+        if any(h < 1 for h in self.hidden_sizes) or self.feature_bottleneck < 0:
+            raise ValueError(
+                f"head hidden_sizes must be positive and feature_bottleneck >= 0, got {self.hidden_sizes}, "
+                f"{self.feature_bottleneck}"
+            )
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"head activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         if not 0 <= self.dropout < 1:
@@ -141,8 +139,7 @@ class RegressorConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RegressorConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
+        unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown regressor config keys {sorted(unknown)}")
         values = dict(data)
@@ -273,15 +270,11 @@ class TrainConfig:
         if not self.target_clip > 0 or self.weight_power < 0 or self.aux_feature_weight < 0:
             raise ValueError("TrainConfig needs target_clip > 0, weight_power >= 0, aux_feature_weight >= 0")
         if self.date_group_size < 0 or self.date_group_size in (1, 2):
-            raise ValueError(
-                f"TrainConfig.date_group_size must be 0 (off) or >= 3, got {self.date_group_size}"
-            )
+            raise ValueError(f"TrainConfig.date_group_size must be 0 or >= 3, got {self.date_group_size}")
         if self.loss == "ic" and not self.date_group_size:
             raise ValueError("loss 'ic' is a per-date correlation: set date_group_size (e.g. 16)")
         if self.ic_mse_weight < 0 or (self.ic_mse_weight and self.loss != "ic"):
-            raise ValueError(
-                f"TrainConfig.ic_mse_weight must be >= 0, and 0 unless loss is 'ic' ({self.loss})"
-            )
+            raise ValueError(f"TrainConfig.ic_mse_weight must be >= 0, 0 unless loss is 'ic' ({self.loss})")
         if self.date_group_size and (self.batch_size // self.grad_accum_steps) % self.date_group_size:
             raise ValueError(
                 f"the micro-batch {self.batch_size // self.grad_accum_steps} is not a multiple of "
@@ -450,8 +443,7 @@ class Outcome:
     def load(cls, directory: str | os.PathLike[str]) -> Outcome:
         """Read `outcome.json` from a run directory (fields an older file lacks take their defaults)."""
         data = json.loads((Path(directory) / cls.FILE).read_text())
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
+        unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown outcome keys {sorted(unknown)} in {directory}")
         return cls(**data)

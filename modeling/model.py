@@ -37,7 +37,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from modeling.backbones.common import load_backbone, model_fingerprint, require_model_dir
+from modeling.backbones.common import (
+    load_backbone,
+    load_quantized_backbone,
+    model_fingerprint,
+    require_model_dir,
+)
 from modeling.errors import ModelUnloadableError
 
 # Re-exported for pyfunc models registered before scoring moved to `modeling.inference`: their shipped
@@ -316,36 +321,6 @@ def describe_reference(base_model_dir: str | os.PathLike[str]) -> dict[str, Any]
     return {"path": str(path), "fingerprint": model_fingerprint(path), "model_type": config.model_type}
 
 
-def _load_quantized_backbone(base_model_dir: Path, dtype: torch.dtype | None) -> nn.Module:
-    """QLoRA: the frozen backbone in 4-bit NF4 on the GPU (bitsandbytes), prepared for k-bit training."""
-    if not torch.cuda.is_available():
-        raise RuntimeError(
-            "quantization='4bit' (QLoRA through bitsandbytes) needs a CUDA GPU and this machine has none; "
-            "use quantization='none' on CPU"
-        )
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as error:
-        raise RuntimeError(
-            "quantization='4bit' needs the bitsandbytes package: pip install bitsandbytes"
-        ) from error
-    from peft import prepare_model_for_kbit_training
-    from transformers import BitsAndBytesConfig
-
-    compute = dtype or torch.bfloat16
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute,
-    )
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    model = load_backbone(
-        base_model_dir, dtype=compute, device_map={"": local_rank}, quantization_config=quant
-    )
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-
-
 def build_regressor(
     base_model_dir: str | os.PathLike[str],
     config: RegressorConfig = RegressorConfig(),
@@ -361,7 +336,7 @@ def build_regressor(
 
     path = require_model_dir(base_model_dir)
     if config.quantization == "4bit":
-        backbone = _load_quantized_backbone(path, dtype)
+        backbone = load_quantized_backbone(path, dtype)
     else:
         backbone = load_backbone(path, dtype=dtype, attn_implementation="sdpa")
     backbone.config.use_cache = False  # no KV cache: one forward per prompt, no generation
@@ -446,7 +421,7 @@ def load_regressor(
         )
     config = RegressorConfig.from_dict(info["config"])
     if config.quantization == "4bit":
-        backbone = _load_quantized_backbone(base_dir, dtype)
+        backbone = load_quantized_backbone(base_dir, dtype)
     else:
         backbone = load_backbone(base_dir, dtype=dtype, attn_implementation="sdpa")
     backbone.config.use_cache = False

@@ -116,6 +116,36 @@ def load_causal_lm(
     return AutoModelForCausalLM.from_pretrained(p, **_load_kwargs(dtype, device_map))
 
 
+def load_quantized_backbone(base_model_dir: Path, dtype: torch.dtype | None) -> torch.nn.Module:
+    """QLoRA: the frozen backbone in 4-bit NF4 on the GPU (bitsandbytes), prepared for k-bit training."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "quantization='4bit' (QLoRA through bitsandbytes) needs a CUDA GPU and this machine has none; "
+            "use quantization='none' on CPU"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        raise RuntimeError(
+            "quantization='4bit' needs the bitsandbytes package: pip install bitsandbytes"
+        ) from error
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    compute = dtype or torch.bfloat16
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    model = load_backbone(
+        base_model_dir, dtype=compute, device_map={"": local_rank}, quantization_config=quant
+    )
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
 def decoder_linear_names(backbone: torch.nn.Module) -> list[str]:
     """The names of the linear modules inside the decoder layers (what "all-linear" adapts), e.g. q_proj."""
     return sorted(
