@@ -486,13 +486,17 @@ def _recipe_key(train_cfg, regressor_cfg) -> str:
 
 def _prompt_key(corpus: Path) -> str:
     """A cache-key part for a corpus whose prompts are not the default ones ('' for the default, so the
-    runs cached before prompts had options keep their keys): '-legend-value' and the like."""
+    runs cached before prompts had options keep their keys): '-legend-value', '-inline-value-sig2' (2
+    significant digits; the digits were left out of the key before, so only non-default ones join it)."""
     from modeling.data.parquet_io import read_parquet_metadata
     from modeling.prompt import PromptBuilder
 
     prompt = PromptBuilder.of_corpus(read_parquet_metadata(corpus))
-    default = PromptBuilder(horizon=prompt.horizon, sig_digits=prompt.sig_digits, target=prompt.target)
-    return "" if prompt == default else f"-{prompt.layout}-{prompt.number_format}"
+    default = PromptBuilder(horizon=prompt.horizon, target=prompt.target)
+    if prompt == default:
+        return ""
+    key = f"-{prompt.layout}-{prompt.number_format}"
+    return key if prompt.sig_digits == default.sig_digits else f"{key}-sig{prompt.sig_digits}"
 
 
 def curve_run(
