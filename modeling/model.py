@@ -38,8 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from modeling.backbones.common import (
-    load_backbone,
-    load_quantized_backbone,
+    load_frozen_backbone,
     model_fingerprint,
     require_model_dir,
 )
@@ -335,12 +334,7 @@ def build_regressor(
     from peft import get_peft_model
 
     path = require_model_dir(base_model_dir)
-    if config.quantization == "4bit":
-        backbone = load_quantized_backbone(path, dtype)
-    else:
-        backbone = load_backbone(path, dtype=dtype, attn_implementation="sdpa")
-    backbone.config.use_cache = False  # no KV cache: one forward per prompt, no generation
-    backbone.requires_grad_(False)
+    backbone = load_frozen_backbone(path, config.quantization, dtype)
     if config.gradient_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_model = get_peft_model(backbone, config.lora.peft_config(backbone))  # adapters trainable, fp32
@@ -420,11 +414,7 @@ def load_regressor(
             f"{reference['fingerprint'][:12]} != {saved[:12]}); point base_model_dir at the right checkpoint"
         )
     config = RegressorConfig.from_dict(info["config"])
-    if config.quantization == "4bit":
-        backbone = load_quantized_backbone(base_dir, dtype)
-    else:
-        backbone = load_backbone(base_dir, dtype=dtype, attn_implementation="sdpa")
-    backbone.config.use_cache = False
+    backbone = load_frozen_backbone(base_dir, config.quantization, dtype)
     peft_model = PeftModel.from_pretrained(backbone, path / ADAPTER_DIR, is_trainable=False)
     head = RegressionHead(int(info["hidden_size"]), config.head)
     head.load_state_dict(load_file(path / HEAD_FILE))

@@ -19,6 +19,7 @@ from modeling.backbones.common import (
     describe_base_model,
     load_backbone,
     load_causal_lm,
+    load_frozen_backbone,
     load_tokenizer,
 )
 from modeling.backbones.embedded import (
@@ -124,6 +125,17 @@ def test_round_trip_gives_same_logits_and_backbone_hidden_states(tmp_path: Path)
     n, t = batch["input_ids"].shape
     assert hidden.shape == (n, t, SPEC.hidden_size)
     assert torch.isfinite(hidden).all()
+
+
+def test_frozen_backbone_is_frozen_cacheless_sdpa_and_4bit_needs_a_gpu(model_dir: Path) -> None:
+    backbone = load_frozen_backbone(model_dir, "none", torch.float32)
+    assert not any(p.requires_grad for p in backbone.parameters())
+    assert backbone.config.use_cache is False
+    assert backbone.config._attn_implementation == "sdpa"
+    assert not hasattr(backbone, "lm_head")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+            load_frozen_backbone(model_dir, "4bit", None)
 
 
 def test_build_is_deterministic_under_the_seed(tmp_path: Path, model_dir: Path) -> None:

@@ -146,6 +146,22 @@ def load_quantized_backbone(base_model_dir: Path, dtype: torch.dtype | None) -> 
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
+def load_frozen_backbone(
+    base_model_dir: str | os.PathLike[str], quantization: str, dtype: torch.dtype | None
+) -> torch.nn.Module:
+    """The frozen backbone a regressor sits on, for both building and loading one.
+
+    `quantization` "4bit" = QLoRA's NF4 backbone on the GPU; otherwise the saved weights in `dtype` with
+    SDPA attention. No KV cache: one forward per prompt, no generation.
+    """
+    if quantization == "4bit":
+        backbone = load_quantized_backbone(Path(base_model_dir), dtype)
+    else:
+        backbone = load_backbone(base_model_dir, dtype=dtype, attn_implementation="sdpa")
+    backbone.config.use_cache = False
+    return backbone.requires_grad_(False)
+
+
 def decoder_linear_names(backbone: torch.nn.Module) -> list[str]:
     """The names of the linear modules inside the decoder layers (what "all-linear" adapts), e.g. q_proj."""
     return sorted(
