@@ -5,7 +5,12 @@ Forward only, under `torch.inference_mode` (no autograd graph), rows sorted by t
 into batches of similar length (little padding), the LoRA updates folded into the frozen weights for
 the duration (`merged_adapters`), no LM head and the last-layer shortcut (both in `LLMRegressor`).
 Given an `accelerate.Accelerator` the batches are shared out across its processes and gathered, so a
-DDP run evaluates in 1/N of the time and every process gets every prediction.
+DDP run evaluates in 1/N of the time and every process gets every prediction. Without one, on a CPU
+with several cores, the batches are shared out the same way across forked single-threaded worker
+processes (`cpu_workers`): the embedded backbone's matrix products (inner size 128) use a second thread
+poorly, and two one-thread processes score about 1.2x the rows per second of one two-thread process on
+2 cores (BENCHMARKS.md, "Scoring on forked workers"). Each batch's forecasts do not depend on which
+process scored it.
 
 This module must not import dagster, duckdb or mlflow (it runs on the GPU image). It does not import
 `modeling.model` either (which re-exports `predict_prompts` for old pyfunc code): a model here is an
@@ -15,7 +20,10 @@ mask), so it is typed as a torch module.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -26,6 +34,8 @@ from torch import nn
 DEFAULT_PREDICT_BATCH_SIZE = 32
 """Rows per forward pass when scoring. On 2 CPU cores the embedded backbone scores fastest at 16-32 rows
 (the activations stay in cache; at 128 rows it is 40% slower); a GPU caller passes a larger one."""
+MIN_BATCHES_PER_WORKER = 4
+"""Fewer batches than this per worker are scored in the calling process: forking costs about 0.1 s."""
 
 
 # --- tokens ---------------------------------------------------------------------------------------------
@@ -81,6 +91,64 @@ def merged_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 
 # --- prediction -----------------------------------------------------------------------------------------
+def cpu_workers(n_batches: int, device: torch.device | str) -> int:
+    """How many forked one-thread processes score `n_batches` batches on `device` (1: this process).
+
+    One per core this process may run on, when the device is the CPU, fork exists (Linux), and there are
+    at least `MIN_BATCHES_PER_WORKER` batches per worker. A fork copies only the calling thread; the
+    children run only torch and the tokenizer's padding, whose locks (Python's own, glibc's allocator)
+    are re-initialised in a forked child, so another thread of the parent cannot leave them held.
+    """
+    if torch.device(device).type != "cpu" or "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, n_batches // MIN_BATCHES_PER_WORKER))
+
+
+def _score_batches(
+    net: nn.Module, tokenizer: Any, ids: list[list[int]], batches: list[np.ndarray], device: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """(row indices, forecasts) of `batches`, in batch order: the forward loop every path runs."""
+    indices, values = [], []
+    for idx in batches:
+        batch = pad_batch(tokenizer, [ids[i] for i in idx], device)
+        values.append(net(batch["input_ids"], batch["attention_mask"]).float().cpu().numpy())
+        indices.append(idx)
+    if not indices:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    return np.concatenate(indices), np.concatenate(values).astype(np.float64)
+
+
+_FORKED: tuple | None = None
+"""What a forked worker scores: (model, tokenizer, ids, batches, workers), set just before the fork so
+that the workers inherit it (copy-on-write) instead of receiving a pickled model."""
+
+
+@torch.inference_mode()
+def _forked_share(share: int) -> tuple[np.ndarray, np.ndarray]:
+    """A worker's batches share, share + workers, ... on one thread (runs in the forked child)."""
+    assert _FORKED is not None
+    net, tokenizer, ids, batches, workers = _FORKED
+    torch.set_num_threads(1)  # one core each; the parent's thread pool does not survive a fork anyway
+    return _score_batches(net, tokenizer, ids, batches[share::workers], "cpu")
+
+
+def _score_forked(
+    net: nn.Module, tokenizer: Any, ids: list[list[int]], batches: list[np.ndarray], workers: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`_score_batches` across `workers` forked processes (interleaved batches: similar lengths each).
+    A worker that dies (killed for memory, say) raises `BrokenProcessPool` here, never a hang."""
+    global _FORKED
+    _FORKED = (net, tokenizer, ids, batches, workers)
+    try:
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            parts = list(pool.map(_forked_share, range(workers)))
+    finally:
+        _FORKED = None
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
 @torch.inference_mode()
 def predict_ids(
     model: nn.Module,
@@ -90,22 +158,26 @@ def predict_ids(
     device: torch.device | str | None = None,
     progress: bool = False,
     accelerator: Any | None = None,
+    workers: int | None = None,
 ) -> np.ndarray:
     """Forecasts for tokenised prompts, in their order.
 
     With `accelerator` (a DDP-wrapped model is unwrapped): process p scores batches p, p + N, ..., the
-    predictions are gathered, and every process returns all of them. NaN predictions (a diverged
-    model) stay NaN: the metrics count them, they never hide.
+    predictions are gathered, and every process returns all of them. Without one, `workers` forked
+    one-thread processes share the batches the same way (None: `cpu_workers` decides; 1: this process
+    only; `progress` shows a bar only then). NaN predictions (a diverged model) stay NaN: the metrics
+    count them, they never hide.
     """
     net: nn.Module = accelerator.unwrap_model(model) if accelerator is not None else model
     device = accelerator.device if accelerator is not None else device or next(net.parameters()).device
     n_proc = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
-    mine = length_batches([len(x) for x in ids], batch_size)[rank::n_proc]
-    if progress:
-        from tqdm.auto import tqdm
-
-        mine = tqdm(mine, desc="predict", unit="batch", leave=False)
+    batches = length_batches([len(x) for x in ids], batch_size)
+    if accelerator is not None:
+        workers = 1
+    elif workers is None:
+        workers = cpu_workers(len(batches), device)
+    mine = batches[rank::n_proc]
     if accelerator is not None:
         autocast = accelerator.autocast()
     elif torch.device(device).type == "cuda":
@@ -114,15 +186,16 @@ def predict_ids(
         autocast = nullcontext()
     was_training = net.training
     net.eval()
-    indices, values = [], []
     with merged_adapters(net), autocast:
-        for idx in mine:
-            batch = pad_batch(tokenizer, [ids[i] for i in idx], device)
-            values.append(net(batch["input_ids"], batch["attention_mask"]).float().cpu().numpy())
-            indices.append(idx)
+        if workers > 1:
+            local_idx, local_val = _score_forked(net, tokenizer, ids, mine, workers)
+        else:
+            if progress:
+                from tqdm.auto import tqdm
+
+                mine = tqdm(mine, desc="predict", unit="batch", leave=False)
+            local_idx, local_val = _score_batches(net, tokenizer, ids, mine, device)
     net.train(was_training)
-    local_idx = np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64)
-    local_val = np.concatenate(values).astype(np.float64) if values else np.zeros(0)
     if n_proc > 1:
         from accelerate.utils import gather_object
 

@@ -12,7 +12,15 @@ import torch
 import modeling.model as model_module
 import modeling.shared_prefix as shared_prefix
 from modeling.backbones.common import load_tokenizer
-from modeling.inference import encode_prompts, merged_adapters, pad_batch, predict_prompts
+from modeling.inference import (
+    MIN_BATCHES_PER_WORKER,
+    cpu_workers,
+    encode_prompts,
+    merged_adapters,
+    pad_batch,
+    predict_ids,
+    predict_prompts,
+)
 from modeling.losses import pointwise_loss, weighted_loss
 from modeling.model import (
     HeadConfig,
@@ -275,6 +283,37 @@ def test_scoring_with_merged_adapters_matches_the_unmerged_forward_and_restores_
     # predict_ids (merged, length batches) gives the same forecasts in the rows' own order
     np.testing.assert_allclose(predict_prompts(model, tok, prompts, batch_size=4), unmerged, atol=1e-5)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_forked_workers_score_every_row_in_order_as_this_process_does(
+    tiny_base_model: Path, prompts: list[str]
+) -> None:
+    model = _model(tiny_base_model)
+    tok = load_tokenizer(tiny_base_model)
+    ids = encode_prompts(tok, prompts) * 3  # 18 rows, 9 batches of 2: both workers get several
+    ids = [row[: len(row) - i % 5] for i, row in enumerate(ids)]  # different lengths, length-sorted batches
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    alone = predict_ids(model, tok, ids, batch_size=2, workers=1)
+    forked = predict_ids(model, tok, ids, batch_size=2, workers=2)
+    assert alone.shape == forked.shape == (18,) and np.isfinite(forked).all()
+    np.testing.assert_allclose(forked, alone, atol=1e-6)  # the same rows, in the caller's order
+    assert len(set(np.round(alone, 6))) > 10  # the rows differ, so an order mix-up would show
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the parent's unmerged again
+    # a failure in a worker reaches the caller (a token id the embedding does not have)
+    with pytest.raises(IndexError):
+        predict_ids(model, tok, [*ids[:-1], [10**7] * 5], batch_size=2, workers=2)
+
+
+def test_cpu_workers_one_per_core_only_on_the_cpu_and_with_enough_batches(monkeypatch) -> None:
+    import modeling.inference as inference
+
+    monkeypatch.setattr(inference.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert cpu_workers(100, "cpu") == 3
+    assert cpu_workers(2 * MIN_BATCHES_PER_WORKER, "cpu") == 2  # a worker gets at least MIN batches
+    assert cpu_workers(MIN_BATCHES_PER_WORKER - 1, "cpu") == 1
+    assert cpu_workers(100, "meta") == 1  # not the CPU: the caller's device does the work
+    monkeypatch.setattr(inference.multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    assert cpu_workers(100, "cpu") == 1  # no fork (macOS, Windows): this process
 
 
 def test_load_refuses_a_different_base_model(tiny_base_model: Path, tmp_path: Path) -> None:
