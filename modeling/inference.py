@@ -163,9 +163,10 @@ def predict_ids(
     """Forecasts for tokenised prompts, in their order.
 
     With `accelerator` (a DDP-wrapped model is unwrapped): process p scores batches p, p + N, ..., the
-    predictions are gathered, and every process returns all of them. Without one, `workers` forked
-    one-thread processes share the batches the same way (None: `cpu_workers` decides; 1: this process
-    only; `progress` shows a bar only then). NaN predictions (a diverged model) stay NaN: the metrics
+    predictions are gathered, and every process returns all of them. Otherwise (no accelerator, or one
+    process: the trainer's periodic evaluation on a CPU), `workers` forked one-thread processes share
+    the batches the same way (None: `cpu_workers` decides; 1: this process only; `progress` shows a
+    bar only then). NaN predictions (a diverged model) stay NaN: the metrics
     count them, they never hide.
     """
     net: nn.Module = accelerator.unwrap_model(model) if accelerator is not None else model
@@ -173,7 +174,7 @@ def predict_ids(
     n_proc = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
     batches = length_batches([len(x) for x in ids], batch_size)
-    if accelerator is not None:
+    if n_proc > 1:  # the DDP processes share the batches already
         workers = 1
     elif workers is None:
         workers = cpu_workers(len(batches), device)
