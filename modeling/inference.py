@@ -35,7 +35,8 @@ DEFAULT_PREDICT_BATCH_SIZE = 32
 """Rows per forward pass when scoring. On 2 CPU cores the embedded backbone scores fastest at 16-32 rows
 (the activations stay in cache; at 128 rows it is 40% slower); a GPU caller passes a larger one."""
 MIN_BATCHES_PER_WORKER = 4
-"""Fewer batches than this per worker are scored in the calling process: forking costs about 0.1 s."""
+"""Fewer batches than this per worker are scored in the calling process: each fork copies this process's
+page tables and starts a pool worker, which a few batches would not repay."""
 
 
 # --- tokens ---------------------------------------------------------------------------------------------
@@ -165,16 +166,16 @@ def predict_ids(
     With `accelerator` (a DDP-wrapped model is unwrapped): process p scores batches p, p + N, ..., the
     predictions are gathered, and every process returns all of them. Otherwise (no accelerator, or one
     process: the trainer's periodic evaluation on a CPU), `workers` forked one-thread processes share
-    the batches the same way (None: `cpu_workers` decides; 1: this process only; `progress` shows a
-    bar only then). NaN predictions (a diverged model) stay NaN: the metrics
-    count them, they never hide.
+    the batches the same way on the CPU (None: `cpu_workers` decides; 1: this process only; `progress`
+    shows a bar only then). NaN predictions (a diverged model) stay NaN: the metrics count them, they
+    never hide.
     """
     net: nn.Module = accelerator.unwrap_model(model) if accelerator is not None else model
     device = accelerator.device if accelerator is not None else device or next(net.parameters()).device
     n_proc = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
     batches = length_batches([len(x) for x in ids], batch_size)
-    if n_proc > 1:  # the DDP processes share the batches already
+    if n_proc > 1 or torch.device(device).type != "cpu":  # DDP shares already; CUDA does not survive a fork
         workers = 1
     elif workers is None:
         workers = cpu_workers(len(batches), device)
