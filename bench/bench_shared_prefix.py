@@ -29,21 +29,24 @@ from _common import machine, save_json, write_section
 
 DATA = Path(os.environ.get("DATA_DIR", "data")).resolve()
 FORWARDS = {"plain": 2.0, "shared prefix": 0.0}
-"""Each forward's `MIN_SHARED_FRACTION`: no prefix reaches twice the batch's width (plain); any prefix of
-`MIN_SHARED_PREFIX` tokens or more is shared, whatever its share of the prompt."""
+"""Each forward's `MIN_SHARED_FRACTION` and `SCORING_MIN_SHARED_FRACTION`: no prefix reaches twice the
+batch's width (plain); any prefix of `MIN_SHARED_PREFIX` tokens or more is shared, whatever its share."""
+FRACTIONS = ("MIN_SHARED_FRACTION", "SCORING_MIN_SHARED_FRACTION")
 
 
 @contextmanager
 def _forward(name: str):
-    """`MIN_SHARED_FRACTION` set for one forward, and the module's own restored afterwards."""
+    """Both fractions (training's, scoring's) set for one forward, the module's own restored afterwards."""
     import modeling.shared_prefix as shared_prefix
 
-    default = shared_prefix.MIN_SHARED_FRACTION
-    shared_prefix.MIN_SHARED_FRACTION = FORWARDS[name]
+    defaults = {f: getattr(shared_prefix, f) for f in FRACTIONS}
+    for f in FRACTIONS:
+        setattr(shared_prefix, f, FORWARDS[name])
     try:
         yield
     finally:
-        shared_prefix.MIN_SHARED_FRACTION = default
+        for f, value in defaults.items():
+            setattr(shared_prefix, f, value)
 
 
 def _prefix_stats(batches) -> tuple[float, float, float]:
@@ -220,7 +223,7 @@ Scoring ({score["rows"]["inline"]:,} validation rows, {args.eval_dates} dates, `
 {chr(10).join(_table(score))}
 
 The two forwards' forecasts differ by at most {score["max_abs_diff"]["inline"]:.1e} (inline) and {score["max_abs_diff"]["legend"]:.1e} (legend).
-By default (`MIN_SHARED_PREFIX` = {shared_prefix.MIN_SHARED_PREFIX} tokens, `MIN_SHARED_FRACTION` = {default}) {_default_paths(train["stats"])}.
+By default (`MIN_SHARED_PREFIX` = {shared_prefix.MIN_SHARED_PREFIX} tokens, `MIN_SHARED_FRACTION` = {default}) in training {_default_paths(train["stats"])}; scoring (`SCORING_MIN_SHARED_FRACTION` = {shared_prefix.SCORING_MIN_SHARED_FRACTION}) shares any prefix of that many tokens.
 """,
     )
     print(json.dumps({"training": train, "scoring": score}, indent=1, default=str))

@@ -40,9 +40,29 @@ page tables and starts a pool worker, which a few batches would not repay."""
 
 
 # --- tokens ---------------------------------------------------------------------------------------------
+ENCODE_CHUNK = 1024
+"""Prompts per call of a fast tokenizer's Rust backend (its working set stays in cache)."""
+
+
 def encode_prompts(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
-    """Token ids of rendered prompts (the chat template already wrote bos: no special tokens added)."""
-    return tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if len(prompts) else []
+    """Token ids of rendered prompts (the chat template already wrote bos: no special tokens added).
+
+    A fast tokenizer without truncation or padding encodes through its Rust backend in chunks
+    (`encode_batch_fast`: no offsets computed), the same ids as `tokenizer(prompts)` (tested) in about
+    half the time; the final comparison tokenises some 200k prompts. Others take the generic call."""
+    if not len(prompts):
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.truncation is not None or backend.padding is not None:
+        return tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    prompts = list(prompts)
+    return [
+        encoding.ids
+        for start in range(0, len(prompts), ENCODE_CHUNK)
+        for encoding in backend.encode_batch_fast(
+            prompts[start : start + ENCODE_CHUNK], add_special_tokens=False
+        )
+    ]
 
 
 def pad_batch(
@@ -107,13 +127,21 @@ def cpu_workers(n_batches: int, device: torch.device | str) -> int:
 
 
 def _score_batches(
-    net: nn.Module, tokenizer: Any, ids: list[list[int]], batches: list[np.ndarray], device: Any
+    net: nn.Module,
+    tokenizer: Any,
+    ids: list[list[int]],
+    batches: list[np.ndarray],
+    device: Any,
+    trunk: Any | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(row indices, forecasts) of `batches`, in batch order: the forward loop every path runs."""
     indices, values = [], []
     for idx in batches:
         batch = pad_batch(tokenizer, [ids[i] for i in idx], device)
-        values.append(net(batch["input_ids"], batch["attention_mask"]).float().cpu().numpy())
+        ids_, mask = batch["input_ids"], batch["attention_mask"]
+        states = None if trunk is None else trunk.batch(idx, mask)  # the frozen layers': [B, T, H]
+        pred = net(ids_, mask) if states is None else net(ids_, mask, trunk=states)
+        values.append(pred.float().cpu().numpy())
         indices.append(idx)
     if not indices:
         return np.zeros(0, dtype=np.int64), np.zeros(0)
@@ -121,7 +149,7 @@ def _score_batches(
 
 
 _FORKED: tuple | None = None
-"""What a forked worker scores: (model, tokenizer, ids, batches, workers), set just before the fork so
+"""What a forked worker scores: (model, tokenizer, ids, batches, workers, trunk), set just before the fork so
 that the workers inherit it (copy-on-write) instead of receiving a pickled model."""
 
 
@@ -129,18 +157,23 @@ that the workers inherit it (copy-on-write) instead of receiving a pickled model
 def _forked_share(share: int) -> tuple[np.ndarray, np.ndarray]:
     """A worker's batches share, share + workers, ... on one thread (runs in the forked child)."""
     assert _FORKED is not None
-    net, tokenizer, ids, batches, workers = _FORKED
+    net, tokenizer, ids, batches, workers, trunk = _FORKED
     torch.set_num_threads(1)  # one core each; the parent's thread pool does not survive a fork anyway
-    return _score_batches(net, tokenizer, ids, batches[share::workers], "cpu")
+    return _score_batches(net, tokenizer, ids, batches[share::workers], "cpu", trunk)
 
 
 def _score_forked(
-    net: nn.Module, tokenizer: Any, ids: list[list[int]], batches: list[np.ndarray], workers: int
+    net: nn.Module,
+    tokenizer: Any,
+    ids: list[list[int]],
+    batches: list[np.ndarray],
+    workers: int,
+    trunk: Any | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`_score_batches` across `workers` forked processes (interleaved batches: similar lengths each).
     A worker that dies (killed for memory, say) raises `BrokenProcessPool` here, never a hang."""
     global _FORKED
-    _FORKED = (net, tokenizer, ids, batches, workers)
+    _FORKED = (net, tokenizer, ids, batches, workers, trunk)
     try:
         context = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
@@ -160,6 +193,7 @@ def predict_ids(
     progress: bool = False,
     accelerator: Any | None = None,
     workers: int | None = None,
+    trunk: Any | None = None,
 ) -> np.ndarray:
     """Forecasts for tokenised prompts, in their order.
 
@@ -168,7 +202,8 @@ def predict_ids(
     process: the trainer's periodic evaluation on a CPU), `workers` forked one-thread processes share
     the batches the same way on the CPU (None: `cpu_workers` decides; 1: this process only; `progress`
     shows a bar only then). NaN predictions (a diverged model) stay NaN: the metrics count them, they
-    never hide.
+    never hide. `trunk`: a `modeling.trunk_cache.TrunkCache` of these `ids` (the trainer's validation
+    rows), whose frozen layers' states are read instead of recomputed; forked workers inherit it.
     """
     net: nn.Module = accelerator.unwrap_model(model) if accelerator is not None else model
     device = accelerator.device if accelerator is not None else device or next(net.parameters()).device
@@ -190,13 +225,13 @@ def predict_ids(
     net.eval()
     with merged_adapters(net), autocast:
         if workers > 1:
-            local_idx, local_val = _score_forked(net, tokenizer, ids, mine, workers)
+            local_idx, local_val = _score_forked(net, tokenizer, ids, mine, workers, trunk)
         else:
             if progress:
                 from tqdm.auto import tqdm
 
                 mine = tqdm(mine, desc="predict", unit="batch", leave=False)
-            local_idx, local_val = _score_batches(net, tokenizer, ids, mine, device)
+            local_idx, local_val = _score_batches(net, tokenizer, ids, mine, device, trunk)
     net.train(was_training)
     if n_proc > 1:
         from accelerate.utils import gather_object

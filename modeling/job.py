@@ -6,7 +6,7 @@ dataclasses with a docstring per field (litgpt's configs), saved as one JSON fil
 - `ExperimentSpec`: where the result is logged and how it is judged (`TrainJob.experiment`);
 - `TrainJob`: all of it plus the input paths; nested parts are built and validated when the job is, so a
   typo fails at planning time, not an hour into training;
-- `Outcome`: what the training process reports back (`outcome.json`), typed for the asset and its check.
+- `Outcome` (`modeling.outcome`, re-exported): what the training process reports back.
 
 This module is torch-free (numpy, pandas, the standard library), so the orchestrator plans a run without
 importing torch: `modeling.model`, `modeling.train` and `modeling.experiment` import from here.
@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from modeling.outcome import Outcome  # noqa: F401 (re-exported: what comes back)
 from modeling.targets import TARGET_TRANSFORMS
 
 ACTIVATIONS = ("gelu", "relu", "silu", "tanh")
@@ -226,6 +227,9 @@ class TrainConfig:
     """Checkpoint every N optimizer steps (0 = never; the end of training is not checkpointed)."""
     group_by_length: bool = True
     """Length-grouped batches: rows of similar length together, less padding."""
+    trunk_cache_gb: float = 6.0
+    """GB per process for the frozen trunk's states of the train, then the evaluation rows, computed once
+    (`modeling.trunk_cache`; adapters in the last layer only). 0 = off; what does not fit is recomputed."""
     seed: int = 0
     """Seed of the sample, the batch order, the LoRA and head initialisation and dropout."""
     bf16: bool = True
@@ -267,8 +271,13 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.target_transform must be in {TARGET_TRANSFORMS}, got {self.target_transform!r}"
             )
-        if not self.target_clip > 0 or self.weight_power < 0 or self.aux_feature_weight < 0:
-            raise ValueError("TrainConfig needs target_clip > 0, weight_power >= 0, aux_feature_weight >= 0")
+        if (
+            not self.target_clip > 0
+            or min(self.weight_power, self.aux_feature_weight, self.trunk_cache_gb) < 0
+        ):
+            raise ValueError(
+                "TrainConfig needs target_clip > 0, weight_power, aux_feature_weight, trunk_cache_gb >= 0"
+            )
         if self.date_group_size < 0 or self.date_group_size in (1, 2):
             raise ValueError(f"TrainConfig.date_group_size must be 0 or >= 3, got {self.date_group_size}")
         if self.loss == "ic" and not self.date_group_size:
@@ -390,60 +399,3 @@ class TrainJob:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TrainJob:
         return cls.from_dict(json.loads(Path(path).read_text()))
-
-
-# --- what comes back ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Outcome:
-    """What an experiment job reports (`outcome.json` beside the model; also the asset's metadata)."""
-
-    run_id: str
-    """The MLflow run."""
-    model_uri: str
-    model_version: str | None
-    """The registered version (None when the job registers nothing)."""
-    promoted: bool
-    """Whether the champion gate moved `champion` to this version."""
-    gate: str
-    """The gate's reason: Δ, SE, t and the bar, or why there was no comparison."""
-    val_rank_ic: float
-    val_rank_ic_se: float = float("nan")
-    val_n_dates: int = 0
-    test_rank_ic: float = float("nan")
-    test_rank_ic_se: float = float("nan")
-    test_n_dates: int = 0
-    val_rank_icir: float = float("nan")
-    test_rank_icir: float = float("nan")
-    baselines_val_rank_ic: dict[str, float] = field(default_factory=dict)
-    comparison: str = ""
-    """The headline table (markdown): every model with RankIC ± SE and the paired Δ to the regressor."""
-    paired: dict[str, Any] = field(default_factory=dict)
-    """paired[baseline][split]: the regressor minus the baseline, daily RankIC (delta, se, t, n_dates)."""
-    gate_stats: dict[str, Any] = field(default_factory=dict)
-    plots: dict[str, str] = field(default_factory=dict)
-    """Plot name -> PNG path."""
-    train: dict[str, Any] = field(default_factory=dict)
-    """The training report (steps, throughput, stop reason)."""
-    eval_history: list[dict[str, Any]] = field(default_factory=list)
-    experiment_s: float = float("nan")
-    score_rows_per_s: float = float("nan")
-    baseline_fit_s: dict[str, float] = field(default_factory=dict)
-
-    FILE = "outcome.json"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def save(self, directory: str | os.PathLike[str]) -> Path:
-        path = Path(directory) / self.FILE
-        path.write_text(json.dumps(self.to_dict(), indent=1, default=str) + "\n")
-        return path
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike[str]) -> Outcome:
-        """Read `outcome.json` from a run directory (fields an older file lacks take their defaults)."""
-        data = json.loads((Path(directory) / cls.FILE).read_text())
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown outcome keys {sorted(unknown)} in {directory}")
-        return cls(**data)

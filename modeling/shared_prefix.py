@@ -33,6 +33,10 @@ section): in the trainer the gain was not visible against the machine's drift, a
 the training trajectory (seed 0: -0.0005 +- 0.0004 validation RankIC against the plain forward), so
 turning it on for the default prompt waits for a seed-averaged check; until then the default prompt keeps
 its bit-for-bit forecasts."""
+SCORING_MIN_SHARED_FRACTION = 0.0
+"""The share rule when scoring (no autograd): none, only `MIN_SHARED_PREFIX`. There is no trajectory to
+move, and the forecasts move by float rounding only (below 1e-5, tested), so the inline prompt's 27 shared
+tokens of 248 buy their +13% scoring rate (BENCHMARKS.md) in the final comparison and the pyfunc."""
 
 
 class PrefixKV:
@@ -74,10 +78,12 @@ def shared_prefix_length(
 ) -> int:
     """Leading tokens that every row of a right-padded batch shares, leaving each row at least its own
     last token; 0 when one row, or fewer than `minimum` tokens or `min_fraction` of the batch's width
-    (defaults: the module's constants, read at call time): [B, T] -> int. The caller checks the padding
-    side (under left padding the prompts do not start at the same position)."""
+    (defaults: the module's constants, read at call time; the fraction is `MIN_SHARED_FRACTION` under
+    autograd, `SCORING_MIN_SHARED_FRACTION` without): [B, T] -> int. The caller checks the padding side
+    (under left padding the prompts do not start at the same position)."""
     minimum = MIN_SHARED_PREFIX if minimum is None else minimum
-    min_fraction = MIN_SHARED_FRACTION if min_fraction is None else min_fraction
+    if min_fraction is None:
+        min_fraction = MIN_SHARED_FRACTION if torch.is_grad_enabled() else SCORING_MIN_SHARED_FRACTION
     if input_ids.shape[0] < 2:
         return 0
     mask = attention_mask.to(torch.int64)

@@ -167,10 +167,13 @@ class RegressorTrainer(TrainerSetup):
         """Forward, loss and backward of one micro-batch; the optimizer steps when accumulation is done."""
         cfg, accelerator = self.cfg, self.accelerator
         with accelerator.accumulate(self.model):
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            # the frozen layers' states of these rows, when cached: [B, T, H]
+            trunk = None if self.train_trunk is None else self.train_trunk.batch(batch["index"], mask)
             if self.train_rows.aux is not None:
-                pred, aux_pred = self.model(batch["input_ids"], batch["attention_mask"], with_aux=True)
+                pred, aux_pred = self.model(ids, mask, with_aux=True, trunk=trunk)
             else:
-                pred = self.model(batch["input_ids"], batch["attention_mask"])
+                pred = self.model(ids, mask, trunk=trunk)
             # a pointwise loss is summed over the local rows, divided by the step's global weight sum and
             # multiplied by the processes (DDP averages them) x accumulation steps (accelerate divides)
             total, scale = torch.tensor(step_weight, device=pred.device), self.n_proc * cfg.grad_accum_steps
@@ -250,6 +253,7 @@ class RegressorTrainer(TrainerSetup):
             self.val_rows.ids,
             self.cfg.eval_batch_size,
             accelerator=self.accelerator,
+            trunk=self.val_trunk,
         )
         checkpointing.fault_point("eval")
         if live is not None:

@@ -11,6 +11,8 @@ the job into the pieces the loop runs on, and `modeling.train` holds the loop it
 - model: the regressor (with its auxiliary head when the auxiliary loss is on), AdamW over
   `modeling.optim`'s parameter groups, the number of steps, the peak learning rates (scaled down for a
   run longer than `lr_reference_steps`) and the EMA copy of the trainable weights;
+- the frozen trunk's cached states of the train and evaluation rows, when the adapters sit in the last
+  layer only and the states fit `trunk_cache_gb` (`modeling.trunk_cache`);
 - resume: the newest complete checkpoint's weights, optimizer, EMA, RNG states and loop position.
 
 Like `modeling.train`, this module imports neither dagster nor mlflow.
@@ -39,6 +41,7 @@ from modeling.job import TrainJob
 from modeling.model import LLMRegressor, build_regressor
 from modeling.optim import BestTracker, lr_length_factor, param_groups
 from modeling.train_state import LoopState, latest_checkpoint, read_checkpoint
+from modeling.trunk_cache import TrunkCache, trunk_bytes, trunk_frozen
 
 
 class TrainerSetup:
@@ -140,6 +143,7 @@ class TrainerSetup:
                 f"{self.total_steps} steps > lr_reference_steps {cfg.lr_reference_steps}: "
                 f"lr x {length_factor:.3f}"
             )
+        self._setup_trunk_cache(model)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.unwrapped: LLMRegressor = self.accelerator.unwrap_model(self.model)
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -150,6 +154,27 @@ class TrainerSetup:
             if cfg.ema_decay is not None
             else None
         )
+
+    def _setup_trunk_cache(self, model: LLMRegressor) -> None:
+        """The frozen trunk's states of the train rows, then of the evaluation rows, each when it fits what
+        is left of `trunk_cache_gb` (`modeling.trunk_cache`); None where not cached."""
+        self.train_trunk: TrunkCache | None = None
+        self.val_trunk: TrunkCache | None = None
+        budget = self.cfg.trunk_cache_gb * 1e9
+        if not budget or not trunk_frozen(model):
+            return
+        started = time.perf_counter()
+        for name, rows in (("train", self.train_rows), ("val", self.val_rows)):
+            need = trunk_bytes(int(rows.n_tokens.sum()), model)
+            if not len(rows) or need > budget:
+                continue
+            cache = TrunkCache.build(model, self.tokenizer, rows.ids, next(model.parameters()).device)
+            setattr(self, f"{name}_trunk", cache)
+            budget -= cache.nbytes
+        caches = (("train", self.train_trunk), ("validation", self.val_trunk))
+        built = [f"{name} {cache.nbytes / 1e9:.2f} GB" for name, cache in caches if cache is not None]
+        if built:
+            self.say(f"trunk cache: {', '.join(built)} in {time.perf_counter() - started:.1f} s")
 
     def _resume(self) -> None:
         """Continue from the newest complete checkpoint (safetensors and JSON only: nothing unpickled)."""

@@ -545,6 +545,9 @@ def test_smollm2_renders_the_prompt_corpus_with_its_own_template(smollm2_dir: Pa
     assert prompts[0].endswith("<|im_start|>assistant\n")
     n_tokens = count_tokens(tok, prompts)
     assert 150 < n_tokens.mean() < 600
+    from modeling.inference import encode_prompts
+
+    assert encode_prompts(tok, prompts) == tok(prompts, add_special_tokens=False)["input_ids"]
 
 
 def test_pretraining_uses_the_trainers_parameter_groups_and_schedule() -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import modeling.model as model_module
+import modeling.llama_shortcut as llama_shortcut
 import modeling.shared_prefix as shared_prefix
 from modeling.backbones.common import load_tokenizer
 from modeling.inference import (
@@ -100,14 +100,15 @@ def test_a_right_padded_batch_builds_no_mask_and_equals_the_masked_forward(
     ids[1] = ids[1][:-17]
     batch = pad_batch(tok, ids)
     assert (batch["attention_mask"] == 0).any() and is_right_padded(batch["attention_mask"])
-    monkeypatch.setattr(shared_prefix, "MIN_SHARED_FRACTION", 2.0)  # every row's whole prompt (not shared)
+    monkeypatch.setattr(shared_prefix, "SCORING_MIN_SHARED_FRACTION", 2.0)  # every row's whole prompt
     built: list[torch.Tensor | None] = []
-    real = model_module._padding_causal_mask
-    monkeypatch.setattr(model_module, "_padding_causal_mask", lambda *a: built.append(real(*a)) or built[-1])
+    real = llama_shortcut._padding_causal_mask
+    spy = lambda *a: built.append(real(*a)) or built[-1]  # noqa: E731
+    monkeypatch.setattr(llama_shortcut, "_padding_causal_mask", spy)
     with torch.no_grad():
         causal = model(**batch)
         assert not built  # SDPA's own causal path: no [B, 1, T, T] mask
-        monkeypatch.setattr(model_module, "is_right_padded", lambda mask: False)
+        monkeypatch.setattr(llama_shortcut, "is_right_padded", lambda mask: False)
         masked = model(**batch)
     assert len(built) == 1 and built[0] is not None
     torch.testing.assert_close(causal, masked, atol=1e-6, rtol=0)

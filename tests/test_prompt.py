@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from modeling import inference
 from modeling.feature_registry import FEATURE_NAMES
 from modeling.prompt import CHAT_DATE_STRING, PromptBuilder, PromptDataError, count_tokens, format_value
 
@@ -132,7 +133,7 @@ def test_numbers_tokenize_digit_by_digit(prompt_tokenizer):
     assert [t for t in tokens if any(ch.isdigit() for ch in t)] == ["5", "3", "2", "1"]
 
 
-def test_tokenizer_is_lossless_and_counts_match_the_generic_call(prompt_tokenizer):
+def test_tokenizer_is_lossless_and_counts_match_the_generic_call(prompt_tokenizer, monkeypatch):
     """The embedded tokenizer encodes without the regex split: it must still be lossless, keep digits
     apart, and `count_tokens` (Rust backend) must agree with `tokenizer(...)`."""
     prompts, n_tokens = PromptBuilder().build(_frame(200, seed=3), prompt_tokenizer)
@@ -140,8 +141,12 @@ def test_tokenizer_is_lossless_and_counts_match_the_generic_call(prompt_tokenize
         PromptBuilder(horizon=20).render(ROW, prompt_tokenizer),
         "  multiple   spaces\n\n and 12,345.6 $ é",
     ]
-    generic = [len(ids) for ids in prompt_tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    generic_ids = prompt_tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    generic = [len(ids) for ids in generic_ids]
     assert count_tokens(prompt_tokenizer, prompts, chunk=7).tolist() == generic
+    # the scoring path's ids (Rust backend, in chunks that do not divide the rows) are the generic call's
+    monkeypatch.setattr(inference, "ENCODE_CHUNK", 7)
+    assert inference.encode_prompts(prompt_tokenizer, prompts) == generic_ids
     assert n_tokens.tolist() == generic[:200]
     for text in prompts[-3:]:
         ids = prompt_tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -132,6 +132,40 @@ def test_legend_prompts_take_the_shared_prefix_by_default_and_inline_ones_do_not
     assert shared_prefix_length(batch["input_ids"], batch["attention_mask"], min_fraction=0) > 0
     model = _model(tiny_base_model).eval()
     shared = predict_ids(model, tok, legend_ids, batch_size=16)
-    monkeypatch.setattr(shared_prefix, "MIN_SHARED_FRACTION", 2.0)  # plain
+    monkeypatch.setattr(shared_prefix, "SCORING_MIN_SHARED_FRACTION", 2.0)  # plain
     plain = predict_ids(model, tok, legend_ids, batch_size=16)
     np.testing.assert_allclose(shared, plain, atol=1e-5, rtol=0)
+
+
+def test_scoring_shares_the_inline_system_turn_and_training_does_not(
+    tiny_base_model: Path, batch: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import modeling.llama_shortcut as shortcut
+    from modeling.inference import predict_ids
+
+    calls: list[int] = []
+
+    def counting(model, input_ids, position_ids, n_prefix):
+        calls.append(n_prefix)
+        return shared_prefix.run_with_shared_prefix(model, input_ids, position_ids, n_prefix)
+
+    monkeypatch.setattr(shortcut, "run_with_shared_prefix", counting)
+    with torch.no_grad():  # scoring: the system turn's tokens are enough, whatever their share
+        assert (
+            shared_prefix_length(batch["input_ids"], batch["attention_mask"])
+            >= shared_prefix.MIN_SHARED_PREFIX
+        )
+    assert (
+        shared_prefix_length(batch["input_ids"], batch["attention_mask"]) == 0
+    )  # training: too small a share
+    tok = load_tokenizer(tiny_base_model)
+    ids = encode_prompts(tok, PromptBuilder().render_batch(make_training_set().head(40), tok))
+    model = _model(tiny_base_model).eval()
+    shared = predict_ids(model, tok, ids, batch_size=16, workers=1)
+    assert len(calls) == 3 and min(calls) >= shared_prefix.MIN_SHARED_PREFIX  # every batch of 16, 16, 8
+    monkeypatch.setattr(shared_prefix, "SCORING_MIN_SHARED_FRACTION", 2.0)  # plain
+    plain = predict_ids(model, tok, ids, batch_size=16, workers=1)
+    assert len(calls) == 3
+    np.testing.assert_allclose(shared, plain, atol=1e-5, rtol=0)
+    model.train()(**batch).sum().backward()  # a training step: the plain forward
+    assert len(calls) == 3
