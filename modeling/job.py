@@ -229,7 +229,8 @@ class TrainConfig:
     """Length-grouped batches: rows of similar length together, less padding."""
     trunk_cache_gb: float = 6.0
     """GB per process for the frozen trunk's states of the train, then the evaluation rows, computed once
-    (`modeling.trunk_cache`; adapters in the last layer only). 0 = off; what does not fit is recomputed."""
+    (`modeling.trunk_cache`; adapters in the last layer only; CPU training only). 0 = off; what does not
+    fit is recomputed."""
     seed: int = 0
     """Seed of the sample, the batch order, the LoRA and head initialisation and dropout."""
     bf16: bool = True

@@ -157,11 +157,12 @@ class TrainerSetup:
 
     def _setup_trunk_cache(self, model: LLMRegressor) -> None:
         """The frozen trunk's states of the train rows, then of the evaluation rows, each when it fits what
-        is left of `trunk_cache_gb` (`modeling.trunk_cache`); None where not cached."""
+        is left of `trunk_cache_gb` (`modeling.trunk_cache`); None where not cached. CPU training only:
+        on a GPU the states would cross the bus at every step, and bf16 was never measured with it."""
         self.train_trunk: TrunkCache | None = None
         self.val_trunk: TrunkCache | None = None
         budget = self.cfg.trunk_cache_gb * 1e9
-        if not budget or not trunk_frozen(model):
+        if not budget or self.use_cuda or not trunk_frozen(model):
             return
         started = time.perf_counter()
         for name, rows in (("train", self.train_rows), ("val", self.val_rows)):
