@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -148,18 +148,30 @@ def _score_batches(
     return np.concatenate(indices), np.concatenate(values).astype(np.float64)
 
 
-_FORKED: tuple | None = None
-"""What a forked worker scores: (model, tokenizer, ids, batches, workers, trunk), set just before the fork so
-that the workers inherit it (copy-on-write) instead of receiving a pickled model."""
+_FORKED: Callable[[int, int], Any] | None = None
+"""The task of `run_forked`'s workers, set just before the fork so that they inherit it and all it refers to
+(the model, the rows: copy-on-write) instead of receiving them pickled."""
 
 
-@torch.inference_mode()
-def _forked_share(share: int) -> tuple[np.ndarray, np.ndarray]:
-    """A worker's batches share, share + workers, ... on one thread (runs in the forked child)."""
+def _run_share(share: int, workers: int) -> Any:
+    """One forked worker: the task's share `share` of `workers`, on one thread (runs in the child)."""
     assert _FORKED is not None
-    net, tokenizer, ids, batches, workers, trunk = _FORKED
     torch.set_num_threads(1)  # one core each; the parent's thread pool does not survive a fork anyway
-    return _score_batches(net, tokenizer, ids, batches[share::workers], "cpu", trunk)
+    return _FORKED(share, workers)
+
+
+def run_forked(task: Callable[[int, int], Any], workers: int) -> list[Any]:
+    """`task(share, workers)` for share 0..workers-1, each in a forked one-thread process; the results in
+    share order. The children inherit `task` and what it refers to; only the results are pickled back.
+    A worker that dies (killed for memory, say) raises `BrokenProcessPool` here, never a hang."""
+    global _FORKED
+    _FORKED = task
+    try:
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            return list(pool.map(_run_share, range(workers), [workers] * workers))
+    finally:
+        _FORKED = None
 
 
 def _score_forked(
@@ -170,16 +182,13 @@ def _score_forked(
     workers: int,
     trunk: Any | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`_score_batches` across `workers` forked processes (interleaved batches: similar lengths each).
-    A worker that dies (killed for memory, say) raises `BrokenProcessPool` here, never a hang."""
-    global _FORKED
-    _FORKED = (net, tokenizer, ids, batches, workers, trunk)
-    try:
-        context = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            parts = list(pool.map(_forked_share, range(workers)))
-    finally:
-        _FORKED = None
+    """`_score_batches` across `workers` forked processes (interleaved batches: similar lengths each)."""
+
+    @torch.inference_mode()
+    def share(k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        return _score_batches(net, tokenizer, ids, batches[k::n], "cpu", trunk)
+
+    parts = run_forked(share, workers)
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 

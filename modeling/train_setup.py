@@ -169,7 +169,9 @@ class TrainerSetup:
             need = trunk_bytes(int(rows.n_tokens.sum()), model)
             if not len(rows) or need > budget:
                 continue
-            cache = TrunkCache.build(model, self.tokenizer, rows.ids, next(model.parameters()).device)
+            device = next(model.parameters()).device
+            workers = 1 if self.accelerator.num_processes > 1 else None  # DDP processes hold the cores
+            cache = TrunkCache.build(model, self.tokenizer, rows.ids, device, workers)
             setattr(self, f"{name}_trunk", cache)
             budget -= cache.nbytes
         caches = (("train", self.train_trunk), ("validation", self.val_trunk))

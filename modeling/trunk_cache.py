@@ -24,13 +24,14 @@ This module must not import dagster, duckdb or mlflow (it runs on the GPU image)
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from modeling.inference import length_batches, pad_batch
+from modeling.inference import cpu_workers, length_batches, pad_batch, run_forked
 from modeling.llama_shortcut import llama_trunk, supports_last_layer_shortcut
 
 BUILD_BATCH_SIZE = 32
@@ -75,32 +76,41 @@ class TrunkCache:
         return self.states.numel() * self.states.element_size()
 
     @classmethod
-    @torch.no_grad()
     def build(
-        cls, model: nn.Module, tokenizer: object, ids: Sequence[list[int]], device: torch.device | str = "cpu"
+        cls,
+        model: nn.Module,
+        tokenizer: object,
+        ids: Sequence[list[int]],
+        device: torch.device | str = "cpu",
+        workers: int | None = None,
     ) -> TrunkCache:
         """The trunk states of every row of `ids` (token ids, as the trainer holds them), built on `device`
-        in length-sorted batches, stored on the CPU. `model` is an `LLMRegressor` with `trunk_frozen`."""
+        in length-sorted batches, stored on the CPU. `model` is an `LLMRegressor` with `trunk_frozen`.
+
+        On the CPU the batches are shared out to forked one-thread processes like scoring's
+        (`modeling.inference.cpu_workers`; None decides, 1 = this process), which write the states into
+        one anonymous shared mapping that this process then reads: no copy back, no pickling."""
         if not trunk_frozen(model):
             raise ValueError("the model's trunk is not frozen (or not a Llama shortcut): nothing to cache")
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
         offsets = np.zeros(len(ids) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
+        batches = length_batches(lengths, BUILD_BATCH_SIZE)
+        workers = cpu_workers(len(batches), device) if workers is None else workers
+        if torch.device(device).type != "cpu":
+            workers = 1  # CUDA does not survive a fork
         hidden_size = int(model.base.config.hidden_size)
-        states = torch.empty(int(offsets[-1]), hidden_size, dtype=torch.float32)
+        n_tokens = int(offsets[-1])
+        states = _shared_empty(n_tokens, hidden_size) if workers > 1 else torch.empty(n_tokens, hidden_size)
         was_training = model.training
         model.eval()
         try:
-            for idx in length_batches(lengths, BUILD_BATCH_SIZE):
-                batch = pad_batch(tokenizer, [ids[i] for i in idx], device)
-                mask = batch["attention_mask"].to(torch.bool)
-                hidden, _ = llama_trunk(model.base, batch["input_ids"], batch["attention_mask"])
-                real = hidden[mask].float().cpu()  # [sum T_i, H], row by row, each in token order
-                at = 0
-                for i in idx:
-                    n = int(lengths[i])
-                    states[offsets[i] : offsets[i] + n] = real[at : at + n]
-                    at += n
+            if workers > 1:
+                run_forked(
+                    lambda k, n: _fill(model, tokenizer, ids, batches[k::n], offsets, states, "cpu"), workers
+                )
+            else:
+                _fill(model, tokenizer, ids, batches, offsets, states, device)
         finally:
             model.train(was_training)
         return cls(states, offsets)
@@ -116,3 +126,35 @@ class TrunkCache:
         out = torch.zeros(*mask.shape, self.states.shape[1], dtype=self.states.dtype)
         out[mask] = torch.cat([self.states[self.offsets[i] : self.offsets[i + 1]] for i in indices])
         return out.to(attention_mask.device)
+
+
+def _shared_empty(rows: int, cols: int) -> torch.Tensor:
+    """An fp32 [rows, cols] tensor in an anonymous shared mapping: what forked children write into it,
+    this process reads (the mapping lives as long as the tensor does)."""
+    if rows * cols == 0:
+        return torch.empty(rows, cols)
+    buffer = mmap.mmap(-1, 4 * rows * cols)  # fileno -1: anonymous; MAP_SHARED is the default
+    return torch.frombuffer(buffer, dtype=torch.float32).view(rows, cols)
+
+
+@torch.no_grad()
+def _fill(
+    model: nn.Module,
+    tokenizer: object,
+    ids: Sequence[list[int]],
+    batches: Sequence[np.ndarray],
+    offsets: np.ndarray,
+    states: torch.Tensor,
+    device: torch.device | str,
+) -> None:
+    """Run the trunk on `batches` of rows and write each row's real positions to its slice of `states`."""
+    for idx in batches:
+        batch = pad_batch(tokenizer, [ids[i] for i in idx], device)
+        mask = batch["attention_mask"].to(torch.bool)
+        hidden, _ = llama_trunk(model.base, batch["input_ids"], batch["attention_mask"])
+        real = hidden[mask].float().cpu()  # [sum T_i, H], row by row, each in token order
+        at = 0
+        for i in idx:
+            n = int(offsets[i + 1] - offsets[i])
+            states[offsets[i] : offsets[i + 1]] = real[at : at + n]
+            at += n

@@ -102,6 +102,22 @@ def test_cached_states_give_the_recomputed_forecasts_and_gradients(
         )
 
 
+def test_forked_workers_build_the_states_this_process_builds(
+    tiny_base_model: Path, ids: list[list[int]]
+) -> None:
+    """Two forked one-thread workers write into a shared mapping that this process reads: the same states
+    as an in-process build (a zero-filled or private mapping would leave zeros here)."""
+    tok = load_tokenizer(tiny_base_model)
+    model = _model(tiny_base_model).train()
+    many = ids * 8  # 80 rows: 3 build batches of 32, shared out to two workers
+    here = TrunkCache.build(model, tok, many, workers=1)
+    forked = TrunkCache.build(model, tok, many, workers=2)
+    assert model.training  # restored after the build
+    assert forked.states.shape == here.states.shape and np.array_equal(forked.offsets, here.offsets)
+    assert bool((here.states.abs().sum(dim=1) > 0).all())  # every token has states to compare
+    torch.testing.assert_close(forked.states, here.states, rtol=0, atol=1e-6)
+
+
 def test_scoring_reads_the_cache_in_process_and_forked(tiny_base_model: Path, ids: list[list[int]]) -> None:
     tok = load_tokenizer(tiny_base_model)
     model = _model(tiny_base_model).eval()
