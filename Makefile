@@ -12,8 +12,8 @@ MLFLOW_URI = $${MLFLOW_TRACKING_URI:-sqlite:///$(DATA_DIR)/mlflow.db}
 .PHONY: install demo test test-slow lint bench bench-model dev mlflow-ui smollm2 clean
 
 # The install goes through uv where the registry serves it: the same packages as pip (same `pip freeze`)
-# in about 25 s against 100 s for pip on 2 cores, because uv fetches and unpacks in parallel (BENCHMARKS.md,
-# "Install"). uv reads no pip configuration, so torch is asked for as the local CPU build (`+cpu`) at
+# in about 30 s against 100 s for pip on 2 cores, because uv fetches and unpacks in parallel (BENCHMARKS.md,
+# "The install through uv ..."). uv reads no pip configuration, so torch is asked for as the local CPU build (`+cpu`) at
 # pip's find-links: where that wheel is not on disk the uv call fails and pip installs torch, never the
 # CUDA build from the registry. Any uv failure falls back to pip for that step.
 TORCH := 2.13.0
