@@ -3,10 +3,11 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from modeling.backbones.embedded import train_tokenizer
 from modeling.experiment import run_experiment
-from modeling.model import HeadConfig, LoraSettings, RegressorConfig
+from modeling.model import HeadConfig, LoraSettings, RegressorConfig, build_regressor
 from modeling.prompt import PromptBuilder, tokenizer_training_texts
 from modeling.train import TrainConfig, TrainJob, train_regressor
 
@@ -61,6 +62,18 @@ def make_training_set(n_dates: int = 40, n_symbols: int = 12, seed: int = 0):
     frame["weight"] = np.where(frame["split"] == "train", rng.uniform(0.5, 1.5, len(frame)), 1.0)
     frame["bucket"] = "zero"
     return frame
+
+
+def regressor_with_live_adapters(base: Path, config: RegressorConfig) -> torch.nn.Module:
+    """A regressor on `base` seeded at 0, its LoRA B matrices drawn away from their zero start so that
+    the adapters change the forward (tests comparing two forward paths need them to matter)."""
+    torch.manual_seed(0)
+    model = build_regressor(base, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return model
 
 
 def build_tiny_backbone(out_dir: Path, hidden_size: int = 32) -> Path:

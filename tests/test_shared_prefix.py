@@ -12,10 +12,10 @@ import torch
 import modeling.shared_prefix as shared_prefix
 from modeling.backbones.common import load_tokenizer
 from modeling.inference import encode_prompts, pad_batch
-from modeling.model import RegressorConfig, build_regressor
+from modeling.model import RegressorConfig
 from modeling.prompt import PromptBuilder
 from modeling.shared_prefix import own_tokens_causal_mask, shared_prefix_length
-from tests.conftest import make_training_set
+from tests.conftest import make_training_set, regressor_with_live_adapters
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +30,7 @@ def batch(tiny_base_model: Path) -> dict[str, torch.Tensor]:
 
 
 def _model(base: Path, **kwargs) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = build_regressor(base, RegressorConfig(**kwargs))
-    with torch.no_grad():  # LoRA B starts at zero: make the adapters matter
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    return model
+    return regressor_with_live_adapters(base, RegressorConfig(**kwargs))
 
 
 def test_shared_prefix_length_by_hand() -> None:

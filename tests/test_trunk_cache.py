@@ -15,11 +15,10 @@ from safetensors.torch import load_file
 from modeling.backbones.common import load_tokenizer
 from modeling.inference import encode_prompts, pad_batch, predict_ids
 from modeling.job import HeadConfig, LoraSettings, RegressorConfig, TrainConfig, TrainJob
-from modeling.model import build_regressor
 from modeling.prompt import PromptBuilder
 from modeling.train import RegressorTrainer, train_regressor
 from modeling.trunk_cache import TrunkCache, trunk_bytes, trunk_frozen
-from tests.conftest import make_training_set
+from tests.conftest import make_training_set, regressor_with_live_adapters
 
 LAST_LAYER = RegressorConfig(
     lora=LoraSettings(r=4, alpha=8.0, last_layers=1), head=HeadConfig(hidden_sizes=(16,), dropout=0.0)
@@ -37,13 +36,7 @@ def ids(tiny_base_model: Path) -> list[list[int]]:
 
 
 def _model(base: Path, config: RegressorConfig = LAST_LAYER) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = build_regressor(base, config)
-    with torch.no_grad():  # LoRA B starts at zero: make the adapters matter
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    return model
+    return regressor_with_live_adapters(base, config)
 
 
 def test_batch_lays_each_row_on_its_real_positions_by_hand() -> None:
