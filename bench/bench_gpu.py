@@ -4,6 +4,8 @@
     python bench/bench_gpu.py llama8b --grad-ckpt      # the same with activation checkpointing
     python bench/bench_gpu.py smollm2 --data DATA_DIR  # SmolLM2-135M on the full train split
     python bench/bench_gpu.py llama8b --tiny           # CPU smoke test of the same code path
+    python bench/bench_gpu.py curve --data DATA_DIR    # the gpu profile's learning curve, the LLM's half
+    python bench/bench_gpu.py pack --data DATA_DIR --to .devdata  # what `curve` reads, small enough to carry
 
 llama8b: the Llama-3-8B architecture from its config (random bf16 weights: throughput does not depend on
 the values; no download), LoRA r=16 on every linear layer, the MLP head, prompts of our length (256
@@ -15,6 +17,19 @@ Targets on an H100: MFU >= 40%, peak memory <= 40 GB.
 smollm2: `modeling.train` with the gpu profile on every train row of DATA_DIR's prompt corpus rendered
 for SmolLM2 (build it with `BASE_MODEL=smollm2-135m-instruct make demo` or the `prompt_corpus` asset),
 then validation and test RankIC on every date. Needs pandas and pyarrow besides torch.
+
+curve: the `gpu` profile's runs of `bench_regressor.py curve --profile gpu` (24k rows over 3 seeds, 96k
+and every train row over one; every validation and test date scored on the GPU), written in that
+bench's cache format to $OUT/curve-gpu (a file per run, copied there as each finishes). It needs
+DATA_DIR's backbone, prompt corpus and the training set's train-split features (the probe's targets),
+not the baselines: copy the records to bench/out/curve-gpu/ on a machine with `make demo`'s DATA_DIR
+and run `python bench/bench_regressor.py curve --profile gpu --sizes 24000,96000,all --seeds 3` there,
+which fits ridge and the feature MLP into them and writes the table, the plot and the paired stats.
+
+pack: DATA_DIR's backbone, its prompt corpus rewritten as one zstd-19 row group (46 -> 31 MB on the
+default market) and the train split's 16 features as float32 (what the probe's targets are made of,
+cast back to float32 there anyway): about 62 MB, under the device tool's 64 MiB. `bench/gpu_session.sh`
+runs the whole GPU session over such a folder.
 
 Results are printed as a BENCHMARKS.md section and saved as JSON under $OUT (or bench/out).
 """
@@ -181,11 +196,103 @@ def bench_smollm2(args: argparse.Namespace) -> dict:
     }
 
 
+def bench_curve(args: argparse.Namespace) -> dict:
+    import shutil
+
+    import torch
+
+    os.environ["DATA_DIR"] = str(Path(args.data).resolve())  # read by bench_regressor at import
+    import bench_regressor as curve
+
+    from modeling.evaluation import split_rows
+    from modeling.profiles import PROFILES
+
+    base, corpus, _ = curve._paths()
+    frames = {}
+    for split in ("validation", "test"):
+        rows = split_rows(corpus, split, None)
+        frames[split] = rows[rows["date"].isin(sorted(rows["date"].unique())[:: args.date_step])].reset_index(
+            drop=True
+        )
+    sizes = [None if x == "all" else int(x) for x in args.sizes.split(",")]
+    # one seed of every size first, so that a run cut short still has the whole curve
+    plan = [(size, 0) for size in sizes] + [
+        (size, seed) for seed in range(1, args.seeds) for size in sizes if size is not None and size <= 24_000
+    ]
+    work = Path(args.work) if args.work else _out_dir() / "curve-gpu-work"
+    dest = _out_dir() / ("curve-gpu" if args.date_step == 1 else f"curve-every{args.date_step}-gpu")
+    dest.mkdir(parents=True, exist_ok=True)
+    done = []
+    for size, seed in plan:
+        print(f"curve (gpu profile): {size or 'all'} rows, seed {seed}", flush=True)
+        started = time.perf_counter()
+        record = curve.curve_run(
+            base,
+            corpus,
+            None,
+            frames,
+            size,
+            seed,
+            work,
+            "gpu",
+            epochs=PROFILES["gpu"].train.epochs,
+            baselines=False,
+            score_batch=PROFILES["gpu"].train.eval_batch_size,
+        )
+        for path in work.glob(f"{size or 'all'}-seed{seed}-*.json"):
+            shutil.copy(path, dest / path.name)
+        rates = record["score_rows_per_s"]
+        print(
+            f"  {time.perf_counter() - started:.0f} s: train {record['train_s']} s, "
+            f"{record['report'].get('samples_per_s')} samples/s; scoring {rates} rows/s",
+            flush=True,
+        )
+        done.append({"size": size, "seed": seed, "train_s": record["train_s"], "score_rows_per_s": rates})
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"device": device, "runs": done}
+
+
+def pack(args: argparse.Namespace) -> dict:
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from modeling.feature_registry import FEATURE_NAMES
+
+    data, to = Path(args.data).resolve(), Path(args.to).resolve()
+    (to / "models").mkdir(parents=True, exist_ok=True)
+    shutil.copytree(data / "models" / "base_model", to / "models" / "base_model", dirs_exist_ok=True)
+    corpus = pq.read_table(data / "prompt_corpus.parquet")  # its schema metadata (the prompt settings) kept
+    pq.write_table(
+        corpus,
+        to / "prompt_corpus.parquet",
+        compression="zstd",
+        compression_level=19,
+        row_group_size=len(corpus),
+        data_page_size=512 << 20,
+    )
+    columns = ["date", "symbol", "split", *FEATURE_NAMES]
+    features = pq.read_table(data / "training_set.parquet", columns=columns)
+    features = features.filter(pc.equal(features["split"], "train")).drop(["split"])
+    floats = [pa.field(n, pa.float32()) for n in FEATURE_NAMES]
+    features = features.cast(
+        pa.schema([features.schema.field("date"), pa.field("symbol", pa.string()), *floats])
+    )
+    pq.write_table(features, to / "training_set.parquet", compression="zstd", compression_level=19)
+    sizes = {p.name: p.stat().st_size for p in to.rglob("*") if p.is_file()}
+    print(
+        f"{to}: {sum(sizes.values()) / 2**20:.1f} MiB ({len(corpus):,} prompts, {len(features):,} train rows)"
+    )
+    return {"to": str(to), "bytes": sizes}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", choices=["llama8b", "smollm2"])
+    parser.add_argument("what", choices=["llama8b", "smollm2", "curve", "pack"])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
@@ -194,9 +301,16 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny config on the CPU: a smoke test")
     parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak when the GPU is not known")
     parser.add_argument("--data", default=os.environ.get("DATA_DIR", "data"))
+    parser.add_argument("--sizes", default="24000,96000,all", help="curve: train sizes ('all' = every row)")
+    parser.add_argument("--seeds", type=int, default=3, help="curve: seeds at sizes up to 24k")
+    parser.add_argument("--date-step", type=int, default=1, help="curve: every n-th date (1 = every date)")
+    parser.add_argument("--work", default="", help="curve: where runs train (default under $OUT)")
+    parser.add_argument("--to", default=".devdata", help="pack: the folder to write")
     args = parser.parse_args()
-    result = bench_llama8b(args) if args.what == "llama8b" else bench_smollm2(args)
-    (_out_dir() / f"gpu_{args.what}.json").write_text(json.dumps(result, indent=1, default=float))
+    runners = {"llama8b": bench_llama8b, "smollm2": bench_smollm2, "curve": bench_curve, "pack": pack}
+    result = runners[args.what](args)
+    name = f"gpu_{args.what}{'_ckpt' if args.grad_ckpt else ''}"
+    (_out_dir() / f"{name}.json").write_text(json.dumps(result, indent=1, default=float))
     if args.what == "llama8b":
         r = result
         print(f"""## GPU: Llama-3-8B architecture, LoRA r=16 (issue 8)

@@ -510,10 +510,15 @@ def curve_run(
     profile_name: str = "cpu",
     epochs: int | None = None,
     profile=None,
+    baselines: bool = True,
+    score_batch: int | None = None,
 ) -> dict | None:
     """One point of the curve: train the LLM on `size` rows (`epochs` passes; None = the profile's),
     score every date of both splits, fit ridge and the feature MLP on the same rows, targets and weights.
-    Kept as JSON (daily RankIC series). `profile` given: that profile's run, if cached (None if not)."""
+    Kept as JSON (daily RankIC series). `profile` given: that profile's run, if cached (None if not).
+    `baselines` False: the LLM's half only (a GPU machine without the feature table,
+    `bench/bench_gpu.py curve`); a later run here finds the record and fits the baselines into it.
+    `score_batch`: rows per scoring batch (None = the CPU default)."""
     from modeling.backbones.common import load_tokenizer
     from modeling.evaluation import score_rows
     from modeling.model import load_regressor
@@ -528,7 +533,7 @@ def curve_run(
     path = out / f"{key}.json"
     if path.is_file():
         record = json.loads(path.read_text())
-        if record.get("baselines_version") != BASELINES_VERSION:  # the LLM's series stay, the baselines refit
+        if baselines and record.get("baselines_version") != BASELINES_VERSION:  # the LLM's series stay
             record = _with_baselines(record, corpus, features, frames, cfg, profile.regressor.head, seed)
             path.write_text(json.dumps(record, default=float))
         return record
@@ -540,6 +545,7 @@ def curve_run(
     )
     train_s = time.perf_counter() - started
     model, tok = load_regressor(trained.model_dir), load_tokenizer(base)
+    batch = {} if score_batch is None else {"batch_size": score_batch}
     record = {
         "size": size,
         "seed": seed,
@@ -550,11 +556,12 @@ def curve_run(
         "score_rows_per_s": {},
     }
     for split, frame in frames.items():
-        scored, rate = score_rows(model, tok, frame)
+        scored, rate = score_rows(model, tok, frame, **batch)
         both = frame.drop(columns="prompt").assign(prediction=scored["prediction"].to_numpy())
         record["score_rows_per_s"][split] = round(rate, 1)
         record["daily"][split] = {"prediction": _series_json(_daily(both, "prediction"))}
-    record = _with_baselines(record, corpus, features, frames, cfg, profile.regressor.head, seed)
+    if baselines:
+        record = _with_baselines(record, corpus, features, frames, cfg, profile.regressor.head, seed)
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, default=float))
     return record

@@ -328,6 +328,9 @@ class RegressorTrainer(TrainerSetup):
         cfg, state = self.cfg, self.state
         if self.last_eval_step != state.step and (cfg.eval_every_steps or not state.history):
             self.record_eval(float(np.mean(self.running)) if self.running else None)
+            # the loop's clock holds its evaluations: without this one, samples/s = samples / (elapsed -
+            # eval) would count this evaluation against the steps' time (None when it outlasts them)
+            state.elapsed_s = self._shared_elapsed()
         if (
             cfg.select_best and self.best_state is not None
         ):  # (the average, when there is one: what was judged)

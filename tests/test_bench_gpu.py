@@ -46,3 +46,45 @@ def test_llama8b_benchmark_runs_and_counts_flops_on_a_tiny_config(tmp_path: Path
     )
     assert result["mfu"] == pytest.approx(result["tokens_per_s"] * 4 * result["non_embedding_params"] / 1e12)
     assert "| 2 x 32 |" in done.stdout  # the BENCHMARKS.md row it prints
+
+
+def test_pack_writes_what_the_gpu_curve_reads_and_nothing_it_does_not(
+    tiny_base_model: Path, tiny_data, tmp_path: Path
+) -> None:
+    import argparse
+    import shutil
+
+    import numpy as np
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_gpu
+
+    from modeling.feature_registry import FEATURE_NAMES
+
+    training_set, corpus = tiny_data
+    data = tmp_path / "data"
+    shutil.copytree(tiny_base_model, data / "models" / "base_model")
+    shutil.copy(training_set, data / "training_set.parquet")
+    shutil.copy(corpus, data / "prompt_corpus.parquet")
+    bench_gpu.pack(argparse.Namespace(data=str(data), to=str(tmp_path / "packed")))
+    packed = tmp_path / "packed"
+    # the corpus: every row and column, and the prompt settings in its metadata
+    pd.testing.assert_frame_equal(pd.read_parquet(packed / "prompt_corpus.parquet"), pd.read_parquet(corpus))
+    assert (
+        pq.read_schema(packed / "prompt_corpus.parquet").metadata[b"pipeline"]
+        == (pq.read_schema(corpus).metadata[b"pipeline"])
+    )
+    # the features: train rows only, float32 of the same values
+    original = pd.read_parquet(training_set)
+    train = original[original["split"] == "train"].reset_index(drop=True)
+    features = pd.read_parquet(packed / "training_set.parquet")
+    assert list(features.columns) == ["date", "symbol", *FEATURE_NAMES] and len(features) == len(train)
+    assert (features[list(FEATURE_NAMES)].dtypes == np.float32).all()
+    np.testing.assert_array_equal(
+        features[list(FEATURE_NAMES)].to_numpy(), train[list(FEATURE_NAMES)].to_numpy(np.float32)
+    )
+    assert (packed / "models" / "base_model" / "config.json").read_text() == (
+        tiny_base_model / "config.json"
+    ).read_text()

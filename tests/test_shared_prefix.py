@@ -3,6 +3,7 @@ the same states, forecasts and gradients as the plain forward."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -163,3 +164,26 @@ def test_scoring_shares_the_inline_system_turn_and_training_does_not(
     np.testing.assert_allclose(shared, plain, atol=1e-5, rtol=0)
     model.train()(**batch).sum().backward()  # a training step: the plain forward
     assert len(calls) == 3
+
+
+class _LayerOf517(torch.nn.Module):  # transformers <= 5.1x: the cache is `past_key_values`
+    def forward(self, hidden_states, attention_mask=None, past_key_values=None, **kwargs): ...
+
+
+class _LayerOf525(torch.nn.Module):  # transformers 5.2x: renamed `cache`
+    def forward(self, hidden_states, attention_mask=None, cache=None, **kwargs): ...
+
+
+class _LayerWithoutCache(torch.nn.Module):
+    def forward(self, hidden_states, attention_mask=None, **kwargs): ...
+
+
+def test_the_prefix_cache_goes_under_the_name_the_installed_layer_takes(tiny_base_model: Path) -> None:
+    # under the other name a layer swallows it in **kwargs and attends over its own tokens only (on the
+    # GPU image's transformers 5.17 the scoring forward then failed with a [213, 240] mask mismatch)
+    assert shared_prefix.layer_cache_argument(_LayerOf517()) == "past_key_values"
+    assert shared_prefix.layer_cache_argument(_LayerOf525()) == "cache"
+    with pytest.raises(TypeError, match="no key/value cache argument"):
+        shared_prefix.layer_cache_argument(_LayerWithoutCache())
+    layer = next(m for m in _model(tiny_base_model).modules() if type(m).__name__ == "LlamaDecoderLayer")
+    assert shared_prefix.layer_cache_argument(layer) in inspect.signature(layer.forward).parameters

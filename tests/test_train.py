@@ -137,6 +137,37 @@ def test_two_process_ddp_matches_one_process(tiny_base_model, tiny_data, tmp_pat
     np.testing.assert_allclose(b, a, atol=1e-4, rtol=0)
 
 
+def test_the_last_evaluation_counts_in_the_loop_clock_not_against_the_steps(
+    tiny_base_model, tiny_data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a deterministic clock: 0.01 s per reading, and every evaluation takes 100 s
+    import modeling.train as train_module
+
+    now = {"t": 0.0}
+
+    def clock() -> float:
+        now["t"] += 0.01
+        return now["t"]
+
+    evaluate = train_module.RegressorTrainer.evaluate
+
+    def slow_evaluate(self):
+        now["t"] += 100.0
+        return evaluate(self)
+
+    monkeypatch.setattr(train_module, "_clock", clock)
+    monkeypatch.setattr(train_module.RegressorTrainer, "evaluate", slow_evaluate)
+    _, corpus = tiny_data
+    # no periodic evaluation: the only one is the last, after the loop (`finish`)
+    result = train_regressor(_job(tiny_base_model, corpus, tmp_path, max_steps=6), log=lambda _: None)
+    report = result.report()
+    assert report["eval_s"] >= 100.0
+    assert report["train_loop_s"] >= report["eval_s"]  # the loop's clock holds the evaluation it timed
+    steps_s = report["train_loop_s"] - report["eval_s"]  # the steps' own time: readings of 0.01 s
+    assert 0 < steps_s < 5.0
+    assert report["samples_per_s"] == pytest.approx(6 * 8 / steps_s, rel=1e-2)
+
+
 def test_training_is_seeded_and_learns_the_planted_signal(tiny_base_model, tiny_data, tmp_path: Path) -> None:
     _, corpus = tiny_data
     job = _job(tiny_base_model, corpus, tmp_path / "a", max_steps=36, eval_every_steps=9, eval_max_dates=8)
