@@ -25,6 +25,8 @@ DATA_DIR's backbone, prompt corpus and the training set's train-split features (
 not the baselines: copy the records to bench/out/curve-gpu/ on a machine with `make demo`'s DATA_DIR
 and run `python bench/bench_regressor.py curve --profile gpu --sizes 24000,96000,all --seeds 3` there,
 which fits ridge and the feature MLP into them and writes the table, the plot and the paired stats.
+`--override 'learning_rate=1e-3'` trains a candidate gpu profile (the same option of `bench_regressor.py
+curve --profile gpu` then pairs it with the profile's own runs).
 
 pack: DATA_DIR's backbone, its prompt corpus rewritten as one zstd-19 row group (46 -> 31 MB on the
 default market) and the train split's 16 features as float32 (what the probe's targets are made of,
@@ -207,6 +209,8 @@ def bench_curve(args: argparse.Namespace) -> dict:
     from modeling.evaluation import split_rows
     from modeling.profiles import PROFILES
 
+    if args.override:  # a candidate gpu profile: its runs get their own cache keys
+        curve.override_profile(args.override, "gpu")
     base, corpus, _ = curve._paths()
     frames = {}
     for split in ("validation", "test"):
@@ -306,6 +310,11 @@ def main() -> None:
     parser.add_argument("--date-step", type=int, default=1, help="curve: every n-th date (1 = every date)")
     parser.add_argument("--work", default="", help="curve: where runs train (default under $OUT)")
     parser.add_argument("--to", default=".devdata", help="pack: the folder to write")
+    parser.add_argument(
+        "--override",
+        default="",
+        help="curve: a candidate gpu profile, e.g. 'learning_rate=1e-3' (JSON values)",
+    )
     args = parser.parse_args()
     runners = {"llama8b": bench_llama8b, "smollm2": bench_smollm2, "curve": bench_curve, "pack": pack}
     result = runners[args.what](args)

@@ -612,8 +612,6 @@ def bench_curve(args) -> None:
     from modeling.metrics import DailyMean, paired_series_difference, seed_paired_difference
     from modeling.profiles import PROFILES
 
-    if args.override and args.profile != "cpu":
-        raise SystemExit("--override changes the cpu profile: use it with --profile cpu")
     base, corpus, training_set = _paths()
     features = pd.read_parquet(
         training_set, columns=["date", "symbol", *FEATURE_NAMES, "fwd_ret"]
@@ -1348,8 +1346,8 @@ def _slug(spec: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", spec.lower()).strip("_")
 
 
-def _override_cpu_profile(spec: str) -> None:
-    """Replace the cpu profile, in this process only, by itself with `spec`'s flat settings (`k=v`,
+def override_profile(spec: str, name: str = "cpu") -> None:
+    """Replace the profile `name`, in this process only, by itself with `spec`'s flat settings (`k=v`,
     comma-separated, JSON values; the names `modeling.profiles.OVERRIDABLE` knows)."""
     from modeling.profiles import PROFILES, apply_overrides
 
@@ -1357,9 +1355,9 @@ def _override_cpu_profile(spec: str) -> None:
     for item in spec.split(","):
         key, _, value = item.partition("=")
         overrides[key.strip()] = json.loads(value)
-    cpu = PROFILES["cpu"]
-    regressor, train = apply_overrides(cpu.regressor, cpu.train, overrides)
-    PROFILES["cpu"] = replace(cpu, regressor=regressor, train=train)
+    profile = PROFILES[name]
+    regressor, train = apply_overrides(profile.regressor, profile.train, overrides)
+    PROFILES[name] = replace(profile, regressor=regressor, train=train)
 
 
 def main() -> None:
@@ -1406,15 +1404,18 @@ def main() -> None:
     parser.add_argument(
         "--override",
         default="",
-        help="quality / curve: a candidate cpu profile, flat settings as JSON values, e.g. "
+        help="quality / curve: a candidate profile (curve: --profile's, else cpu), flat settings as JSON values, e.g. "
         "'loss=\"ic\",date_group_size=16' (its own BENCHMARKS.md section)",
     )
     args = parser.parse_args()
     from modeling.profiles import PROFILES
 
-    args.base_profile = PROFILES["cpu"]  # the profile as it is (a curve pairs a candidate with it)
+    if args.override and args.profile != "cpu" and args.what != "curve":
+        raise SystemExit(f"--override with --profile {args.profile}: only `curve` trains another profile")
+    # the profile as it is (a curve pairs a candidate with it); quality and the routes train the cpu one
+    args.base_profile = PROFILES[args.profile if args.what == "curve" else "cpu"]
     if args.override:
-        _override_cpu_profile(args.override)
+        override_profile(args.override, args.base_profile.name)
     from modeling.allocator import tune_malloc
 
     # as the training process and the pyfunc do (modeling/allocator.py); `GLIBC_TUNABLES= python ...`

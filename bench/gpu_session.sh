@@ -6,10 +6,12 @@
 #   1. a CUDA smoke of the curve (1,000 rows, every 60th date): stops the session at once if it fails;
 #   2. Llama-3-8B architecture, LoRA r=16, batch 16 x 256: tokens/s, MFU, peak memory;
 #   3. the gpu profile's learning curve, the LLM's half (SIZES, default 24000,96000,all: one seed of each
-#      size first, then seeds 1-2 at 24k), each record copied to $OUT/curve-gpu as it finishes;
+#      size first, then seeds 1-2 at 24k; OVERRIDE='learning_rate=1e-3' trains a candidate gpu profile),
+#      each record copied to $OUT/curve-gpu as it finishes;
 #   4. the same Llama-3-8B step with activation checkpointing.
 # Back here: copy $OUT/curve-gpu/*.json to bench/out/curve-gpu/ and run
 #   python bench/bench_regressor.py curve --profile gpu --sizes <the sizes that finished> --seeds 1
+# (with --override "$OVERRIDE" for a candidate: paired with the profile's own runs of the same seeds)
 # which fits ridge and the feature MLP on the same rows and writes the BENCHMARKS.md section.
 DATA=${1:-.devdata}
 BUDGET=${BUDGET:-585}
@@ -32,7 +34,7 @@ OUT=/tmp/l8 timeout 150 python3 bench/bench_gpu.py llama8b 2>&1 | quiet | tail -
 cat /tmp/l8/*.json
 echo "== curve $(date +%T)"
 timeout "$(left $((BUDGET - 65)))" python3 bench/bench_gpu.py curve --data "$DATA" --sizes "$SIZES" \
-    --work /tmp/curve 2>&1 | quiet
+    --work /tmp/curve ${OVERRIDE:+--override "$OVERRIDE"} 2>&1 | quiet
 echo "curve rc=${PIPESTATUS[0]} $(date +%T)"
 echo "== llama8b grad-ckpt $(date +%T)"
 OUT=/tmp/l8c timeout "$(left "$BUDGET")" python3 bench/bench_gpu.py llama8b --grad-ckpt 2>&1 | quiet | tail -12
