@@ -19,13 +19,16 @@ not import dagster, duckdb or mlflow: it runs on the GPU image.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modeling.shared_prefix import prefix_sharable, run_with_shared_prefix, shared_prefix_length
+from modeling.shared_prefix import (
+    cache_argument,
+    prefix_sharable,
+    run_with_shared_prefix,
+    shared_prefix_length,
+)
 
 LLAMA_FAMILY = frozenset({"llama"})
 """`config.model_type`s whose decoder layers the last-layer shortcut knows (Llama 3, SmolLM2, embedded)."""
@@ -58,8 +61,8 @@ def _padding_causal_mask(
     """Causal mask that also hides padding (needed for left padding), as `LlamaModel.forward` builds it."""
     from transformers.masking_utils import create_causal_mask
 
-    # no cache here; transformers 5.x renamed the argument `past_key_values` -> `cache`
-    cache_arg = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+    # no cache here; transformers 5.2x renamed the argument `past_key_values` -> `cache`
+    cache_arg = cache_argument(create_causal_mask)
     return create_causal_mask(
         config=model.config,
         inputs_embeds=embeds,

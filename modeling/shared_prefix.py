@@ -21,6 +21,7 @@ twice). Anything else, or a prefix too short to pay for its extra kernel calls, 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -115,15 +116,16 @@ def own_tokens_causal_mask(n_prefix: int, n_own: int, device: torch.device) -> t
     return torch.cat([prefix, own], dim=1)[None, None]
 
 
-def layer_cache_argument(layer: nn.Module) -> str:
-    """The name under which this transformers' decoder layer takes its key/value cache: `cache` from
-    transformers 5.2x, `past_key_values` before (5.17 on the GPU image). A layer that takes neither would
-    swallow the prefix cache in its **kwargs and attend over its own tokens only: that is an error here."""
-    accepted = inspect.signature(layer.forward).parameters
+def cache_argument(function: Callable[..., object]) -> str:
+    """The name under which a transformers function (a decoder layer's `forward`, `create_causal_mask`)
+    takes its key/value cache: `cache` from transformers 5.2x, `past_key_values` before (5.17 on the GPU
+    image). A layer that takes neither would swallow the prefix cache in its **kwargs and attend over its
+    own tokens only: that is an error here."""
+    accepted = inspect.signature(function).parameters
     for name in ("cache", "past_key_values", "past_key_value"):
         if name in accepted:
             return name
-    raise TypeError(f"{type(layer).__name__}.forward takes no key/value cache argument")
+    raise TypeError(f"{getattr(function, '__qualname__', function)} takes no key/value cache argument")
 
 
 def run_with_shared_prefix(
@@ -138,7 +140,7 @@ def run_with_shared_prefix(
     embeds = model.embed_tokens(input_ids)  # [B, T, H]
     cos, sin = model.rotary_emb(embeds, position_ids=position_ids)  # [B, T, D] each
     prefix_kv = PrefixKV()
-    cache = {layer_cache_argument(model.layers[0]): prefix_kv}
+    cache = {cache_argument(model.layers[0].forward): prefix_kv}
     prefix, prefix_pos = embeds[:1, :n_prefix], (cos[:1, :n_prefix], sin[:1, :n_prefix])  # [1, P, .]
     for layer in model.layers:  # the prefix alone, plain causal attention; its K/V recorded
         prefix = layer(prefix, attention_mask=None, position_embeddings=prefix_pos, **cache)

@@ -181,9 +181,9 @@ class _LayerWithoutCache(torch.nn.Module):
 def test_the_prefix_cache_goes_under_the_name_the_installed_layer_takes(tiny_base_model: Path) -> None:
     # under the other name a layer swallows it in **kwargs and attends over its own tokens only (on the
     # GPU image's transformers 5.17 the scoring forward then failed with a [213, 240] mask mismatch)
-    assert shared_prefix.layer_cache_argument(_LayerOf517()) == "past_key_values"
-    assert shared_prefix.layer_cache_argument(_LayerOf525()) == "cache"
+    assert shared_prefix.cache_argument(_LayerOf517().forward) == "past_key_values"
+    assert shared_prefix.cache_argument(_LayerOf525().forward) == "cache"
     with pytest.raises(TypeError, match="no key/value cache argument"):
-        shared_prefix.layer_cache_argument(_LayerWithoutCache())
+        shared_prefix.cache_argument(_LayerWithoutCache().forward)
     layer = next(m for m in _model(tiny_base_model).modules() if type(m).__name__ == "LlamaDecoderLayer")
-    assert shared_prefix.layer_cache_argument(layer) in inspect.signature(layer.forward).parameters
+    assert shared_prefix.cache_argument(layer.forward) in inspect.signature(layer.forward).parameters
