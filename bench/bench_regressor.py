@@ -27,6 +27,7 @@ kept in bench/out/curve/ (a rerun skips it), the table and plot go to BENCHMARKS
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -346,9 +347,8 @@ def bench_quality(args) -> None:
                 random_base, tokenizer_training_texts(PromptBuilder(), 20_000, 0), TinyLlamaSpec()
             )
         # keyed on what `ours_train` trains, like the curve's runs
-        random_path = (
-            out / f"random-{_recipe_key(bench_train_config(profile.train, size, 0), profile.regressor)}.json"
-        )
+        random_key = _recipe_key(bench_train_config(profile.train, size, 0), profile.regressor)
+        random_path = out / f"random-{random_key}{backbone_key(random_base)}.json"
         if random_path.is_file():  # the random backbone's run is kept like the curve's
             random_record = json.loads(random_path.read_text())
         else:
@@ -499,6 +499,26 @@ def _prompt_key(corpus: Path) -> str:
     return key if prompt.sig_digits == default.sig_digits else f"{key}-sig{prompt.sig_digits}"
 
 
+@functools.cache
+def backbone_key(base: Path) -> str:
+    """A cache-key part naming the backbone's weights: '-bb' and 8 hex digits of the SHA-256 of its weight
+    files' bytes (`*.safetensors`, `*.bin`, in name order). Two backbones built with other settings (a longer
+    pretraining, another prompt) share every other part of a run's key, so without it a cached run of one
+    would be read as the other's. The embedded backbone's 3 MB hash in milliseconds; an 8B one in a minute."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    files = sorted(f for f in Path(base).iterdir() if f.suffix in (".safetensors", ".bin"))
+    if not files:
+        raise FileNotFoundError(f"no weight files (*.safetensors, *.bin) in {base}")
+    for f in files:
+        digest.update(f.name.encode())
+        with f.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(chunk)
+    return f"-bb{digest.hexdigest()[:8]}"
+
+
 def curve_run(
     base: Path,
     corpus: Path,
@@ -529,7 +549,8 @@ def curve_run(
     passes = {} if epochs is None else {"epochs": epochs}
     # keyed on what `ours_train` trains (a profile's time-budget guard can change without changing a run)
     cfg = bench_train_config(profile.train, size, seed, **passes)
-    key = f"{size or 'all'}-seed{seed}-{_recipe_key(cfg, profile.regressor)}{_prompt_key(corpus)}"
+    recipe = _recipe_key(cfg, profile.regressor)
+    key = f"{size or 'all'}-seed{seed}-{recipe}{_prompt_key(corpus)}{backbone_key(base)}"
     path = out / f"{key}.json"
     if path.is_file():
         record = json.loads(path.read_text())
@@ -969,6 +990,7 @@ def route_run(
     from modeling.train import TrainJob, train_regressor
 
     cfg, regressor, key = route_config(name, size, overrides)
+    key += backbone_key(base)
     path = out / f"{key}.json"
     if path.is_file():
         return json.loads(path.read_text())

@@ -88,3 +88,35 @@ def test_pack_writes_what_the_gpu_curve_reads_and_nothing_it_does_not(
     assert (packed / "models" / "base_model" / "config.json").read_text() == (
         tiny_base_model / "config.json"
     ).read_text()
+    # and the device's records pair with this machine's: the packed backbone keys the curve's runs the same
+    import bench_regressor
+
+    assert bench_regressor.backbone_key(packed / "models" / "base_model") == bench_regressor.backbone_key(
+        tiny_base_model
+    )
+
+
+def test_a_run_cached_for_one_backbone_is_never_read_as_another_ones(
+    tiny_base_model: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_regressor
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_base_model, other)
+    (weights,) = other.glob("*.safetensors")
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] += 1.0  # one number of one weight moved
+    save_file(tensors, weights, metadata={"format": "pt"})
+    key = bench_regressor.backbone_key(tiny_base_model)
+    assert key.startswith("-bb") and len(key) == 11
+    assert bench_regressor.backbone_key(other) != key
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no weight files"):
+        bench_regressor.backbone_key(tmp_path / "empty")
