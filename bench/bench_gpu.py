@@ -2,6 +2,8 @@
 
     python bench/bench_gpu.py llama8b                  # Llama-3-8B architecture, bf16, LoRA r=16
     python bench/bench_gpu.py llama8b --grad-ckpt      # the same with activation checkpointing
+    python bench/bench_gpu.py llama8b --ckpt-layers 8  # checkpointing in the first 8 of 32 layers only
+    python bench/bench_gpu.py llama8b --compile        # the regressor under torch.compile
     python bench/bench_gpu.py smollm2 --data DATA_DIR  # SmolLM2-135M on the full train split
     python bench/bench_gpu.py llama8b --tiny           # CPU smoke test of the same code path
     python bench/bench_gpu.py curve --data DATA_DIR    # the gpu profile's learning curve, the LLM's half
@@ -12,7 +14,11 @@ the values; no download), LoRA r=16 on every linear layer, the MLP head, prompts
 tokens, the embedded tokenizer's mean is 248; Llama 3's tokenizer writes numbers in fewer tokens),
 AdamW. Reports tokens/s, MFU = tokens/s x 4 x non-embedding parameters / bf16 peak (forward 2N +
 backward to the activations 2N; the frozen weights take no gradient), and peak GPU memory.
-Targets on an H100: MFU >= 40%, peak memory <= 40 GB.
+Targets on an H100: MFU >= 40%, peak memory <= 40 GB. The routes at them (one H200 measured 32.6% and
+43.8 GB at batch 16, 21.1% and 18.1 GB with checkpointing in every layer): `--batch` (more tokens per
+small LoRA matmul), `--ckpt-layers K` (recompute only the first K layers' activations: each layer holds
+about 0.8 GB at 16 x 256, so K = 8 should cut about 6 GB for a quarter of the full recompute's cost),
+`--compile` (torch.compile of the whole regressor: fuses the adapters' scale-and-add and the norms).
 
 smollm2: `modeling.train` with the gpu profile on every train row of DATA_DIR's prompt corpus rendered
 for SmolLM2 (build it with `BASE_MODEL=smollm2-135m-instruct make demo` or the `prompt_corpus` asset),
@@ -97,18 +103,24 @@ def bench_llama8b(args: argparse.Namespace) -> dict:
     backbone.config.use_cache = False
     backbone.requires_grad_(False)
     n_nonembedding = sum(p.numel() for n, p in backbone.named_parameters() if "embed_tokens" not in n)
-    if args.grad_ckpt:
+    checkpointing = args.grad_ckpt or args.ckpt_layers > 0
+    if checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.ckpt_layers > 0:  # each decoder layer reads its own flag: keep it in the first K only
+        for layer in backbone.layers[args.ckpt_layers :]:
+            layer.gradient_checkpointing = False
+    checkpointed = sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in backbone.layers)
     settings = RegressorConfig(
         lora=LoraSettings(r=16, alpha=32.0),
         head=HeadConfig(hidden_sizes=(1024, 256)),
-        gradient_checkpointing=args.grad_ckpt,
+        gradient_checkpointing=checkpointing,
     )
     peft_model = get_peft_model(backbone, settings.lora.peft_config(backbone))
     model = LLMRegressor(
         peft_model, RegressionHead(config.hidden_size, settings.head).to(device), settings, {}
     )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=cuda)
+    forward = torch.compile(model) if args.compile else model  # compiled on the first (warm-up) step
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=generator).to(device)
     mask = torch.ones_like(ids)
@@ -116,7 +128,7 @@ def bench_llama8b(args: argparse.Namespace) -> dict:
 
     def step() -> None:
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = ((model(ids, mask) - target) ** 2).mean()
+            loss = ((forward(ids, mask) - target) ** 2).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -142,6 +154,9 @@ def bench_llama8b(args: argparse.Namespace) -> dict:
         "batch": args.batch,
         "seq": args.seq,
         "grad_ckpt": args.grad_ckpt,
+        "checkpointed_layers": checkpointed,
+        "layers": len(backbone.layers),
+        "compile": args.compile,
         "non_embedding_params": n_nonembedding,
         "tokens_per_s": tokens_per_s,
         "samples_per_s": tokens_per_s / args.seq,
@@ -292,6 +307,22 @@ def pack(args: argparse.Namespace) -> dict:
     return {"to": str(to), "bytes": sizes}
 
 
+def _flags(args: argparse.Namespace) -> str:
+    """The llama8b command's options that change what is measured, as typed."""
+    flags = "" if args.batch == 16 else f" --batch {args.batch}"
+    flags += (
+        " --grad-ckpt" if args.grad_ckpt else f" --ckpt-layers {args.ckpt_layers}" if args.ckpt_layers else ""
+    )
+    return flags + (" --compile" if args.compile else "")
+
+
+def _variant(args: argparse.Namespace) -> str:
+    """The result file's suffix: one file per measured variant ('_ckpt' kept for every layer checkpointed)."""
+    suffix = f"_b{args.batch}" if args.batch != 16 else ""
+    suffix += "_ckpt" if args.grad_ckpt else f"_ckpt{args.ckpt_layers}" if args.ckpt_layers else ""
+    return suffix + ("_compile" if args.compile else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -301,7 +332,11 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--grad-ckpt", action="store_true")
+    parser.add_argument("--grad-ckpt", action="store_true", help="llama8b: checkpointing in every layer")
+    parser.add_argument(
+        "--ckpt-layers", type=int, default=0, help="llama8b: checkpointing in the first K layers only"
+    )
+    parser.add_argument("--compile", action="store_true", help="llama8b: torch.compile the regressor")
     parser.add_argument("--tiny", action="store_true", help="tiny config on the CPU: a smoke test")
     parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak when the GPU is not known")
     parser.add_argument("--data", default=os.environ.get("DATA_DIR", "data"))
@@ -318,17 +353,17 @@ def main() -> None:
     args = parser.parse_args()
     runners = {"llama8b": bench_llama8b, "smollm2": bench_smollm2, "curve": bench_curve, "pack": pack}
     result = runners[args.what](args)
-    name = f"gpu_{args.what}{'_ckpt' if args.grad_ckpt else ''}"
+    name = f"gpu_{args.what}{_variant(args) if args.what == 'llama8b' else ''}"
     (_out_dir() / f"{name}.json").write_text(json.dumps(result, indent=1, default=float))
     if args.what == "llama8b":
         r = result
         print(f"""## GPU: Llama-3-8B architecture, LoRA r=16 (issue 8)
 
-Command: `python bench/bench_gpu.py llama8b{" --grad-ckpt" if r["grad_ckpt"] else ""}` on {r["gpu"]}.
+Command: `python bench/bench_gpu.py llama8b{_flags(args)}` on {r["gpu"]}.
 
-| batch x seq | tokens/s | samples/s | MFU (4N, bf16 peak {r["bf16_peak_tflops"]} TFLOP/s) | peak memory GB |
-|---|---:|---:|---:|---:|
-| {r["batch"]} x {r["seq"]} | {r["tokens_per_s"]:,.0f} | {r["samples_per_s"]:.1f} | {r["mfu"]:.1%} | {r["peak_memory_gb"]:.1f} |
+| batch x seq | checkpointed layers | compiled | tokens/s | samples/s | MFU (4N, bf16 peak {r["bf16_peak_tflops"]} TFLOP/s) | peak memory GB |
+|---|---:|---|---:|---:|---:|---:|
+| {r["batch"]} x {r["seq"]} | {r["checkpointed_layers"]} of {r["layers"]} | {"yes" if r["compile"] else "no"} | {r["tokens_per_s"]:,.0f} | {r["samples_per_s"]:.1f} | {r["mfu"]:.1%} | {r["peak_memory_gb"]:.1f} |
 """)
     else:
         print(json.dumps(result, indent=1, default=float))

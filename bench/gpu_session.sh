@@ -4,11 +4,13 @@
 #   there: bash bench/gpu_session.sh .devdata 2>&1 | tee $OUT/log.txt     (device tool: carry .devdata)
 # Steps, each cut at a deadline so that the whole fits BUDGET seconds (default 585, under a 600 s call):
 #   1. a CUDA smoke of the curve (1,000 rows, every 60th date): stops the session at once if it fails;
-#   2. Llama-3-8B architecture, LoRA r=16, batch 16 x 256: tokens/s, MFU, peak memory;
+#   2. Llama-3-8B architecture, LoRA r=16, 256 tokens: tokens/s, MFU, peak memory, for each variant of
+#      L8 ('|'-separated option sets; default: batch 16 as measured, then the routes at MFU >= 40% and
+#      <= 40 GB: batch 32, checkpointing in 8 of 32 layers at batch 16 and 32, torch.compile);
 #   3. the gpu profile's learning curve, the LLM's half (SIZES, default 24000,96000,all: one seed of each
 #      size first, then seeds 1-2 at 24k; OVERRIDE='learning_rate=1e-3' trains a candidate gpu profile),
 #      each record copied to $OUT/curve-gpu as it finishes;
-#   4. the same Llama-3-8B step with activation checkpointing.
+#   4. (L8_AFTER, default none) more Llama-3-8B variants if time is left, e.g. '--grad-ckpt'.
 # Back here: copy $OUT/curve-gpu/*.json to bench/out/curve-gpu/ and run
 #   python bench/bench_regressor.py curve --profile gpu --sizes <the sizes that finished> --seeds 1
 # (with --override "$OVERRIDE" for a candidate: paired with the profile's own runs of the same seeds)
@@ -16,6 +18,10 @@
 DATA=${1:-.devdata}
 BUDGET=${BUDGET:-585}
 SIZES=${SIZES:-24000,96000,all}
+L8=${L8-"|--batch 32|--ckpt-layers 8|--ckpt-layers 8 --batch 32|--compile"}
+L8_AFTER=${L8_AFTER:-}
+RESERVE=${L8_AFTER:+65}  # seconds the curve leaves for L8_AFTER
+RESERVE=${RESERVE:-0}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true HF_HUB_OFFLINE=1
 T0=$(date +%s)
 left() { echo $(($1 - ($(date +%s) - T0))); }
@@ -29,14 +35,20 @@ rc=$?
 quiet </tmp/smoke.log | tail -25
 echo "smoke rc=$rc"
 [ $rc = 0 ] || exit 3
-echo "== llama8b $(date +%T)"
-OUT=/tmp/l8 timeout 150 python3 bench/bench_gpu.py llama8b 2>&1 | quiet | tail -12
-cat /tmp/l8/*.json
+llama8b() {  # one variant per '|'-separated option set, each cut at $1 seconds
+    local variants variant opts
+    IFS='|' read -r -a variants <<<"$2"
+    for variant in "${variants[@]}"; do
+        read -r -a opts <<<"$variant"
+        echo "== llama8b ${variant:-(batch 16)} $(date +%T)"
+        OUT=/tmp/l8 timeout "$1" python3 bench/bench_gpu.py llama8b "${opts[@]}" 2>&1 | quiet | tail -6
+    done
+    mkdir -p "${OUT:-/tmp/out}/llama8b" && cp /tmp/l8/*.json "${OUT:-/tmp/out}/llama8b/" 2>/dev/null
+}
+[ -n "$L8" ] && llama8b 120 "$L8"
 echo "== curve $(date +%T)"
-timeout "$(left $((BUDGET - 65)))" python3 bench/bench_gpu.py curve --data "$DATA" --sizes "$SIZES" \
+timeout "$(left $((BUDGET - RESERVE)))" python3 bench/bench_gpu.py curve --data "$DATA" --sizes "$SIZES" \
     --work /tmp/curve ${OVERRIDE:+--override "$OVERRIDE"} 2>&1 | quiet
 echo "curve rc=${PIPESTATUS[0]} $(date +%T)"
-echo "== llama8b grad-ckpt $(date +%T)"
-OUT=/tmp/l8c timeout "$(left "$BUDGET")" python3 bench/bench_gpu.py llama8b --grad-ckpt 2>&1 | quiet | tail -12
-cat /tmp/l8c/*.json
+[ -n "$L8_AFTER" ] && [ "$(left "$BUDGET")" -gt 30 ] && llama8b "$(left "$BUDGET")" "$L8_AFTER"
 echo "== end $(date +%T), $(left "$BUDGET") s of the budget left"

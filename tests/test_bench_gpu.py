@@ -28,6 +28,8 @@ def test_llama8b_benchmark_runs_and_counts_flops_on_a_tiny_config(tmp_path: Path
             "32",
             "--peak-tflops",
             "1.0",
+            "--ckpt-layers",
+            "1",
         ],
         cwd=ROOT,
         env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path), "HOME": str(tmp_path)},
@@ -36,7 +38,9 @@ def test_llama8b_benchmark_runs_and_counts_flops_on_a_tiny_config(tmp_path: Path
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads((tmp_path / "gpu_llama8b.json").read_text())
+    result = json.loads((tmp_path / "gpu_llama8b_b2_ckpt1.json").read_text())
+    # activations recomputed in the first layer only (the route between none and every layer)
+    assert (result["checkpointed_layers"], result["layers"], result["compile"]) == (1, 2, False)
     # per layer: q 64x64, k and v 64x32 (2 KV heads of 16), o 64x64, gate/up/down 64x128, 2 norms of 64;
     # two layers and the final norm
     per_layer = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128 + 2 * 64
@@ -45,7 +49,8 @@ def test_llama8b_benchmark_runs_and_counts_flops_on_a_tiny_config(tmp_path: Path
         result["tokens_per_s"] / 32
     )
     assert result["mfu"] == pytest.approx(result["tokens_per_s"] * 4 * result["non_embedding_params"] / 1e12)
-    assert "| 2 x 32 |" in done.stdout  # the BENCHMARKS.md row it prints
+    assert "| 2 x 32 | 1 of 2 | no |" in done.stdout  # the BENCHMARKS.md row it prints
+    assert "`python bench/bench_gpu.py llama8b --batch 2 --ckpt-layers 1`" in done.stdout
 
 
 def test_pack_writes_what_the_gpu_curve_reads_and_nothing_it_does_not(
