@@ -236,6 +236,9 @@ def build_regressor(
     backbone = load_frozen_backbone(path, config.quantization, dtype)
     if config.gradient_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # every decoder layer reads its own flag: the layers after the first K keep their activations
+        for layer in backbone.layers[config.gradient_checkpointing_layers or len(backbone.layers) :]:
+            layer.gradient_checkpointing = False
     peft_model = get_peft_model(backbone, config.lora.peft_config(backbone))  # adapters trainable, fp32
     hidden = int(backbone.config.get_text_config().hidden_size)
     head = RegressionHead(hidden, config.head).to(device=next(peft_model.parameters()).device)

@@ -171,6 +171,7 @@ OVERRIDABLE = {
     "head_feature_bottleneck": ("head", "feature_bottleneck"),
     "quantization": ("regressor", "quantization"),
     "gradient_checkpointing": ("regressor", "gradient_checkpointing"),
+    "gradient_checkpointing_layers": ("regressor", "gradient_checkpointing_layers"),
     "last_layer_shortcut": ("regressor", "last_layer_shortcut"),
 }
 """Settings a run may override by flat name (asset config, the search's best parameters)."""

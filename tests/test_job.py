@@ -51,6 +51,21 @@ def test_lora_last_layers_is_a_flat_override_and_round_trips(tmp_path: Path) -> 
     assert TrainJob.load(job.save(tmp_path / "job.json")).regressor.lora.last_layers == 2
 
 
+def test_checkpointing_some_layers_is_asset_config_and_round_trips(tmp_path: Path) -> None:
+    from pipeline.assets.regressor import RegressorAssetConfig
+
+    gpu = PROFILES["gpu"]
+    assert not gpu.regressor.gradient_checkpointing  # unmeasured on a GPU: off until a benchmark says
+    overrides = RegressorAssetConfig(gradient_checkpointing_layers=6).overrides()
+    assert overrides == {"gradient_checkpointing": True, "gradient_checkpointing_layers": 6}
+    regressor, _ = apply_overrides(gpu.regressor, gpu.train, overrides)
+    assert (regressor.gradient_checkpointing, regressor.gradient_checkpointing_layers) == (True, 6)
+    assert regressor.lora == gpu.regressor.lora and regressor.head == gpu.regressor.head
+    loaded = TrainJob.load(_job(regressor=regressor).save(tmp_path / "job.json")).regressor
+    assert loaded == regressor
+    assert RegressorAssetConfig().overrides() == {}
+
+
 def test_a_typo_fails_when_the_job_is_built() -> None:
     with pytest.raises(TypeError, match="gate_kk"):
         _job(experiment={"tracking_uri": "u", "training_set_path": "t", "gate_kk": 1.0})

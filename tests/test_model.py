@@ -187,6 +187,47 @@ def test_lora_in_the_last_layers_only_adapts_those_layers_and_survives_save_and_
     np.testing.assert_allclose(predict_prompts(loaded, tok, prompts), expected, atol=1e-6)
 
 
+def test_checkpointing_the_first_layers_only_frees_their_activations_and_keeps_the_gradients(
+    tiny_base_model: Path, prompts: list[str]
+) -> None:
+    tok = load_tokenizer(tiny_base_model)
+    tok.padding_side = "right"
+    batch = pad_batch(tok, encode_prompts(tok, prompts))
+    variants = {
+        "none": {},
+        "first": {"gradient_checkpointing": True, "gradient_checkpointing_layers": 1},
+        "every": {"gradient_checkpointing": True},
+    }
+    flags, saved, grads = {}, {}, {}
+    for name, kwargs in variants.items():
+        # the full forward: the shortcut runs the last layer's parts itself, around its checkpoint wrapper
+        model = _model(tiny_base_model, lora=LoraSettings(dropout=0.0), last_layer_shortcut=False, **kwargs)
+        model.train()
+        model.head.eval()  # no head dropout: the three must agree
+        flags[name] = [layer.gradient_checkpointing for layer in model.base.layers]
+        kept = []  # bytes autograd keeps for backward outside the checkpointed layers
+
+        def pack(tensor: torch.Tensor, kept: list = kept) -> torch.Tensor:
+            kept.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            pred = model(**batch)
+        pred.sum().backward()
+        saved[name] = sum(kept)
+        grads[name] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert flags == {"none": [False, False], "first": [True, False], "every": [True, True]}
+    assert saved["none"] > saved["first"] > saved["every"]
+    assert grads["none"] and grads["first"].keys() == grads["none"].keys() == grads["every"].keys()
+    for n, grad in grads["none"].items():
+        torch.testing.assert_close(grads["first"][n], grad, atol=1e-6, rtol=1e-5, msg=n)
+        torch.testing.assert_close(grads["every"][n], grad, atol=1e-6, rtol=1e-5, msg=n)
+    with pytest.raises(ValueError, match="needs gradient_checkpointing=True"):
+        RegressorConfig(gradient_checkpointing_layers=1)
+    with pytest.raises(ValueError, match="int >= 1"):
+        RegressorConfig(gradient_checkpointing=True, gradient_checkpointing_layers=0)
+
+
 def test_loss_falls_when_overfitting_a_tiny_batch(tiny_base_model: Path, prompts: list[str]) -> None:
     torch.manual_seed(0)
     model = build_regressor(tiny_base_model, RegressorConfig(head=HeadConfig(dropout=0.0))).train()

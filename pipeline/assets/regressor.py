@@ -91,6 +91,12 @@ class RegressorAssetConfig(Config):
         description="A tighter cap on the test dates of the final comparison (None = the profile's).",
     )
     quantization: str | None = Field(default=None, description="none, or 4bit (QLoRA, CUDA GPUs only).")
+    gradient_checkpointing_layers: int | None = Field(
+        default=None,
+        ge=1,
+        description="Recompute the first N decoder layers' activations in backward: less GPU memory for "
+        "a little more compute (None = the profile's: none).",
+    )
     seed: int | None = Field(default=None, ge=0, description="Seed of sample, batches, initialisation.")
     num_processes: int | None = Field(
         default=None, ge=1, description="Training processes (None = the profile's; gpu: one per GPU)."
@@ -132,7 +138,11 @@ class RegressorAssetConfig(Config):
             "quantization",
             "seed",
         )
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        overrides = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        if self.gradient_checkpointing_layers is not None:
+            overrides["gradient_checkpointing"] = True
+            overrides["gradient_checkpointing_layers"] = self.gradient_checkpointing_layers
+        return overrides
 
 
 def _hyperparameters(storage: StorageResource, use: bool, profile: str, fingerprint: str, warn) -> dict:
