@@ -17,7 +17,8 @@
 # which fits ridge and the feature MLP on the same rows and writes the BENCHMARKS.md section.
 DATA=${1:-.devdata}
 BUDGET=${BUDGET:-585}
-SIZES=${SIZES:-24000,96000,all}
+SIZES=${SIZES-24000,96000,all}  # empty: no curve
+CURVE_S=${CURVE_S:-300}  # seconds the 8B variants leave for the curve
 L8=${L8-"|--batch 32|--ckpt-layers 8|--ckpt-layers 8 --batch 32|--compile"}
 L8_AFTER=${L8_AFTER:-}
 RESERVE=${L8_AFTER:+65}  # seconds the curve leaves for L8_AFTER
@@ -35,20 +36,25 @@ rc=$?
 quiet </tmp/smoke.log | tail -25
 echo "smoke rc=$rc"
 [ $rc = 0 ] || exit 3
-llama8b() {  # one variant per '|'-separated option set, each cut at $1 seconds
-    local variants variant opts
+llama8b() {  # one variant per '|'-separated option set ($2), each cut at $1 s, keeping $3 s of the budget
+    local variants variant opts limit
     IFS='|' read -r -a variants <<<"$2"
     for variant in "${variants[@]}"; do
         read -r -a opts <<<"$variant"
+        limit=$(($(left "$BUDGET") - $3))
+        [ "$limit" -gt "$1" ] && limit=$1
+        if [ "$limit" -lt 30 ]; then echo "== llama8b ${variant:-(batch 16)}: skipped, no time left"; continue; fi
         echo "== llama8b ${variant:-(batch 16)} $(date +%T)"
-        OUT=/tmp/l8 timeout "$1" python3 bench/bench_gpu.py llama8b "${opts[@]}" 2>&1 | quiet | tail -6
+        OUT=/tmp/l8 timeout "$limit" python3 bench/bench_gpu.py llama8b "${opts[@]}" 2>&1 | quiet | tail -6
     done
     mkdir -p "${OUT:-/tmp/out}/llama8b" && cp /tmp/l8/*.json "${OUT:-/tmp/out}/llama8b/" 2>/dev/null
 }
-[ -n "$L8" ] && llama8b 120 "$L8"
-echo "== curve $(date +%T)"
-timeout "$(left $((BUDGET - RESERVE)))" python3 bench/bench_gpu.py curve --data "$DATA" --sizes "$SIZES" \
-    --work /tmp/curve ${OVERRIDE:+--override "$OVERRIDE"} 2>&1 | quiet
-echo "curve rc=${PIPESTATUS[0]} $(date +%T)"
-[ -n "$L8_AFTER" ] && [ "$(left "$BUDGET")" -gt 30 ] && llama8b "$(left "$BUDGET")" "$L8_AFTER"
+[ -n "$L8" ] && llama8b 120 "$L8" "$([ -n "$SIZES" ] && echo "$CURVE_S" || echo 0)"
+if [ -n "$SIZES" ]; then
+    echo "== curve $(date +%T)"
+    timeout "$(left $((BUDGET - RESERVE)))" python3 bench/bench_gpu.py curve --data "$DATA" --sizes "$SIZES" \
+        --work /tmp/curve ${OVERRIDE:+--override "$OVERRIDE"} 2>&1 | quiet
+    echo "curve rc=${PIPESTATUS[0]} $(date +%T)"
+fi
+[ -n "$L8_AFTER" ] && llama8b 600 "$L8_AFTER" 0
 echo "== end $(date +%T), $(left "$BUDGET") s of the budget left"
