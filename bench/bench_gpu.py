@@ -91,7 +91,14 @@ def bench_llama8b(args: argparse.Namespace) -> dict:
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaModel
 
-    from modeling.model import HeadConfig, LLMRegressor, LoraSettings, RegressionHead, RegressorConfig
+    from modeling.model import (
+        HeadConfig,
+        LLMRegressor,
+        LoraSettings,
+        RegressionHead,
+        RegressorConfig,
+        enable_checkpointing,
+    )
 
     cuda = torch.cuda.is_available() and not args.tiny
     device = torch.device("cuda" if cuda else "cpu")
@@ -104,16 +111,14 @@ def bench_llama8b(args: argparse.Namespace) -> dict:
     backbone.requires_grad_(False)
     n_nonembedding = sum(p.numel() for n, p in backbone.named_parameters() if "embed_tokens" not in n)
     checkpointing = args.grad_ckpt or args.ckpt_layers > 0
-    if checkpointing:
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if args.ckpt_layers > 0:  # each decoder layer reads its own flag: keep it in the first K only
-        for layer in backbone.layers[args.ckpt_layers :]:
-            layer.gradient_checkpointing = False
+    if checkpointing:  # --ckpt-layers K: the first K layers only (0 with --grad-ckpt: every layer)
+        enable_checkpointing(backbone, args.ckpt_layers or None)
     checkpointed = sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in backbone.layers)
     settings = RegressorConfig(
         lora=LoraSettings(r=16, alpha=32.0),
         head=HeadConfig(hidden_sizes=(1024, 256)),
         gradient_checkpointing=checkpointing,
+        gradient_checkpointing_layers=args.ckpt_layers or None,
     )
     peft_model = get_peft_model(backbone, settings.lora.peft_config(backbone))
     model = LLMRegressor(

@@ -219,6 +219,16 @@ def describe_reference(base_model_dir: str | os.PathLike[str]) -> dict[str, Any]
     return {"path": str(path), "fingerprint": model_fingerprint(path), "model_type": config.model_type}
 
 
+def enable_checkpointing(backbone: nn.Module, first_layers: int | None = None) -> None:
+    """Activation checkpointing in the first `first_layers` decoder layers of `backbone` (None = every layer).
+
+    Every decoder layer reads its own flag, so the layers after the first K keep their activations.
+    """
+    backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for layer in backbone.layers[first_layers or len(backbone.layers) :]:
+        layer.gradient_checkpointing = False
+
+
 def build_regressor(
     base_model_dir: str | os.PathLike[str],
     config: RegressorConfig = RegressorConfig(),
@@ -235,10 +245,7 @@ def build_regressor(
     path = require_model_dir(base_model_dir)
     backbone = load_frozen_backbone(path, config.quantization, dtype)
     if config.gradient_checkpointing:
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # every decoder layer reads its own flag: the layers after the first K keep their activations
-        for layer in backbone.layers[config.gradient_checkpointing_layers or len(backbone.layers) :]:
-            layer.gradient_checkpointing = False
+        enable_checkpointing(backbone, config.gradient_checkpointing_layers)
     peft_model = get_peft_model(backbone, config.lora.peft_config(backbone))  # adapters trainable, fp32
     hidden = int(backbone.config.get_text_config().hidden_size)
     head = RegressionHead(hidden, config.head).to(device=next(peft_model.parameters()).device)
