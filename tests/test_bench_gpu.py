@@ -125,3 +125,23 @@ def test_a_run_cached_for_one_backbone_is_never_read_as_another_ones(
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no weight files"):
         bench_regressor.backbone_key(tmp_path / "empty")
+
+
+def test_a_setting_added_later_keeps_the_cached_runs_keys_while_at_its_default() -> None:
+    """A run cached before `gradient_checkpointing_layers` existed trained with its default (None): the
+    key leaves it out at that default, so those runs are found again; a set value keys a run of its own."""
+    from dataclasses import replace
+
+    from modeling.profiles import PROFILES
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_regressor
+
+    regressor = PROFILES["cpu"].regressor
+    assert "gradient_checkpointing_layers" not in bench_regressor._regressor_key(regressor)
+    assert "feature_bottleneck" in bench_regressor._regressor_key(regressor)["head"]  # not at its default
+    every = replace(regressor, gradient_checkpointing=True)
+    first = replace(every, gradient_checkpointing_layers=1)
+    assert bench_regressor._regressor_key(first)["gradient_checkpointing_layers"] == 1
+    train = PROFILES["cpu"].train
+    assert bench_regressor._recipe_key(train, first) != bench_regressor._recipe_key(train, every)
