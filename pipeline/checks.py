@@ -313,8 +313,9 @@ def predictions_cover_live_universe(
 
 @asset_check(
     asset="base_model",
-    description="The embedded backbone's pretraining lowered its causal-LM loss on held-out validation "
-    "prompts by a wide margin (to under half the random-init loss); other backbones come pretrained.",
+    description="The embedded backbone's pretraining lowered the loss it trains (every token, or the "
+    "number tokens) on held-out validation prompts by a wide margin (to under half the random-init "
+    "loss); other backbones come pretrained.",
 )
 def pretraining_lowered_lm_loss(storage: StorageResource) -> AssetCheckResult:
     from modeling.backbones.embedded import read_embedded_info
@@ -330,10 +331,18 @@ def pretraining_lowered_lm_loss(storage: StorageResource) -> AssetCheckResult:
             severity=AssetCheckSeverity.WARN,
             metadata={"source_kind": source.kind, "pretrained_here": False},
         )
-    before, after = float(report["val_loss_before"]), float(report["val_loss_after"])
+    # the loss it trained: every token, or the number tokens only (`pretrain_loss_tokens="values"`)
+    tokens = ((info or {}).get("pretrain_spec") or {}).get("loss_tokens", "all")
+    field = "val_loss" if tokens == "all" else "val_value_loss"
+    before, after = float(report[f"{field}_before"]), float(report[f"{field}_after"])
     return AssetCheckResult(
         passed=after < 0.5 * before,
-        metadata={"val_lm_loss_before": before, "val_lm_loss_after": after, "ratio": after / before},
+        metadata={
+            "loss_tokens": tokens,
+            "val_lm_loss_before": before,
+            "val_lm_loss_after": after,
+            "ratio": after / before,
+        },
     )
 
 

@@ -424,11 +424,57 @@ def test_pretraining_is_seeded_and_lowers_validation_loss(tmp_path: Path, prompt
     assert bm.lm_loss_per_token(load_causal_lm(first), tok, texts) == pytest.approx(
         report["val_loss_after"], rel=1e-5
     )
+    from modeling.backbones.embedded.pretrain import value_vocabulary
+
+    numbers = value_vocabulary(tok)
+    assert bm.lm_loss_per_token(load_causal_lm(first), tok, texts, vocabulary=numbers) == pytest.approx(
+        report["val_value_loss_after"], rel=1e-5
+    )
+    assert report["val_value_loss_after"] < 0.5 * report["val_value_loss_before"], report
 
     again = _pretrained(tmp_path / "b", PRETRAIN, prompt_texts)
     assert _dir_digest(again)["model.safetensors"] == _dir_digest(first)["model.safetensors"]
     other = _pretrained(tmp_path / "c", bm.PretrainSpec(**{**PRETRAIN.__dict__, "seed": 5}), prompt_texts)
     assert _dir_digest(other)["model.safetensors"] != _dir_digest(first)["model.safetensors"]
+
+
+def test_the_value_token_loss_is_the_causal_lm_loss_on_the_numbers_tokens_only(
+    tmp_path: Path, prompt_texts: list[str]
+) -> None:
+    """`loss_tokens="values"`: the cross-entropy of the full LM head's logits, averaged over the targets
+    that are part of a number (hand-computed here from `model(...).logits`), and a pretraining with it
+    still learns the held-out prompts."""
+    import torch
+
+    from modeling.backbones.embedded.pretrain import _lm_batch, value_token_loss, value_vocabulary
+    from modeling.inference import encode_prompts
+
+    with pytest.raises(ValueError, match="loss_tokens"):
+        bm.PretrainSpec(loss_tokens="numbers")
+    spec = bm.PretrainSpec(**{**PRETRAIN.__dict__, "loss_tokens": "values"})
+    built = _pretrained(tmp_path / "v", spec, prompt_texts)
+    report = bm.read_embedded_info(built)["pretraining"]
+    # what it trains: the held-out prompts' number tokens, from ~ln(vocab) to well under half of it
+    assert report["steps"] == 24, report
+    assert report["val_value_loss_after"] < 0.5 * report["val_value_loss_before"], report
+    tok, model = load_tokenizer(built), load_causal_lm(built)
+    vocabulary = value_vocabulary(tok)
+    decoded = {tok.decode([i]): bool(vocabulary[i]) for i in range(len(tok))}
+    assert all(decoded[d] for d in "0123456789." if d in decoded) and decoded.get(".", True)
+    assert not any(flag for text, flag in decoded.items() if text.strip() in ("return", "Stock", "vol"))
+    batch = _lm_batch(tok, encode_prompts(tok, prompt_texts[:6]))
+    with torch.no_grad():
+        ours = value_token_loss(model, batch, vocabulary)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    per_token = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), targets.clamp(min=0), reduction="none"
+    )
+    kept = (targets != -100) & vocabulary[targets.clamp(min=0)]
+    assert 0.2 < float(kept.sum() / (targets != -100).sum()) < 0.8  # numbers, not the whole prompt
+    assert float(ours) == pytest.approx(float(per_token[kept].mean()), rel=1e-5)
+    # the full loss averages the template's tokens in: it is another number
+    assert float(ours) != pytest.approx(float(per_token[targets != -100].mean()), rel=1e-2)
 
 
 def test_pretraining_caps_and_the_random_ablation(tmp_path: Path, prompt_texts: list[str]) -> None:

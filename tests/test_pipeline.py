@@ -397,6 +397,17 @@ def test_pretraining_check_fails_when_the_loss_barely_moved(run, tmp_path):
     info["pretraining"]["val_loss_after"] = 0.9 * info["pretraining"]["val_loss_before"]
     info_file.write_text(__import__("json").dumps(info))
     assert not pretraining_lowered_lm_loss(storage=storage).passed
+    # a backbone pretrained on the number tokens only is judged on the loss it trained
+    info["pretrain_spec"]["loss_tokens"] = "values"
+    report = info["pretraining"]
+    report["val_value_loss_after"] = 0.3 * report["val_value_loss_before"]
+    info_file.write_text(__import__("json").dumps(info))
+    result = pretraining_lowered_lm_loss(storage=storage)
+    assert result.passed and result.metadata["ratio"].value == pytest.approx(0.3)
+    report["val_value_loss_after"] = 0.9 * report["val_value_loss_before"]
+    report["val_loss_after"] = 0.1 * report["val_loss_before"]
+    info_file.write_text(__import__("json").dumps(info))
+    assert not pretraining_lowered_lm_loss(storage=storage).passed
 
 
 def test_prompt_check_warns_when_the_corpus_is_written_otherwise_than_the_pretraining(run, tmp_path):

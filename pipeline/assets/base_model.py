@@ -66,6 +66,11 @@ class BaseModelConfig(Config):
         description="Validation prompts for the before/after loss (never trained on).",
     )
     pretrain_seed: int = Field(default=_P.seed, ge=0, description="Seed of the row draw and batch order.")
+    pretrain_loss_tokens: str = Field(
+        default=_P.loss_tokens,
+        description="Next tokens the pretraining loss covers: all (causal LM) or values (the numbers' "
+        "tokens only; the template's are learnt in a few steps and then only cost the LM head).",
+    )
     prompt_sig_digits: int = Field(
         default=3,
         ge=1,
@@ -106,6 +111,7 @@ class BaseModelConfig(Config):
             learning_rate=self.pretrain_learning_rate,
             eval_rows=self.pretrain_eval_rows,
             seed=self.pretrain_seed,
+            loss_tokens=self.pretrain_loss_tokens,
         )
         return model, pretrain
 
@@ -221,6 +227,12 @@ def base_model(
                 "pretrain_rows_per_s": MetadataValue.float(report["rows_per_s"]),
                 "val_lm_loss_before": MetadataValue.float(round(report["val_loss_before"], 4)),
                 "val_lm_loss_after": MetadataValue.float(round(report["val_loss_after"], 4)),
+                # models built before the number-token loss existed have no such field
+                **{
+                    f"val_value_loss_{when}": MetadataValue.float(round(report[f"val_value_loss_{when}"], 4))
+                    for when in ("before", "after")
+                    if f"val_value_loss_{when}" in report
+                },
                 "pretrain_train_dates": MetadataValue.json(info.get("pretrain_train_dates")),
             }
         )

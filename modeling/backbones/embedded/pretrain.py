@@ -17,6 +17,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from modeling.inference import encode_prompts, pad_batch
 from modeling.optim import lr_factor, param_groups
 
+LOSS_TOKENS = ("all", "values")
+"""The `PretrainSpec.loss_tokens` choices."""
+VALUE_CHARACTERS = frozenset("0123456789.-=")
+"""A token with any of these characters is part of a prompt's numbers (its digits, point and sign; the
+'=' tokens, some merged with the sign, are where a value starts)."""
+
 
 @dataclass(frozen=True)
 class PretrainSpec:
@@ -48,6 +54,11 @@ class PretrainSpec:
     """Validation prompts whose per-token loss is measured before and after (never trained on)."""
     seed: int = 0
     """Seed of the row draw and of the batch order."""
+    loss_tokens: str = "all"
+    """Which next tokens the loss (and the LM head) covers: `all` (the causal-LM loss), or `values`: only
+    targets that are part of a number (a digit, '.', '-' or the '=' before a value, `VALUE_CHARACTERS`).
+    The template text around the numbers is the same in every prompt; its tokens are learnt within a few
+    steps and then only cost the head's matmul over the vocabulary, about a third of a step."""
 
     def __post_init__(self) -> None:
         for name in ("max_rows", "epochs", "batch_size", "warmup_steps", "eval_rows", "seed"):
@@ -60,6 +71,10 @@ class PretrainSpec:
             raise ValueError(f"PretrainSpec.max_steps must be >= 1 or None, got {self.max_steps}")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise ValueError(f"PretrainSpec.time_budget_s must be > 0 or None, got {self.time_budget_s}")
+        if self.loss_tokens not in LOSS_TOKENS:
+            raise ValueError(
+                f"PretrainSpec.loss_tokens must be one of {LOSS_TOKENS}, got {self.loss_tokens!r}"
+            )
         if not (self.learning_rate > 0 and 0 <= self.min_lr_ratio <= 1 and self.max_grad_norm > 0):
             raise ValueError(
                 "PretrainSpec needs learning_rate > 0, min_lr_ratio in [0, 1] and max_grad_norm > 0"
@@ -86,6 +101,10 @@ class PretrainReport:
     """Causal-LM loss on the validation prompts at random initialisation, nats per predicted token."""
     val_loss_after: float
     """The same after pretraining."""
+    val_value_loss_before: float
+    """The loss on the validation prompts' number tokens only (`value_vocabulary`), at initialisation."""
+    val_value_loss_after: float
+    """The same after pretraining: what `loss_tokens="values"` trains, comparable across both choices."""
     train_loss_last: float | None
     """Mean training loss over the last 10 steps (None without steps)."""
     stopped_by: str
@@ -136,11 +155,42 @@ def _lm_batch(tokenizer: PreTrainedTokenizerBase, ids: list[list[int]]) -> dict[
     return batch
 
 
+def value_vocabulary(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """[vocab] bool: the token ids whose text has a `VALUE_CHARACTERS` character."""
+    return torch.tensor(
+        [not VALUE_CHARACTERS.isdisjoint(tokenizer.decode([i])) for i in range(len(tokenizer))]
+    )
+
+
+def value_token_loss(
+    model: PreTrainedModel, batch: dict[str, torch.Tensor], vocabulary: torch.Tensor
+) -> torch.Tensor:
+    """Mean next-token cross-entropy over the targets in `vocabulary` (padding excluded).
+
+    The decoder runs on every position (the numbers' context is the whole prompt); the LM head and the
+    softmax run only on the positions whose next token is kept, which is where the step's time goes.
+    """
+    hidden = model.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state  # [B, T, H]
+    targets = batch["labels"][:, 1:]  # [B, T-1]: position t predicts token t+1
+    keep = (targets != -100) & vocabulary[targets.clamp(min=0)]
+    if not bool(keep.any()):
+        raise ValueError("a pretraining batch has no value tokens to predict (loss_tokens='values')")
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # [N kept, vocab]
+    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+
+
 @torch.no_grad()
 def lm_loss_per_token(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], batch_size: int = 32
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    batch_size: int = 32,
+    vocabulary: torch.Tensor | None = None,
 ) -> float:
-    """Mean causal-LM cross-entropy over every predicted token of `texts`, in nats per token."""
+    """Mean causal-LM cross-entropy over every predicted token of `texts`, in nats per token; with
+    `vocabulary` ([vocab] bool, `value_vocabulary`), over the targets in it only."""
     ids = encode_prompts(tokenizer, texts)
     if not ids:
         return float("nan")
@@ -152,13 +202,15 @@ def lm_loss_per_token(
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         # position t predicts token t+1; padded targets are ignored
         targets = batch["labels"][:, 1:]
+        if vocabulary is not None:
+            targets = targets.masked_fill(~vocabulary[targets.clamp(min=0)], -100)
         losses = torch.nn.functional.cross_entropy(
             logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=-100, reduction="sum"
         )
         total += float(losses)
         count += int((targets != -100).sum())
     model.train(was_training)
-    return total / count
+    return total / count if count else float("nan")
 
 
 def _optimizer_and_schedule(
@@ -191,16 +243,21 @@ def pretrain_causal_lm(
     give the same weights (when no time budget cuts the run short). The loss on `eval_texts` is measured
     before and after with `lm_loss_per_token`.
     """
+    numbers = value_vocabulary(tokenizer)
     before = lm_loss_per_token(model, tokenizer, eval_texts)
+    values_before = lm_loss_per_token(model, tokenizer, eval_texts, vocabulary=numbers)
     ids = encode_prompts(tokenizer, train_texts)
     if not ids:
-        return PretrainReport(0, 0, 0, 0, 0.0, len(eval_texts), before, before, None, "disabled")
+        return PretrainReport(
+            0, 0, 0, 0, 0.0, len(eval_texts), before, before, values_before, values_before, None, "disabled"
+        )
     per_epoch = math.ceil(len(ids) / spec.batch_size)
     total_steps = spec.epochs * per_epoch
     if spec.max_steps is not None:
         total_steps = min(total_steps, spec.max_steps)
     optimizer, scheduler = _optimizer_and_schedule(model, spec, total_steps)
     generator = torch.Generator().manual_seed(spec.seed)
+    vocabulary = numbers if spec.loss_tokens == "values" else None
     model.train()
     steps = samples = tokens = 0
     recent: list[float] = []
@@ -210,7 +267,7 @@ def pretrain_causal_lm(
         order = torch.randperm(len(ids), generator=generator).tolist()
         for start in range(0, len(order), spec.batch_size):
             batch = _lm_batch(tokenizer, [ids[i] for i in order[start : start + spec.batch_size]])
-            loss = model(**batch).loss
+            loss = model(**batch).loss if vocabulary is None else value_token_loss(model, batch, vocabulary)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
             optimizer.step()
@@ -246,6 +303,8 @@ def pretrain_causal_lm(
         eval_rows=len(eval_texts),
         val_loss_before=before,
         val_loss_after=after,
+        val_value_loss_before=values_before,
+        val_value_loss_after=lm_loss_per_token(model, tokenizer, eval_texts, vocabulary=numbers),
         train_loss_last=float(np.mean(recent)) if recent else None,
         stopped_by=stopped_by,
     )
