@@ -700,11 +700,14 @@ def bench_curve(args) -> None:
             f"| {label} | {_stat_cell(v['llm'])}{sd} | {_stat_cell(t['llm'])} | {_stat_cell(v['ridge'])} | "
             f"{_stat_cell(v['mlp'])} | {v['vs_ridge']} | {t['vs_ridge']} | {v['vs_mlp']} | {train_s:.0f} |"
         )
-    if args.override:  # the candidate against the profile as it is, paired on the same seeds' rows
+    # the candidate against the profile as it is, paired on the same seeds' rows: a candidate profile
+    # (--override) on this backbone, or this DATA_DIR's backbone against --baseline-data's
+    against = Path(args.baseline_data).resolve() / "models" / "base_model" if args.baseline_data else base
+    if args.override or args.baseline_data:
         for size, records in runs.items():
             base_runs = [
                 curve_run(
-                    base,
+                    against,
                     corpus,
                     features,
                     frames,
@@ -731,6 +734,8 @@ def bench_curve(args) -> None:
             drawn = (
                 "rows" if not DRAW_SETTINGS & set(_override_names(args.override)) else "seeds, its own rows"
             )
+            if args.baseline_data:
+                drawn += f", the backbone of {args.baseline_data}"
             rows.append(
                 f"| {records[0]['n_train_rows']:,}: **candidate − the {args.profile} profile** (same {drawn}) "
                 f"| {cells[0]} | {cells[1]} | | | | | | |"
@@ -765,8 +770,11 @@ def bench_curve(args) -> None:
         ("" if args.profile == "cpu" else f"_{args.profile}")
         + ("" if args.epochs == 1 else f"_epochs{args.epochs}")
         + (f"_candidate_{_slug(args.override)}" if args.override else "")
+        + (f"_candidate_backbone{backbone_key(base)}" if args.baseline_data else "")
     )
     candidate = f", candidate: the profile with {args.override}" if args.override else ""
+    if args.baseline_data:
+        candidate += f", candidate: the backbone of DATA_DIR (key {backbone_key(base)[1:]})"
     passes = "one pass" if args.epochs == 1 else f"{args.epochs} passes over the same rows"
     png = _curve_png(runs, summary, reference, f"learning_curve{suffix}.png")
     save_json(f"curve{suffix}", {"runs": {str(k): v for k, v in runs.items()}})
@@ -775,7 +783,7 @@ def bench_curve(args) -> None:
         f"regressor_curve{suffix}",
         f"""## Learning curve of the LLM regressor, {args.profile} profile, {passes}{candidate} (issue 13)
 
-Command: `python bench/bench_regressor.py curve --sizes {args.sizes} --seeds {args.seeds}{"" if args.large_seeds == 1 else f" --large-seeds {args.large_seeds}"} --profile {args.profile}{"" if args.epochs == 1 else f" --epochs {args.epochs}"}{f" --override '{args.override}'" if args.override else ""}` after `make demo`. Machine: {machine()["cores"]} cores ({machine()["cpu"]}). Recipe: the {args.profile} profile (`modeling/profiles.py`) with `max_train_samples` = the size, {passes}, no time budget, the final weights (its periodic validation on 16 dates only monitors; no early stopping). The `train s` column is wall time, which other jobs on the same cores may have stretched: not a speed measurement. Every model is scored on **every** validation and test date; cells are mean daily RankIC ± its standard error (dates). Ridge and the MLP on the 16 features are fit on exactly the same rows, targets and weights; "LLM − ridge" is the paired daily difference on the same rows, Δ ± SE (t). With several seeds, the LLM's daily RankIC is averaged over seeds date by date (the seed sd is the spread of the seeds' means); a comparison over several seeds also pairs each seed with its own counterpart and gives the SE over seeds of those per-seed differences (`modeling.metrics.seed_paired_difference`), which holds the training run's noise that the date SE does not: a change counts only when it clears both. Scoring ran at {rate:,.0f} rows/s.
+Command: `python bench/bench_regressor.py curve --sizes {args.sizes} --seeds {args.seeds}{"" if args.large_seeds == 1 else f" --large-seeds {args.large_seeds}"} --profile {args.profile}{"" if args.epochs == 1 else f" --epochs {args.epochs}"}{f" --override '{args.override}'" if args.override else ""}{f" --baseline-data {args.baseline_data}" if args.baseline_data else ""}` after `make demo`. Machine: {machine()["cores"]} cores ({machine()["cpu"]}). Recipe: the {args.profile} profile (`modeling/profiles.py`) with `max_train_samples` = the size, {passes}, no time budget, the final weights (its periodic validation on 16 dates only monitors; no early stopping). The `train s` column is wall time, which other jobs on the same cores may have stretched: not a speed measurement. Every model is scored on **every** validation and test date; cells are mean daily RankIC ± its standard error (dates). Ridge and the MLP on the 16 features are fit on exactly the same rows, targets and weights; "LLM − ridge" is the paired daily difference on the same rows, Δ ± SE (t). With several seeds, the LLM's daily RankIC is averaged over seeds date by date (the seed sd is the spread of the seeds' means); a comparison over several seeds also pairs each seed with its own counterpart and gives the SE over seeds of those per-seed differences (`modeling.metrics.seed_paired_difference`), which holds the training run's noise that the date SE does not: a change counts only when it clears both. Scoring ran at {rate:,.0f} rows/s.
 
 | train rows | LLM validation | LLM test | ridge validation | MLP validation | LLM − ridge, validation | LLM − ridge, test | LLM − MLP, validation | train s |
 |---|---:|---:|---:|---:|---:|---:|---:|---:|
@@ -1425,6 +1433,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--large-seeds", type=int, default=1, help="curve: seeds of the sizes above --multi-seed-max"
+    )
+    parser.add_argument(
+        "--baseline-data",
+        default="",
+        help="curve: a DATA_DIR (same market and prompts) whose backbone's cached runs of the same profile "
+        "the runs on DATA_DIR's backbone are paired against, seed by seed (a candidate pretraining)",
     )
     parser.add_argument(
         "--skip-random", action="store_true", help="quality: leave out the random-backbone control run"
