@@ -460,6 +460,7 @@ cached runs (which trained with that default) keep their keys."""
 _HEAD_KEY_OMITS_AT_DEFAULT = {"feature_bottleneck": 0}
 """The same for the head's settings."""
 _REGRESSOR_KEY_OMITS_AT_DEFAULT = {"gradient_checkpointing_layers": None}
+_LORA_KEY_OMITS_AT_DEFAULT = {"last_layers_max_samples": None}
 """The same for the regressor's own settings (`gradient_checkpointing_layers` joined in session y and
 keyed every run cached before it anew: a cache miss that retrains for 12 minutes per 96k seed)."""
 
@@ -473,6 +474,9 @@ def _regressor_key(regressor_cfg) -> dict:
     for name, default in _REGRESSOR_KEY_OMITS_AT_DEFAULT.items():
         if name in regressor and regressor[name] == default:
             del regressor[name]
+    for name, default in _LORA_KEY_OMITS_AT_DEFAULT.items():
+        if name in regressor["lora"] and regressor["lora"][name] == default:
+            del regressor["lora"][name]
     return regressor
 
 
@@ -484,9 +488,9 @@ def _recipe_key(train_cfg, regressor_cfg) -> str:
     for name, default in _KEY_OMITS_AT_DEFAULT.items():
         if train.get(name) == default:
             del train[name]
-    text = json.dumps(
-        {"train": train, "regressor": _regressor_key(regressor_cfg)}, sort_keys=True, default=str
-    )
+    # what the run trains: the layers a sample of this size adapts (`RegressorConfig.sized_for`)
+    sized = regressor_cfg.sized_for(train_cfg.max_train_samples)
+    text = json.dumps({"train": train, "regressor": _regressor_key(sized)}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -77,6 +77,11 @@ class LoraSettings:
     last_layers: int | None = None
     """Adapt the last this many decoder layers only (None = all): backward stops at the first adapted one
     (2.5-2.8x the samples/s on the embedded backbone with 1 of 2; routes, BENCHMARKS.md)."""
+    last_layers_max_samples: int | None = None
+    """With `last_layers`: it holds for train samples of at most this many rows (`max_train_samples`); a
+    larger sample, or every train row, adapts every decoder layer (`RegressorConfig.sized_for`, applied by
+    `TrainJob`). None = `last_layers` at any size. The last-layer adapters are a speed choice for a small
+    sample; with more rows the first layers' adapters pay (BENCHMARKS.md, the cpu profile at 96k rows)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.target_modules, str):
@@ -87,6 +92,11 @@ class LoraSettings:
             raise ValueError(f"LoRA needs r >= 1, alpha > 0, 0 <= dropout < 1; got {self}")
         if self.last_layers is not None and self.last_layers < 1:
             raise ValueError(f"LoRA last_layers must be >= 1 or None, got {self.last_layers}")
+        limit = self.last_layers_max_samples
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"LoRA last_layers_max_samples must be an int >= 1 or None, got {limit!r}")
+        if limit is not None and self.last_layers is None:
+            raise ValueError("LoRA last_layers_max_samples needs last_layers")
 
     def peft_config(self, backbone: Any = None) -> Any:
         """peft's `LoraConfig`; `last_layers` needs the `backbone` (its layer count and linear modules)."""
@@ -143,6 +153,18 @@ class RegressorConfig:
             raise ValueError(f"gradient_checkpointing_layers must be an int >= 1 or None, got {k!r}")
         if k is not None and not self.gradient_checkpointing:
             raise ValueError("gradient_checkpointing_layers needs gradient_checkpointing=True")
+
+    def sized_for(self, train_samples: int | None) -> RegressorConfig:
+        """The config a run on `train_samples` sampled rows (None = every train row) trains: the LoRA
+        `last_layers` kept up to `last_layers_max_samples` rows, every layer adapted above; the rule is
+        then resolved (None), so the saved model's config says which layers it has."""
+        limit = self.lora.last_layers_max_samples
+        if limit is None:
+            return self
+        keep = train_samples is not None and train_samples <= limit
+        layers = self.lora.last_layers if keep else None
+        lora = replace(self.lora, last_layers=layers, last_layers_max_samples=None)
+        return replace(self, lora=lora)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -377,6 +399,8 @@ class TrainJob:
             self.regressor = RegressorConfig.from_dict(self.regressor)
         if isinstance(self.train, dict):
             self.train = TrainConfig(**self.train)
+        # which layers get adapters can depend on the sample's size: resolved once, here
+        self.regressor = self.regressor.sized_for(self.train.max_train_samples)
         if isinstance(self.experiment, dict):
             self.experiment = ExperimentSpec(**self.experiment)
         if self.reweight is not None:

@@ -145,3 +145,23 @@ def test_a_setting_added_later_keeps_the_cached_runs_keys_while_at_its_default()
     assert bench_regressor._regressor_key(first)["gradient_checkpointing_layers"] == 1
     train = PROFILES["cpu"].train
     assert bench_regressor._recipe_key(train, first) != bench_regressor._recipe_key(train, every)
+
+
+def test_a_run_is_keyed_on_the_layers_its_sample_size_adapts() -> None:
+    """The cpu profile at 96k rows trains every layer (`sized_for`): its key is the key of that shape, the
+    one a candidate `lora_last_layers=null` had; at 24k the key is the last-layer profile's as before the
+    size rule existed (the threshold itself is not part of any key)."""
+    from dataclasses import replace
+
+    from modeling.profiles import PROFILES, apply_overrides
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_regressor
+
+    cpu = PROFILES["cpu"]
+    every, _ = apply_overrides(cpu.regressor, cpu.train, {"lora_last_layers": None})
+    unruled = replace(cpu.regressor, lora=replace(cpu.regressor.lora, last_layers_max_samples=None))
+    at = {n: bench_regressor.bench_train_config(cpu.train, n, 0, epochs=2) for n in (24_000, 96_000)}
+    key = bench_regressor._recipe_key
+    assert key(at[96_000], cpu.regressor) == key(at[96_000], every) != key(at[96_000], unruled)
+    assert key(at[24_000], cpu.regressor) == key(at[24_000], unruled) != key(at[24_000], every)

@@ -51,6 +51,38 @@ def test_lora_last_layers_is_a_flat_override_and_round_trips(tmp_path: Path) -> 
     assert TrainJob.load(job.save(tmp_path / "job.json")).regressor.lora.last_layers == 2
 
 
+def test_the_cpu_profiles_last_layer_adapters_hold_at_its_demo_size_and_every_layer_above(
+    tmp_path: Path,
+) -> None:
+    """`last_layers_max_samples`: the cpu profile's last-layer adapters (a speed choice at 24k rows) turn
+    into every layer's for a larger sample or every train row; the job resolves the rule once, so what it
+    saves says which layers the model has; an explicit `lora_last_layers` holds at any size."""
+    cpu = PROFILES["cpu"]
+    assert cpu.regressor.lora.last_layers_max_samples == cpu.train.max_train_samples == 24_000
+    sized = {n: cpu.regressor.sized_for(n).lora for n in (24_000, 24_001, 96_000, None)}
+    assert sized[24_000] == LoraSettings(r=32, alpha=64.0, last_layers=1)
+    assert sized[24_001] == sized[96_000] == sized[None] == LoraSettings(r=32, alpha=64.0)
+    # a job resolves it from its own sample size, and the saved job holds the resolved shape
+    for rows, layers in ((24_000, 1), (96_000, None), (None, None)):
+        train = TrainConfig(**{**cpu.train.__dict__, "max_train_samples": rows})
+        job = TrainJob.load(_job(regressor=cpu.regressor, train=train).save(tmp_path / f"{rows}.json"))
+        assert job.regressor.lora.last_layers == layers
+        assert job.regressor.lora.last_layers_max_samples is None
+    # through the flat overrides (the regressor asset's config, the search's best params)
+    regressor, train = apply_overrides(cpu.regressor, cpu.train, {"max_train_samples": 96_000})
+    assert _job(regressor=regressor, train=train).regressor.lora.last_layers is None
+    pinned, train = apply_overrides(
+        cpu.regressor, cpu.train, {"max_train_samples": 96_000, "lora_last_layers": 1}
+    )
+    assert _job(regressor=pinned, train=train).regressor.lora.last_layers == 1
+    # the gpu profile adapts every layer at any size; the rule needs last_layers to act on
+    assert PROFILES["gpu"].regressor.sized_for(1_000) == PROFILES["gpu"].regressor
+    with pytest.raises(ValueError, match="needs last_layers"):
+        LoraSettings(last_layers_max_samples=10)
+    with pytest.raises(ValueError, match="last_layers_max_samples"):
+        LoraSettings(last_layers=1, last_layers_max_samples=0)
+
+
 def test_checkpointing_some_layers_is_asset_config_and_round_trips(tmp_path: Path) -> None:
     from pipeline.assets.regressor import RegressorAssetConfig
 

@@ -48,8 +48,9 @@ class RegressorAssetConfig(Config):
         default=None,
         ge=1,
         description=(
-            "Adapt the last N decoder layers only (None = the profile's: cpu 1, gpu every layer; "
-            "N >= the backbone's layer count adapts every layer)."
+            "Adapt the last N decoder layers only, at any sample size (None = the profile's: cpu 1 up "
+            "to 24k sampled rows and every layer above, gpu every layer; N >= the backbone's layer count "
+            "adapts every layer)."
         ),
     )
     loss: str | None = Field(
