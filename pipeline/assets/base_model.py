@@ -69,7 +69,7 @@ class BaseModelConfig(Config):
     pretrain_loss_tokens: str = Field(
         default=_P.loss_tokens,
         description="Next tokens the pretraining loss covers: all (causal LM) or values (the numbers' "
-        "tokens only; the template's are learnt in a few steps and then only cost the LM head).",
+        "tokens only: 1.32x faster steps, but a worse regressor, -0.0072 RankIC over 3 seeds).",
     )
     prompt_sig_digits: int = Field(
         default=3,
