@@ -87,7 +87,8 @@ def plan_regressor_job(
         training_set_path=str(training_set),
     )
     job_config = {
-        "regressor": regressor_cfg.to_dict(),
+        # what the job trains: the regressor as the sample's size resolves it (`RegressorConfig.sized_for`)
+        "regressor": job.to_dict()["regressor"],
         "train": job.to_dict()["train"],
         "prompt": prompt,
         "final_eval_max_dates": final_dates,
