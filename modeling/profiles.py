@@ -119,7 +119,9 @@ PROFILES: dict[str, Profile] = {
             # MSE, not the cpu profile's IC loss: at 96k rows (two passes, 2 seeds) IC trailed ridge on its
             # rows by 0.0051 +- 0.0024 (t -2.1) where MSE was level (-0.0000 +- 0.0022; curve, BENCHMARKS.md).
             # Those were other rows: on the same 96k rows (cpu recipe, seed 0) MSE - IC was -0.0012 +- 0.0020
-            # validation, -0.0043 +- 0.0018 test, so this choice waits for a paired run on a GPU
+            # validation, -0.0043 +- 0.0018 test, and with every layer adapted (session z) -0.0052 +- 0.0019
+            # and -0.0049 +- 0.0017: the same-rows evidence favours IC; switching waits for a test of the
+            # IC sampler on every row and a paired run on a GPU
             batch_size=64,
             max_train_samples=None,
             epochs=1,
