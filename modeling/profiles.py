@@ -120,8 +120,8 @@ PROFILES: dict[str, Profile] = {
             # rows by 0.0051 +- 0.0024 (t -2.1) where MSE was level (-0.0000 +- 0.0022; curve, BENCHMARKS.md).
             # Those were other rows: on the same 96k rows (cpu recipe, seed 0) MSE - IC was -0.0012 +- 0.0020
             # validation, -0.0043 +- 0.0018 test, and with every layer adapted (session z) -0.0052 +- 0.0019
-            # and -0.0049 +- 0.0017: the same-rows evidence favours IC; switching waits for a test of the
-            # IC sampler on every row and a paired run on a GPU
+            # and -0.0049 +- 0.0017: the same-rows evidence favours IC (the cpu recipe's runs); switching
+            # waits for a pairing with this profile's own settings
             batch_size=64,
             max_train_samples=None,
             epochs=1,
