@@ -50,6 +50,7 @@ def main() -> None:
     from modeling.backbones.embedded.pretrain import (
         PretrainSpec,
         _lm_batch,
+        number_targets,
         select_pretraining_rows,
         value_token_loss,
         value_vocabulary,
@@ -80,7 +81,7 @@ def main() -> None:
     ]
     vocabulary = value_vocabulary(tok)
     kept = [
-        float((((t := b["labels"][:, 1:]) != -100) & vocabulary[t.clamp(min=0)]).sum() / (t != -100).sum())
+        float(number_targets(b["labels"], vocabulary).sum() / (b["labels"][:, 1:] != -100).sum())
         for b in batches
     ]
     losses = {

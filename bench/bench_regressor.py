@@ -460,23 +460,23 @@ cached runs (which trained with that default) keep their keys."""
 _HEAD_KEY_OMITS_AT_DEFAULT = {"feature_bottleneck": 0}
 """The same for the head's settings."""
 _REGRESSOR_KEY_OMITS_AT_DEFAULT = {"gradient_checkpointing_layers": None}
-_LORA_KEY_OMITS_AT_DEFAULT = {"last_layers_max_samples": None}
 """The same for the regressor's own settings (`gradient_checkpointing_layers` joined in session y and
 keyed every run cached before it anew: a cache miss that retrains for 12 minutes per 96k seed)."""
+_LORA_KEY_OMITS_AT_DEFAULT = {"last_layers_max_samples": None}
+"""The same for the LoRA settings (a key is taken on the resolved shape, where the rule is None)."""
 
 
 def _regressor_key(regressor_cfg) -> dict:
     """The regressor config as a cache key sees it (head settings at their old default left out)."""
     regressor = regressor_cfg.to_dict()
-    for name, default in _HEAD_KEY_OMITS_AT_DEFAULT.items():
-        if regressor["head"].get(name) == default:
-            del regressor["head"][name]
-    for name, default in _REGRESSOR_KEY_OMITS_AT_DEFAULT.items():
-        if name in regressor and regressor[name] == default:
-            del regressor[name]
-    for name, default in _LORA_KEY_OMITS_AT_DEFAULT.items():
-        if name in regressor["lora"] and regressor["lora"][name] == default:
-            del regressor["lora"][name]
+    for part, omits in (
+        (regressor["head"], _HEAD_KEY_OMITS_AT_DEFAULT),
+        (regressor, _REGRESSOR_KEY_OMITS_AT_DEFAULT),
+        (regressor["lora"], _LORA_KEY_OMITS_AT_DEFAULT),
+    ):
+        for name, default in omits.items():
+            if name in part and part[name] == default:
+                del part[name]
     return regressor
 
 

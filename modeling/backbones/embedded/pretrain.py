@@ -163,6 +163,13 @@ def value_vocabulary(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
     )
 
 
+def number_targets(labels: torch.Tensor, vocabulary: torch.Tensor) -> torch.Tensor:
+    """[B, T-1] bool: the next-token targets of a `_lm_batch`'s `labels` that are in `vocabulary` (padding
+    excluded); position t predicts token t+1."""
+    targets = labels[:, 1:]
+    return (targets != -100) & vocabulary[targets.clamp(min=0)]
+
+
 def value_token_loss(
     model: PreTrainedModel, batch: dict[str, torch.Tensor], vocabulary: torch.Tensor
 ) -> torch.Tensor:
@@ -175,7 +182,7 @@ def value_token_loss(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
     ).last_hidden_state  # [B, T, H]
     targets = batch["labels"][:, 1:]  # [B, T-1]: position t predicts token t+1
-    keep = (targets != -100) & vocabulary[targets.clamp(min=0)]
+    keep = number_targets(batch["labels"], vocabulary)
     if not bool(keep.any()):
         raise ValueError("a pretraining batch has no value tokens to predict (loss_tokens='values')")
     logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # [N kept, vocab]
@@ -204,7 +211,7 @@ def lm_loss_per_token(
         # position t predicts token t+1; padded targets are ignored
         targets = batch["labels"][:, 1:]
         if vocabulary is not None:
-            targets = targets.masked_fill(~vocabulary[targets.clamp(min=0)], -100)
+            targets = targets.masked_fill(~number_targets(batch["labels"], vocabulary), -100)
         losses = torch.nn.functional.cross_entropy(
             logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=-100, reduction="sum"
         )
