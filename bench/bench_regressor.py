@@ -632,6 +632,14 @@ def _stat_cell(stat) -> str:
     return f"{stat.mean:.4f} ± {stat.se:.4f} ({stat.n_dates})"
 
 
+def curve_seeds(size: int | None, args) -> int:
+    """Seeds of one curve size: `--seeds` up to `--multi-seed-max` rows, `--large-seeds` above, and
+    `--all-seeds` for every row (None, the issue's one seed there)."""
+    if size is None:
+        return args.all_seeds
+    return args.seeds if size <= args.multi_seed_max else args.large_seeds
+
+
 def bench_curve(args) -> None:
     import numpy as np
     import pandas as pd
@@ -660,9 +668,7 @@ def bench_curve(args) -> None:
         out = out.with_name(f"{out.name}-{args.profile}")
     runs: dict = {}
     for size in sizes:
-        small = size is not None and size <= args.multi_seed_max
-        seeds = range(args.seeds if small else args.large_seeds if size is not None else args.all_seeds)
-        for seed in seeds:
+        for seed in range(curve_seeds(size, args)):
             print(f"curve: {size or 'all'} rows, seed {seed}", flush=True)
             runs.setdefault(size, []).append(
                 curve_run(base, corpus, features, frames, size, seed, out, args.profile, epochs=args.epochs)

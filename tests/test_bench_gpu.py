@@ -165,3 +165,15 @@ def test_a_run_is_keyed_on_the_layers_its_sample_size_adapts() -> None:
     key = bench_regressor._recipe_key
     assert key(at[96_000], cpu.regressor) == key(at[96_000], every) != key(at[96_000], unruled)
     assert key(at[24_000], cpu.regressor) == key(at[24_000], unruled) != key(at[24_000], every)
+
+
+def test_the_curve_takes_its_seeds_per_size_and_one_at_every_row() -> None:
+    """`--seeds` at the demo's size, `--large-seeds` above it, `--all-seeds` at every row (defaulting to
+    `--large-seeds`, as before the option existed)."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_regressor
+
+    args = SimpleNamespace(seeds=3, large_seeds=2, all_seeds=1, multi_seed_max=24_000)
+    assert [bench_regressor.curve_seeds(n, args) for n in (24_000, 24_001, 96_000, None)] == [3, 2, 2, 1]
