@@ -44,6 +44,25 @@ from modeling.train_state import LoopState, latest_checkpoint, read_checkpoint
 from modeling.trunk_cache import TrunkCache, trunk_bytes, trunk_frozen
 
 
+def process_share(micro: int, n_proc: int, date_group_size: int = 0) -> int:
+    """Rows of one micro-batch that each of `n_proc` processes trains on. It must split evenly, and under
+    date-grouped batches into whole groups: the IC loss correlates within each group of a process's share,
+    so 8 GPUs on a batch of 32 (4 rows each) cannot hold a group of 16. Checked before the data and the
+    model load, where the first step would fail minutes later."""
+    if micro % n_proc:
+        raise ValueError(
+            f"the micro-batch {micro} (batch_size / grad_accum_steps) does not split over {n_proc} processes"
+        )
+    share = micro // n_proc
+    if date_group_size and share % date_group_size:
+        raise ValueError(
+            f"each of {n_proc} processes gets {share} rows of a micro-batch of {micro}: not whole date "
+            f"groups of {date_group_size}; set batch_size to a multiple of {date_group_size * n_proc} x "
+            f"grad_accum_steps, or train on fewer processes"
+        )
+    return share
+
+
 class TrainerSetup:
     """The setup half of the recipe: `setup` builds the accelerator, the data, the model and optimizer
     with the schedule's constants, and the state resumed from a checkpoint; `RegressorTrainer` (its
@@ -86,11 +105,7 @@ class TrainerSetup:
         )
         self.n_proc = self.accelerator.num_processes
         self.micro = cfg.batch_size // cfg.grad_accum_steps
-        if self.micro % self.n_proc:
-            raise ValueError(
-                f"the micro-batch {self.micro} (batch_size / grad_accum_steps) does not split over "
-                f"{self.n_proc} processes"
-            )
+        process_share(self.micro, self.n_proc, cfg.date_group_size)
         self.main = self.accelerator.is_main_process
         if self.main:
             self.ckpt_root.mkdir(parents=True, exist_ok=True)

@@ -207,3 +207,16 @@ def test_config_refuses_an_ic_loss_without_date_groups() -> None:
     with pytest.raises(ValueError, match="ic_mse_weight"):
         TrainConfig(loss="ic", date_group_size=16, ic_mse_weight=-0.1)
     assert TrainConfig(loss="ic", date_group_size=16, ic_mse_weight=0.5).ic_mse_weight == 0.5
+
+
+def test_each_process_gets_whole_date_groups_or_the_run_stops_before_loading() -> None:
+    """Under DDP a process correlates within the groups of its own share of the batch: a share that is
+    not whole groups fails at setup, before the data and the model load."""
+    from modeling.train_setup import process_share
+
+    assert process_share(32, 2, 16) == 16 and process_share(128, 8, 16) == 16
+    assert process_share(32, 4) == 8  # plain rows: any even split
+    with pytest.raises(ValueError, match="not whole date groups of 16; set batch_size to a multiple of 128"):
+        process_share(32, 8, 16)
+    with pytest.raises(ValueError, match="does not split over 3 processes"):
+        process_share(32, 3, 16)
