@@ -632,6 +632,12 @@ def _stat_cell(stat) -> str:
     return f"{stat.mean:.4f} ± {stat.se:.4f} ({stat.n_dates})"
 
 
+def _curve_out(date_step: int, profile: str) -> Path:
+    """Where a profile's curve runs are cached (every date, or every n-th)."""
+    name = "curve" if date_step == 1 else f"curve-every{date_step}"
+    return OUT / (name if profile == "cpu" else f"{name}-{profile}")
+
+
 def curve_seeds(size: int | None, args) -> int:
     """Seeds of one curve size: `--seeds` up to `--multi-seed-max` rows, `--large-seeds` above, and
     `--all-seeds` for every row (None, the issue's one seed there)."""
@@ -663,9 +669,7 @@ def bench_curve(args) -> None:
         )
         frames[split] = rows.merge(features, on=["date", "symbol"], how="left")
     sizes = [None if x == "all" else int(x) for x in args.sizes.split(",")]
-    out = OUT / ("curve" if args.date_step == 1 else f"curve-every{args.date_step}")
-    if args.profile != "cpu":
-        out = out.with_name(f"{out.name}-{args.profile}")
+    out = _curve_out(args.date_step, args.profile)
     runs: dict = {}
     for size in sizes:
         for seed in range(curve_seeds(size, args)):
@@ -711,9 +715,11 @@ def bench_curve(args) -> None:
             f"{_stat_cell(v['mlp'])} | {v['vs_ridge']} | {t['vs_ridge']} | {v['vs_mlp']} | {train_s:.0f} |"
         )
     # the candidate against the profile as it is, paired on the same seeds' rows: a candidate profile
-    # (--override) on this backbone, or this DATA_DIR's backbone against --baseline-data's
+    # (--override) on this backbone, or this DATA_DIR's backbone against --baseline-data's; or this
+    # profile against another one as it is (--against-profile: each its own rows and passes)
     against = Path(args.baseline_data).resolve() / "models" / "base_model" if args.baseline_data else base
-    if args.override or args.baseline_data:
+    other = PROFILES[args.against_profile] if args.against_profile else None
+    if args.override or args.baseline_data or other:
         for size, records in runs.items():
             base_runs = [
                 curve_run(
@@ -723,14 +729,15 @@ def bench_curve(args) -> None:
                     frames,
                     size,
                     r["seed"],
-                    out,
-                    epochs=args.epochs,
-                    profile=args.base_profile,
+                    _curve_out(args.date_step, other.name) if other else out,
+                    epochs=None if other else args.epochs,
+                    profile=other or args.base_profile,
                 )
                 for r in records
             ]
             if any(b is None for b in base_runs):
-                print(f"curve: the profile's own runs at {size or 'all'} rows are not cached: no pairing")
+                whose = f"the {other.name} profile's" if other else "the profile's own"
+                print(f"curve: {whose} runs at {size or 'all'} rows are not cached: no pairing")
                 continue
             cells = [
                 str(
@@ -746,9 +753,14 @@ def bench_curve(args) -> None:
             )
             if args.baseline_data:
                 drawn += f", the backbone of {args.baseline_data}"
+            pair = f"candidate − the {args.profile} profile"
+            if other:
+                pair, drawn = (
+                    f"the {args.profile} profile − the {other.name} profile",
+                    "seeds, each its own rows",
+                )
             rows.append(
-                f"| {records[0]['n_train_rows']:,}: **candidate − the {args.profile} profile** (same {drawn}) "
-                f"| {cells[0]} | {cells[1]} | | | | | | |"
+                f"| {records[0]['n_train_rows']:,}: **{pair}** (same {drawn}) | {cells[0]} | {cells[1]} | | | | | | |"
             )
     # targets
     checks = []
@@ -781,10 +793,13 @@ def bench_curve(args) -> None:
         + ("" if args.epochs == 1 else f"_epochs{args.epochs}")
         + (f"_candidate_{_slug(args.override)}" if args.override else "")
         + (f"_candidate_backbone{backbone_key(base)}" if args.baseline_data else "")
+        + (f"_against_{args.against_profile}" if args.against_profile else "")
     )
     candidate = f", candidate: the profile with {args.override}" if args.override else ""
     if args.baseline_data:
         candidate += f", candidate: the backbone of DATA_DIR (key {backbone_key(base)[1:]})"
+    if args.against_profile:
+        candidate += f", against the {args.against_profile} profile as it is"
     passes = "one pass" if args.epochs == 1 else f"{args.epochs} passes over the same rows"
     png = _curve_png(runs, summary, reference, f"learning_curve{suffix}.png")
     save_json(f"curve{suffix}", {"runs": {str(k): v for k, v in runs.items()}})
@@ -793,7 +808,7 @@ def bench_curve(args) -> None:
         f"regressor_curve{suffix}",
         f"""## Learning curve of the LLM regressor, {args.profile} profile, {passes}{candidate} (issue 13)
 
-Command: `python bench/bench_regressor.py curve --sizes {args.sizes} --seeds {args.seeds}{"" if args.large_seeds == 1 else f" --large-seeds {args.large_seeds}"}{"" if args.all_seeds == args.large_seeds else f" --all-seeds {args.all_seeds}"} --profile {args.profile}{"" if args.epochs == 1 else f" --epochs {args.epochs}"}{f" --override '{args.override}'" if args.override else ""}{f" --baseline-data {args.baseline_data}" if args.baseline_data else ""}` after `make demo`. Machine: {machine()["cores"]} cores ({machine()["cpu"]}). Recipe: the {args.profile} profile (`modeling/profiles.py`) with `max_train_samples` = the size, {passes}, no time budget, the final weights (its periodic validation on 16 dates only monitors; no early stopping). The `train s` column is wall time, which other jobs on the same cores may have stretched: not a speed measurement. Every model is scored on **every** validation and test date; cells are mean daily RankIC ± its standard error (dates). Ridge and the MLP on the 16 features are fit on exactly the same rows, targets and weights; "LLM − ridge" is the paired daily difference on the same rows, Δ ± SE (t). With several seeds, the LLM's daily RankIC is averaged over seeds date by date (the seed sd is the spread of the seeds' means); a comparison over several seeds also pairs each seed with its own counterpart and gives the SE over seeds of those per-seed differences (`modeling.metrics.seed_paired_difference`), which holds the training run's noise that the date SE does not: a change counts only when it clears both. Scoring ran at {rate:,.0f} rows/s.
+Command: `python bench/bench_regressor.py curve --sizes {args.sizes} --seeds {args.seeds}{"" if args.large_seeds == 1 else f" --large-seeds {args.large_seeds}"}{"" if args.all_seeds == args.large_seeds else f" --all-seeds {args.all_seeds}"} --profile {args.profile}{"" if args.epochs == 1 else f" --epochs {args.epochs}"}{f" --override '{args.override}'" if args.override else ""}{f" --baseline-data {args.baseline_data}" if args.baseline_data else ""}{f" --against-profile {args.against_profile}" if args.against_profile else ""}` after `make demo`. Machine: {machine()["cores"]} cores ({machine()["cpu"]}). Recipe: the {args.profile} profile (`modeling/profiles.py`) with `max_train_samples` = the size, {passes}, no time budget, the final weights (its periodic validation on 16 dates only monitors; no early stopping). The `train s` column is wall time, which other jobs on the same cores may have stretched: not a speed measurement. Every model is scored on **every** validation and test date; cells are mean daily RankIC ± its standard error (dates). Ridge and the MLP on the 16 features are fit on exactly the same rows, targets and weights; "LLM − ridge" is the paired daily difference on the same rows, Δ ± SE (t). With several seeds, the LLM's daily RankIC is averaged over seeds date by date (the seed sd is the spread of the seeds' means); a comparison over several seeds also pairs each seed with its own counterpart and gives the SE over seeds of those per-seed differences (`modeling.metrics.seed_paired_difference`), which holds the training run's noise that the date SE does not: a change counts only when it clears both. Scoring ran at {rate:,.0f} rows/s.
 
 | train rows | LLM validation | LLM test | ridge validation | MLP validation | LLM − ridge, validation | LLM − ridge, test | LLM − MLP, validation | train s |
 |---|---:|---:|---:|---:|---:|---:|---:|---:|
@@ -1457,6 +1472,13 @@ def main() -> None:
         "the runs on DATA_DIR's backbone are paired against, seed by seed (a candidate pretraining)",
     )
     parser.add_argument(
+        "--against-profile",
+        default="",
+        help="curve: pair each run with another profile's cached run of the same size and seed, as that "
+        "profile trains it (its own rows and passes; run its curve first), e.g. --profile gpu "
+        "--against-profile cpu",
+    )
+    parser.add_argument(
         "--skip-random", action="store_true", help="quality: leave out the random-backbone control run"
     )
     parser.add_argument(
@@ -1469,6 +1491,17 @@ def main() -> None:
     if args.all_seeds is None:
         args.all_seeds = args.large_seeds
     from modeling.profiles import PROFILES
+
+    if args.against_profile and (
+        args.what != "curve"
+        or args.against_profile not in set(PROFILES) - {args.profile}
+        or args.override
+        or args.baseline_data
+    ):
+        raise SystemExit(
+            "--against-profile: `curve` only, another profile than --profile, without --override or "
+            "--baseline-data"
+        )
 
     if args.override and args.profile != "cpu" and args.what != "curve":
         raise SystemExit(f"--override with --profile {args.profile}: only `curve` trains another profile")

@@ -177,3 +177,7 @@ def test_the_curve_takes_its_seeds_per_size_and_one_at_every_row() -> None:
 
     args = SimpleNamespace(seeds=3, large_seeds=2, all_seeds=1, multi_seed_max=24_000)
     assert [bench_regressor.curve_seeds(n, args) for n in (24_000, 24_001, 96_000, None)] == [3, 2, 2, 1]
+    # each profile's runs in their own folder: `--against-profile` reads the other profile's there
+    out = bench_regressor._curve_out
+    names = (out(1, "cpu").name, out(1, "gpu").name, out(2, "gpu").name)
+    assert names == ("curve", "curve-gpu", "curve-every2-gpu")
