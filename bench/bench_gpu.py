@@ -196,6 +196,7 @@ def bench_smollm2(args: argparse.Namespace) -> dict:
         profile.regressor,
         profile.train,
         resume=True,
+        training_set_path=str(data / "training_set.parquet"),  # the probe's feature values
     )
     started = time.perf_counter()
     result = train_regressor(job)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import duckdb
@@ -222,11 +223,17 @@ def test_windows_train_on_the_profiles_processes_and_rows(monkeypatch) -> None:
     monkeypatch.setattr(launching, "visible_gpus", lambda: 4)
     assert asset.BacktestConfig().processes(PROFILES["cpu"]) == 1
     gpu = asset.BacktestConfig(profile="gpu")
-    assert gpu.processes(PROFILES["gpu"]) == 4
-    assert asset._profile_configs(gpu)[2].max_train_samples is None  # every train row
-    assert asset.BacktestConfig(profile="gpu", num_processes=2).processes(PROFILES["gpu"]) == 2
+    train = asset._profile_configs(gpu)[2]
+    assert train.max_train_samples is None  # every train row
+    # one process per GPU, as many as the batch holds whole date groups for (32 rows: 2 groups of 16)
+    assert gpu.processes(PROFILES["gpu"], train) == 2
+    wider = replace(train, batch_size=128)
+    assert gpu.processes(PROFILES["gpu"], wider) == 4
+    assert gpu.processes(PROFILES["gpu"], replace(train, loss="mse", date_group_size=0)) == 4
+    asked = asset.BacktestConfig(profile="gpu", num_processes=3)
+    assert asked.processes(PROFILES["gpu"], train) == 3  # kept as asked
     monkeypatch.setattr(launching, "visible_gpus", lambda: 0)
-    assert gpu.processes(PROFILES["gpu"]) == 1  # no GPU here: one process
+    assert gpu.processes(PROFILES["gpu"], train) == 1  # no GPU here: one process
 
     calls = []
 

@@ -36,15 +36,16 @@ def test_nested_parts_are_typed_and_round_trip_through_json(tmp_path: Path) -> N
 
 def test_lora_last_layers_is_a_flat_override_and_round_trips(tmp_path: Path) -> None:
     cpu, gpu = PROFILES["cpu"], PROFILES["gpu"]
-    # the cpu profile adapts the last layer only (the 3-seed comparison); the gpu one every layer
+    # the cpu profile adapts the last layer only at its demo size (the 3-seed comparison); the gpu one every
+    # layer
     assert cpu.regressor.lora.last_layers == 1 and gpu.regressor.lora.last_layers is None
-    # the cpu profile trains on the per-date IC loss (date groups of 16); the gpu one on MSE
-    assert (cpu.train.loss, cpu.train.date_group_size, gpu.train.loss) == ("ic", 16, "mse")
-    # the cpu profile's head reads the feature probe's 16 readouts (the seeds' spread); the gpu one the state
-    assert (cpu.regressor.head.feature_bottleneck, gpu.regressor.head.feature_bottleneck) == (16, 0)
+    # the per-date IC loss on date groups of 16
+    assert (cpu.train.loss, cpu.train.date_group_size) == ("ic", 16)
+    # the head reads the feature probe's 16 readouts (the seeds' spread)
+    assert cpu.regressor.head.feature_bottleneck == 16
     assert cpu.train.aux_feature_weight > 0  # the readout is the probe: it needs the probe's loss
     regressor, _ = apply_overrides(gpu.regressor, gpu.train, {"lora_last_layers": 2})
-    assert regressor.lora == LoraSettings(r=16, alpha=32.0, last_layers=2)
+    assert regressor.lora == LoraSettings(r=32, alpha=64.0, last_layers=2)
     every, _ = apply_overrides(cpu.regressor, cpu.train, {"lora_last_layers": None})
     assert every.lora == LoraSettings(r=32, alpha=64.0) and every.lora.last_layers is None
     job = _job(regressor=regressor)
@@ -81,6 +82,29 @@ def test_the_cpu_profiles_last_layer_adapters_hold_at_its_demo_size_and_every_la
         LoraSettings(last_layers_max_samples=10)
     with pytest.raises(ValueError, match="last_layers_max_samples"):
         LoraSettings(last_layers=1, last_layers_max_samples=0)
+
+
+def test_the_gpu_profile_trains_the_curves_recipe_on_every_row() -> None:
+    """The gpu profile is the cpu profile's recipe as the learning curve measured it on every train row
+    (the cpu profile's own shape at that size), and differs only in what a GPU run needs: no sample, no
+    time guard, the monitoring's cadence and the scoring batch."""
+    from dataclasses import asdict
+
+    cpu, gpu = PROFILES["cpu"], PROFILES["gpu"]
+    assert gpu.regressor == cpu.regressor.sized_for(None)
+    assert gpu.regressor.lora == LoraSettings(r=32, alpha=64.0)  # every layer, the rule resolved
+    differ = {k for k, v in asdict(gpu.train).items() if asdict(cpu.train)[k] != v}
+    assert differ == {
+        "max_train_samples",
+        "time_budget_s",
+        "eval_every_steps",
+        "eval_max_dates",
+        "checkpoint_every_steps",
+        "eval_batch_size",
+    }
+    assert gpu.train.max_train_samples is None and gpu.train.time_budget_s is None
+    assert (gpu.train.loss, gpu.train.epochs, gpu.train.batch_size) == ("ic", 2, 32)
+    assert gpu.num_processes is None and gpu.final_eval_max_dates is None
 
 
 def test_checkpointing_some_layers_is_asset_config_and_round_trips(tmp_path: Path) -> None:

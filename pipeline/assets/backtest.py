@@ -84,9 +84,10 @@ class BacktestConfig(Config):
         default=None, description="An accelerate config file (e.g. configs/accelerate/multi_gpu.yaml)."
     )
 
-    def processes(self, profile) -> int:
-        """Training processes of each window, chosen as `regressor` chooses them."""
-        return training_processes(self.num_processes, profile)
+    def processes(self, profile, train=None) -> int:
+        """Training processes of each window (`train`: the windows' train config), chosen as `regressor`
+        chooses them."""
+        return training_processes(self.num_processes, profile, train)
 
     def window_spec(self) -> WindowSpec:
         return WindowSpec(
@@ -388,7 +389,7 @@ def backtest(
             train_cfg,
             training_set_path=str(run.training_set_path),
         )
-        launch = (config.processes(profile), config.accelerate_config_file)
+        launch = (config.processes(profile, train_cfg), config.accelerate_config_file)
         _run_windows(context, pipes_subprocess_client, warehouse, run, todo, template, done, launch)
 
     models = [LLM_MODEL, *FEATURE_BASELINES]

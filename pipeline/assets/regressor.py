@@ -242,7 +242,7 @@ def _experiment_spec(
 
 def _launch(context, client: PipesSubprocessClient, job: TrainJob, config: RegressorAssetConfig, profile):
     """Run the training process through Pipes; a failure carries the child's own traceback."""
-    processes = training_processes(config.num_processes, profile)
+    processes = training_processes(config.num_processes, profile, job.train)
     return run_training_process(context, client, job, processes, config.accelerate_config_file)
 
 
