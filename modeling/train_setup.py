@@ -44,23 +44,31 @@ from modeling.train_state import LoopState, latest_checkpoint, read_checkpoint
 from modeling.trunk_cache import TrunkCache, trunk_bytes, trunk_frozen
 
 
-def process_share(micro: int, n_proc: int, date_group_size: int = 0) -> int:
-    """Rows of one micro-batch that each of `n_proc` processes trains on. It must split evenly, and under
-    date-grouped batches into whole groups: the IC loss correlates within each group of a process's share,
-    so 8 GPUs on a batch of 32 (4 rows each) cannot hold a group of 16. Checked before the data and the
-    model load, where the first step would fail minutes later."""
+def share_problem(micro: int, n_proc: int, date_group_size: int = 0) -> str | None:
+    """Why a micro-batch of `micro` rows cannot be shared by `n_proc` processes (None: it can). It must
+    split evenly, and under date-grouped batches into whole groups: the IC loss correlates within each
+    group of a process's share, so 8 GPUs on a batch of 32 (4 rows each) cannot hold a group of 16."""
     if micro % n_proc:
-        raise ValueError(
+        return (
             f"the micro-batch {micro} (batch_size / grad_accum_steps) does not split over {n_proc} processes"
         )
     share = micro // n_proc
     if date_group_size and share % date_group_size:
-        raise ValueError(
+        return (
             f"each of {n_proc} processes gets {share} rows of a micro-batch of {micro}: not whole date "
             f"groups of {date_group_size}; set batch_size to a multiple of {date_group_size * n_proc} x "
             f"grad_accum_steps, or train on fewer processes"
         )
-    return share
+    return None
+
+
+def process_share(micro: int, n_proc: int, date_group_size: int = 0) -> int:
+    """Rows of one micro-batch that each of `n_proc` processes trains on (`share_problem` refused).
+    Checked before the data and the model load, where the first step would fail minutes later."""
+    problem = share_problem(micro, n_proc, date_group_size)
+    if problem:
+        raise ValueError(problem)
+    return micro // n_proc
 
 
 class TrainerSetup:

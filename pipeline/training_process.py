@@ -10,21 +10,23 @@ from dagster import Failure, MetadataValue, PipesClientCompletedInvocation, Pipe
 
 from modeling.job import TrainJob
 from modeling.launch import launch_command, visible_gpus
+from modeling.train_setup import share_problem
 
 
 def training_processes(requested: int | None, profile, train=None) -> int:
     """Training processes of a run: the config's count, else the profile's, else one per visible GPU
     (at least one), and then no more than the batch (`train`, the run's `TrainConfig`) has date groups for:
     under the IC loss each process correlates within whole groups of its share of a batch
-    (`modeling.train_setup.process_share`), so a batch of 32 in groups of 16 trains on 2 of 8 GPUs. A
-    count set in the config is kept as asked (the training process refuses one that cannot split).
+    (`modeling.train_setup.share_problem`, the rule the training process checks), so a batch of 32 in
+    groups of 16 trains on 2 of 8 GPUs. A count set in the config is kept as asked (the training process
+    refuses one that cannot split).
     `regressor` and each `backtest` window choose alike."""
     if requested:
         return requested
     n = profile.num_processes or max(1, visible_gpus())
     if train is not None and train.date_group_size:
         micro = train.batch_size // train.grad_accum_steps
-        n = max(p for p in range(1, n + 1) if micro % (p * train.date_group_size) == 0)
+        n = max(p for p in range(1, n + 1) if share_problem(micro, p, train.date_group_size) is None)
     return n
 
 
