@@ -638,6 +638,10 @@ def _curve_out(date_step: int, profile: str) -> Path:
     return OUT / (name if profile == "cpu" else f"{name}-{profile}")
 
 
+def _passes(epochs: int) -> str:
+    return "one pass" if epochs == 1 else f"{epochs} passes over the same rows"
+
+
 def curve_seeds(size: int | None, args) -> int:
     """Seeds of one curve size: `--seeds` up to `--multi-seed-max` rows, `--large-seeds` above, and
     `--all-seeds` for every row (None, the issue's one seed there)."""
@@ -719,7 +723,7 @@ def bench_curve(args) -> None:
     # profile against another one as it is (--against-profile: each its own rows and passes)
     against = Path(args.baseline_data).resolve() / "models" / "base_model" if args.baseline_data else base
     other = PROFILES[args.against_profile] if args.against_profile else None
-    if args.override or args.baseline_data or other:
+    if args.override or args.baseline_data or other or args.against_epochs:
         for size, records in runs.items():
             base_runs = [
                 curve_run(
@@ -730,13 +734,15 @@ def bench_curve(args) -> None:
                     size,
                     r["seed"],
                     _curve_out(args.date_step, other.name) if other else out,
-                    epochs=None if other else args.epochs,
+                    epochs=None if other else (args.against_epochs or args.epochs),
                     profile=other or args.base_profile,
                 )
                 for r in records
             ]
             if any(b is None for b in base_runs):
                 whose = f"the {other.name} profile's" if other else "the profile's own"
+                if args.against_epochs:
+                    whose += f" {args.against_epochs}-pass"
                 print(f"curve: {whose} runs at {size or 'all'} rows are not cached: no pairing")
                 continue
             cells = [
@@ -759,6 +765,8 @@ def bench_curve(args) -> None:
                     f"the {args.profile} profile − the {other.name} profile",
                     "seeds, each its own rows",
                 )
+            if args.against_epochs:
+                pair = f"{_passes(args.epochs)} − {_passes(args.against_epochs)}"
             rows.append(
                 f"| {records[0]['n_train_rows']:,}: **{pair}** (same {drawn}) | {cells[0]} | {cells[1]} | | | | | | |"
             )
@@ -794,13 +802,16 @@ def bench_curve(args) -> None:
         + (f"_candidate_{_slug(args.override)}" if args.override else "")
         + (f"_candidate_backbone{backbone_key(base)}" if args.baseline_data else "")
         + (f"_against_{args.against_profile}" if args.against_profile else "")
+        + (f"_against_epochs{args.against_epochs}" if args.against_epochs else "")
     )
     candidate = f", candidate: the profile with {args.override}" if args.override else ""
     if args.baseline_data:
         candidate += f", candidate: the backbone of DATA_DIR (key {backbone_key(base)[1:]})"
     if args.against_profile:
         candidate += f", against the {args.against_profile} profile as it is"
-    passes = "one pass" if args.epochs == 1 else f"{args.epochs} passes over the same rows"
+    if args.against_epochs:
+        candidate += f", against {_passes(args.against_epochs)}"
+    passes = _passes(args.epochs)
     png = _curve_png(runs, summary, reference, f"learning_curve{suffix}.png")
     save_json(f"curve{suffix}", {"runs": {str(k): v for k, v in runs.items()}})
     rate = np.mean([r["score_rows_per_s"]["validation"] for rs in runs.values() for r in rs])
@@ -808,7 +819,7 @@ def bench_curve(args) -> None:
         f"regressor_curve{suffix}",
         f"""## Learning curve of the LLM regressor, {args.profile} profile, {passes}{candidate} (issue 13)
 
-Command: `python bench/bench_regressor.py curve --sizes {args.sizes} --seeds {args.seeds}{"" if args.large_seeds == 1 else f" --large-seeds {args.large_seeds}"}{"" if args.all_seeds == args.large_seeds else f" --all-seeds {args.all_seeds}"} --profile {args.profile}{"" if args.epochs == 1 else f" --epochs {args.epochs}"}{f" --override '{args.override}'" if args.override else ""}{f" --baseline-data {args.baseline_data}" if args.baseline_data else ""}{f" --against-profile {args.against_profile}" if args.against_profile else ""}` after `make demo`. Machine: {machine()["cores"]} cores ({machine()["cpu"]}). Recipe: the {args.profile} profile (`modeling/profiles.py`) with `max_train_samples` = the size, {passes}, no time budget, the final weights (its periodic validation on 16 dates only monitors; no early stopping). The `train s` column is wall time, which other jobs on the same cores may have stretched: not a speed measurement. Every model is scored on **every** validation and test date; cells are mean daily RankIC ± its standard error (dates). Ridge and the MLP on the 16 features are fit on exactly the same rows, targets and weights; "LLM − ridge" is the paired daily difference on the same rows, Δ ± SE (t). With several seeds, the LLM's daily RankIC is averaged over seeds date by date (the seed sd is the spread of the seeds' means); a comparison over several seeds also pairs each seed with its own counterpart and gives the SE over seeds of those per-seed differences (`modeling.metrics.seed_paired_difference`), which holds the training run's noise that the date SE does not: a change counts only when it clears both. Scoring ran at {rate:,.0f} rows/s.
+Command: `python bench/bench_regressor.py curve --sizes {args.sizes} --seeds {args.seeds}{"" if args.large_seeds == 1 else f" --large-seeds {args.large_seeds}"}{"" if args.all_seeds == args.large_seeds else f" --all-seeds {args.all_seeds}"} --profile {args.profile}{"" if args.epochs == 1 else f" --epochs {args.epochs}"}{f" --override '{args.override}'" if args.override else ""}{f" --baseline-data {args.baseline_data}" if args.baseline_data else ""}{f" --against-profile {args.against_profile}" if args.against_profile else ""}{f" --against-epochs {args.against_epochs}" if args.against_epochs else ""}` after `make demo`. Machine: {machine()["cores"]} cores ({machine()["cpu"]}). Recipe: the {args.profile} profile (`modeling/profiles.py`) with `max_train_samples` = the size, {passes}, no time budget, the final weights (its periodic validation on 16 dates only monitors; no early stopping). The `train s` column is wall time, which other jobs on the same cores may have stretched: not a speed measurement. Every model is scored on **every** validation and test date; cells are mean daily RankIC ± its standard error (dates). Ridge and the MLP on the 16 features are fit on exactly the same rows, targets and weights; "LLM − ridge" is the paired daily difference on the same rows, Δ ± SE (t). With several seeds, the LLM's daily RankIC is averaged over seeds date by date (the seed sd is the spread of the seeds' means); a comparison over several seeds also pairs each seed with its own counterpart and gives the SE over seeds of those per-seed differences (`modeling.metrics.seed_paired_difference`), which holds the training run's noise that the date SE does not: a change counts only when it clears both. Scoring ran at {rate:,.0f} rows/s.
 
 | train rows | LLM validation | LLM test | ridge validation | MLP validation | LLM − ridge, validation | LLM − ridge, test | LLM − MLP, validation | train s |
 |---|---:|---:|---:|---:|---:|---:|---:|---:|
@@ -1479,6 +1490,13 @@ def main() -> None:
         "--against-profile cpu",
     )
     parser.add_argument(
+        "--against-epochs",
+        type=int,
+        default=None,
+        help="curve: pair each run with the same profile's cached run of the same size and seed with this "
+        "many passes (run that curve first), e.g. --epochs 1 --against-epochs 2",
+    )
+    parser.add_argument(
         "--skip-random", action="store_true", help="quality: leave out the random-backbone control run"
     )
     parser.add_argument(
@@ -1501,6 +1519,18 @@ def main() -> None:
         raise SystemExit(
             "--against-profile: `curve` only, another profile than --profile, without --override or "
             "--baseline-data"
+        )
+
+    if args.against_epochs and (
+        args.what != "curve"
+        or args.against_epochs in (args.epochs, 0)
+        or args.override
+        or args.baseline_data
+        or args.against_profile
+    ):
+        raise SystemExit(
+            "--against-epochs: `curve` only, another pass count than --epochs, without --override, "
+            "--baseline-data or --against-profile"
         )
 
     if args.override and args.profile != "cpu" and args.what != "curve":

@@ -181,3 +181,29 @@ def test_the_curve_takes_its_seeds_per_size_and_one_at_every_row() -> None:
     out = bench_regressor._curve_out
     names = (out(1, "cpu").name, out(1, "gpu").name, out(2, "gpu").name)
     assert names == ("curve", "curve-gpu", "curve-every2-gpu")
+
+
+def test_the_curve_pairs_pass_counts_only_on_the_same_profile_and_keeps_them_apart() -> None:
+    """`--against-epochs`: one pass and two over the same rows are cached under different keys (so the
+    pairing reads the other run, not itself), and a pairing that cannot mean anything is refused."""
+    import subprocess
+
+    from modeling.profiles import PROFILES
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_regressor
+
+    cpu = PROFILES["cpu"]
+    one, two = (bench_regressor.bench_train_config(cpu.train, None, 0, epochs=e) for e in (1, 2))
+    assert (one.epochs, two.epochs) == (1, 2)
+    assert one.max_train_samples == two.max_train_samples and one.seed == two.seed
+    key = bench_regressor._recipe_key
+    assert key(one, cpu.regressor) != key(two, cpu.regressor)
+    script = str(ROOT / "bench" / "bench_regressor.py")
+    for argv in (
+        ["curve", "--epochs", "2", "--against-epochs", "2"],  # against itself
+        ["curve", "--against-epochs", "2", "--against-profile", "gpu"],
+        ["quality", "--against-epochs", "2"],
+    ):
+        done = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and "--against-epochs: `curve` only" in done.stderr, argv
