@@ -1,6 +1,7 @@
 """GPU benchmarks of the regressor, one command each on a GPU machine (torch, transformers, peft only).
 
-    python bench/bench_gpu.py llama8b                  # Llama-3-8B architecture, bf16, LoRA r=16
+    python bench/bench_gpu.py llama8b                  # Llama-3-8B architecture, bf16, the gpu profile's shape
+    python bench/bench_gpu.py llama8b --former         # the former gpu profile's shape (LoRA r=16, head 1024-256)
     python bench/bench_gpu.py llama8b --grad-ckpt      # the same with activation checkpointing
     python bench/bench_gpu.py llama8b --ckpt-layers 8  # checkpointing in the first 8 of 32 layers only
     python bench/bench_gpu.py llama8b --compile        # the regressor under torch.compile
@@ -10,9 +11,11 @@
     python bench/bench_gpu.py pack --data DATA_DIR --to .devdata  # what `curve` reads, small enough to carry
 
 llama8b: the Llama-3-8B architecture from its config (random bf16 weights: throughput does not depend on
-the values; no download), LoRA r=16 on every linear layer, the MLP head, prompts of our length (256
-tokens, the embedded tokenizer's mean is 248; Llama 3's tokenizer writes numbers in fewer tokens),
-AdamW. Reports tokens/s, MFU = tokens/s x 4 x non-embedding parameters / bf16 peak (forward 2N +
+the values; no download), the `gpu` profile's adapters and head (LoRA r=32 on every projection of every
+layer, the 256-wide head on the feature probe's 16 readouts; `--former`: the LoRA r=16 and 1024-256 head
+on the pooled state that session x measured), prompts of our length (256 tokens, the embedded
+tokenizer's mean is 248; Llama 3's tokenizer writes numbers in fewer tokens), MSE on the forecast (the
+profile's IC loss and probe are a few hundred FLOPs per row, nothing next to the backbone), AdamW. Reports tokens/s, MFU = tokens/s x 4 x non-embedding parameters / bf16 peak (forward 2N +
 backward to the activations 2N; the frozen weights take no gradient), and peak GPU memory.
 Targets on an H100: MFU >= 40%, peak memory <= 40 GB. The routes at them (one H200 measured 32.6% and
 43.8 GB at batch 16, 21.1% and 18.1 GB with checkpointing in every layer): `--batch` (more tokens per
@@ -87,6 +90,8 @@ def _out_dir() -> Path:
 
 
 def bench_llama8b(args: argparse.Namespace) -> dict:
+    from dataclasses import replace
+
     import torch
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaModel
@@ -96,9 +101,9 @@ def bench_llama8b(args: argparse.Namespace) -> dict:
         LLMRegressor,
         LoraSettings,
         RegressionHead,
-        RegressorConfig,
         enable_checkpointing,
     )
+    from modeling.profiles import PROFILES
 
     cuda = torch.cuda.is_available() and not args.tiny
     device = torch.device("cuda" if cuda else "cpu")
@@ -114,9 +119,13 @@ def bench_llama8b(args: argparse.Namespace) -> dict:
     if checkpointing:  # --ckpt-layers K: the first K layers only (0 with --grad-ckpt: every layer)
         enable_checkpointing(backbone, args.ckpt_layers or None)
     checkpointed = sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in backbone.layers)
-    settings = RegressorConfig(
-        lora=LoraSettings(r=16, alpha=32.0),
-        head=HeadConfig(hidden_sizes=(1024, 256)),
+    settings = replace(
+        PROFILES["gpu"].regressor,  # the shipped shape; --former: the one session x's rows measured
+        **(
+            {"lora": LoraSettings(r=16, alpha=32.0), "head": HeadConfig(hidden_sizes=(1024, 256))}
+            if args.former
+            else {}
+        ),
         gradient_checkpointing=checkpointing,
         gradient_checkpointing_layers=args.ckpt_layers or None,
     )
@@ -156,6 +165,11 @@ def bench_llama8b(args: argparse.Namespace) -> dict:
     memory = torch.cuda.max_memory_allocated() / 1e9 if cuda else float("nan")
     return {
         "gpu": gpu,
+        "lora_r": settings.lora.r,
+        "lora_layers": len(model.lora_layers()),
+        "head": list(settings.head.hidden_sizes),
+        "head_feature_bottleneck": settings.head.feature_bottleneck,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "batch": args.batch,
         "seq": args.seq,
         "grad_ckpt": args.grad_ckpt,
@@ -319,14 +333,14 @@ def _flags(args: argparse.Namespace) -> str:
     flags += (
         " --grad-ckpt" if args.grad_ckpt else f" --ckpt-layers {args.ckpt_layers}" if args.ckpt_layers else ""
     )
-    return flags + (" --compile" if args.compile else "")
+    return flags + (" --compile" if args.compile else "") + (" --former" if args.former else "")
 
 
 def _variant(args: argparse.Namespace) -> str:
     """The result file's suffix: one file per measured variant ('_ckpt' kept for every layer checkpointed)."""
     suffix = f"_b{args.batch}" if args.batch != 16 else ""
     suffix += "_ckpt" if args.grad_ckpt else f"_ckpt{args.ckpt_layers}" if args.ckpt_layers else ""
-    return suffix + ("_compile" if args.compile else "")
+    return suffix + ("_compile" if args.compile else "") + ("_former" if args.former else "")
 
 
 def main() -> None:
@@ -344,6 +358,11 @@ def main() -> None:
     )
     parser.add_argument("--compile", action="store_true", help="llama8b: torch.compile the regressor")
     parser.add_argument("--tiny", action="store_true", help="tiny config on the CPU: a smoke test")
+    parser.add_argument(
+        "--former",
+        action="store_true",
+        help="llama8b: the former gpu profile's LoRA r=16 and 1024-256 head (session x's rows), not the current",
+    )
     parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak when the GPU is not known")
     parser.add_argument("--data", default=os.environ.get("DATA_DIR", "data"))
     parser.add_argument("--sizes", default="24000,96000,all", help="curve: train sizes ('all' = every row)")
@@ -363,7 +382,10 @@ def main() -> None:
     (_out_dir() / f"{name}.json").write_text(json.dumps(result, indent=1, default=float))
     if args.what == "llama8b":
         r = result
-        print(f"""## GPU: Llama-3-8B architecture, LoRA r=16 (issue 8)
+        shape = f"LoRA r={r['lora_r']}, head {'-'.join(map(str, r['head']))}" + (
+            f" on {r['head_feature_bottleneck']} readouts" if r["head_feature_bottleneck"] else ""
+        )
+        print(f"""## GPU: Llama-3-8B architecture, {shape} (issue 8)
 
 Command: `python bench/bench_gpu.py llama8b{_flags(args)}` on {r["gpu"]}.
 

@@ -51,6 +51,30 @@ def test_llama8b_benchmark_runs_and_counts_flops_on_a_tiny_config(tmp_path: Path
     assert result["mfu"] == pytest.approx(result["tokens_per_s"] * 4 * result["non_embedding_params"] / 1e12)
     assert "| 2 x 32 | 1 of 2 | no |" in done.stdout  # the BENCHMARKS.md row it prints
     assert "`python bench/bench_gpu.py llama8b --batch 2 --ckpt-layers 1`" in done.stdout
+    # the gpu profile's shape: r=32 on the 7 projections of both layers, the head on the probe's readouts
+    shape = (result["lora_r"], result["lora_layers"], result["head"], result["head_feature_bottleneck"])
+    assert shape == (32, 14, [256], 16)
+    assert "Llama-3-8B architecture, LoRA r=32, head 256 on 16 readouts" in done.stdout
+    lora = 32 * 2 * (64 + 64) + 2 * 32 * (64 + 32) + 3 * 32 * (64 + 128)  # r x (in + out), per layer
+    head = 64 * 16 + 16 + 16 * 256 + 256 + 256 + 1
+    assert result["trainable_params"] == 2 * lora + head
+
+
+def test_llama8b_benchmark_measures_the_former_shape_on_request(tmp_path: Path) -> None:
+    """`--former`: session x's LoRA r=16 and 1024-256 head on the pooled state, in its own result file."""
+    argv = ["llama8b", "--tiny", "--steps", "1", "--warmup", "0", "--batch", "2", "--seq", "16", "--former"]
+    done = subprocess.run(
+        [sys.executable, "bench/bench_gpu.py", *argv],
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path), "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_llama8b_b2_former.json").read_text())
+    assert (result["lora_r"], result["head"], result["head_feature_bottleneck"]) == (16, [1024, 256], 0)
+    assert "`python bench/bench_gpu.py llama8b --batch 2 --former`" in done.stdout
 
 
 def test_pack_writes_what_the_gpu_curve_reads_and_nothing_it_does_not(
