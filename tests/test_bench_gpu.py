@@ -11,32 +11,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_llama8b_benchmark_runs_and_counts_flops_on_a_tiny_config(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "bench/bench_gpu.py",
-            "llama8b",
-            "--tiny",
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
-            "--batch",
-            "2",
-            "--seq",
-            "32",
-            "--peak-tflops",
-            "1.0",
-            "--ckpt-layers",
-            "1",
-        ],
+def _llama8b(tmp_path: Path, options: str) -> subprocess.CompletedProcess:
+    """`bench_gpu.py llama8b --tiny` with `options` (space-separated), its results under `tmp_path`."""
+    return subprocess.run(
+        [sys.executable, "bench/bench_gpu.py", "llama8b", "--tiny", *options.split()],
         cwd=ROOT,
         env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path), "HOME": str(tmp_path)},
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def test_llama8b_benchmark_runs_and_counts_flops_on_a_tiny_config(tmp_path: Path) -> None:
+    done = _llama8b(tmp_path, "--steps 2 --warmup 1 --batch 2 --seq 32 --peak-tflops 1.0 --ckpt-layers 1")
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_llama8b_b2_ckpt1.json").read_text())
     # activations recomputed in the first layer only (the route between none and every layer)
@@ -62,15 +50,7 @@ def test_llama8b_benchmark_runs_and_counts_flops_on_a_tiny_config(tmp_path: Path
 
 def test_llama8b_benchmark_measures_the_former_shape_on_request(tmp_path: Path) -> None:
     """`--former`: session x's LoRA r=16 and 1024-256 head on the pooled state, in its own result file."""
-    argv = ["llama8b", "--tiny", "--steps", "1", "--warmup", "0", "--batch", "2", "--seq", "16", "--former"]
-    done = subprocess.run(
-        [sys.executable, "bench/bench_gpu.py", *argv],
-        cwd=ROOT,
-        env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path), "HOME": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = _llama8b(tmp_path, "--steps 1 --warmup 0 --batch 2 --seq 16 --former")
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_llama8b_b2_former.json").read_text())
     assert (result["lora_r"], result["head"], result["head_feature_bottleneck"]) == (16, [1024, 256], 0)
