@@ -15,8 +15,9 @@ the values; no download), the `gpu` profile's adapters and head (LoRA r=32 on ev
 layer, the 256-wide head on the feature probe's 16 readouts; `--former`: the LoRA r=16 and 1024-256 head
 on the pooled state that session x measured), prompts of our length (256 tokens, the embedded
 tokenizer's mean is 248; Llama 3's tokenizer writes numbers in fewer tokens), MSE on the forecast (the
-profile's IC loss and probe are a few hundred FLOPs per row, nothing next to the backbone), AdamW. Reports tokens/s, MFU = tokens/s x 4 x non-embedding parameters / bf16 peak (forward 2N +
-backward to the activations 2N; the frozen weights take no gradient), and peak GPU memory.
+profile's IC loss and probe are a few hundred FLOPs per row, nothing next to the backbone), AdamW.
+Reports tokens/s, MFU = tokens/s x 4 x non-embedding parameters / bf16 peak (forward 2N + backward to
+the activations 2N; the frozen weights take no gradient), and peak GPU memory.
 Targets on an H100: MFU >= 40%, peak memory <= 40 GB. The routes at them (one H200 measured 32.6% and
 43.8 GB at batch 16, 21.1% and 18.1 GB with checkpointing in every layer): `--batch` (more tokens per
 small LoRA matmul), `--ckpt-layers K` (recompute only the first K layers' activations: each layer holds
