@@ -1521,15 +1521,16 @@ def main() -> None:
             "--baseline-data"
         )
 
-    if args.against_epochs and (
+    if args.against_epochs is not None and (
         args.what != "curve"
-        or args.against_epochs in (args.epochs, 0)
+        or args.against_epochs < 1
+        or args.against_epochs == args.epochs
         or args.override
         or args.baseline_data
         or args.against_profile
     ):
         raise SystemExit(
-            "--against-epochs: `curve` only, another pass count than --epochs, without --override, "
+            "--against-epochs: `curve` only, a positive pass count other than --epochs, without --override, "
             "--baseline-data or --against-profile"
         )
 

@@ -206,6 +206,7 @@ def test_the_curve_pairs_pass_counts_only_on_the_same_profile_and_keeps_them_apa
     script = str(ROOT / "bench" / "bench_regressor.py")
     for argv in (
         ["curve", "--epochs", "2", "--against-epochs", "2"],  # against itself
+        ["curve", "--against-epochs", "0"],  # no passes: not a run to pair with
         ["curve", "--against-epochs", "2", "--against-profile", "gpu"],
         ["quality", "--against-epochs", "2"],
     ):
