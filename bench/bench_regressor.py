@@ -804,6 +804,7 @@ def bench_curve(args) -> None:
         + (f"_against_{args.against_profile}" if args.against_profile else "")
         + (f"_against_epochs{args.against_epochs}" if args.against_epochs else "")
     )
+    suffix = _sized_suffix(suffix, args.sizes)  # another size's section of the same run is kept
     candidate = f", candidate: the profile with {args.override}" if args.override else ""
     if args.baseline_data:
         candidate += f", candidate: the backbone of DATA_DIR (key {backbone_key(base)[1:]})"
@@ -1416,6 +1417,21 @@ def _override_names(spec: str) -> list[str]:
 def _slug(spec: str) -> str:
     """A candidate's section and file name part: 'ic_mse_weight=1.0' -> 'ic_mse_weight_1_0'."""
     return re.sub(r"[^a-z0-9]+", "_", spec.lower()).strip("_")
+
+
+def _sized_suffix(suffix: str, sizes: str) -> str:
+    """The curve's section and file name part, with the sizes added when BENCHMARKS.md already holds the
+    section from other sizes: a candidate run at 96k keeps the same candidate's 24k section instead of
+    replacing it, and a rerun at either size replaces its own."""
+    import _common
+
+    name = f"regressor_curve{suffix}"
+    text = _common.BENCHMARKS_MD.read_text() if _common.BENCHMARKS_MD.exists() else ""
+    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    if begin not in text or end not in text:
+        return suffix
+    block = text[text.index(begin) : text.index(end)]
+    return suffix if f"--sizes {sizes} " in block else f"{suffix}_at_{_slug(sizes)}"
 
 
 def override_profile(spec: str, name: str = "cpu") -> None:

@@ -171,6 +171,29 @@ def test_a_run_is_keyed_on_the_layers_its_sample_size_adapts() -> None:
     assert key(at[24_000], cpu.regressor) == key(at[24_000], unruled) != key(at[24_000], every)
 
 
+def test_a_curve_at_other_sizes_keeps_the_section_it_would_have_replaced(tmp_path, monkeypatch) -> None:
+    """The curve's section is named by profile, passes and candidate: a run of the same candidate at other
+    sizes takes the sizes into its name (the 24k section stays), a rerun at the same sizes replaces its
+    section."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import _common
+    import bench_regressor
+
+    monkeypatch.setattr(_common, "BENCHMARKS_MD", tmp_path / "BENCHMARKS.md")
+    suffix = "_epochs2_candidate_aux_feature_weight_10_0"
+    assert bench_regressor._sized_suffix(suffix, "96000") == suffix  # no section yet
+    _common.write_section(f"regressor_curve{suffix}", "Command: `curve --sizes 24000 --seeds 3`\n| 24k |")
+    assert bench_regressor._sized_suffix(suffix, "24000") == suffix
+    other = bench_regressor._sized_suffix(suffix, "96000")
+    assert other == f"{suffix}_at_96000"
+    assert bench_regressor._sized_suffix(suffix, "24000,96000,all") == f"{suffix}_at_24000_96000_all"
+    _common.write_section(f"regressor_curve{other}", "Command: `curve --sizes 96000 --seeds 1`\n| 96k |")
+    text = _common.BENCHMARKS_MD.read_text()
+    assert "| 24k |" in text and "| 96k |" in text  # both kept
+    assert bench_regressor._sized_suffix(suffix, "96000") == other  # a rerun finds its own section
+    assert bench_regressor._sized_suffix("_gpu", "96000") == "_gpu"
+
+
 def test_the_curve_takes_its_seeds_per_size_and_one_at_every_row() -> None:
     """`--seeds` at the demo's size, `--large-seeds` above it, `--all-seeds` at every row (defaulting to
     `--large-seeds`, as before the option existed)."""
