@@ -48,9 +48,22 @@ def timed(results: dict, name: str):
     results[name] = time.perf_counter() - start
 
 
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+
+
+def read_section(name: str) -> str | None:
+    """The block between `<!-- bench:name -->` markers in BENCHMARKS.md (None if absent)."""
+    begin, end = _markers(name)
+    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else ""
+    if begin not in text or end not in text:
+        return None
+    return text[text.index(begin) + len(begin) : text.index(end)]
+
+
 def write_section(name: str, markdown: str) -> None:
     """Replace the block between `<!-- bench:name -->` markers in BENCHMARKS.md (append if absent)."""
-    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    begin, end = _markers(name)
     block = f"{begin}\n{markdown.rstrip()}\n{end}"
     text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n"
     if begin in text and end in text:

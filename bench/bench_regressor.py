@@ -36,7 +36,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from _common import OUT, ROOT, daily_series, machine, save_json, write_section
+from _common import OUT, ROOT, daily_series, machine, read_section, save_json, write_section
 
 DATA = Path(os.environ.get("DATA_DIR", "data")).resolve()
 
@@ -1423,15 +1423,8 @@ def _sized_suffix(suffix: str, sizes: str) -> str:
     """The curve's section and file name part, with the sizes added when BENCHMARKS.md already holds the
     section from other sizes: a candidate run at 96k keeps the same candidate's 24k section instead of
     replacing it, and a rerun at either size replaces its own."""
-    import _common
-
-    name = f"regressor_curve{suffix}"
-    text = _common.BENCHMARKS_MD.read_text() if _common.BENCHMARKS_MD.exists() else ""
-    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-    if begin not in text or end not in text:
-        return suffix
-    block = text[text.index(begin) : text.index(end)]
-    return suffix if f"--sizes {sizes} " in block else f"{suffix}_at_{_slug(sizes)}"
+    block = read_section(f"regressor_curve{suffix}")
+    return suffix if block is None or f"--sizes {sizes} " in block else f"{suffix}_at_{_slug(sizes)}"
 
 
 def override_profile(spec: str, name: str = "cpu") -> None:
