@@ -32,7 +32,7 @@ curve: the `gpu` profile's runs of `bench_regressor.py curve --profile gpu` (24k
 and every train row over one; every validation and test date scored on the GPU), written in that
 bench's cache format to $OUT/curve-gpu (a file per run, copied there as each finishes). It needs
 DATA_DIR's backbone, prompt corpus and the training set's train-split features (the probe's targets),
-not the baselines: copy the records to bench/out/curve-gpu/ on a machine with `make demo`'s DATA_DIR
+not the baselines: copy the records to bench/runs/curve-gpu/ on a machine with `make demo`'s DATA_DIR
 and run `python bench/bench_regressor.py curve --profile gpu --sizes 24000,96000,all --seeds 3` there,
 which fits ridge and the feature MLP into them and writes the table, the plot and the paired stats.
 `--override 'learning_rate=1e-3'` trains a candidate gpu profile (the same option of `bench_regressor.py
@@ -260,7 +260,10 @@ def bench_curve(args: argparse.Namespace) -> dict:
         (size, seed) for seed in range(1, args.seeds) for size in sizes if size is not None and size <= 24_000
     ]
     work = Path(args.work) if args.work else _out_dir() / "curve-gpu-work"
-    dest = _out_dir() / ("curve-gpu" if args.date_step == 1 else f"curve-every{args.date_step}-gpu")
+    # $OUT/curve-gpu on a GPU machine; bench/runs/curve-gpu, where the curve reads them, here
+    dest = curve.records_dir(
+        _out_dir() / ("curve-gpu" if args.date_step == 1 else f"curve-every{args.date_step}-gpu")
+    )
     dest.mkdir(parents=True, exist_ok=True)
     done = []
     for size, seed in plan:
@@ -279,7 +282,7 @@ def bench_curve(args: argparse.Namespace) -> dict:
             baselines=False,
             score_batch=PROFILES["gpu"].train.eval_batch_size,
         )
-        for path in work.glob(f"{size or 'all'}-seed{seed}-*.json"):
+        for path in curve.records_dir(work).glob(f"{size or 'all'}-seed{seed}-*.json"):
             shutil.copy(path, dest / path.name)
         rates = record["score_rows_per_s"]
         print(

@@ -20,8 +20,9 @@ four baselines fit on the same train rows, ridge on every train row, and the pla
 
 curve: the cpu profile's recipe at 24k, 96k and every train row (3 seeds at 24k, one above), each
 model scored on every validation and test date; ridge and the feature MLP fit on exactly the same rows,
-targets and weights; the LLM minus ridge as a paired daily RankIC difference. Every finished run is
-kept in bench/out/curve/ (a rerun skips it), the table and plot go to BENCHMARKS.md.
+targets and weights; the LLM minus ridge as a paired daily RankIC difference. Every finished run's
+record is kept in bench/runs/curve/, tracked in git (a rerun, or a later clone, skips it), its model in
+bench/out/curve/; the table and plot go to BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -529,6 +530,26 @@ def backbone_key(base: Path) -> str:
     return f"-bb{digest.hexdigest()[:8]}"
 
 
+RUNS = ROOT / "bench" / "runs"
+"""The curve's run records (JSON: the daily RankIC series of the LLM and its baselines, the training
+report, the machine), tracked in git: bench/out does not outlive a session's machine, and without its
+records a candidate's pairing retrains the profile's runs first (20-85 minutes each on 2 cores)."""
+
+
+def records_dir(out: Path) -> Path:
+    """Where the records of the runs whose models live in `out` are kept: bench/runs/<name> for a folder
+    of bench/out, `out` itself elsewhere (a GPU machine's $OUT, `bench/bench_gpu.py curve`)."""
+    return RUNS / out.name if out.resolve().parent == OUT.resolve() else out
+
+
+def _run_machine() -> str:
+    """What trained a run: the GPU's name, else the CPU's (runs of one seed on two CPU types differ by
+    float rounding, as two seeds do: a pairing across machines says so)."""
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else machine()["cpu"]
+
+
 def curve_run(
     base: Path,
     corpus: Path,
@@ -545,7 +566,7 @@ def curve_run(
 ) -> dict | None:
     """One point of the curve: train the LLM on `size` rows (`epochs` passes; None = the profile's),
     score every date of both splits, fit ridge and the feature MLP on the same rows, targets and weights.
-    Kept as JSON (daily RankIC series). `profile` given: that profile's run, if cached (None if not).
+    Kept as JSON (daily RankIC series) in `records_dir(out)`, the model in `out`. `profile` given: that profile's run, if cached (None if not).
     `baselines` False: the LLM's half only (a GPU machine without the feature table,
     `bench/bench_gpu.py curve`); a later run here finds the record and fits the baselines into it.
     `score_batch`: rows per scoring batch (None = the CPU default)."""
@@ -561,7 +582,7 @@ def curve_run(
     cfg = bench_train_config(profile.train, size, seed, **passes)
     recipe = _recipe_key(cfg, profile.regressor)
     key = f"{size or 'all'}-seed{seed}-{recipe}{_prompt_key(corpus)}{backbone_key(base)}"
-    path = out / f"{key}.json"
+    path = records_dir(out) / f"{key}.json"
     if path.is_file():
         record = json.loads(path.read_text())
         if baselines and record.get("baselines_version") != BASELINES_VERSION:  # the LLM's series stay
@@ -580,6 +601,7 @@ def curve_run(
     record = {
         "size": size,
         "seed": seed,
+        "machine": _run_machine(),
         "train_s": round(train_s, 1),
         "report": {k: v for k, v in trained.report().items() if k not in ("history", "eval_dates")},
         "history": trained.report()["history"],
@@ -593,7 +615,7 @@ def curve_run(
         record["daily"][split] = {"prediction": _series_json(_daily(both, "prediction"))}
     if baselines:
         record = _with_baselines(record, corpus, features, frames, cfg, profile.regressor.head, seed)
-    out.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, default=float))
     return record
 
@@ -759,6 +781,11 @@ def bench_curve(args) -> None:
             )
             if args.baseline_data:
                 drawn += f", the backbone of {args.baseline_data}"
+            elsewhere = {b.get("machine", "an unnamed machine") for b in base_runs} - {
+                r.get("machine", "an unnamed machine") for r in records
+            }
+            if elsewhere:  # a cached run from another machine: paired all the same, and named
+                drawn += f"; the base runs trained on {', '.join(sorted(elsewhere))}"
             pair = f"candidate − the {args.profile} profile"
             if other:
                 pair, drawn = (

@@ -12,7 +12,7 @@
 #      size first, then seeds 1-2 at 24k; OVERRIDE='learning_rate=1e-3' trains a candidate gpu profile),
 #      each record copied to $OUT/curve-gpu as it finishes;
 #   4. (L8_AFTER, default none) more Llama-3-8B variants if time is left, e.g. '--grad-ckpt'.
-# Back here: copy $OUT/curve-gpu/*.json to bench/out/curve-gpu/ and run
+# Back here: copy $OUT/curve-gpu/*.json to bench/runs/curve-gpu/ and run
 #   python bench/bench_regressor.py curve --profile gpu --sizes <the sizes that finished> --seeds 1
 # (with --override "$OVERRIDE" for a candidate: paired with the profile's own runs of the same seeds)
 # which fits ridge and the feature MLP on the same rows and writes the BENCHMARKS.md section.

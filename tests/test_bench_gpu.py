@@ -208,6 +208,11 @@ def test_the_curve_takes_its_seeds_per_size_and_one_at_every_row() -> None:
     out = bench_regressor._curve_out
     names = (out(1, "cpu").name, out(1, "gpu").name, out(2, "gpu").name)
     assert names == ("curve", "curve-gpu", "curve-every2-gpu")
+    # their records in git (bench/runs), their models in bench/out; a GPU machine's $OUT keeps both
+    runs = bench_regressor.records_dir
+    assert runs(out(1, "gpu")) == ROOT / "bench" / "runs" / "curve-gpu"
+    assert runs(bench_regressor.OUT / "curve") == bench_regressor.RUNS / "curve"
+    assert runs(ROOT / "elsewhere" / "curve-gpu-work") == ROOT / "elsewhere" / "curve-gpu-work"
 
 
 def test_the_curve_pairs_pass_counts_only_on_the_same_profile_and_keeps_them_apart() -> None:
