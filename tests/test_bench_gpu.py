@@ -215,6 +215,36 @@ def test_the_curve_takes_its_seeds_per_size_and_one_at_every_row() -> None:
     assert runs(ROOT / "elsewhere" / "curve-gpu-work") == ROOT / "elsewhere" / "curve-gpu-work"
 
 
+def test_a_curve_run_is_read_from_its_tracked_record_and_never_retrained(tmp_path: Path, monkeypatch) -> None:
+    """A fresh clone has the records in bench/runs and no bench/out: the curve reads a run from its record
+    (no training, nothing written), and a pairing with a run that has none finds nothing (no training)."""
+    from modeling.profiles import PROFILES
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_regressor as bench
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a recorded run was trained again")
+
+    monkeypatch.setattr(bench, "OUT", tmp_path / "out")
+    monkeypatch.setattr(bench, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(bench, "_prompt_key", lambda corpus: "")
+    monkeypatch.setattr(bench, "backbone_key", lambda base: "-bbtest")
+    monkeypatch.setattr(bench, "ours_train", no_training)
+    cpu, out = PROFILES["cpu"], bench.OUT / "curve"
+    run = (tmp_path, tmp_path, None, {}, 24_000, 1, out)
+    assert bench.curve_run(*run, epochs=2, profile=cpu, baselines=False) is None  # no record: no pairing
+    recipe = bench._recipe_key(bench.bench_train_config(cpu.train, 24_000, 1, epochs=2), cpu.regressor)
+    record = {"size": 24_000, "seed": 1, "machine": "AMD EPYC", "daily": {"validation": {}}}
+    (tmp_path / "runs" / "curve").mkdir(parents=True)
+    (tmp_path / "runs" / "curve" / f"24000-seed1-{recipe}-bbtest.json").write_text(json.dumps(record))
+    assert bench.curve_run(*run, epochs=2, baselines=False) == record
+    assert bench.curve_run(*run, epochs=2, profile=cpu, baselines=False) == record
+    assert not (tmp_path / "out").exists()
+    # another pass count is another run: not read from this record
+    assert bench.curve_run(*run, epochs=1, profile=cpu, baselines=False) is None
+
+
 def test_the_curve_pairs_pass_counts_only_on_the_same_profile_and_keeps_them_apart() -> None:
     """`--against-epochs`: one pass and two over the same rows are cached under different keys (so the
     pairing reads the other run, not itself), and a pairing that cannot mean anything is refused."""
