@@ -566,7 +566,8 @@ def curve_run(
 ) -> dict | None:
     """One point of the curve: train the LLM on `size` rows (`epochs` passes; None = the profile's),
     score every date of both splits, fit ridge and the feature MLP on the same rows, targets and weights.
-    Kept as JSON (daily RankIC series) in `records_dir(out)`, the model in `out`. `profile` given: that profile's run, if cached (None if not).
+    Kept as JSON (daily RankIC series) in `records_dir(out)`, the model in `out`. `profile` given: that
+    profile's run, if recorded (None if not).
     `baselines` False: the LLM's half only (a GPU machine without the feature table,
     `bench/bench_gpu.py curve`); a later run here finds the record and fits the baselines into it.
     `score_batch`: rows per scoring batch (None = the CPU default)."""
@@ -648,6 +649,14 @@ def _with_baselines(record: dict, corpus: Path, features, frames: dict, cfg, hea
         both = frame.drop(columns="prompt").assign(**{m: p[split] for m, p in preds.items()})
         record["daily"][split].update({m: _series_json(_daily(both, m)) for m in preds})
     return {**record, "n_train_rows": len(train), "baselines_version": BASELINES_VERSION}
+
+
+def _other_machines(records: list[dict], base_runs: list[dict]) -> str:
+    """'; the base runs trained on X' where a recorded base run came from a machine that trained none of
+    `records` ('' otherwise): paired all the same (a CPU type moves a run as a seed does), and named."""
+    machines = [{r.get("machine", "an unnamed machine") for r in rs} for rs in (records, base_runs)]
+    elsewhere = machines[1] - machines[0]
+    return f"; the base runs trained on {', '.join(sorted(elsewhere))}" if elsewhere else ""
 
 
 def _stat_cell(stat) -> str:
@@ -781,11 +790,6 @@ def bench_curve(args) -> None:
             )
             if args.baseline_data:
                 drawn += f", the backbone of {args.baseline_data}"
-            elsewhere = {b.get("machine", "an unnamed machine") for b in base_runs} - {
-                r.get("machine", "an unnamed machine") for r in records
-            }
-            if elsewhere:  # a cached run from another machine: paired all the same, and named
-                drawn += f"; the base runs trained on {', '.join(sorted(elsewhere))}"
             pair = f"candidate − the {args.profile} profile"
             if other:
                 pair, drawn = (
@@ -794,6 +798,7 @@ def bench_curve(args) -> None:
                 )
             if args.against_epochs:
                 pair = f"{_passes(args.epochs)} − {_passes(args.against_epochs)}"
+            drawn += _other_machines(records, base_runs)
             rows.append(
                 f"| {records[0]['n_train_rows']:,}: **{pair}** (same {drawn}) | {cells[0]} | {cells[1]} | | | | | | |"
             )

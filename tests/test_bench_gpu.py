@@ -243,6 +243,11 @@ def test_a_curve_run_is_read_from_its_tracked_record_and_never_retrained(tmp_pat
     assert not (tmp_path / "out").exists()
     # another pass count is another run: not read from this record
     assert bench.curve_run(*run, epochs=1, profile=cpu, baselines=False) is None
+    # a pairing with records of another machine says so
+    assert bench._other_machines([record], [record]) == ""
+    assert bench._other_machines([record], [{"machine": "Intel Xeon"}, {}]) == (
+        "; the base runs trained on Intel Xeon, an unnamed machine"
+    )
 
 
 def test_the_curve_pairs_pass_counts_only_on_the_same_profile_and_keeps_them_apart() -> None:
