@@ -114,7 +114,8 @@ PROFILES: dict[str, Profile] = {
         "layer), full evaluation",
         # The recipe the learning curve measured, on every row (BENCHMARKS.md): the cpu profile on all 376,528
         # train rows scores 0.0580 +- 0.0056 validation RankIC (179 dates), +0.0037 +- 0.0012 over ridge on
-        # the same rows (t 3.05; test 0.0493, -0.0010 +- 0.0011), risen from 96k rows (3 seeds) by +0.0096
+        # the same rows (t 3.05; test 0.0493, -0.0010 +- 0.0011; seed 1: +0.0028 +- 0.0012, test +0.0001
+        # +- 0.0009; +0.0032 +- 0.0005 over the two seeds), risen from 96k rows (3 seeds) by +0.0096
         # +- 0.0025; one pass there ties with two (-0.0022 +- 0.0015 validation, -0.0001 +- 0.0011 test).
         # At 96k rows this recipe beat the profile's former settings (r=16, lr 2e-4, MSE on uniform rows,
         # batch 64, one pass, a 1024-256 head on the pooled state) by +0.0136 +- 0.0022 validation RankIC
