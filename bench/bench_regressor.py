@@ -545,8 +545,6 @@ def records_dir(out: Path) -> Path:
 def _run_machine() -> str:
     """What trained a run: the GPU's name, else the CPU's (runs of one seed on two CPU types differ by
     float rounding, as two seeds do: a pairing across machines says so)."""
-    import torch
-
     return torch.cuda.get_device_name() if torch.cuda.is_available() else machine()["cpu"]
 
 
