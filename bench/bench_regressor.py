@@ -181,7 +181,10 @@ def peer_predict(model_tok, frame) -> object:
 
 def bench_train_config(train, n_rows: int | None, seed: int, **overrides):
     """A profile's train config as the benches train it: `n_rows` sampled rows, no time budget (a guard
-    that would make runs depend on the machine's load), no checkpoints, no progress bar."""
+    that would make runs depend on the machine's load), no checkpoints, no progress bar. An explicit
+    `aux_feature_weight` holds at any size (as `modeling.profiles.apply_overrides` has it)."""
+    if "aux_feature_weight" in overrides:
+        overrides = {"aux_feature_weight_max_samples": None, "aux_feature_weight_above": None, **overrides}
     return replace(
         train,
         max_train_samples=n_rows,
@@ -455,7 +458,11 @@ def _series_json(series) -> dict:
     return {str(d.date()): float(v) for d, v in series.items()}
 
 
-_KEY_OMITS_AT_DEFAULT = {"ic_mse_weight": 0.0}
+_KEY_OMITS_AT_DEFAULT = {
+    "ic_mse_weight": 0.0,
+    "aux_feature_weight_max_samples": None,
+    "aux_feature_weight_above": None,
+}
 """Train settings added after runs were cached: left out of a run's key while at their default, so the
 cached runs (which trained with that default) keep their keys."""
 _HEAD_KEY_OMITS_AT_DEFAULT = {"feature_bottleneck": 0}
@@ -485,7 +492,8 @@ def _recipe_key(train_cfg, regressor_cfg) -> str:
     import hashlib
     from dataclasses import asdict
 
-    train = asdict(train_cfg)
+    # what the run trains: the probe's weight this sample size takes (`TrainConfig.sized`)
+    train = asdict(train_cfg.sized())
     for name, default in _KEY_OMITS_AT_DEFAULT.items():
         if train.get(name) == default:
             del train[name]
@@ -679,6 +687,12 @@ def curve_seeds(size: int | None, args) -> int:
     return args.seeds if size <= args.multi_seed_max else args.large_seeds
 
 
+def curve_seed_ids(size: int | None, args) -> range:
+    """The seeds one curve size trains: `curve_seeds` of them from `--first-seed` on (a later seed whose
+    base run is recorded is added without retraining the seeds before it)."""
+    return range(args.first_seed, args.first_seed + curve_seeds(size, args))
+
+
 def bench_curve(args) -> None:
     import numpy as np
     import pandas as pd
@@ -705,7 +719,7 @@ def bench_curve(args) -> None:
     out = _curve_out(args.date_step, args.profile)
     runs: dict = {}
     for size in sizes:
-        for seed in range(curve_seeds(size, args)):
+        for seed in curve_seed_ids(size, args):
             print(f"curve: {size or 'all'} rows, seed {seed}", flush=True)
             runs.setdefault(size, []).append(
                 curve_run(base, corpus, features, frames, size, seed, out, args.profile, epochs=args.epochs)
@@ -850,7 +864,7 @@ def bench_curve(args) -> None:
         f"regressor_curve{suffix}",
         f"""## Learning curve of the LLM regressor, {args.profile} profile, {passes}{candidate} (issue 13)
 
-Command: `python bench/bench_regressor.py curve --sizes {args.sizes} --seeds {args.seeds}{"" if args.large_seeds == 1 else f" --large-seeds {args.large_seeds}"}{"" if args.all_seeds == args.large_seeds else f" --all-seeds {args.all_seeds}"} --profile {args.profile}{"" if args.epochs == 1 else f" --epochs {args.epochs}"}{f" --override '{args.override}'" if args.override else ""}{f" --baseline-data {args.baseline_data}" if args.baseline_data else ""}{f" --against-profile {args.against_profile}" if args.against_profile else ""}{f" --against-epochs {args.against_epochs}" if args.against_epochs else ""}` after `make demo`. Machine: {machine()["cores"]} cores ({machine()["cpu"]}). Recipe: the {args.profile} profile (`modeling/profiles.py`) with `max_train_samples` = the size, {passes}, no time budget, the final weights (its periodic validation on 16 dates only monitors; no early stopping). The `train s` column is wall time, which other jobs on the same cores may have stretched: not a speed measurement. Every model is scored on **every** validation and test date; cells are mean daily RankIC ± its standard error (dates). Ridge and the MLP on the 16 features are fit on exactly the same rows, targets and weights; "LLM − ridge" is the paired daily difference on the same rows, Δ ± SE (t). With several seeds, the LLM's daily RankIC is averaged over seeds date by date (the seed sd is the spread of the seeds' means); a comparison over several seeds also pairs each seed with its own counterpart and gives the SE over seeds of those per-seed differences (`modeling.metrics.seed_paired_difference`), which holds the training run's noise that the date SE does not: a change counts only when it clears both. Scoring ran at {rate:,.0f} rows/s.
+Command: `python bench/bench_regressor.py curve --sizes {args.sizes} --seeds {args.seeds}{"" if args.large_seeds == 1 else f" --large-seeds {args.large_seeds}"}{"" if args.all_seeds == args.large_seeds else f" --all-seeds {args.all_seeds}"}{f" --first-seed {args.first_seed}" if args.first_seed else ""} --profile {args.profile}{"" if args.epochs == 1 else f" --epochs {args.epochs}"}{f" --override '{args.override}'" if args.override else ""}{f" --baseline-data {args.baseline_data}" if args.baseline_data else ""}{f" --against-profile {args.against_profile}" if args.against_profile else ""}{f" --against-epochs {args.against_epochs}" if args.against_epochs else ""}` after `make demo`. Machine: {machine()["cores"]} cores ({machine()["cpu"]}). Recipe: the {args.profile} profile (`modeling/profiles.py`) with `max_train_samples` = the size, {passes}, no time budget, the final weights (its periodic validation on 16 dates only monitors; no early stopping). The `train s` column is wall time, which other jobs on the same cores may have stretched: not a speed measurement. Every model is scored on **every** validation and test date; cells are mean daily RankIC ± its standard error (dates). Ridge and the MLP on the 16 features are fit on exactly the same rows, targets and weights; "LLM − ridge" is the paired daily difference on the same rows, Δ ± SE (t). With several seeds, the LLM's daily RankIC is averaged over seeds date by date (the seed sd is the spread of the seeds' means); a comparison over several seeds also pairs each seed with its own counterpart and gives the SE over seeds of those per-seed differences (`modeling.metrics.seed_paired_difference`), which holds the training run's noise that the date SE does not: a change counts only when it clears both. Scoring ran at {rate:,.0f} rows/s.
 
 | train rows | LLM validation | LLM test | ridge validation | MLP validation | LLM − ridge, validation | LLM − ridge, test | LLM − MLP, validation | train s |
 |---|---:|---:|---:|---:|---:|---:|---:|---:|
@@ -1503,6 +1517,13 @@ def main() -> None:
         "other than 1 gets its own BENCHMARKS.md section)",
     )
     parser.add_argument("--date-step", type=int, default=1, help="curve: every n-th date (1 = every date)")
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="curve: the first seed at every size (seeds first..first+n-1): adds a seed whose base run is "
+        "recorded without retraining the ones before it",
+    )
     parser.add_argument(
         "--multi-seed-max", type=int, default=24000, help="curve: sizes up to this get --seeds"
     )

@@ -3,7 +3,8 @@ dataclasses with a docstring per field (litgpt's configs), saved as one JSON fil
 
 - `RegressorConfig` (`LoraSettings`, `HeadConfig`): the model's shape;
 - `TrainConfig`: how it is trained;
-- `ExperimentSpec`: where the result is logged and how it is judged (`TrainJob.experiment`);
+- `ExperimentSpec` (`modeling.experiment_spec`, re-exported): where the result is logged and how it is
+  judged (`TrainJob.experiment`);
 - `TrainJob`: all of it plus the input paths; nested parts are built and validated when the job is, so a
   typo fails at planning time, not an hour into training;
 - `Outcome` (`modeling.outcome`, re-exported): what the training process reports back.
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from modeling.experiment_spec import ExperimentSpec  # noqa: F401 (re-exported: TrainJob.experiment)
 from modeling.outcome import Outcome  # noqa: F401 (re-exported: what comes back)
 from modeling.targets import TARGET_TRANSFORMS
 
@@ -239,6 +241,12 @@ class TrainConfig:
     16 feature values (standardised on the train rows, clipped at 5). The forecast's own signal is weak
     (R^2 under 1%), so the adapters learn slowly what the numbers in the prompt are; the probe asks for
     exactly that with a strong signal. Training only (needs `TrainJob.training_set_path`); 0 = off."""
+    aux_feature_weight_max_samples: int | None = None
+    """With `aux_feature_weight_above`: `aux_feature_weight` holds for train samples of at most this many
+    rows (`max_train_samples`); a larger sample, or every train row, trains with `aux_feature_weight_above`
+    (`sized`, applied by `TrainJob`). None = `aux_feature_weight` at any size."""
+    aux_feature_weight_above: float | None = None
+    """The probe's weight above `aux_feature_weight_max_samples` rows (the cpu profile's: BENCHMARKS.md)."""
     date_group_size: int = 0
     """0: batches by length, dates mixed. k > 0: every batch is made of whole groups of k rows of one
     date each (the per-date loss needs them), and the train sample is drawn per date in multiples of k."""
@@ -310,6 +318,11 @@ class TrainConfig:
             raise ValueError(
                 "TrainConfig needs target_clip > 0, weight_power, aux_feature_weight, trunk_cache_gb >= 0"
             )
+        limit, above = self.aux_feature_weight_max_samples, self.aux_feature_weight_above
+        if (limit is None) != (above is None) or (above is not None and above < 0):
+            raise ValueError("TrainConfig.aux_feature_weight_max_samples and _above: both None, or both set")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"TrainConfig.aux_feature_weight_max_samples must be an int >= 1, got {limit!r}")
         if self.date_group_size < 0 or self.date_group_size in (1, 2):
             raise ValueError(f"TrainConfig.date_group_size must be 0 or >= 3, got {self.date_group_size}")
         if self.loss == "ic" and not self.date_group_size:
@@ -326,43 +339,20 @@ class TrainConfig:
         if self.batch_size % self.grad_accum_steps:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of grad_accum_steps")
 
-
-@dataclass
-class ExperimentSpec:
-    """`TrainJob.experiment`: where to log and what to judge on."""
-
-    tracking_uri: str
-    training_set_path: str
-    experiment_name: str = "return-regressor"
-    registry_name: str | None = "return-regressor"
-    """None: log the run and the model, register nothing (search trials)."""
-    artifact_root: str | None = None
-    eval_max_dates: int | None = 40
-    """Validation and test dates scored at the end (evenly spaced; None = all)."""
-    test_max_dates: int | None = None
-    """A further cap on the test dates only (the smaller of the two applies; None = `eval_max_dates`): the
-    gate decides on validation, test is only reported, so the demo buys its time there."""
-    baselines: bool = True
-    run_name: str = "regressor"
-    params: dict[str, Any] = field(default_factory=dict)
-    """Extra params to log: bucket scheme, data ranges, base model identity, hyperparameter source."""
-    version_tags: dict[str, Any] = field(default_factory=dict)
-    """Extra tags on the registered version (e.g. the inputs fingerprint)."""
-    reports_dir: str | None = None
-    parent_run_id: str | None = None
-    promote: bool = True
-    """Run the champion gate (False: register as challenger only)."""
-    gate_k: float = 1.0
-    """The gate promotes when the paired RankIC difference exceeds gate_k standard errors ..."""
-    gate_min_delta: float = 0.0
-    """... and this margin."""
-    resume_version: str | None = None
-    """A version this job already registered before its run failed (before the gate): it is verified
-    and gated instead of registering another copy."""
-    gate_tags: dict[str, Any] = field(default_factory=dict)
-    """What makes validation scores comparable across versions (horizon, label kind, train end)."""
-    validation_start: str | None = None
-    """First validation date: a champion trained on or after it is not compared on its in-sample score."""
+    def sized(self) -> TrainConfig:
+        """The config this sample size trains: the probe's weight as `aux_feature_weight_max_samples`
+        resolves it, the rule then cleared (None), so a saved model's config says which weight it had."""
+        limit = self.aux_feature_weight_max_samples
+        if limit is None:
+            return self
+        keep = self.max_train_samples is not None and self.max_train_samples <= limit
+        weight = self.aux_feature_weight if keep else self.aux_feature_weight_above
+        return replace(
+            self,
+            aux_feature_weight=weight,
+            aux_feature_weight_max_samples=None,
+            aux_feature_weight_above=None,
+        )
 
 
 @dataclass
@@ -399,8 +389,10 @@ class TrainJob:
             self.regressor = RegressorConfig.from_dict(self.regressor)
         if isinstance(self.train, dict):
             self.train = TrainConfig(**self.train)
-        # which layers get adapters can depend on the sample's size: resolved once, here
+        # which layers get adapters, and the probe's weight, can depend on the sample's size: resolved
+        # once, here
         self.regressor = self.regressor.sized_for(self.train.max_train_samples)
+        self.train = self.train.sized()
         if isinstance(self.experiment, dict):
             self.experiment = ExperimentSpec(**self.experiment)
         if self.reweight is not None:

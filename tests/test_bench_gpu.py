@@ -171,6 +171,45 @@ def test_a_run_is_keyed_on_the_layers_its_sample_size_adapts() -> None:
     assert key(at[24_000], cpu.regressor) == key(at[24_000], unruled) != key(at[24_000], every)
 
 
+def test_a_run_is_keyed_on_the_probe_weight_its_sample_size_takes() -> None:
+    """The cpu profile's probe weight rule (3 up to 24k rows, 10 above): its 96k and every-row runs have the
+    keys that `--override 'aux_feature_weight=10.0'` gave them (the recorded every-row seed 1 is the
+    profile's run), its 24k runs the keys of weight 3 before the rule existed; the rule is in no key."""
+    from dataclasses import replace
+
+    from modeling.profiles import PROFILES, apply_overrides
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_regressor
+
+    cpu = PROFILES["cpu"]
+    key = bench_regressor._recipe_key
+
+    def keyed(size: int | None, overrides: dict) -> str:
+        _, train = apply_overrides(cpu.regressor, cpu.train, overrides)
+        return key(bench_regressor.bench_train_config(train, size, 1, epochs=2), cpu.regressor)
+
+    for size in (96_000, None):
+        assert (
+            keyed(size, {})
+            == keyed(size, {"aux_feature_weight": 10.0})
+            != keyed(size, {"aux_feature_weight": 3.0})
+        )
+    assert (
+        keyed(24_000, {})
+        == keyed(24_000, {"aux_feature_weight": 3.0})
+        != keyed(24_000, {"aux_feature_weight": 10.0})
+    )
+    unruled = replace(cpu.train, aux_feature_weight_max_samples=None, aux_feature_weight_above=None)
+    at = bench_regressor.bench_train_config(unruled, 24_000, 1, epochs=2)
+    assert key(at, cpu.regressor) == keyed(24_000, {})
+    # an explicit weight given to the bench holds at any size, as the overrides have it
+    explicit = bench_regressor.bench_train_config(cpu.train, 96_000, 1, epochs=2, aux_feature_weight=3.0)
+    assert explicit.sized().aux_feature_weight == 3.0
+    # the key of the every-row seed-1 run this session recorded with the override is the profile's own
+    assert list((bench_regressor.RUNS / "curve").glob(f"all-seed1-{keyed(None, {})}-*.json"))
+
+
 def test_a_curve_at_other_sizes_keeps_the_section_it_would_have_replaced(tmp_path, monkeypatch) -> None:
     """The curve's section is named by profile, passes and candidate: a run of the same candidate at other
     sizes takes the sizes into its name (the 24k section stays), a rerun at the same sizes replaces its
@@ -196,14 +235,22 @@ def test_a_curve_at_other_sizes_keeps_the_section_it_would_have_replaced(tmp_pat
 
 def test_the_curve_takes_its_seeds_per_size_and_one_at_every_row() -> None:
     """`--seeds` at the demo's size, `--large-seeds` above it, `--all-seeds` at every row (defaulting to
-    `--large-seeds`, as before the option existed)."""
+    `--large-seeds`, as before the option existed), counted from `--first-seed`."""
     from types import SimpleNamespace
 
     sys.path.insert(0, str(ROOT / "bench"))
     import bench_regressor
 
-    args = SimpleNamespace(seeds=3, large_seeds=2, all_seeds=1, multi_seed_max=24_000)
+    args = SimpleNamespace(seeds=3, large_seeds=2, all_seeds=1, multi_seed_max=24_000, first_seed=0)
     assert [bench_regressor.curve_seeds(n, args) for n in (24_000, 24_001, 96_000, None)] == [3, 2, 2, 1]
+    assert [list(bench_regressor.curve_seed_ids(n, args)) for n in (24_000, None)] == [[0, 1, 2], [0]]
+    # `--first-seed 1`: seed 1 alone at every row (seed 0's record missing), seeds 1-3 at 24k
+    args.first_seed = 1
+    assert [list(bench_regressor.curve_seed_ids(n, args)) for n in (24_000, 96_000, None)] == [
+        [1, 2, 3],
+        [1, 2],
+        [1],
+    ]
     # each profile's runs in their own folder: `--against-profile` reads the other profile's there
     out = bench_regressor._curve_out
     names = (out(1, "cpu").name, out(1, "gpu").name, out(2, "gpu").name)

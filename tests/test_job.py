@@ -84,17 +84,66 @@ def test_the_cpu_profiles_last_layer_adapters_hold_at_its_demo_size_and_every_la
         LoraSettings(last_layers=1, last_layers_max_samples=0)
 
 
+def test_the_cpu_profiles_probe_weight_is_3_at_its_demo_size_and_10_above() -> None:
+    """The cpu profile's rule: weight 3 on the demo's 24k rows (its measured tie with weight 10 there
+    keeps the demo as it was), 10 on a larger sample or every row (BENCHMARKS.md, 96k rows)."""
+    cpu = PROFILES["cpu"]
+    assert cpu.train.aux_feature_weight_max_samples == cpu.train.max_train_samples == 24_000
+    for rows, weight in ((24_000, 3.0), (96_000, 10.0), (None, 10.0)):
+        _, train = apply_overrides(cpu.regressor, cpu.train, {"max_train_samples": rows})
+        assert _job(train=train).train.aux_feature_weight == weight
+
+
+def test_the_probe_weight_can_depend_on_the_sample_size(tmp_path: Path) -> None:
+    """`aux_feature_weight_max_samples`: `aux_feature_weight` up to that many sampled rows,
+    `aux_feature_weight_above` for a larger sample or every row; the job resolves the rule once (what it
+    saves says which weight it trained with), and an explicit `aux_feature_weight` holds at any size."""
+    rule = {
+        "aux_feature_weight": 3.0,
+        "aux_feature_weight_max_samples": 24_000,
+        "aux_feature_weight_above": 10.0,
+    }
+    weights = {n: TrainConfig(max_train_samples=n, **rule).sized() for n in (24_000, 24_001, None)}
+    assert {n: c.aux_feature_weight for n, c in weights.items()} == {24_000: 3.0, 24_001: 10.0, None: 10.0}
+    assert all(
+        c.aux_feature_weight_max_samples is c.aux_feature_weight_above is None for c in weights.values()
+    )
+    assert TrainConfig(aux_feature_weight=2.0).sized() == TrainConfig(aux_feature_weight=2.0)  # no rule
+    for rows, weight in ((24_000, 3.0), (96_000, 10.0), (None, 10.0)):
+        job = _job(train=TrainConfig(max_train_samples=rows, **rule))
+        saved = TrainJob.load(job.save(tmp_path / f"{rows}.json")).train
+        assert (saved.aux_feature_weight, saved.aux_feature_weight_max_samples) == (weight, None)
+    # through the flat overrides (the regressor asset's config, the search's params)
+    for given, weight in (({}, 10.0), ({"aux_feature_weight": 1.0}, 1.0)):
+        _, train = apply_overrides(
+            RegressorConfig(), TrainConfig(**rule), {"max_train_samples": 96_000, **given}
+        )
+        assert _job(train=train).train.aux_feature_weight == weight
+    with pytest.raises(ValueError, match="both None, or both set"):
+        TrainConfig(aux_feature_weight_max_samples=10)
+    with pytest.raises(ValueError, match="both None, or both set"):
+        TrainConfig(aux_feature_weight_above=1.0)
+    with pytest.raises(ValueError, match="int >= 1"):
+        TrainConfig(aux_feature_weight_max_samples=0, aux_feature_weight_above=1.0)
+
+
 def test_the_gpu_profile_trains_the_curves_recipe_on_every_row() -> None:
     """The gpu profile is the cpu profile's recipe as the learning curve measured it on every train row
     (the cpu profile's own shape at that size), and differs only in what a GPU run needs: no sample, no
     time guard, the monitoring's cadence and the scoring batch."""
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
     cpu, gpu = PROFILES["cpu"], PROFILES["gpu"]
     assert gpu.regressor == cpu.regressor.sized_for(None)
     assert gpu.regressor.lora == LoraSettings(r=32, alpha=64.0)  # every layer, the rule resolved
+    # the probe's weight as the cpu profile's rule resolves it on every row
+    assert gpu.train == replace(gpu.train, max_train_samples=None).sized()
+    assert gpu.train.aux_feature_weight == cpu.train.aux_feature_weight_above == 10.0
     differ = {k for k, v in asdict(gpu.train).items() if asdict(cpu.train)[k] != v}
     assert differ == {
+        "aux_feature_weight",
+        "aux_feature_weight_max_samples",
+        "aux_feature_weight_above",
         "max_train_samples",
         "time_budget_s",
         "eval_every_steps",
