@@ -65,7 +65,10 @@ class RegressorAssetConfig(Config):
         description="Under the ic loss: weight of a weighted squared error added to it (0 = off).",
     )
     aux_feature_weight: float | None = Field(
-        default=None, ge=0, description="Weight of the auxiliary feature-reconstruction loss (0 = off)."
+        default=None,
+        ge=0,
+        description="Weight of the auxiliary feature-reconstruction loss (0 = off), at any sample size "
+        "(the profile's weight can depend on it: cpu 3 up to 24k rows, 10 above).",
     )
     date_group_size: int | None = Field(
         default=None, ge=0, description="Rows of one date per batch group (needed by the ic loss; 0 = off)."
