@@ -182,11 +182,8 @@ def peer_predict(model_tok, frame) -> object:
 def bench_train_config(train, n_rows: int | None, seed: int, **overrides):
     """A profile's train config as the benches train it: `n_rows` sampled rows, no time budget (a guard
     that would make runs depend on the machine's load), no checkpoints, no progress bar. An explicit
-    `aux_feature_weight` holds at any size (as `modeling.profiles.apply_overrides` has it)."""
-    if "aux_feature_weight" in overrides:
-        overrides = {"aux_feature_weight_max_samples": None, "aux_feature_weight_above": None, **overrides}
-    return replace(
-        train,
+    `aux_feature_weight` holds at any size (`TrainConfig.replaced`, as the asset's overrides have it)."""
+    return train.replaced(
         max_train_samples=n_rows,
         seed=seed,
         time_budget_s=None,

@@ -339,6 +339,14 @@ class TrainConfig:
         if self.batch_size % self.grad_accum_steps:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of grad_accum_steps")
 
+    def replaced(self, **changes: object) -> TrainConfig:
+        """`dataclasses.replace`, where an explicit `aux_feature_weight` holds at any sample size: the size
+        rule (`aux_feature_weight_max_samples`, `_above`) is cleared unless `changes` set it too (the asset's
+        config, the search's params and the benches all override through here)."""
+        if "aux_feature_weight" in changes:
+            changes = {"aux_feature_weight_max_samples": None, "aux_feature_weight_above": None, **changes}
+        return replace(self, **changes)
+
     def sized(self) -> TrainConfig:
         """The config this sample size trains: the probe's weight as `aux_feature_weight_max_samples`
         resolves it, the rule then cleared (None), so a saved model's config says which weight it had."""

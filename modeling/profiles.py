@@ -217,8 +217,6 @@ def apply_overrides(
     parts: dict[str, dict[str, object]] = {"train": {}, "lora": {}, "head": {}, "regressor": {}}
     if "lora_last_layers" in overrides:  # an explicit choice of layers holds at any sample size
         parts["lora"]["last_layers_max_samples"] = None
-    if "aux_feature_weight" in overrides:  # and so does an explicit probe weight
-        parts["train"].update(aux_feature_weight_max_samples=None, aux_feature_weight_above=None)
     for name, value in overrides.items():
         section, field_name = OVERRIDABLE[name]
         if isinstance(value, list):
@@ -226,4 +224,5 @@ def apply_overrides(
         parts[section][field_name] = value
     lora = replace(regressor.lora, **parts["lora"])
     head = replace(regressor.head, **parts["head"])
-    return replace(regressor, lora=lora, head=head, **parts["regressor"]), replace(train, **parts["train"])
+    # an explicit probe weight holds at any sample size too (`TrainConfig.replaced` clears its size rule)
+    return replace(regressor, lora=lora, head=head, **parts["regressor"]), train.replaced(**parts["train"])

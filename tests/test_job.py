@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,17 @@ def test_the_probe_weight_can_depend_on_the_sample_size(tmp_path: Path) -> None:
             RegressorConfig(), TrainConfig(**rule), {"max_train_samples": 96_000, **given}
         )
         assert _job(train=train).train.aux_feature_weight == weight
+    # `TrainConfig.replaced`, which both the overrides and the benches go through
+    ruled = TrainConfig(**rule)
+    assert ruled.replaced(seed=3) == replace(ruled, seed=3)  # the rule stays unless the weight is given
+    explicit = ruled.replaced(aux_feature_weight=1.0, max_train_samples=96_000).sized()
+    assert (explicit.aux_feature_weight, explicit.max_train_samples) == (1.0, 96_000)
+    moved = ruled.replaced(
+        aux_feature_weight=2.0, aux_feature_weight_max_samples=5, aux_feature_weight_above=4.0
+    )
+    assert (moved.aux_feature_weight_max_samples, moved.aux_feature_weight_above) == (5, 4.0)
+    with pytest.raises(ValueError, match="both None, or both set"):
+        ruled.replaced(aux_feature_weight=1.0, aux_feature_weight_above=4.0)
     with pytest.raises(ValueError, match="both None, or both set"):
         TrainConfig(aux_feature_weight_max_samples=10)
     with pytest.raises(ValueError, match="both None, or both set"):
@@ -131,7 +143,7 @@ def test_the_gpu_profile_trains_the_curves_recipe_on_every_row() -> None:
     """The gpu profile is the cpu profile's recipe as the learning curve measured it on every train row
     (the cpu profile's own shape at that size), and differs only in what a GPU run needs: no sample, no
     time guard, the monitoring's cadence and the scoring batch."""
-    from dataclasses import asdict, replace
+    from dataclasses import asdict
 
     cpu, gpu = PROFILES["cpu"], PROFILES["gpu"]
     assert gpu.regressor == cpu.regressor.sized_for(None)
