@@ -78,7 +78,7 @@ def main() -> None:
     from modeling.data.corpus import tokenise_rows
     from modeling.evaluation import split_rows
     from modeling.inference import predict_ids
-    from modeling.metrics import paired_difference, rank_ic, rank_ic_stats
+    from modeling.metrics import paired_difference, rank_ic_stats
     from modeling.model import load_regressor
 
     data = _data_dir()
@@ -98,8 +98,7 @@ def main() -> None:
             preds[mode] = predict_ids(net, tokenizer, rows.ids, 32)
         rates[mode].append(len(rows.ids) / (time.perf_counter() - started))
     frame = rows.frame.assign(label=rows.label, **preds)
-    ric = {m: rank_ic(frame, m) for m in modes}
-    stats = rank_ic_stats(frame, "fp32")
+    ric = {m: rank_ic_stats(frame, m) for m in modes}
     facts = machine()
     train_rate = json.loads((model_dir.parent / "train_report.json").read_text())["samples_per_s"]
     lines, notes = [], []
@@ -110,28 +109,33 @@ def main() -> None:
         lines.append(
             f"| {mode} | {rates[mode][0]:.0f}, {rates[mode][1]:.0f} | "
             f"{np.mean(rates[mode]) / np.mean(rates['fp32']):.2f}x | {np.mean(rates[mode]) / train_rate:.1f}x "
-            f"| {ric[mode]:.5f} | {paired} | {diff:.4f} | {corr:.6f} |"
+            f"| {ric[mode].mean:.5f} ± {ric[mode].se:.5f} | {paired} | {diff:.4f} | {corr:.6f} |"
         )
         if mode in NOTES:
             notes.append(NOTES[mode])
     table = "\n".join(lines)
+    # the command as it ran: every flag that is not at its default
+    flags = "".join(
+        f" --{name} {getattr(args, name)}"
+        for name in ("dates", "modes", "section")
+        if getattr(args, name) != parser.get_default(name)
+    )
     write_section(
         args.section,
         f"""## Scoring in {", ".join(modes[1:])} on the CPU (issue 13 route)
 
-Command: `{COMMAND}{"" if args.section == "scoring_precision" else f" --dates {args.dates} --modes {args.modes} --section {args.section}"}` after `make demo`. Machine: {facts["cores"]} cores ({facts["cpu"]}, torch CPU capability
-{torch.backends.cpu.get_cpu_capability()}). The demo's model scores {len(rows.ids):,} validation rows ({stats.n_dates} dates; fp32 RankIC
-{stats.mean:.4f} ± {stats.se:.4f}) through `modeling.inference`, batches of 32, the modes alternating. "x training":
+Command: `{COMMAND}{flags}` after `make demo`. Machine: {facts["cores"]} cores ({facts["cpu"]}, torch CPU capability
+{torch.backends.cpu.get_cpu_capability()}). The demo's model scores {len(rows.ids):,} validation rows ({ric["fp32"].n_dates} dates) through `modeling.inference`, batches of 32, the modes alternating. "x training":
 against the {train_rate:.0f} samples/s of the run that trained this model (its train loop).
 
-| mode | rows/s (two runs) | x fp32 | x training | RankIC | − fp32, paired by date | max abs diff to fp32 | corr with fp32 |
+| mode | rows/s (two runs) | x fp32 | x training | RankIC ± SE | − fp32, paired by date | max abs diff to fp32 | corr with fp32 |
 |---|---:|---:|---:|---:|---:|---:|---:|
 {table}
 
 {chr(10).join(notes)}
 """,
     )
-    print(json.dumps({"rates": rates, "rank_ic": ric}))
+    print(json.dumps({"rates": rates, "rank_ic": {m: r.mean for m, r in ric.items()}}))
 
 
 if __name__ == "__main__":
