@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from modeling.metrics import DailyMean, information_ratio, paired_series_difference, per_date_correlation
+from modeling.metrics import DailyMean, information_ratio, paired_difference, per_date_correlation
 
 TRADING_DAYS = 252
 WINDOW_MODES = ("expanding", "sliding")
@@ -186,10 +186,8 @@ def paired_rank_ic(
     frame: pd.DataFrame, model: str, baseline: str, ret: str = "label", horizon: int = 1
 ) -> dict:
     """Mean daily RankIC of `model` minus `baseline` on the same rows: delta, se (Newey-West, lag h-1), t,
-    n_dates."""
-    a = per_date_correlation(frame, model, ret, "spearman")
-    b = per_date_correlation(frame, baseline, ret, "spearman")
-    return paired_series_difference(a, b, horizon).to_dict()
+    n_dates (rows where either forecast is missing, e.g. a model absent from a window, count for neither)."""
+    return paired_difference(frame, model, baseline, ret, horizon).to_dict()
 
 
 def rank_ic_by_month(frame: pd.DataFrame, models: list[str], ret: str = "label") -> pd.DataFrame:

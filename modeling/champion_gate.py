@@ -24,7 +24,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from modeling.errors import ModelUnloadableError
-from modeling.metrics import DailyMean, PairedDifference, paired_series_difference
+from modeling.metrics import DailyMean, PairedDifference, min_dates_for_lag, nw_lag, paired_series_difference
 from modeling.mlflow_registry import CHAMPION, RegistryError, alias_version, daily_from_tag, version_tags
 
 COMPARABILITY_TAGS = ("horizon", "label_kind")
@@ -37,10 +37,11 @@ def gate_decision(
     """The paired test of the gate: (promote?, the paired difference new - champion, the bar).
 
     Promote only when the mean daily RankIC difference on the common dates exceeds
-    max(min_delta, k x SE) (SE Newey-West with lag horizon - 1). Without a standard error (fewer than
-    two common dates) nothing is promoted."""
+    max(min_delta, k x SE) (SE Newey-West with lag horizon - 1). Without a standard error to trust
+    (fewer common dates than `min_dates_for_lag`: 2 at horizon 1, 5 x the lag above) nothing is promoted."""
     paired = paired_series_difference(new_daily, champion_daily, horizon)
-    bar = max(min_delta, k * paired.se) if np.isfinite(paired.se) else float("nan")
+    trusted = np.isfinite(paired.se) and paired.n_dates >= min_dates_for_lag(nw_lag(horizon))
+    bar = max(min_delta, k * paired.se) if trusted else float("nan")
     return bool(np.isfinite(bar) and paired.delta > bar), paired, bar
 
 
@@ -57,12 +58,14 @@ class ChampionRescoreError(RuntimeError):
 
 def champion_unloadable(error: BaseException) -> bool:
     """True when `error` (or an error it was raised from) says the model can no longer be loaded: its
-    files are gone, its base model's fingerprint or prompt template changed (`ModelUnloadableError`), or
-    the store no longer knows it. Any other error is a fault of the moment, not a verdict on the model."""
+    files are gone, its base model's fingerprint or prompt template changed (`ModelUnloadableError`), its
+    code no longer imports under this installation, or the store no longer knows it. Any other error is
+    a fault of the moment, not a verdict on the model."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, (ModelUnloadableError, FileNotFoundError)):
+        # ImportError: the model's code no longer imports (a module it names was renamed or removed)
+        if isinstance(error, (ModelUnloadableError, FileNotFoundError, ImportError)):
             return True
         if (
             isinstance(error, mlflow.exceptions.MlflowException)
@@ -146,7 +149,12 @@ def champion_gate(
             return decision
         with gate_lock():
             if alias_version(name, CHAMPION) == current:
-                MlflowClient().set_registered_model_alias(name, CHAMPION, version)
+                # the verdict before the alias: a crash between the two leaves the version saying why it is
+                # champion, and the retry (which finds it champion already) reports that verdict
+                client = MlflowClient()
+                client.set_model_version_tag(name, version, "gate_reason", str(decision["reason"])[:500])
+                client.set_model_version_tag(name, version, "promoted", "True")
+                client.set_registered_model_alias(name, CHAMPION, version)
                 return decision
     raise RegistryError(f"the champion of {name!r} moved {GATE_ATTEMPTS} times while v{version} was judged")
 
@@ -168,13 +176,17 @@ def _judge(
 ) -> dict[str, Any]:
     """The gate's decision against champion `current` (`move`: whether the alias should move)."""
     base = {"champion_before": current, "delta": None, "se": None, "t": None, "n_dates": score.n_dates}
-    if current == version:
+    if current == version:  # a retry after the alias moved (or an alias set by hand): it is the champion
+        earlier = version_tags(name, version).get("gate_reason")
+        how = (
+            f"promoted by an earlier attempt: {earlier}" if earlier else "the alias was set outside the gate"
+        )
         return {
             **base,
             "move": False,
-            "promoted": False,
+            "promoted": True,
             "champion_score": score.mean,
-            "reason": "already champion",
+            "reason": f"already champion ({how})",
         }
     if not np.isfinite(score.mean):
         reason = f"validation RankIC is {score.mean}: a model without a score is never promoted"
@@ -194,6 +206,9 @@ def _judge(
         f"v{version} {verdict} champion v{current}: paired daily RankIC {paired} ({how}); "
         f"bar max(min_delta {min_delta:g}, {k:g} x SE) = {bar:.5f}"
     )
+    if not np.isfinite(bar):
+        needed = min_dates_for_lag(nw_lag(horizon))
+        reason += f" (no decision: the SE at horizon {horizon} needs {needed} common dates)"
     return {
         **base,
         "move": promoted,

@@ -17,7 +17,7 @@ import pandas as pd
 
 from modeling.data.corpus import evenly_spaced_dates, read_corpus_split, tokenise_rows
 from modeling.inference import DEFAULT_PREDICT_BATCH_SIZE, predict_ids
-from modeling.metrics import DailyMean, rank_ic_stats
+from modeling.metrics import DailyMean, rank_ic_stats, thinned_horizon
 
 
 def split_rows(corpus_path: str | os.PathLike[str], split: str, max_dates: int | None) -> pd.DataFrame:
@@ -25,6 +25,15 @@ def split_rows(corpus_path: str | os.PathLike[str], split: str, max_dates: int |
     rows = read_corpus_split(corpus_path, split)
     rows = rows[rows["date"].isin(evenly_spaced_dates(rows["date"], max_dates))]
     return rows.reset_index(drop=True)
+
+
+def split_horizon(corpus_path: str | os.PathLike[str], split: str, rows: pd.DataFrame, horizon: int) -> int:
+    """`horizon` in positions of `rows`' dates (`split_rows`' evenly spaced subset of the split's): what
+    the Newey-West lag of their daily series is computed from (`thinned_horizon`)."""
+    if horizon == 1:
+        return 1
+    split_dates = int(read_corpus_split(corpus_path, split, ["date"])["date"].nunique())
+    return thinned_horizon(horizon, int(rows["date"].nunique()), split_dates)
 
 
 def score_rows(
@@ -51,10 +60,9 @@ def score_split(
     from modeling.model import load_regressor, read_regressor_info
 
     base = read_regressor_info(model_dir)["base_model"]["path"]
-    frame, _ = score_rows(
-        load_regressor(model_dir), load_tokenizer(base), split_rows(corpus_path, split, max_dates), batch_size
-    )
-    return frame, rank_ic_stats(frame, horizon=horizon)
+    rows = split_rows(corpus_path, split, max_dates)
+    frame, _ = score_rows(load_regressor(model_dir), load_tokenizer(base), rows, batch_size)
+    return frame, rank_ic_stats(frame, horizon=split_horizon(corpus_path, split, rows, horizon))
 
 
 def dates_for_se(target_se: float, daily_sd: float = 0.055) -> int:

@@ -33,7 +33,7 @@ import torch
 from modeling.backbones.common import load_tokenizer
 from modeling.baselines import BaselineConfig, fit_predict_baselines
 from modeling.data.corpus import train_sample
-from modeling.evaluation import score_rows, split_rows
+from modeling.evaluation import score_rows, split_horizon, split_rows
 from modeling.feature_registry import FEATURE_NAMES, MODEL_INPUT_COLUMNS
 from modeling.job import ExperimentSpec, Outcome  # noqa: F401 (ExperimentSpec re-exported)
 from modeling.metrics import evaluate, paired_difference, per_date_correlation
@@ -212,10 +212,12 @@ def _compare_with_baselines(
     features: pd.DataFrame,
     results: dict[str, dict[str, dict[str, float]]],
     horizon: int,
+    horizons: dict[str, int],
 ) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, float], dict[str, pd.Series]]:
     """Fit the baselines on the rows, targets and weights the regressor trained on, score them on the same
-    rows (added to `results`), and pair the regressor with each. Returns (paired, fit seconds, the best
-    baseline's test forecasts for the plots)."""
+    rows (added to `results`), and pair the regressor with each. `horizon`: the label's (the baselines'
+    early-stopping purge); `horizons`: each split's in positions of its scored dates (their SEs). Returns
+    (paired, fit seconds, the best baseline's test forecasts for the plots)."""
     paired: dict[str, dict[str, dict[str, float]]] = {}
     # the same rows, targets and weights the regressor trained on
     train_keys = train_sample(job.corpus_path, job.train, job.reweight, ["date", "symbol", "label", "weight"])
@@ -227,13 +229,13 @@ def _compare_with_baselines(
     )
     for name, per_split in predictions.items():
         results[name] = {
-            split: evaluate(frames[split].assign(prediction=p), horizon=horizon)
+            split: evaluate(frames[split].assign(prediction=p), horizon=horizons[split])
             for split, p in per_split.items()
         }
         # the regressor minus this baseline, date by date on the same rows (the zero forecast has no
         # daily RankIC: the difference to "no view" is the regressor's own RankIC)
         paired[name] = {
-            split: paired_against(frames[split], per_split[split], horizon) for split in per_split
+            split: paired_against(frames[split], per_split[split], horizons[split]) for split in per_split
         }
     best = max((n for n in predictions if n != "zero"), key=lambda n: results[n]["validation"]["rank_ic"])
     return paired, baseline_seconds, {best: pd.Series(predictions[best]["test"])}
@@ -330,20 +332,24 @@ def _load_judged_model(job: TrainJob, model_dir: Path) -> tuple[LLMRegressor, An
 
 def _score_splits(
     job: TrainJob, model: LLMRegressor, tokenizer: Any, features: pd.DataFrame, log: Callable[[str], None]
-) -> tuple[dict[str, pd.DataFrame], dict[str, float]]:
+) -> tuple[dict[str, pd.DataFrame], dict[str, float], dict[str, int]]:
     """The validation and test rows scored (each capped at its number of dates) with their features,
-    and the scoring rate of each split (rows/s)."""
+    the scoring rate of each split (rows/s) and its label horizon in positions of the scored dates
+    (`thinned_horizon`: the Newey-West lag of a capped split's series)."""
     spec = job.experiment
+    horizon = int(job.prompt.get("horizon", 1))
     frames: dict[str, pd.DataFrame] = {}
     rates: dict[str, float] = {}
+    horizons: dict[str, int] = {}
     for split in ("validation", "test"):
         caps = [c for c in (spec.eval_max_dates, spec.test_max_dates if split == "test" else None) if c]
         cap = min(caps) if caps else None
         rows = split_rows(job.corpus_path, split, cap)
+        horizons[split] = split_horizon(job.corpus_path, split, rows, horizon)
         scored, rates[split] = score_rows(model, tokenizer, rows, job.train.eval_batch_size)
         log(f"scored {len(rows)} {split} rows on {rows['date'].nunique()} dates at {rates[split]:.0f} rows/s")
         frames[split] = with_features(scored, features)
-    return frames, rates
+    return frames, rates, horizons
 
 
 def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -354,17 +360,19 @@ def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None
     model_dir = Path(result.model_dir)
     model, tokenizer, tokenizer_dir = _load_judged_model(job, model_dir)
     features = feature_rows(Path(spec.training_set_path))
-    frames, rates = _score_splits(job, model, tokenizer, features, log)
+    frames, rates, horizons = _score_splits(job, model, tokenizer, features, log)
 
     horizon = int(job.prompt.get("horizon", 1))
     results: dict[str, dict[str, dict[str, float]]] = {
-        "llm_regressor": {split: evaluate(frame, horizon=horizon) for split, frame in frames.items()}
+        "llm_regressor": {split: evaluate(frame, horizon=horizons[split]) for split, frame in frames.items()}
     }
     paired: dict[str, dict[str, dict[str, float]]] = {}
     baseline_seconds: dict[str, float] = {}
     others: dict[str, pd.Series] = {}
     if spec.baselines:
-        paired, baseline_seconds, others = _compare_with_baselines(job, frames, features, results, horizon)
+        paired, baseline_seconds, others = _compare_with_baselines(
+            job, frames, features, results, horizon, horizons
+        )
     table = comparison_table(results)
     headline = headline_table(results, paired)
     log("\n" + headline)
@@ -410,7 +418,9 @@ def run_experiment(job: TrainJob, result: TrainResult, log: Callable[[str], None
     gate: dict[str, Any] = {"promoted": False, "reason": "not registered"}
     if spec.registry_name and logged["model_version"]:
         if spec.promote:
-            gate = _verify_and_gate(spec, logged, frames["validation"], daily, validation_key, horizon)
+            gate = _verify_and_gate(
+                spec, logged, frames["validation"], daily, validation_key, horizons["validation"]
+            )
             log(f"champion gate: {gate['reason']}")
         else:
             gate = {"promoted": False, "reason": "the champion gate was not asked for (promote=False)"}

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from modeling.atomic_files import write_text_atomic
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -52,8 +54,10 @@ class Outcome:
         return asdict(self)
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write `outcome.json` atomically (a temporary file, fsynced, then renamed): a run that finds it
+        reads it back instead of training again, so a torn file must never be what it finds."""
         path = Path(directory) / self.FILE
-        path.write_text(json.dumps(self.to_dict(), indent=1, default=str) + "\n")
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=1, default=str) + "\n")
         return path
 
     @classmethod

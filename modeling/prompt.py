@@ -215,6 +215,13 @@ class PromptBuilder:
                 f"a date, and {day} has {int(counts[thin.index[0]])} rows: pass each date's whole universe "
                 f"(at least {MIN_PERCENTILE_NAMES} names)"
             )
+        if "symbol" in frame and frame.duplicated(["date", "symbol"]).any():
+            repeated = int(frame.duplicated(["date", "symbol"]).sum())
+            raise PromptDataError(
+                f"number_format {self.number_format!r} ranks each feature within a date's cross-section, and "
+                f"{repeated} rows repeat a (date, symbol): a training set resampled with replacement (bucket "
+                "mode 'resample') is not a cross-section. Use bucket mode 'weight' or number_format 'value'"
+            )
         self._raise_on_non_finite(frame, frame[names].to_numpy(dtype=float), names)
         ranks = frame.groupby("date")[names].rank(method="average")
         pct = np.floor(100.0 * (ranks.to_numpy() - 0.5) / counts.to_numpy()[:, None]).clip(0, 99)

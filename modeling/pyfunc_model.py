@@ -48,7 +48,9 @@ class RegressorPyfunc(PythonModel):
         self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["tokenizer"], local_files_only=True)
         ensure_pad_token(self.tokenizer)
         self.builder = PromptBuilder.from_settings(info["prompt"])
-        self.batch_size = int(os.environ.get("REGRESSOR_PREDICT_BATCH_SIZE", DEFAULT_PREDICT_BATCH_SIZE))
+        self.batch_size = predict_batch_size(
+            os.environ.get(PREDICT_BATCH_SIZE_ENV), DEFAULT_PREDICT_BATCH_SIZE
+        )
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
         from modeling.inference import predict_prompts
@@ -60,12 +62,38 @@ class RegressorPyfunc(PythonModel):
         frame = frame.assign(date=pd.to_datetime(frame["date"]))
         if len(frame) == 0:
             return np.zeros(0)
+        # the prompt names the date and the symbol: without them it would read "nan" and still score
+        blank = (
+            frame["date"].isna() | frame["symbol"].isna() | (frame["symbol"].astype(str).str.strip() == "")
+        )
+        if blank.any():
+            rows = np.flatnonzero(blank.to_numpy())
+            raise ValueError(
+                f"{len(rows)} input row(s) lack a date or a symbol (positions {rows[:5].tolist()})"
+            )
         prompts = self.builder.render_batch(frame.reset_index(drop=True), self.tokenizer)
         return predict_prompts(self.model, self.tokenizer, prompts, self.batch_size)
 
 
 if __name__ != "modeling.pyfunc_model":  # MLflow is executing this file to load (or validate) a logged model
     set_model(RegressorPyfunc())
+
+
+PREDICT_BATCH_SIZE_ENV = "REGRESSOR_PREDICT_BATCH_SIZE"
+"""Rows per forward of the served model (read when it loads; README, "Configuration")."""
+
+
+def predict_batch_size(value: str | None, default: int) -> int:
+    """The served model's batch size from its environment variable (`default` when unset)."""
+    if value is None or value.strip() == "":
+        return default
+    try:
+        size = int(value)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise ValueError(f"{PREDICT_BATCH_SIZE_ENV} must be a positive integer, got {value!r}")
+    return size
 
 
 def signature() -> ModelSignature:

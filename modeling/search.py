@@ -217,6 +217,25 @@ def _best_on_every_date(
         return score_split(best_dir / "model", template.corpus_path, "validation", None, horizon)[1]
 
 
+def judging_key(template: TrainJob, objective_dates: int | None, bucket_config: dict | None) -> str:
+    """What a trial's objective value rests on besides its own parameters: the scored rows (the corpus's
+    content), the backbone, the job the trials start from, the bucket model and the number of dates. A
+    stored study outlives the data it was run on (the daily corpus grows, a run may judge on fewer dates),
+    so only trials with the current key are ranked against each other."""
+    from modeling.backbones.files import build_key, file_sha256, model_fingerprint
+
+    job = {k: v for k, v in template.to_dict().items() if k != "output_dir"}
+    return build_key(
+        {
+            "corpus": file_sha256(template.corpus_path),
+            "base_model": model_fingerprint(template.base_model_dir),
+            "job": job,
+            "buckets": bucket_config,
+            "objective_dates": objective_dates,
+        }
+    )
+
+
 def _objective(
     template: TrainJob,
     space: SearchSpace,
@@ -227,6 +246,7 @@ def _objective(
     horizon: int,
     log_trial: Callable[[int, dict[str, Any], DailyMean | None, list[dict[str, Any]], str], None] | None,
     log: Callable[[str], None],
+    key: str,
 ) -> Callable[[Any], float]:
     """The study's objective: train the trial's regressor (reporting each periodic validation RankIC to
     the pruner), score it on `objective_dates` validation dates, store its SE and dates with the trial,
@@ -234,6 +254,7 @@ def _objective(
     import optuna
 
     def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("judged_on", key)
         params = suggest(trial, space, reweight)
         job = trial_job(template, params, Path(out_dir) / f"trial-{trial.number:04d}", bucket_config)
 
@@ -293,18 +314,30 @@ def run_search(
     # and RetryHeartbeatStaleTrialCallback queues it again with the same parameters
     reweight = bucket_config is not None and bucket_config.get("mode", "weight") == "weight"
     started = time.perf_counter()
+    key = judging_key(template, objective_dates, bucket_config)
     objective = _objective(
-        template, space, reweight, bucket_config, out_dir, objective_dates, horizon, log_trial, log
+        template, space, reweight, bucket_config, out_dir, objective_dates, horizon, log_trial, log, key
     )
     before = len(study.trials)
     study.optimize(objective, n_trials=n_trials, timeout=timeout_s, catch=())
     trials = study.trials_dataframe(attrs=("number", "value", "user_attrs", "state", "params", "duration"))
     trials = trials.rename(columns={"user_attrs_rank_ic_se": "se", "user_attrs_n_dates": "n_dates"})
-    completed = [
+    judged_on = trials.pop("user_attrs_judged_on") if "user_attrs_judged_on" in trials else None
+    trials["comparable"] = judged_on == key if judged_on is not None else False
+    finished = [
         t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None
     ]
+    completed = [t for t in finished if t.user_attrs.get("judged_on") == key]
     if not completed:
-        raise RuntimeError("no trial of the search completed")
+        raise RuntimeError(
+            f"no trial of the search completed on the current rows and settings ({len(finished)} completed "
+            "trials of the study were judged on other data, backbone, profile or number of dates)"
+        )
+    if len(completed) < len(finished):
+        log(
+            f"{len(finished) - len(completed)} completed trials of the study were judged on other rows or "
+            "settings: ranked out"
+        )
     best = max(completed, key=lambda t: t.value)
     # the winner of several noisy trials is flattered by its own noise: re-score it on every date (unless
     # it was judged on every date already)

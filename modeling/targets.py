@@ -29,7 +29,9 @@ def training_targets(frame: pd.DataFrame, transform: str, clip: float = 5.0) -> 
     """The training target of every row of `frame` (columns date, label), per `transform`.
 
     Per-date statistics use every row of the frame on that date: call this on the whole train split,
-    before any sampling, so a sampled row gets the value it has within its full cross-section.
+    before any sampling, so a sampled row gets the value it has within its full cross-section. A frame
+    that repeats a (date, symbol) (a training set resampled with replacement) has no cross-section: the
+    per-date transforms refuse it.
     """
     if transform not in TARGET_TRANSFORMS:
         raise ValueError(f"target transform must be one of {TARGET_TRANSFORMS}, got {transform!r}")
@@ -38,6 +40,13 @@ def training_targets(frame: pd.DataFrame, transform: str, clip: float = 5.0) -> 
         return label.to_numpy(np.float32)
     if transform == "clip":
         return label.clip(-clip, clip).to_numpy(np.float32)
+    if "symbol" in frame and frame.duplicated(["date", "symbol"]).any():
+        raise ValueError(
+            f"target transform {transform!r} is a per-date statistic of the cross-section, and "
+            f"{int(frame.duplicated(['date', 'symbol']).sum())} rows repeat a (date, symbol): a training set "
+            "resampled with replacement (bucket mode 'resample') is not a cross-section. Use bucket mode "
+            "'weight' or target transform 'none' / 'clip'"
+        )
     by_date = label.groupby(frame["date"].to_numpy())
     if transform == "cs_zscore":
         std = by_date.transform("std").replace(0.0, np.nan)

@@ -47,6 +47,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from modeling import checkpointing
+from modeling.atomic_files import write_text_atomic
 from modeling.data.corpus import FixedBatches, RowsDataset, make_collate
 from modeling.inference import predict_ids
 from modeling.job import TrainConfig, TrainJob  # noqa: F401 (re-exported: what callers hand the recipe)
@@ -259,7 +260,7 @@ class RegressorTrainer(TrainerSetup):
         if live is not None:
             self.unwrapped.load_trainable_state_dict(live)
         frame = self.val_rows.frame.assign(prediction=preds, label=self.val_rows.label)
-        return rank_ic_stats(frame, horizon=int(self.job.prompt.get("horizon", 1)))
+        return rank_ic_stats(frame, horizon=self.eval_horizon)
 
     def record_eval(self, train_loss: float | None) -> bool:
         """Evaluate, keep the best weights; True when early stopping says stop."""
@@ -351,8 +352,8 @@ class RegressorTrainer(TrainerSetup):
         wall = time.perf_counter() - self.started_wall
         result = TrainResult(model_dir, state, n_train, n_eval, dates, wall, self.n_proc)
         if self.main:
-            (self.out / "train_report.json").write_text(
-                json.dumps(result.report(), indent=1, default=float) + "\n"
+            write_text_atomic(
+                self.out / "train_report.json", json.dumps(result.report(), indent=1, default=float) + "\n"
             )
             final = {
                 "state": asdict(state),
@@ -362,7 +363,8 @@ class RegressorTrainer(TrainerSetup):
                 "wall_s": wall,
                 "n_processes": self.n_proc,
             }
-            (self.out / FINAL_STATE_FILE).write_text(json.dumps(final, default=float) + "\n")
+            # last and atomic: its presence tells a retry that this training is complete
+            write_text_atomic(self.out / FINAL_STATE_FILE, json.dumps(final, default=float) + "\n")
         self.accelerator.wait_for_everyone()
         return result
 

@@ -38,6 +38,7 @@ from modeling.data.corpus import (
     train_sample,
 )
 from modeling.job import TrainJob
+from modeling.metrics import thinned_horizon
 from modeling.model import LLMRegressor, build_regressor
 from modeling.optim import BestTracker, lr_length_factor, param_groups
 from modeling.train_state import LoopState, latest_checkpoint, read_checkpoint
@@ -126,6 +127,10 @@ class TrainerSetup:
             raise ValueError(f"the prompt corpus {job.corpus_path} has no train rows")
         val_frame = read_corpus_split(job.corpus_path, "validation")
         self.eval_dates = evenly_spaced_dates(val_frame["date"], cfg.eval_max_dates)
+        # the label horizon in positions of the evaluation dates: the Newey-West lag of their SE
+        self.eval_horizon = thinned_horizon(
+            int(job.prompt.get("horizon", 1)), len(self.eval_dates), int(val_frame["date"].nunique())
+        )
         val_frame = val_frame[val_frame["date"].isin(self.eval_dates)].reset_index(drop=True)
         self.train_rows = tokenise_rows(self.train_frame, self.tokenizer)
         self.val_rows = tokenise_rows(val_frame, self.tokenizer)

@@ -1,5 +1,6 @@
 """The `backtest` asset end to end on a small market: a real kill after the first window, resume, nothing
-recomputed on a re-run, the forecasts stored and analysed, the MLflow run, and the leaky-backbone refusal."""
+recomputed on a re-run, the forecasts stored and analysed, the MLflow run, and the refusals of a period
+that is not out of sample."""
 
 from __future__ import annotations
 
@@ -144,14 +145,34 @@ def test_a_killed_backtest_resumes_and_a_rerun_recomputes_nothing(market: Settin
     con.close()
 
 
-def test_a_backbone_pretrained_into_the_period_is_refused(market: Settings) -> None:
+def test_a_period_inside_the_train_split_is_refused(market: Settings) -> None:
+    """The label scale and the bucket model are fit on the whole train split: a window there would be
+    judged with statistics of its own dates, whatever the backbone (the first validation date is the
+    earliest start)."""
     splits = pd.read_parquet(market.data_dir / "training_set.parquet", columns=["date", "split"])
     train_dates = sorted(splits.loc[splits["split"] == "train", "date"].unique())
-    start = str(pd.Timestamp(train_dates[-3]).date())  # the backbone read train prompts up to about here
+    start = str(pd.Timestamp(train_dates[-3]).date())
     result = _backtest(market, {**BACKTEST_CONFIG, "period_start": start}, raise_on_error=False)
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-    assert "inside the backtest period" in str(failure.event_specific_data.error)
+    assert "before the validation split" in str(failure.event_specific_data.error)
+
+
+def test_a_backbone_pretrained_into_the_period_is_refused(tmp_path: Path) -> None:
+    """An embedded backbone kept from an earlier training set may have read prompts past today's train
+    split: it must end before the period, and a publisher's backbone is not checked."""
+    import json
+
+    from modeling.backbones.common import EMBEDDED_MODEL_INFO_FILE
+    from pipeline.assets.backtest import _refuse_leaky_backbone
+
+    info = {"pretrain_train_dates": ["2020-01-02", "2021-06-30"]}
+    (tmp_path / EMBEDDED_MODEL_INFO_FILE).write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="inside the backtest period"):
+        _refuse_leaky_backbone("embedded", tmp_path, pd.Timestamp("2021-06-30"))
+    note = _refuse_leaky_backbone("embedded", tmp_path, pd.Timestamp("2021-07-01"))
+    assert "2021-06-30, before the period" in note
+    assert "publisher" in _refuse_leaky_backbone("directory", tmp_path, pd.Timestamp("2021-01-01"))
 
 
 def test_the_search_asset_stores_its_study_and_writes_the_best_settings(market: Settings) -> None:

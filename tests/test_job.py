@@ -216,3 +216,23 @@ def test_outcome_reads_older_files_and_refuses_unknown_keys(tmp_path: Path) -> N
     (tmp_path / Outcome.FILE).write_text(json.dumps({**old.to_dict(), "surprise": 1}))
     with pytest.raises(ValueError, match="surprise"):
         Outcome.load(tmp_path)
+
+
+def test_a_marker_file_is_replaced_whole_or_not_at_all(tmp_path: Path, monkeypatch) -> None:
+    """`outcome.json` tells a later run to skip training: a save cut short (here the disk fails at the
+    fsync) leaves the previous file readable and no stray temporary file."""
+    from modeling import atomic_files
+
+    first = Outcome(run_id="r", model_uri="m", model_version="3", promoted=True, gate="g", val_rank_ic=0.04)
+    first.save(tmp_path)
+
+    def full_disk(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch, pytest.raises(OSError, match="No space left"):
+        patch.setattr(atomic_files.os, "fsync", full_disk)
+        Outcome(**{**first.to_dict(), "val_rank_ic": 0.09}).save(tmp_path)
+    assert Outcome.load(tmp_path).val_rank_ic == 0.04
+    assert sorted(p.name for p in tmp_path.iterdir()) == [Outcome.FILE]
+    Outcome(**{**first.to_dict(), "val_rank_ic": 0.09}).save(tmp_path)
+    assert Outcome.load(tmp_path).val_rank_ic == 0.09

@@ -45,6 +45,18 @@ def test_clip_and_cross_sectional_targets_by_hand(frame: pd.DataFrame) -> None:
         training_targets(frame, "log")
 
 
+def test_cross_sectional_targets_refuse_repeated_rows(frame: pd.DataFrame) -> None:
+    """A resampled training set repeats rows: a per-date rank or z-score over the draws is not the row's
+    place in its cross-section (the live rows'), so it is refused; row-wise transforms do not care."""
+    keyed = frame.assign(symbol=["A", "B", "C", "D", "A", "B", "C"])
+    np.testing.assert_allclose(training_targets(keyed, "cs_rank"), training_targets(frame, "cs_rank"))
+    drawn = pd.concat([keyed, keyed.iloc[[0, 0]]], ignore_index=True)
+    for transform in ("cs_rank", "cs_zscore"):
+        with pytest.raises(ValueError, match="2 rows repeat a \\(date, symbol\\)"):
+            training_targets(drawn, transform)
+    assert training_targets(drawn, "clip", 3.0).tolist()[-2:] == [1.0, 1.0]
+
+
 def test_tempered_weights() -> None:
     w = np.array([0.5, 1.0, 2.0, 0.5])
     assert tempered_weights(w, 1.0).tolist() == w.tolist()

@@ -93,6 +93,19 @@ def test_constant_predictions_have_no_ic(frame: pd.DataFrame) -> None:
     assert np.isnan(result["rank_ic"]) and result["n_dates_skipped"] == 4
 
 
+def test_tied_forecasts_share_a_quantile_whatever_the_row_order(frame: pd.DataFrame) -> None:
+    """A constant forecast has no decile spread (it used to get one from the row order, of either sign);
+    tied rows share a quantile; without ties the quantiles are the ordinal ones."""
+    constant = frame.assign(prediction=0.0)
+    assert np.isnan(evaluate(constant)["top_bottom_decile"])
+    assert np.isnan(evaluate(constant.iloc[::-1])["top_bottom_decile"])
+    date = pd.Timestamp("2024-01-02")
+    tied = pd.DataFrame({"date": date, "prediction": [0.0] * 4 + [1.0] * 6 + [2.0] * 10})
+    # average ranks 2.5, 7.5, 15.5 of 20 -> floor((r - 1) * 10 / 20) + 1 = 1, 4, 8
+    assert assign_quantiles(tied).tolist() == [1] * 4 + [4] * 6 + [8] * 10
+    assert assign_quantiles(tied.iloc[::-1]).tolist() == [8] * 10 + [4] * 6 + [1] * 4
+
+
 # --- statistics over dates -------------------------------------------------------------------------------
 def test_newey_west_lag0_is_the_classic_standard_error() -> None:
     x = np.array([0.02, 0.05, -0.01, 0.04, 0.00])
@@ -113,6 +126,21 @@ def test_newey_west_with_lag_by_hand() -> None:
     # positively autocorrelated series: the lag widens the standard error
     trend = np.repeat([0.01, 0.03, -0.02, 0.04, 0.0], 4)
     assert newey_west_se(trend, 3) > newey_west_se(trend, 0)
+
+
+def test_thinned_horizon_counts_the_overlap_in_positions() -> None:
+    """Labels over h days overlap h - 1 dates ahead; on every k-th date they overlap ceil(h / k) - 1
+    positions ahead (hand counts on evenly spaced subsets of 181 dates: spacing (181 - 1) / (n - 1))."""
+    from modeling.data.corpus import evenly_spaced_dates
+    from modeling.metrics import thinned_horizon
+
+    assert thinned_horizon(5, 181, 181) == 5  # every date
+    assert thinned_horizon(1, 10, 181) == 1
+    assert thinned_horizon(5, 91, 181) == 3  # every 2nd date: t and t+2, t+4 share label days
+    assert thinned_horizon(5, 37, 181) == 1  # every 5th: t+5's label starts after t's ends
+    assert thinned_horizon(20, 37, 181) == 4  # every 5th: t+5, t+10, t+15 overlap t's 20 days
+    kept = evenly_spaced_dates(np.arange(181), 37)
+    assert set(np.diff(kept)) == {5}
 
 
 def test_rank_ic_stats_and_evaluate_carry_se_and_dates(frame: pd.DataFrame) -> None:
@@ -153,6 +181,23 @@ def test_paired_difference_uses_common_dates_only() -> None:
     paired = paired_series_difference(a, b)
     assert paired.n_dates == 2 and paired.delta == pytest.approx((0.1 + 0.2) / 2)
     assert paired.se == pytest.approx(np.std([0.1, 0.2], ddof=1) / np.sqrt(2))
+
+
+def test_paired_difference_is_on_the_rows_both_forecasts_have(frame: pd.DataFrame) -> None:
+    """Where one forecast is missing on some rows (a model absent from a backtest window), both daily
+    correlations are taken on the rows they share, not each on its own rows."""
+    rng = np.random.default_rng(5)
+    frame = frame.assign(other=frame["prediction"] + rng.normal(0, 1.0, len(frame)))
+    gappy = frame.assign(other=frame["other"].where(frame.index % 2 == 0))
+    shared = gappy.dropna(subset=["other"])
+    a = per_date_correlation(shared, "prediction", method="spearman")
+    b = per_date_correlation(shared, "other", method="spearman")
+    paired = paired_difference(gappy, "prediction", "other")
+    assert paired.n_dates == len(a) == 3
+    assert paired.a.mean == pytest.approx(a.mean()) and paired.b.mean == pytest.approx(b.mean())
+    assert paired.delta == pytest.approx((a - b).mean())
+    full_a = per_date_correlation(frame, "prediction", method="spearman")
+    assert paired.a.mean != pytest.approx(full_a.mean())  # the rows differ, so the number must too
 
 
 def test_paired_se_is_smaller_than_either_when_noise_is_shared() -> None:

@@ -276,6 +276,16 @@ def test_percentiles_refuse_a_thin_cross_section():
         PromptBuilder(number_format="decile")
 
 
+def test_percentiles_refuse_a_resampled_cross_section():
+    """Rows drawn with replacement (bucket mode 'resample') are not a date's cross-section: a repeated
+    row would take several ranks, and the prompts would show percentiles no live row ever has."""
+    frame = _cross_section()
+    drawn = pd.concat([frame, frame.iloc[[3, 3, 40]]], ignore_index=True)
+    with pytest.raises(PromptDataError, match="3 rows repeat a \\(date, symbol\\).*'weight'"):
+        PromptBuilder(number_format="percentile").with_percentiles(drawn)
+    assert PromptBuilder().with_percentiles(drawn) is drawn  # values need no cross-section
+
+
 def test_a_model_refuses_features_defined_otherwise(monkeypatch) -> None:
     """The fingerprint covers what gives a feature its value and its prompt text (name, SQL, label, unit,
     scale), not its prose; settings saved before one feature's SQL changed no longer load."""

@@ -213,6 +213,23 @@ def test_gate_decision_never_promotes_noise_and_promotes_a_clear_winner() -> Non
     assert 0.10 < hits / 400 < 0.21
 
 
+def test_gate_decision_wants_dates_for_its_lag() -> None:
+    """A Newey-West SE with a lag of 19 on 3 dates is a fifth of the honest one, and the bar shrank with
+    it: below 5 x lag common dates (2 at horizon 1) the gate does not decide."""
+    from modeling.champion_gate import gate_decision
+
+    new, champion = _daily([0.03, -0.01, 0.02]), _daily([0.0, 0.0, 0.0])
+    promoted, paired, bar = gate_decision(new, champion, horizon=1)
+    assert promoted and bar == pytest.approx(np.std([0.03, -0.01, 0.02], ddof=1) / np.sqrt(3))
+    for horizon in (2, 20):  # lag 1 needs 5 dates, lag 19 needs 95
+        promoted, paired, bar = gate_decision(new, champion, horizon=horizon)
+        assert not promoted and np.isnan(bar) and paired.n_dates == 3
+    rng = np.random.default_rng(0)
+    strong = _daily(rng.normal(0.05, 0.02, 95))
+    assert gate_decision(strong, _daily(np.zeros(95)), horizon=20)[0]  # 95 dates: decided
+    assert np.isnan(gate_decision(strong.iloc[:94], _daily(np.zeros(95)), horizon=20)[2])
+
+
 def test_smollm2_trains_a_few_lora_steps_and_packages_like_the_tiny_model(smollm2_dir, tmp_path) -> None:
     import mlflow
 
@@ -333,6 +350,14 @@ def test_only_an_unloadable_champion_is_replaced_and_a_locked_store_fails_the_ga
         return pd.Series(predicted, index=rows["date"]).groupby(level=0).mean()
 
     assert len(rescore(f"models:/{NAME}/1")) == 4  # precondition: the champion loads and scores
+    # a row without its date or symbol would be scored on a prompt that reads "nan": refused by position
+    served, keyed = mlflow_registry.load_model(f"models:/{NAME}/1"), rows.reset_index(drop=True)
+    with pytest.raises(ValueError, match=r"1 input row\(s\) lack a date or a symbol \(positions \[1\]\)"):
+        served.predict(keyed.assign(symbol=keyed["symbol"].where(keyed.index != 1)))
+    with pytest.raises(ValueError, match=r"2 input row\(s\).*positions \[0, 3\]"):
+        served.predict(keyed.assign(date=keyed["date"].where(~keyed.index.isin([0, 3]))))
+    with pytest.raises(ValueError, match=r"positions \[2\]"):
+        served.predict(keyed.assign(symbol=keyed["symbol"].where(keyed.index != 2, "  ")))
     new_daily = _daily([0.05, 0.04, 0.06, 0.05])
     # 1. the store is locked by another process while the champion is re-scored: a fault, not a verdict
     monkeypatch.setattr(mlflow_registry, "REGISTRY_ATTEMPTS", 1)
@@ -367,6 +392,12 @@ def test_only_an_unloadable_champion_is_replaced_and_a_locked_store_fails_the_ga
     gate = champion_gate(NAME, "2", new_daily, "other-rows", rescore)
     assert gate["promoted"] is True and mlflow_registry.alias_version(NAME, "champion") == "2"
     assert "v1 can no longer be loaded" in gate["reason"] and type(raised.value).__name__ in gate["reason"]
+    # the same gate again (a retry after a crash between the alias move and `finish_version`): v2 is the
+    # champion, and it says so with the verdict recorded before the alias moved
+    again = champion_gate(NAME, "2", new_daily, "other-rows", rescore)
+    assert again["promoted"] is True and mlflow_registry.alias_version(NAME, "champion") == "2"
+    assert again["reason"].startswith("already champion (promoted by an earlier attempt: ")
+    assert "v1 can no longer be loaded" in again["reason"]
     # what counts as "can no longer be loaded"
     assert champion_unloadable(ModelUnloadableError("fingerprint 1a2b != 3c4d"))
     assert champion_unloadable(RuntimeError("wrapped")) is False
@@ -378,6 +409,13 @@ def test_only_an_unloadable_champion_is_replaced_and_a_locked_store_fails_the_ga
     except RuntimeError as outer:
         assert champion_unloadable(outer)
     assert not champion_unloadable(sqlite3.OperationalError("database is locked"))
+    try:  # the model's code no longer imports (MLflow wraps the ImportError of its code file)
+        try:
+            raise ModuleNotFoundError("No module named 'modeling.gone'")
+        except ModuleNotFoundError as inner:
+            raise mlflow.exceptions.MlflowException("Failed to import code model") from inner
+    except mlflow.exceptions.MlflowException as outer:
+        assert champion_unloadable(outer)
 
 
 def _gate_in_process(uri: str, version: str, daily: list, champion_daily: list, delay: float, barrier, out):
@@ -472,3 +510,13 @@ def test_the_pyfunc_refuses_when_a_feature_is_defined_otherwise(registered_store
         mlflow_registry.load_model(f"models:/{NAME}/1")
     assert champion_unloadable(raised.value)
     assert "trained on features defined otherwise" in str(raised.value)
+
+
+def test_the_served_batch_size_comes_from_its_variable_or_a_clear_error() -> None:
+    from modeling.pyfunc_model import predict_batch_size
+
+    assert predict_batch_size(None, 32) == 32 and predict_batch_size(" ", 32) == 32
+    assert predict_batch_size("8", 32) == 8
+    for bad in ("0", "-4", "eight", "2.5"):
+        with pytest.raises(ValueError, match="REGRESSOR_PREDICT_BATCH_SIZE must be a positive integer"):
+            predict_batch_size(bad, 32)

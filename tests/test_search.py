@@ -100,6 +100,12 @@ def test_three_trials_then_a_fourth_resumes_the_stored_study(
         **{**kwargs, "objective_dates": None},
     )
     assert every.best_full.n_dates == 8 and every.best_full.mean == every.best_value
+    assert resumed.trials["comparable"].all()  # the same rows, settings and dates: all ranked together
+    # the stored study judged again on 6 dates: the trial judged on every date is shown, not ranked
+    # against it (a 6-date value carries another noise and, with other data, other rows)
+    fewer = run_search(template, tmp_path / "every.db", "every", 1, None, tmp_path / "every", **kwargs)
+    assert fewer.trials["comparable"].tolist() == [False, True]
+    assert fewer.best_trial == 1 and fewer.best_value == fewer.trials["value"].iloc[1]
     assert best_params_to_overrides(
         {
             "lora_r": 4,

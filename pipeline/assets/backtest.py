@@ -116,7 +116,18 @@ class BacktestConfig(Config):
 
 
 def _period(calendar: pd.DatetimeIndex, splits: dict, config: BacktestConfig) -> pd.DatetimeIndex:
+    """The dates backtested; refused when they start before the validation split: the label scale and the
+    bucket model every window reads are fit on the whole train split (and its labels reach into the purge
+    after it), so a window there would be judged with statistics of the dates it predicts."""
     lo = pd.Timestamp(config.period_start or splits["test"][0])
+    first_out_of_train = pd.Timestamp(splits["validation"][0])
+    if lo < first_out_of_train:
+        raise ValueError(
+            f"the backtest period starts {lo.date()}, before the validation split "
+            f"({first_out_of_train.date()}): the label scale and the bucket model are fit on the train "
+            "split's labels up to then, so its windows would not be out of sample. Use period_start >= "
+            f"{first_out_of_train.date()}"
+        )
     hi = pd.Timestamp(config.period_end or splits["test"][1])
     return calendar[(calendar >= lo) & (calendar <= hi)]
 

@@ -1,5 +1,4 @@
 import json
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -7,6 +6,7 @@ from pathlib import Path
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
+from modeling.atomic_files import write_text_atomic
 from modeling.backbones.common import model_fingerprint
 from modeling.data.parquet_io import read_parquet_metadata
 from modeling.profiles import PROFILES
@@ -113,10 +113,7 @@ def _write_best(
         "mlflow_run_id": parent,
         "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
 def _search_metadata(result: SearchResult, path: Path, parent: str) -> dict:
