@@ -27,8 +27,13 @@ weight sold) / 2; the first date's purchase counts as turnover 1/2 (bought, noth
 
 Excess return: the portfolio's daily return minus the benchmark's, the equal-weighted return of every
 name with a forecast and a next-day return that date (the universe). The long-short book is already net
-of the market; its "excess" is its own return. A held name with no next-day return (a gap or a
-delisting) earns 0 that day and is counted in `missing_returns`.
+of the market; its "excess" is its own return. A held name earns its next-day return whether or not it
+has a forecast that day (it may have left the universe); one with no next-day return at all (a gap or
+a delisting) earns 0 that day and is counted in `missing_returns`. Known limitation: a name's last h
+trading days before it leaves the data have no label, so no row in the corpus and no forecast; the book
+sells it from the first of them on (a held name without a forecast ranks worst, so it goes first), up
+to h - 1 days before a live book could know it leaves. At h = 1 that costs nothing (its last return
+is unknown either way); at h > 1 it skips up to h - 1 days of its returns.
 
 Risk figures follow Qlib's `risk_analysis` (mode "sum", N = 252): mean and std (ddof=1) of the daily
 series, annualized_return = mean * 252, information_ratio = mean / std * sqrt(252), max_drawdown = the
@@ -262,6 +267,9 @@ def portfolio_returns(
     """Per date: TopkDropout and decile long-short returns with and without cost, the benchmark, the
     turnover of each book and the held names without a return (see the module docstring)."""
     panel = _daily_panel(scores, returns, model)
+    # every name's return, with or without a forecast that day: a held name that left the forecasts
+    # (the universe) still earns its return until it is sold
+    market = {d: g.set_index("symbol")["ret"] for d, g in returns.groupby("date", sort=False)}
     dates = list(panel)
     holdings = topk_dropout_holdings([panel[d][model] for d in dates], spec)
     rows, previous, prev_long, prev_short = [], set(), set(), set()
@@ -269,7 +277,7 @@ def portfolio_returns(
         day = panel[date]
         ret = day["ret"]
         bench = float(ret.dropna().mean()) if ret.notna().any() else float("nan")
-        held_ret = ret.reindex(held)
+        held_ret = market.get(date, ret).reindex(held)
         cost, turnover = _book_costs(previous, set(held), spec)
         top_ret = float(held_ret.fillna(0.0).mean())
         order = day[model].sort_values(ascending=False, kind="mergesort").index

@@ -35,6 +35,7 @@ from modeling.backbones.common import (
     model_fingerprint,
     require_model_dir,
 )
+from modeling.backbones.files import fingerprint_matches
 from modeling.errors import ModelUnloadableError
 
 # Re-exported for pyfunc models registered before scoring moved to `modeling.inference`: their shipped
@@ -315,12 +316,12 @@ def load_regressor(
     path = Path(path)
     info = read_regressor_info(path)
     base_dir = Path(base_model_dir or info["base_model"]["path"])
-    reference = describe_reference(base_dir)
     saved = info["base_model"].get("fingerprint")
-    if check_fingerprint and saved and reference["fingerprint"] != saved:
+    if check_fingerprint and saved and not fingerprint_matches(base_dir, saved):
         raise ModelUnloadableError(
             f"the base model in {str(base_dir)!r} is not the one this regressor was trained on (fingerprint "
-            f"{reference['fingerprint'][:12]} != {saved[:12]}); point base_model_dir at the right checkpoint"
+            f"{model_fingerprint(base_dir)[:15]} != {saved[:15]}); point base_model_dir at the right "
+            "checkpoint"
         )
     config = RegressorConfig.from_dict(info["config"])
     backbone = load_frozen_backbone(base_dir, config.quantization, dtype)

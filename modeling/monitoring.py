@@ -19,8 +19,10 @@ each date counts with the model that served it, whichever version that was.
 
 The decay rule (`decay_verdict`) judges the current champion on its *own* realised dates only: the mean
 RankIC of its last `window` realised dates must stay at or above a floor. The default floor is the
-champion's validation RankIC minus 2 standard errors, or 0, whichever is lower: a model is flagged when
-it does worse than its validation said it could plausibly do *and* worse than no skill. Too few realised
+champion's validation RankIC minus 2 standard errors of the difference between the two means (the
+validation mean's and the window's, sqrt(se_val^2 + se_window^2): 20 realised dates are about three
+times noisier than 179 validation dates), or 0, whichever is lower: a model is flagged when it does worse
+than its validation said it could plausibly do *and* worse than no skill. Too few realised
 dates (fewer than `min_dates`, by default the full window) is not evidence either way: the rule passes and
 says so.
 """
@@ -34,7 +36,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from modeling.metrics import long_short_returns, per_date_correlation
+from modeling.metrics import long_short_returns, newey_west_se, nw_lag, per_date_correlation
 
 PERFORMANCE_TABLE = "prediction_performance"
 ROLLING_WINDOWS = (20, 60)
@@ -169,7 +171,9 @@ class DecayRule:
     min_dates: int | None = None
     """Fewer realised dates of the champion than this is no evidence (the rule passes); None = window."""
     floor: float | None = None
-    """Fixed floor; None = min(validation RankIC - 2 SE, 0)."""
+    """Fixed floor; None = min(validation RankIC - 2 sqrt(se_val^2 + se_window^2), 0)."""
+    horizon: int = 1
+    """Label horizon of the forecasts: the Newey-West lag (h - 1) of the window's standard error."""
 
     def __post_init__(self) -> None:
         if self.window < 1:
@@ -192,16 +196,22 @@ class DecayVerdict:
     val_rank_ic: float
     val_rank_ic_se: float
     reason: str
+    realised_rank_ic_se: float = float("nan")
+    """Newey-West SE of the window's mean (its part of the floor's 2 SE)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def decay_floor(val_rank_ic: float, val_se: float, configured: float | None = None) -> tuple[float, str]:
-    """(floor, which rule) — see the module docstring."""
+def decay_floor(
+    val_rank_ic: float, val_se: float, configured: float | None = None, window_se: float = 0.0
+) -> tuple[float, str]:
+    """(floor, which rule) — see the module docstring. `window_se`: the SE of the realised window's
+    mean, which the validation mean is compared with (0 = the validation SE alone)."""
     if configured is not None:
         return float(configured), "configured"
-    lower = val_rank_ic - 2.0 * val_se
+    window_se = window_se if np.isfinite(window_se) else 0.0
+    lower = val_rank_ic - 2.0 * float(np.hypot(val_se, window_se))
     if not np.isfinite(lower) or lower >= 0.0:
         return 0.0, "zero"
     return float(lower), "validation - 2 SE"
@@ -215,11 +225,12 @@ def decay_verdict(
     rule: DecayRule = DecayRule(),
 ) -> DecayVerdict:
     """Is the champion `model_version` still working? `performance`: the `prediction_performance` rows."""
-    floor, which = decay_floor(val_rank_ic, val_se, rule.floor)
     own = performance[performance["model_version"].astype(str) == str(model_version)].sort_values("date")
     daily = own["rank_ic"].dropna().tail(rule.window)
     n, need = len(daily), rule.min_dates or rule.window
     realised = float(daily.mean()) if n else float("nan")
+    window_se = newey_west_se(daily.to_numpy(), nw_lag(rule.horizon))
+    floor, which = decay_floor(val_rank_ic, val_se, rule.floor, window_se)
     if n < need:
         passed = True
         reason = f"v{model_version} has {n} realised date(s) with a RankIC; {need} are needed to judge it"
@@ -230,8 +241,9 @@ def decay_verdict(
             f"{'>=' if passed else '<'} floor {floor:.4f} ({which})"
         )
     return DecayVerdict(
-        str(model_version), passed, n, realised, floor, which, float(val_rank_ic), float(val_se), reason
-    )
+        str(model_version), passed, n, realised, floor, which, float(val_rank_ic), float(val_se), reason,
+        window_se,
+    )  # fmt: skip
 
 
 # --- the plot --------------------------------------------------------------------------------------------

@@ -248,7 +248,14 @@ class PromptBuilder:
         headers = [
             f"Stock {sym}{sec}, {at}{d} close:" for sym, sec, d in zip(symbols, sectors, dates, strict=True)
         ]
-        scaled = values * np.array([f.prompt_scale for f in self.features])
+        with np.errstate(over="ignore"):
+            scaled = values * np.array([f.prompt_scale for f in self.features])
+        if not np.isfinite(scaled).all():  # a finite value beyond float range once in its prompt unit
+            row, col = map(int, np.argwhere(~np.isfinite(scaled))[0])
+            raise PromptDataError(
+                f"feature '{names[col]}' is {values[row, col]:g} for symbol {symbols[row]} on {dates[row]}: "
+                "out of range once scaled to its prompt unit; prompts never contain NaN/inf"
+            )
         digits = self.sig_digits
         if self.number_format == "value":
             columns = [

@@ -382,7 +382,12 @@ def champion_still_works(
     tags = mlflow_registry.version_tags(mlflow.registry_name, version)
     with warehouse.get_connection() as con:
         performance = con.execute(f"SELECT date, model_version, rank_ic FROM {PERFORMANCE_TABLE}").df()
-    rule = DecayRule(window=config.window, min_dates=config.min_dates, floor=config.floor)
+    rule = DecayRule(
+        window=config.window,
+        min_dates=config.min_dates,
+        floor=config.floor,
+        horizon=int(tags.get("horizon", 1)),
+    )
     verdict = decay_verdict(
         performance,
         version,
@@ -398,6 +403,7 @@ def champion_still_works(
             "model_version": MetadataValue.text(verdict.model_version),
             "realised_dates": MetadataValue.int(verdict.n_dates),
             "realised_rank_ic": MetadataValue.float(verdict.realised_rank_ic),
+            "realised_rank_ic_se": MetadataValue.float(verdict.realised_rank_ic_se),
             "floor": MetadataValue.float(verdict.floor),
             "floor_rule": MetadataValue.text(verdict.floor_rule),
             "val_rank_ic": MetadataValue.float(verdict.val_rank_ic),

@@ -97,6 +97,21 @@ def test_a_held_name_without_a_return_earns_zero_and_is_counted() -> None:
     assert portfolio_metrics(daily)["missing_returns"] == 1
 
 
+def test_a_held_name_without_a_forecast_still_earns_its_return() -> None:
+    """Day 2 has no forecast of A or B (they left the universe): TopkDropout (n_drop 1) sells one of the
+    two, keeps A, and A earns its known return (0.02), not 0; the benchmark stays the forecast names'."""
+    scores, returns = _frames()
+    day2 = scores["date"] == scores["date"].unique()[1]
+    scores = scores[~(day2 & scores["symbol"].isin(["A", "B"]))]
+    daily = portfolio_returns(scores, returns, "m", SPEC)
+    assert topk_dropout_holdings([g.set_index("symbol")["m"] for _, g in scores.groupby("date")], SPEC)[
+        1
+    ] == ["A", "C"]
+    assert daily["topk_return"].iloc[1] == pytest.approx((0.02 + 0.04) / 2)
+    assert daily["benchmark"].iloc[1] == pytest.approx((0.04 + 0.01 + 0.00 - 0.02) / 4)
+    assert portfolio_metrics(daily)["missing_returns"] == 0
+
+
 def test_risk_analysis_matches_qlib_formulas() -> None:
     r = pd.Series([0.01, -0.02, 0.005, 0.0])
     out = risk_analysis(r)

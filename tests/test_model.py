@@ -371,6 +371,48 @@ def test_load_refuses_a_different_base_model(tiny_base_model: Path, tmp_path: Pa
         load_regressor(out, base_model_dir=other)
 
 
+def test_the_fingerprint_sees_a_change_in_the_middle_tensors(tiny_base_model: Path, tmp_path: Path) -> None:
+    """A checkpoint rewritten under the same layout (a merged fine-tune keeps the header, embeddings and
+    last norms) must not pass as the base model a regressor was trained on; a regressor saved under the
+    first scheme (each file's first and last MiB) still loads on its unchanged base model."""
+    import shutil
+
+    from safetensors.torch import load_file as load_tensors
+    from safetensors.torch import save_file as save_tensors
+
+    from modeling.backbones.files import _edges_fingerprint, fingerprint_matches, model_fingerprint
+
+    out = save_regressor(_model(tiny_base_model), tmp_path / "saved", PromptBuilder().settings())
+    other = tmp_path / "other_base"
+    shutil.copytree(tiny_base_model, other)
+    weights = load_tensors(other / "model.safetensors")
+    name = next(n for n in sorted(weights) if "layers.0.mlp.down_proj" in n)
+    weights[name] = weights[name] * 1.5  # same shape, same file size, other bytes in the middle
+    save_tensors(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    assert model_fingerprint(other).startswith("v2:") and model_fingerprint(other) != model_fingerprint(
+        tiny_base_model
+    )
+    with pytest.raises(ValueError, match="not the one this regressor was trained on"):
+        load_regressor(out, base_model_dir=other)
+    # the old scheme is still honoured for what it was saved with
+    legacy = _edges_fingerprint(tiny_base_model)
+    assert fingerprint_matches(tiny_base_model, legacy) and not fingerprint_matches(tiny_base_model, "0" * 64)
+    info = json.loads((out / "regressor.json").read_text())
+    info["base_model"]["fingerprint"] = legacy
+    (out / "regressor.json").write_text(json.dumps(info))
+    load_regressor(out, base_model_dir=tiny_base_model)
+    # a large weight file is sampled, not read whole: a tensor of 16 MiB rewritten in the middle of 80 MiB
+    # is still seen, and the first scheme misses it
+    big = tmp_path / "big"
+    shutil.copytree(tiny_base_model, big, ignore=shutil.ignore_patterns("*.safetensors"))
+    blob = bytearray(np.random.default_rng(0).integers(0, 256, 80 << 20, dtype=np.uint8).tobytes())
+    (big / "model.safetensors").write_bytes(bytes(blob))
+    before, edges = model_fingerprint(big), _edges_fingerprint(big)
+    blob[(37 << 20) : (53 << 20)] = bytes(16 << 20)
+    (big / "model.safetensors").write_bytes(bytes(blob))
+    assert model_fingerprint(big) != before and _edges_fingerprint(big) == edges
+
+
 def test_dora_builds_and_4bit_needs_a_gpu(tiny_base_model: Path) -> None:
     dora = _model(tiny_base_model, lora=LoraSettings(use_dora=True, target_modules=("q_proj", "v_proj")))
     names = [n for n, p in dora.named_parameters() if p.requires_grad]

@@ -12,7 +12,8 @@ import pytest
 from dagster import DagsterInstance, build_sensor_context, materialize
 from scipy.stats import spearmanr
 
-from modeling.data.predictions import rank_predictions, write_predictions
+from modeling.data.predictions import rank_predictions, rows_to_publish, write_predictions
+from modeling.metrics import newey_west_se
 from modeling.monitoring import (
     PERFORMANCE_COLUMNS,
     DecayRule,
@@ -128,6 +129,31 @@ def test_the_decay_floor_and_verdict() -> None:
         DecayRule(window=5, min_dates=6)
 
 
+def test_the_decay_floor_counts_the_noise_of_the_realised_window() -> None:
+    """20 realised dates are noisier than 179 validation dates: the floor is validation - 2 SE of the
+    difference of the two means, so a champion whose noisy window sits within that is not flagged."""
+    assert decay_floor(0.01, 0.005) == (0.0, "zero")  # the validation SE alone: floor 0
+    floor, rule = decay_floor(0.01, 0.005, window_se=0.02)
+    assert rule == "validation - 2 SE" and floor == pytest.approx(0.01 - 2 * np.sqrt(0.005**2 + 0.02**2))
+    assert decay_floor(0.01, 0.005, window_se=float("nan")) == (0.0, "zero")  # one date: no window SE
+
+    daily = -0.012 + 0.1 * (-1.0) ** np.arange(20)  # mean -0.012, swinging +-0.1 day to day
+    perf = pd.DataFrame(
+        {"date": pd.bdate_range("2024-01-01", periods=20), "model_version": "2", "rank_ic": daily}
+    )
+    verdict = decay_verdict(perf, "2", 0.01, 0.005)
+    window_se = np.std(daily, ddof=1) / np.sqrt(20)
+    assert verdict.realised_rank_ic_se == pytest.approx(window_se)
+    assert verdict.floor == pytest.approx(0.01 - 2 * np.hypot(0.005, window_se))
+    assert verdict.passed and verdict.realised_rank_ic == pytest.approx(-0.012)
+    calm = perf.assign(rank_ic=-0.012 + 0.001 * (-1.0) ** np.arange(20))  # the same mean, a precise one
+    assert not decay_verdict(perf.iloc[:0], "2", 0.01, 0.005).n_dates
+    assert not decay_verdict(calm, "2", 0.01, 0.005).passed
+    # with a horizon of 5 the window's SE is Newey-West with lag 4
+    lagged = decay_verdict(perf, "2", 0.01, 0.005, DecayRule(horizon=5))
+    assert lagged.realised_rank_ic_se == pytest.approx(newey_west_se(daily, 4))
+
+
 def test_retrain_decision_acts_once_per_evaluation_and_once_per_cooldown() -> None:
     day = 86400.0
     first = decay_retrain_decision(7, True, None, now=1000.0, cooldown_s=day)
@@ -157,6 +183,33 @@ def _register_champion(tracking_uri: str, tmp_path: Path, val: float, se: float)
     ).version
     client.set_registered_model_alias("return-regressor", "champion", version)
     return str(version)
+
+
+def test_an_older_live_date_keeps_the_forecast_served_on_it() -> None:
+    """With a 3-day horizon the live rows span 3 dates. The next day's run (a new champion) writes only
+    its new date; a re-run the same day re-scores that newest date; an older date missing from the table
+    (never served) is filled in."""
+    con = duckdb.connect()
+    days = pd.bdate_range("2024-01-01", periods=5)
+
+    def run(dates: pd.DatetimeIndex, version: str) -> None:
+        rows = pd.DataFrame([(d, s) for d in dates for s in ("A", "B", "C")], columns=["date", "symbol"])
+        table = rank_predictions(rows.assign(prediction=np.arange(len(rows), dtype=float)), version)
+        write_predictions(con, rows_to_publish(con, table))
+
+    def served() -> dict[str, str]:
+        table = con.execute("SELECT DISTINCT date, model_version FROM predictions ORDER BY date").df()
+        assert not table["date"].duplicated().any()  # one version per date
+        return {str(d.date()): v for d, v in zip(table["date"], table["model_version"], strict=True)}
+
+    run(days[1:4], "1")
+    run(days[2:5], "2")  # the next day, a new champion
+    assert served() == {"2024-01-02": "1", "2024-01-03": "1", "2024-01-04": "1", "2024-01-05": "2"}
+    run(days[2:5], "3")  # the same day again after another promotion: the newest date is re-scored
+    assert served()["2024-01-05"] == "3" and served()["2024-01-04"] == "1"
+    run(days[0:5], "3")  # a date before the table's first: never served, so written
+    assert served()["2024-01-01"] == "3" and served()["2024-01-02"] == "1"
+    assert con.execute("SELECT count(*) FROM predictions").fetchone()[0] == 5 * 3
 
 
 def _serve(

@@ -114,6 +114,11 @@ def test_nan_feature_is_a_clear_error(prompt_tokenizer):
     assert "'vol_60d'" in message and "S007" in message and "2022-01-12" in message
     with pytest.raises(PromptDataError, match="'ret_1d' is inf for symbol S009"):
         PromptBuilder().user_contents(frame.drop(index=7))
+    # finite, but inf once a return is written in percent: refused, never printed as "inf"
+    huge = _frame()
+    huge.loc[3, "ret_1d"] = 1e307
+    with pytest.raises(PromptDataError, match="'ret_1d' is 1e\\+307 for symbol S003.*out of range"):
+        PromptBuilder().user_contents(huge)
 
 
 def test_values_never_print_nan_and_use_fixed_significant_digits():

@@ -150,3 +150,31 @@ def test_an_ic_trial_gets_date_groups_and_other_losses_plain_rows(tmp_path: Path
     # a trial's groups are the cpu profile's, so an ic trial and the profile draw rows alike
     assert PROFILES["cpu"].train.loss == "ic"
     assert with_date_groups({"loss": "ic"})["date_group_size"] == PROFILES["cpu"].train.date_group_size
+
+
+def test_the_regressor_applies_a_search_of_its_own_base_model_only(tiny_base_model, tmp_path: Path) -> None:
+    """hyperparameters.json holds for the profile and base model it was searched on: the fingerprint of
+    today's scheme, or of the first one for a search saved before it; any other is not applied."""
+    import json
+
+    from modeling.backbones.files import _edges_fingerprint, model_fingerprint
+    from pipeline.assets.regressor import _hyperparameters
+    from pipeline.resources import build_resources
+    from pipeline.settings import Settings
+
+    settings = Settings.from_env({"DATA_DIR": str(tmp_path / "data"), "BASE_MODEL": str(tiny_base_model)})
+    storage = build_resources(settings)["storage"]
+    storage.root.mkdir(parents=True, exist_ok=True)
+    current = model_fingerprint(tiny_base_model)
+    warnings: list[str] = []
+    for saved, applied in (
+        (current, True),
+        (_edges_fingerprint(tiny_base_model), True),
+        ("v2:" + "0" * 64, False),
+    ):
+        payload = {"profile": "cpu", "base_model_fingerprint": saved, "best_params": {"lora_r": 8}}
+        (storage.root / "hyperparameters.json").write_text(json.dumps(payload))
+        got = _hyperparameters(storage, True, "cpu", current, warnings.append)
+        assert got == ({"lora_r": 8} if applied else {}), saved
+    assert len(warnings) == 1 and "another base model or profile" in warnings[0]
+    assert _hyperparameters(storage, True, "gpu", current, warnings.append) == {}  # another profile

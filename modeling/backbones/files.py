@@ -16,6 +16,14 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"
 
 _FINGERPRINT_EDGE_BYTES = 1 << 20
 """Bytes read from each end of a weight file for its fingerprint (the header and the last tensors)."""
+_FINGERPRINT_WHOLE_BYTES = 64 << 20
+"""Weight files up to this size are hashed whole (the embedded model, SmolLM2's 270 MB is sampled)."""
+_FINGERPRINT_STRIDE = 16 << 20
+"""A sample is read at every multiple of this offset of a larger file ..."""
+_FINGERPRINT_SAMPLE_BYTES = 64 << 10
+"""... this many bytes long: 64 MiB read per 16 GB, and every tensor of 16 MiB or more is sampled."""
+FINGERPRINT_SCHEME = "v2"
+"""Prefix of `model_fingerprint`'s value; a saved fingerprint without it was made by `_edges_fingerprint`."""
 
 
 def require_model_dir(path: str | os.PathLike[str]) -> Path:
@@ -41,13 +49,45 @@ def require_model_dir(path: str | os.PathLike[str]) -> Path:
 
 
 def model_fingerprint(path: str | os.PathLike[str]) -> str:
-    """A SHA-256 identifying the checkpoint in `path` without reading 16 GB of weights.
+    """A SHA-256 identifying the checkpoint in `path` without reading 16 GB of weights, prefixed "v2:".
 
-    It covers `config.json` in full and, per weight file (sorted by name), its name, size and first and
-    last MiB: a re-trained or re-converted checkpoint changes the tensor bytes at both ends (the
-    safetensors header, the first and last tensors), so the fingerprint changes too. Used to recognise
-    the base model a regressor was trained on when it is loaded again.
+    It covers `config.json` in full and, per weight file (sorted by name), its name, size and content:
+    the whole file up to 64 MiB, else the first and last MiB and 64 KiB at every 16 MiB in between. A
+    checkpoint that differs only in its middle tensors (a merged fine-tune keeps the header, embeddings
+    and last norms) changes the fingerprint too, since every tensor of 16 MiB or more is sampled (each
+    projection of an 8B model; smaller ones change with their layer's large ones). Used to recognise the
+    base model a regressor was trained on when it is loaded again (`fingerprint_matches`).
     """
+    p = require_model_dir(path)
+    h = hashlib.sha256((p / "config.json").read_bytes())
+    for file in sorted([*p.glob("*.safetensors"), *p.glob("*.bin")]):
+        size = file.stat().st_size
+        h.update(file.name.encode() + size.to_bytes(8, "little"))
+        with file.open("rb") as f:
+            if size <= _FINGERPRINT_WHOLE_BYTES:
+                while block := f.read(1 << 22):
+                    h.update(block)
+                continue
+            h.update(f.read(_FINGERPRINT_EDGE_BYTES))
+            for offset in range(_FINGERPRINT_STRIDE, size - _FINGERPRINT_EDGE_BYTES, _FINGERPRINT_STRIDE):
+                f.seek(offset)
+                h.update(f.read(_FINGERPRINT_SAMPLE_BYTES))
+            f.seek(size - _FINGERPRINT_EDGE_BYTES)
+            h.update(f.read())
+    return f"{FINGERPRINT_SCHEME}:{h.hexdigest()}"
+
+
+def fingerprint_matches(path: str | os.PathLike[str], saved: str) -> bool:
+    """Whether the checkpoint in `path` is the one whose fingerprint was `saved`, by the scheme that
+    made it (regressors and searches saved before "v2" carry `_edges_fingerprint`'s)."""
+    if saved.startswith(f"{FINGERPRINT_SCHEME}:"):
+        return model_fingerprint(path) == saved
+    return _edges_fingerprint(path) == saved
+
+
+def _edges_fingerprint(path: str | os.PathLike[str]) -> str:
+    """The first scheme (before "v2"): config.json and each weight file's name, size and first and last
+    MiB only, which misses a change in the middle tensors of the same layout."""
     p = require_model_dir(path)
     h = hashlib.sha256((p / "config.json").read_bytes())
     for file in sorted([*p.glob("*.safetensors"), *p.glob("*.bin")]):

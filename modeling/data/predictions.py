@@ -3,7 +3,8 @@
 Live rows are the training set's `split == "live"` rows: the universe members with features on the dates
 after the last labelled date (their forward return is not known yet). Each live date is scored as a
 whole and replaces that date's rows in one transaction, so re-scoring a date never duplicates it and
-the forecasts of earlier dates stay in the table as the model's live track record.
+the forecasts of earlier dates stay in the table as the model's live track record: only the newest live
+date is re-scored by a later run (`rows_to_publish`), an older one keeps what was served on it.
 """
 
 from __future__ import annotations
@@ -40,6 +41,23 @@ def rank_predictions(frame: pd.DataFrame, model_version: str) -> pd.DataFrame:
     out["decile"] = assign_quantiles(out).astype("int32")
     out["model_version"] = str(model_version)
     return out.sort_values(["date", "rank"]).reset_index(drop=True)
+
+
+def rows_to_publish(con: duckdb.DuckDBPyConnection, rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows of `rows` to write: those of its newest date (each run re-scores the date it serves now,
+    so a re-run after a promotion publishes the new champion's view of it) and of older dates the table
+    does not hold yet. An older date already in the table keeps the forecasts and the version served on
+    it: with a horizon h > 1 the live rows span h dates, and re-scoring them with a newer champion would
+    rewrite the track record that monitoring judges each version by."""
+    exists = con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [PREDICTIONS_TABLE]
+    ).fetchone()[0]
+    if not exists or rows.empty:
+        return rows
+    held = set(con.execute(f"SELECT DISTINCT date FROM {PREDICTIONS_TABLE}").df()["date"])
+    dates = pd.to_datetime(rows["date"])
+    keep = (dates == dates.max()) | ~dates.isin(held)
+    return rows[keep.to_numpy()].reset_index(drop=True)
 
 
 def write_predictions(con: duckdb.DuckDBPyConnection, rows: pd.DataFrame) -> int:

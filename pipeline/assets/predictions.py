@@ -1,7 +1,13 @@
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from modeling.data.parquet_io import read_parquet_metadata
-from modeling.data.predictions import PREDICTIONS_TABLE, live_rows, rank_predictions, write_predictions
+from modeling.data.predictions import (
+    PREDICTIONS_TABLE,
+    live_rows,
+    rank_predictions,
+    rows_to_publish,
+    write_predictions,
+)
 from modeling.feature_registry import MODEL_INPUT_COLUMNS
 from pipeline.metadata import frame_markdown, relation_metadata
 from pipeline.resources import WAREHOUSE_POOL, MlflowResource, StorageResource, WarehouseResource
@@ -24,7 +30,8 @@ def predictions(
 ) -> MaterializeResult:
     """Forecasts of the registry's champion (`models:/return-regressor@champion`, loaded from MLflow, not
     from memory) for every live row: (date, symbol, prediction, rank, decile, model_version); rank 1 and
-    decile 10 are the highest forecasts of a date. Re-scoring a date replaces its rows.
+    decile 10 are the highest forecasts of a date. The newest live date is (re)written; an older live
+    date keeps the forecasts served on it.
     """
     from modeling import mlflow_registry
 
@@ -49,17 +56,22 @@ def predictions(
     scored = rows.assign(prediction=model.predict(rows[list(MODEL_INPUT_COLUMNS)]))
     table = rank_predictions(scored, version)
     with warehouse.get_connection() as con:
-        write_predictions(con, table)
+        fresh = rows_to_publish(con, table)
+        write_predictions(con, fresh)
         metadata = relation_metadata(con, PREDICTIONS_TABLE, preview_columns=list(table.columns))
     top = table.sort_values(["date", "rank"]).groupby("date").head(5)
     bottom = table.sort_values(["date", "rank"]).groupby("date").tail(5)
-    context.log.info(f"scored {len(table)} live rows on {table['date'].nunique()} date(s) with v{version}")
+    context.log.info(
+        f"scored {len(table)} live rows on {table['date'].nunique()} date(s) with v{version}; wrote "
+        f"{fresh['date'].nunique()} date(s) (older live dates keep the forecasts served on them)"
+    )
     return MaterializeResult(
         metadata={
             **metadata,
             "model_version": MetadataValue.text(version),
             "live_dates": MetadataValue.json(sorted(str(d.date()) for d in table["date"].unique())),
             "rows_scored": MetadataValue.int(len(table)),
+            "dates_written": MetadataValue.json(sorted(str(d.date()) for d in fresh["date"].unique())),
             "prediction_std": MetadataValue.float(float(table["prediction"].std(ddof=0))),
             "top_5": MetadataValue.md(frame_markdown(top)),
             "bottom_5": MetadataValue.md(frame_markdown(bottom)),

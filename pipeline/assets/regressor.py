@@ -17,7 +17,7 @@ from dagster import (
 )
 from pydantic import Field
 
-from modeling.backbones.files import model_fingerprint
+from modeling.backbones.files import fingerprint_matches, model_fingerprint
 from modeling.data.parquet_io import snapshot_files
 from modeling.job import ExperimentSpec, Outcome, TrainJob
 from modeling.plan import RegressorPlan, plan_regressor_job
@@ -155,7 +155,12 @@ def _hyperparameters(storage: StorageResource, use: bool, profile: str, fingerpr
     if not use or not path.is_file():
         return {}
     payload = json.loads(path.read_text())
-    if payload.get("profile") != profile or payload.get("base_model_fingerprint") != fingerprint:
+    searched_on = str(payload.get("base_model_fingerprint") or "")
+    # (a search saved before the fingerprint's "v2" scheme is matched by its own scheme)
+    same_base = bool(searched_on) and (
+        searched_on == fingerprint or fingerprint_matches(storage.base_model_dir, searched_on)
+    )
+    if payload.get("profile") != profile or not same_base:
         warn(
             f"{path} was searched for profile {payload.get('profile')!r} on another base model or profile; "
             "not applied (run the search again for this one)"
