@@ -207,8 +207,10 @@ def _judge(
         f"bar max(min_delta {min_delta:g}, {k:g} x SE) = {bar:.5f}"
     )
     if not np.isfinite(bar):
-        needed = min_dates_for_lag(nw_lag(horizon))
-        reason += f" (no decision: the SE at horizon {horizon} needs {needed} common dates)"
+        lag = nw_lag(horizon)
+        reason += (
+            f" (no decision: a Newey-West SE with lag {lag} needs {min_dates_for_lag(lag)} common dates)"
+        )
     return {
         **base,
         "move": promoted,

@@ -250,7 +250,8 @@ class PromptBuilder:
         ]
         with np.errstate(over="ignore"):
             scaled = values * np.array([f.prompt_scale for f in self.features])
-        if not np.isfinite(scaled).all():  # a finite value beyond float range once in its prompt unit
+        # a finite value beyond float range once in its prompt unit (percentile prompts print no value)
+        if self.number_format != "percentile" and not np.isfinite(scaled).all():
             row, col = map(int, np.argwhere(~np.isfinite(scaled))[0])
             raise PromptDataError(
                 f"feature '{names[col]}' is {values[row, col]:g} for symbol {symbols[row]} on {dates[row]}: "

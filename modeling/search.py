@@ -367,9 +367,13 @@ def history_png(trials: pd.DataFrame, path: Path) -> Path:
     fig = Figure(figsize=(8, 3.6))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    done = trials[trials["state"] == "COMPLETE"]
+    finished = trials[trials["state"] == "COMPLETE"]
+    ranked = finished.get("comparable", pd.Series(True, index=finished.index)).astype(bool)
+    done, elsewhere = finished[ranked], finished[~ranked]
     se = done.get("se")
     ax.errorbar(done["number"], done["value"], yerr=se, fmt="o", color="tab:blue", label="trial ± 1 SE")
+    if len(elsewhere):  # judged on other rows or settings: shown, not ranked
+        ax.scatter(elsewhere["number"], elsewhere["value"], color="0.6", label="other rows / settings")
     ax.plot(
         done["number"], done["value"].cummax(), color="tab:red", drawstyle="steps-post", label="best so far"
     )

@@ -357,14 +357,16 @@ class ChampionStillWorksConfig(Config):
     )
     floor: float | None = Field(
         default=None,
-        description="Fixed floor of the realised RankIC; None = min(validation RankIC - 2 SE, 0).",
+        description="Fixed floor of the realised RankIC; None = min(validation RankIC - 2 SE of the "
+        "difference to the window's mean, 0).",
     )
 
 
 @asset_check(
     asset="prediction_performance",
     description="Warning: the serving champion's mean realised RankIC over its last 20 realised dates is at "
-    "or above a floor (default: its validation RankIC minus 2 standard errors, or 0, whichever is lower). "
+    "or above a floor (default: its validation RankIC minus 2 standard errors of the difference between "
+    "the validation mean and the window's, or 0, whichever is lower). "
     "A failure makes the `retrain_on_decay` sensor request a forced daily retrain (same champion gate).",
 )
 def champion_still_works(

@@ -87,12 +87,17 @@ class DirectoryScan:
     """Complete files not yet run in this version; empty while any file is settling."""
     cursor: str
     """The cursor after this tick (it records `ready` as run: request a run whenever `ready`)."""
+    request_number: int = 0
+    """Runs this cursor has requested, this tick's included."""
 
     @property
     def run_key(self) -> str:
-        """A key for the directory's state: the same files in the same versions give the same key."""
+        """The directory's state and the request's number: a cursor lost and started again asks for its
+        first state under the same key (Dagster launches it once), while a state seen before and then left
+        (a bad file replaced, and the good one restored with its old mtime) is a new request, so the
+        warehouse does not keep the bad file's data."""
         state = json.dumps(sorted((name, *sig) for name, sig in self.files.items()))
-        return hashlib.sha256(state.encode()).hexdigest()[:16]
+        return f"{hashlib.sha256(state.encode()).hexdigest()[:16]}-{self.request_number}"
 
 
 def _observe(market_data_path: Path) -> dict[str, Signature]:
@@ -149,19 +154,34 @@ def scan_directory(market_data_path: Path, cursor: str | None) -> DirectoryScan:
     """Compare the directory with the previous tick's `cursor` (see the module docstring for the rule)."""
     files = _observe(market_data_path)
     seen, ran = _load_cursor(cursor, files)
+    requests = _requests(cursor)
     settling = sorted(name for name, sig in files.items() if seen.get(name) != sig)
     ready = [] if settling else sorted(name for name, sig in files.items() if ran.get(name) != sig)
     # Forget files that are gone: one that comes back is new again (its run key dedups an identical state).
     ran = {name: sig for name, sig in ran.items() if name in files} | {name: files[name] for name in ready}
+    requests += bool(ready)
     new_cursor = json.dumps(
         {
             "version": CURSOR_VERSION,
             "seen": {name: list(sig) for name, sig in files.items()},
             "ran": {name: list(sig) for name, sig in ran.items()},
+            "requests": requests,
         },
         sort_keys=True,
     )
-    return DirectoryScan(files=files, settling=settling, ready=ready, cursor=new_cursor)
+    return DirectoryScan(
+        files=files, settling=settling, ready=ready, cursor=new_cursor, request_number=requests
+    )
+
+
+def _requests(cursor: str | None) -> int:
+    """The runs a cursor has requested (0 for none, garbage or a cursor from before the count)."""
+    try:
+        state = json.loads(cursor) if cursor else {}
+    except ValueError:
+        return 0
+    count = state.get("requests") if isinstance(state, dict) else None
+    return count if type(count) is int and count >= 0 else 0
 
 
 def new_files(market_data_path: Path, cursor: str | None) -> tuple[list[str], str]:

@@ -43,6 +43,9 @@ def run_training_process(
     child's own traceback (`error_rank<N>.txt`); the child dies with this process."""
     out = Path(job.output_dir)
     job_path = job.save(out / "job.json")
+    # the directory is reused by retries: an earlier attempt's traceback must not pass for this one's
+    for stale in out.glob("error_rank*.txt"):
+        stale.unlink()
     command = launch_command(job_path, processes, accelerate_config_file)
     context.log.info(f"launching: {' '.join(command)}")
     try:

@@ -373,6 +373,37 @@ def test_a_revised_copy_of_a_file_replaces_it_and_is_audited(tmp_path):
     pd.testing.assert_frame_equal(first[1], _revisions(con).drop(columns="revised_at"))
 
 
+def test_a_file_re_sent_under_its_name_keeps_the_old_value_in_the_audit(tmp_path):
+    """A vendor re-sends prices.csv with a corrected old close: the warehouse takes it, and the value it
+    replaced (no longer in any file) is audited against the previous load, counted, and kept through
+    later corrections and later loads of the same files."""
+    from modeling.data.ingest import PREVIOUS_LOAD
+
+    rows = [(d, s) for d in BDAYS[:6] for s in ("AAA", "BBB")]
+    prices = _write_csv(tmp_path / "prices.csv", HEADER, [_row(d, s) for d, s in rows])
+    con = duckdb.connect()
+    assert ingest_market_data(con, sources=[prices]).n_revised == 0
+    assert _revisions(con).empty
+
+    for close in (10.2, 10.4):  # corrected twice, in place
+        _write_csv(
+            prices, HEADER, [_row(d, s, close if (d, s) == (BDAYS[2], "BBB") else 10.5) for d, s in rows]
+        )
+        assert ingest_market_data(con, sources=[prices]).n_revised == 1
+    rev = _revisions(con)
+    assert rev[["old_close", "new_close"]].values.tolist() == [[10.5, 10.2], [10.2, 10.4]]
+    assert set(rev.old_source_file) == {PREVIOUS_LOAD} and rev.old_source_row.isna().all()
+    assert set(rev.new_source_file) == {str(prices)} and (rev.date == pd.Timestamp(BDAYS[2])).all()
+    assert (rev.old_volume == rev.new_volume).all() and (
+        rev.revised_at.diff().dropna() >= pd.Timedelta(0)
+    ).all()
+    close = "SELECT close FROM raw_market_data WHERE symbol = 'BBB' AND date = ?"
+    assert con.execute(close, [BDAYS[2]]).fetchone()[0] == 10.4
+    # the same file again: nothing new to audit, the history stays
+    assert ingest_market_data(con, sources=[prices]).n_revised == 0
+    pd.testing.assert_frame_equal(_revisions(con), rev)
+
+
 def test_a_daily_file_resending_yesterday_replaces_only_that_row(tmp_path):
     history = _write_csv(
         tmp_path / "history.csv", HEADER, [_row(d, s) for d in BDAYS[:5] for s in ("AAA", "BBB")]

@@ -236,3 +236,39 @@ def test_a_marker_file_is_replaced_whole_or_not_at_all(tmp_path: Path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == [Outcome.FILE]
     Outcome(**{**first.to_dict(), "val_rank_ic": 0.09}).save(tmp_path)
     assert Outcome.load(tmp_path).val_rank_ic == 0.09
+
+
+def test_the_process_count_and_a_retry_of_a_failed_launch(tmp_path: Path) -> None:
+    """The process count is the most processes that each take whole date groups of the batch; a retry's
+    failure never shows an earlier attempt's traceback."""
+    from types import SimpleNamespace
+
+    from dagster import Failure
+
+    from pipeline.training_process import run_training_process, training_processes
+
+    profile = SimpleNamespace(num_processes=4)
+    assert training_processes(None, profile, TrainConfig(batch_size=32, date_group_size=16)) == 2
+    assert training_processes(None, profile, TrainConfig(batch_size=48, date_group_size=16)) == 3
+    assert training_processes(4, profile, TrainConfig(batch_size=48, date_group_size=16)) == 4  # as asked
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "error_rank0.txt").write_text("CUDA out of memory (the last attempt)")
+    context = SimpleNamespace(log=SimpleNamespace(info=lambda _m: None))
+
+    class FailingClient:
+        def __init__(self, writes: str | None) -> None:
+            self.writes = writes
+
+        def run(self, **_kwargs):
+            if self.writes is not None:  # the child got far enough to write its own traceback
+                (out / "error_rank0.txt").write_text(self.writes)
+            raise RuntimeError("the child exited with code 1")
+
+    job = TrainJob("base", "corpus.parquet", str(out), {"horizon": 1})
+    with pytest.raises(RuntimeError, match="exited with code 1"):  # no traceback of its own: the raw error
+        run_training_process(context, FailingClient(None), job)
+    with pytest.raises(Failure, match="KeyError: 'label'") as failure:
+        run_training_process(context, FailingClient("KeyError: 'label'"), job)
+    assert "out of memory" not in str(failure.value)

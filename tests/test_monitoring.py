@@ -22,6 +22,7 @@ from modeling.monitoring import (
     decay_verdict,
     performance_table,
     realised_forecasts,
+    window_mean_se,
     with_rolling_means,
     write_performance,
 )
@@ -149,9 +150,17 @@ def test_the_decay_floor_counts_the_noise_of_the_realised_window() -> None:
     calm = perf.assign(rank_ic=-0.012 + 0.001 * (-1.0) ** np.arange(20))  # the same mean, a precise one
     assert not decay_verdict(perf.iloc[:0], "2", 0.01, 0.005).n_dates
     assert not decay_verdict(calm, "2", 0.01, 0.005).passed
-    # with a horizon of 5 the window's SE is Newey-West with lag 4
+    # with a horizon of 5: Newey-West with lag 4, but never below the classic SE x sqrt(5), which 20
+    # overlapping dates would otherwise understate
     lagged = decay_verdict(perf, "2", 0.01, 0.005, DecayRule(horizon=5))
-    assert lagged.realised_rank_ic_se == pytest.approx(newey_west_se(daily, 4))
+    expected = max(newey_west_se(daily, 4), np.std(daily, ddof=1) / np.sqrt(20) * np.sqrt(5))
+    assert lagged.realised_rank_ic_se == pytest.approx(expected)
+    assert lagged.realised_rank_ic_se > newey_west_se(daily, 4)  # the alternating series: lag 4 shrinks it
+    trending = np.linspace(-0.05, 0.05, 20)  # strongly autocorrelated: Newey-West is the larger one
+    assert window_mean_se(trending, 5) == pytest.approx(
+        max(newey_west_se(trending, 4), np.std(trending, ddof=1) / np.sqrt(20) * np.sqrt(5))
+    )
+    assert window_mean_se(trending, 1) == pytest.approx(np.std(trending, ddof=1) / np.sqrt(20))
 
 
 def test_retrain_decision_acts_once_per_evaluation_and_once_per_cooldown() -> None:
@@ -210,6 +219,13 @@ def test_an_older_live_date_keeps_the_forecast_served_on_it() -> None:
     run(days[0:5], "3")  # a date before the table's first: never served, so written
     assert served()["2024-01-01"] == "3" and served()["2024-01-02"] == "1"
     assert con.execute("SELECT count(*) FROM predictions").fetchone()[0] == 5 * 3
+    # revised inputs changed an older date's live universe: that date is scored again, whole
+    rows = pd.DataFrame([(d, s) for d in days[2:5] for s in ("A", "B", "C")], columns=["date", "symbol"])
+    rows.loc[len(rows)] = (days[2], "D")
+    table = rank_predictions(rows.assign(prediction=np.arange(len(rows), dtype=float)), "4")
+    write_predictions(con, rows_to_publish(con, table))
+    assert served()["2024-01-03"] == "4" and served()["2024-01-04"] == "1" and served()["2024-01-05"] == "4"
+    assert con.execute("SELECT count(*) FROM predictions WHERE date = '2024-01-03'").fetchone()[0] == 4
 
 
 def _serve(

@@ -119,6 +119,9 @@ def test_nan_feature_is_a_clear_error(prompt_tokenizer):
     huge.loc[3, "ret_1d"] = 1e307
     with pytest.raises(PromptDataError, match="'ret_1d' is 1e\\+307 for symbol S003.*out of range"):
         PromptBuilder().user_contents(huge)
+    # a percentile prompt prints no value, so a huge one is just the top of its date (rank 25 of 25)
+    largest = _cross_section().assign(ret_1d=1e306 * np.arange(50))
+    assert "1d return pct=98\n" in PromptBuilder(number_format="percentile").user_contents(largest)[49]
 
 
 def test_values_never_print_nan_and_use_fixed_significant_digits():

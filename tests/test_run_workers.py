@@ -69,3 +69,43 @@ def test_a_killed_run_is_failed_and_its_pool_slot_freed(tmp_path: Path) -> None:
         assert "no dead run" in sensor(build_sensor_context(instance=instance)).skip_message
     finally:
         os.environ.pop("DAGSTER_HOME", None)
+
+
+def test_tags_inherited_from_a_dead_parent_run_do_not_kill_its_re_execution() -> None:
+    """A re-executed run starts with its parent's tags (Dagster copies them): they name the parent's dead
+    process. Until this run's own worker tags it, it is not reported dead; once tagged, it is, if its
+    process dies. A worker whose id equals the inherited one still writes its own tags."""
+    import socket
+
+    from dagster import DagsterInstance, DagsterRun, DagsterRunStatus
+
+    from pipeline.run_workers import HOST_TAG, PID_TAG, RUN_TAG, START_TAG, dead_runs, record_run_worker
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a process id that is gone
+    with DagsterInstance.ephemeral() as instance:
+        parent_tags = {
+            PID_TAG: str(child.pid),
+            START_TAG: "1",
+            HOST_TAG: socket.gethostname(),
+            RUN_TAG: "the-parent-run",
+        }
+        retry = instance.add_run(
+            DagsterRun(
+                job_name="daily_retrain",
+                run_id="retry-run",
+                status=DagsterRunStatus.STARTED,
+                tags=parent_tags,
+            )
+        )
+        assert dead_runs(instance) == []  # inherited tags: not this run's process
+        instance.add_run_tags(retry.run_id, {RUN_TAG: retry.run_id})  # tagged for itself, process gone
+        assert [r.run_id for r in dead_runs(instance)] == ["retry-run"]
+        # this process records itself over inherited tags that happen to carry its own id
+        instance.add_run_tags(
+            retry.run_id, {PID_TAG: str(os.getpid()), START_TAG: "1", RUN_TAG: "the-parent-run"}
+        )
+        record_run_worker(instance, instance.get_run_by_id(retry.run_id))
+        tags = instance.get_run_by_id(retry.run_id).tags
+        assert tags[RUN_TAG] == "retry-run" and tags[START_TAG] == str(process_start_ticks(os.getpid()))
+        assert dead_runs(instance) == []  # alive

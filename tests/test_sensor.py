@@ -133,6 +133,27 @@ def test_run_key_is_the_directory_state(tmp_path: Path) -> None:
     assert len(first.run_keys) == 2 and first.run_keys[0] != first.run_keys[1]
 
 
+def test_a_restored_earlier_state_runs_again(tmp_path: Path) -> None:
+    """A bad file replaces a good one and runs; the good one is restored with its old mtime (`cp -p`):
+    the directory is back in a state it had, but the warehouse holds the bad file's data, so it runs
+    again under a new key (Dagster drops a request whose key it has seen)."""
+    market = tmp_path / "market"
+    market.mkdir()
+    tick = Ticks(_sensor(tmp_path, market))
+    day = market / "day1.csv"
+    _write(day, HEADER + ROW, BASE_NS)
+    tick()
+    assert len(tick().run_requests) == 1
+    _write(day, HEADER + ROW.replace("100", "999"), BASE_NS + 10**9)  # the bad version
+    tick()
+    assert len(tick().run_requests) == 1
+    _write(day, HEADER + ROW, BASE_NS)  # the good one back, old mtime and all
+    tick()
+    assert len(tick().run_requests) == 1
+    assert len(tick.run_keys) == 3 and len(set(tick.run_keys)) == 3
+    assert tick.run_keys[0].split("-")[0] == tick.run_keys[2].split("-")[0]  # the same directory state
+
+
 def test_empty_directory_skips(tmp_path: Path) -> None:
     market = tmp_path / "market"
     market.mkdir()

@@ -18,7 +18,8 @@ Every input row ends in exactly one of three tables, so nothing is lost silently
   after the header, malformed lines counted), and for a malformed CSV line the whole line (`raw_line`)
   and the parser's message (`detail`);
 - `raw_market_data_revisions`: every row replaced by a revised copy from a newer file (see below),
-  with its old and new values and the file and row of each.
+  with its old and new values and the file and row of each, and every value that changed since the
+  previous load with no old copy left in a file (`modeling.data.revisions`); kept across loads.
 
 Revised data (files are "newest wins"): the files are ranked by modification time, then by name
 (then by full path and by position in the list, so the order is total); a later file is newer. For a
@@ -41,11 +42,11 @@ different holidays may need `min_calendar_share=0` (off).
 File names are literal: a name with glob characters (`prices[1].csv`) is read as that one file.
 
 The three tables are replaced inside one transaction: a load that fails leaves the previous good tables
-in place, and loading the same files twice gives the same tables (idempotent; the revisions are
-recomputed by each load, which is a full reload of the files present, and `revised_at` is the time of
-that load). A load that would shrink `raw_market_data` by more than `max_shrink_share` of its
-symbol-days (distinct (date, symbol)) fails with `ShrinkingLoadError` and keeps the previous tables: a
-file that went missing or a truncated re-send must not delete history silently.
+in place, and loading the same files twice gives the same tables (idempotent; a revision already in the
+audit is not added again, and `revised_at` is the time of the load that first saw it). A load that
+would shrink `raw_market_data` by more than `max_shrink_share` of its symbol-days (distinct (date,
+symbol)) fails with `ShrinkingLoadError` and keeps the previous tables: a file that went missing or a
+truncated re-send must not delete history silently.
 """
 
 from __future__ import annotations
@@ -59,6 +60,13 @@ import duckdb
 import pandas as pd
 
 from modeling.data.parquet_io import sql_string
+from modeling.data.revisions import (  # noqa: F401 (RAW_TABLE, REVISIONS_TABLE, PREVIOUS_LOAD re-exported)
+    PREVIOUS_LOAD,
+    RAW_TABLE,
+    REVISIONS_TABLE,
+    table_exists,
+    write_revisions,
+)
 from modeling.data.sources import (  # noqa: F401 (re-exported: what readers of the market data use)
     COLUMN_ALIASES,
     OPTIONAL_COLUMNS,
@@ -91,9 +99,7 @@ REJECT_REASONS = (
     "off_calendar_date",  # a clean row on a date when almost no symbol trades (see the module docstring)
 )
 
-RAW_TABLE = "raw_market_data"
 REJECTS_TABLE = "raw_market_data_rejects"
-REVISIONS_TABLE = "raw_market_data_revisions"
 _REVISED = "revised"  # the internal mark of a replaced row in `_staged`: not a reject
 
 
@@ -237,12 +243,13 @@ def _stage_and_write(
                 "kept (see the reasons by ingesting the file into an empty DATA_DIR)"
             )
         _check_shrink(con, n_clean, max_shrink_share)
-        _write_tables(con, revised_at)
+        n_since = _write_tables(con, revised_at)
         by_reason = dict(
             con.execute(
                 "SELECT reason, count(*) FROM _staged WHERE reason IS NOT NULL GROUP BY reason"
             ).fetchall()
         )
+        by_reason[_REVISED] = by_reason.get(_REVISED, 0) + n_since
         con.execute("DROP TABLE _revised")
         con.execute("DROP TABLE _staged")
         con.execute("COMMIT")
@@ -252,9 +259,11 @@ def _stage_and_write(
     return n_staged, n_clean, by_reason
 
 
-def _write_tables(con: duckdb.DuckDBPyConnection, revised_at: datetime.datetime) -> None:
-    """Replace the three tables from the resolved `_staged` rows (inside the caller's transaction): the
-    clean rows, the rejects with their reasons, and the revisions audit (old and new values, both sources)."""
+def _write_tables(con: duckdb.DuckDBPyConnection, revised_at: datetime.datetime) -> int:
+    """Extend the revisions audit (`modeling.data.revisions`), then replace the clean rows and the rejects
+    from the resolved `_staged` rows (inside the caller's transaction); returns the revisions against
+    the previous load."""
+    n_since = write_revisions(con, revised_at)
     con.execute(f"""
         CREATE OR REPLACE TABLE {RAW_TABLE} AS
         SELECT date, symbol, open, high, low, close, volume, sector
@@ -274,24 +283,7 @@ def _write_tables(con: duckdb.DuckDBPyConnection, revised_at: datetime.datetime)
         FROM _staged WHERE reason IS NOT NULL AND reason <> '{_REVISED}'
         ORDER BY source_idx, source_row
     """)
-    con.execute(
-        f"""
-        CREATE OR REPLACE TABLE {REVISIONS_TABLE} AS
-        SELECT o.date, o.symbol,
-               o.open AS old_open, o.high AS old_high, o.low AS old_low, o.close AS old_close,
-               o.volume AS old_volume, o.sector AS old_sector,
-               n.open AS new_open, n.high AS new_high, n.low AS new_low, n.close AS new_close,
-               n.volume AS new_volume, n.sector AS new_sector,
-               o.source_file AS old_source_file, o.source_row AS old_source_row,
-               n.source_file AS new_source_file, n.source_row AS new_source_row,
-               CAST(? AS TIMESTAMP) AS revised_at
-        FROM _revised r
-        JOIN _staged o ON o.source_idx = r.source_idx AND o.source_row = r.source_row
-        JOIN _staged n ON n.source_idx = r.new_source_idx AND n.source_row = r.new_source_row
-        ORDER BY o.symbol, o.date, o.source_rank, o.source_row
-    """,
-        [revised_at],
-    )
+    return int(n_since)
 
 
 def _source_ranks(sources: list[Path | str]) -> list[int]:
@@ -339,12 +331,7 @@ def _mark_off_calendar(con: duckdb.DuckDBPyConnection, min_share: float) -> None
 
 def _check_shrink(con: duckdb.DuckDBPyConnection, n_new: int, max_shrink_share: float) -> None:
     """Raise ShrinkingLoadError when `n_new` symbol-days would drop too many of the existing table's."""
-    exists = con.execute(
-        "SELECT count(*) FROM duckdb_tables() WHERE table_name = ? AND NOT temporary "
-        "AND schema_name = current_schema() AND database_name = current_database()",
-        [RAW_TABLE],
-    ).fetchall()[0][0]
-    if not exists:
+    if not table_exists(con, RAW_TABLE):
         return
     distinct_keys = f"SELECT count(*) FROM (SELECT DISTINCT date, symbol FROM {RAW_TABLE})"
     n_old = con.execute(distinct_keys).fetchall()[0][0]

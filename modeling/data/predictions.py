@@ -46,18 +46,23 @@ def rank_predictions(frame: pd.DataFrame, model_version: str) -> pd.DataFrame:
 def rows_to_publish(con: duckdb.DuckDBPyConnection, rows: pd.DataFrame) -> pd.DataFrame:
     """The rows of `rows` to write: those of its newest date (each run re-scores the date it serves now,
     so a re-run after a promotion publishes the new champion's view of it) and of older dates the table
-    does not hold yet. An older date already in the table keeps the forecasts and the version served on
-    it: with a horizon h > 1 the live rows span h dates, and re-scoring them with a newer champion would
-    rewrite the track record that monitoring judges each version by."""
+    does not hold, or holds for other names (revised inputs changed that date's live universe). Any other
+    older date keeps the forecasts and the version served on it: with a horizon h > 1 the live rows span
+    h dates, and re-scoring them with a newer champion would rewrite the track record that monitoring
+    judges each version by."""
     exists = con.execute(
-        "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [PREDICTIONS_TABLE]
+        "SELECT count(*) FROM information_schema.tables"
+        " WHERE table_name = ? AND table_schema = current_schema()",
+        [PREDICTIONS_TABLE],
     ).fetchone()[0]
     if not exists or rows.empty:
         return rows
-    held = set(con.execute(f"SELECT DISTINCT date FROM {PREDICTIONS_TABLE}").df()["date"])
+    held = con.execute(f"SELECT date, symbol FROM {PREDICTIONS_TABLE}").df()
+    held_names = held.groupby(pd.to_datetime(held["date"]))["symbol"].agg(frozenset).to_dict()
     dates = pd.to_datetime(rows["date"])
-    keep = (dates == dates.max()) | ~dates.isin(held)
-    return rows[keep.to_numpy()].reset_index(drop=True)
+    names = rows.groupby(dates.to_numpy())["symbol"].agg(frozenset).to_dict()
+    unchanged = {d for d, s in names.items() if held_names.get(d) == s and d != dates.max()}
+    return rows[~dates.isin(unchanged).to_numpy()].reset_index(drop=True)
 
 
 def write_predictions(con: duckdb.DuckDBPyConnection, rows: pd.DataFrame) -> int:
