@@ -71,7 +71,8 @@ def test_growing_file_triggers_one_run_once_stable(tmp_path: Path) -> None:
     assert tick.run_keys == [request.run_key]
 
 
-def test_revised_file_triggers_again_once_stable(tmp_path: Path) -> None:
+def _one_file_that_ran(tmp_path: Path) -> tuple[Ticks, Path]:
+    """A watched directory whose one file has settled and been requested: (the ticks, the file)."""
     market = tmp_path / "market"
     market.mkdir()
     tick = Ticks(_sensor(tmp_path, market))
@@ -79,6 +80,11 @@ def test_revised_file_triggers_again_once_stable(tmp_path: Path) -> None:
     _write(day, HEADER + ROW, BASE_NS)
     tick()
     assert len(tick().run_requests) == 1
+    return tick, day
+
+
+def test_revised_file_triggers_again_once_stable(tmp_path: Path) -> None:
+    tick, day = _one_file_that_ran(tmp_path)
 
     _write(day, HEADER + ROW.replace("100", "200"), BASE_NS + 5 * 10**9)  # same size, new mtime: re-sent
     assert not tick().run_requests  # seen changed: it may still be being written
@@ -137,13 +143,7 @@ def test_a_restored_earlier_state_runs_again(tmp_path: Path) -> None:
     """A bad file replaces a good one and runs; the good one is restored with its old mtime (`cp -p`):
     the directory is back in a state it had, but the warehouse holds the bad file's data, so it runs
     again under a new key (Dagster drops a request whose key it has seen)."""
-    market = tmp_path / "market"
-    market.mkdir()
-    tick = Ticks(_sensor(tmp_path, market))
-    day = market / "day1.csv"
-    _write(day, HEADER + ROW, BASE_NS)
-    tick()
-    assert len(tick().run_requests) == 1
+    tick, day = _one_file_that_ran(tmp_path)
     _write(day, HEADER + ROW.replace("100", "999"), BASE_NS + 10**9)  # the bad version
     tick()
     assert len(tick().run_requests) == 1
