@@ -25,7 +25,14 @@ from mlflow.tracking import MlflowClient
 
 from modeling.errors import ModelUnloadableError
 from modeling.metrics import DailyMean, PairedDifference, min_dates_for_lag, nw_lag, paired_series_difference
-from modeling.mlflow_registry import CHAMPION, RegistryError, alias_version, daily_from_tag, version_tags
+from modeling.mlflow_registry import (
+    CHAMPION,
+    RegistryError,
+    alias_version,
+    daily_from_tag,
+    tag_verdict,
+    version_tags,
+)
 
 COMPARABILITY_TAGS = ("horizon", "label_kind")
 """Version tags that must agree for two validation RankICs to be comparable (same target)."""
@@ -151,10 +158,8 @@ def champion_gate(
             if alias_version(name, CHAMPION) == current:
                 # the verdict before the alias: a crash between the two leaves the version saying why it is
                 # champion, and the retry (which finds it champion already) reports that verdict
-                client = MlflowClient()
-                client.set_model_version_tag(name, version, "gate_reason", str(decision["reason"])[:500])
-                client.set_model_version_tag(name, version, "promoted", "True")
-                client.set_registered_model_alias(name, CHAMPION, version)
+                tag_verdict(name, version, decision)
+                MlflowClient().set_registered_model_alias(name, CHAMPION, version)
                 return decision
     raise RegistryError(f"the champion of {name!r} moved {GATE_ATTEMPTS} times while v{version} was judged")
 

@@ -27,11 +27,14 @@ def split_rows(corpus_path: str | os.PathLike[str], split: str, max_dates: int |
     return rows.reset_index(drop=True)
 
 
-def split_horizon(corpus_path: str | os.PathLike[str], split: str, rows: pd.DataFrame, horizon: int) -> int:
-    """`horizon` in positions of `rows`' dates (`split_rows`' evenly spaced subset of the split's): what
-    the Newey-West lag of their daily series is computed from (`thinned_horizon`)."""
-    if horizon == 1:
-        return 1
+def split_horizon(
+    corpus_path: str | os.PathLike[str], split: str, rows: pd.DataFrame, horizon: int, max_dates: int | None
+) -> int:
+    """`horizon` in positions of `rows`' dates (`split_rows(corpus_path, split, max_dates)`, an evenly
+    spaced subset of the split's): what the Newey-West lag of their daily series is computed from
+    (`thinned_horizon`). Every date kept (`max_dates` None): the horizon itself, nothing read."""
+    if horizon == 1 or max_dates is None:
+        return horizon
     split_dates = int(read_corpus_split(corpus_path, split, ["date"])["date"].nunique())
     return thinned_horizon(horizon, int(rows["date"].nunique()), split_dates)
 
@@ -62,7 +65,7 @@ def score_split(
     base = read_regressor_info(model_dir)["base_model"]["path"]
     rows = split_rows(corpus_path, split, max_dates)
     frame, _ = score_rows(load_regressor(model_dir), load_tokenizer(base), rows, batch_size)
-    return frame, rank_ic_stats(frame, horizon=split_horizon(corpus_path, split, rows, horizon))
+    return frame, rank_ic_stats(frame, horizon=split_horizon(corpus_path, split, rows, horizon, max_dates))
 
 
 def dates_for_se(target_se: float, daily_sd: float = 0.055) -> int:

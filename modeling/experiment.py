@@ -345,7 +345,7 @@ def _score_splits(
         caps = [c for c in (spec.eval_max_dates, spec.test_max_dates if split == "test" else None) if c]
         cap = min(caps) if caps else None
         rows = split_rows(job.corpus_path, split, cap)
-        horizons[split] = split_horizon(job.corpus_path, split, rows, horizon)
+        horizons[split] = split_horizon(job.corpus_path, split, rows, horizon, cap)
         scored, rates[split] = score_rows(model, tokenizer, rows, job.train.eval_batch_size)
         log(f"scored {len(rows)} {split} rows on {rows['date'].nunique()} dates at {rates[split]:.0f} rows/s")
         frames[split] = with_features(scored, features)

@@ -178,11 +178,17 @@ def log_run(
     return {"run_id": run.info.run_id, "model_uri": info.model_uri, "model_version": version}
 
 
-def finish_version(name: str, version: str, gate: dict[str, Any]) -> None:
-    """Mark the version as gated (with the gate's reason) and make it the challenger."""
+def tag_verdict(name: str, version: str, gate: dict[str, Any]) -> None:
+    """The gate's verdict on the version: its reason and whether it was promoted."""
     client = MlflowClient()
     client.set_model_version_tag(name, version, "gate_reason", str(gate.get("reason", ""))[:500])
     client.set_model_version_tag(name, version, "promoted", str(bool(gate.get("promoted"))))
+
+
+def finish_version(name: str, version: str, gate: dict[str, Any]) -> None:
+    """Mark the version as gated (with the gate's reason) and make it the challenger."""
+    tag_verdict(name, version, gate)
+    client = MlflowClient()
     client.set_registered_model_alias(name, CHALLENGER, version)
     # last: "done" is what tells a later run that this version needs nothing more
     client.set_model_version_tag(name, version, "gate", "done")

@@ -215,8 +215,8 @@ class PromptBuilder:
                 f"a date, and {day} has {int(counts[thin.index[0]])} rows: pass each date's whole universe "
                 f"(at least {MIN_PERCENTILE_NAMES} names)"
             )
-        if "symbol" in frame and frame.duplicated(["date", "symbol"]).any():
-            repeated = int(frame.duplicated(["date", "symbol"]).sum())
+        repeated = int(frame.duplicated(["date", "symbol"]).sum()) if "symbol" in frame else 0
+        if repeated:
             raise PromptDataError(
                 f"number_format {self.number_format!r} ranks each feature within a date's cross-section, and "
                 f"{repeated} rows repeat a (date, symbol): a training set resampled with replacement (bucket "

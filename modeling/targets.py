@@ -40,10 +40,11 @@ def training_targets(frame: pd.DataFrame, transform: str, clip: float = 5.0) -> 
         return label.to_numpy(np.float32)
     if transform == "clip":
         return label.clip(-clip, clip).to_numpy(np.float32)
-    if "symbol" in frame and frame.duplicated(["date", "symbol"]).any():
+    repeated = int(frame.duplicated(["date", "symbol"]).sum()) if "symbol" in frame else 0
+    if repeated:
         raise ValueError(
             f"target transform {transform!r} is a per-date statistic of the cross-section, and "
-            f"{int(frame.duplicated(['date', 'symbol']).sum())} rows repeat a (date, symbol): a training set "
+            f"{repeated} rows repeat a (date, symbol): a training set "
             "resampled with replacement (bucket mode 'resample') is not a cross-section. Use bucket mode "
             "'weight' or target transform 'none' / 'clip'"
         )

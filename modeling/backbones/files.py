@@ -58,23 +58,7 @@ def model_fingerprint(path: str | os.PathLike[str]) -> str:
     projection of an 8B model; smaller ones change with their layer's large ones). Used to recognise the
     base model a regressor was trained on when it is loaded again (`fingerprint_matches`).
     """
-    p = require_model_dir(path)
-    h = hashlib.sha256((p / "config.json").read_bytes())
-    for file in sorted([*p.glob("*.safetensors"), *p.glob("*.bin")]):
-        size = file.stat().st_size
-        h.update(file.name.encode() + size.to_bytes(8, "little"))
-        with file.open("rb") as f:
-            if size <= _FINGERPRINT_WHOLE_BYTES:
-                while block := f.read(1 << 22):
-                    h.update(block)
-                continue
-            h.update(f.read(_FINGERPRINT_EDGE_BYTES))
-            for offset in range(_FINGERPRINT_STRIDE, size - _FINGERPRINT_EDGE_BYTES, _FINGERPRINT_STRIDE):
-                f.seek(offset)
-                h.update(f.read(_FINGERPRINT_SAMPLE_BYTES))
-            f.seek(size - _FINGERPRINT_EDGE_BYTES)
-            h.update(f.read())
-    return f"{FINGERPRINT_SCHEME}:{h.hexdigest()}"
+    return f"{FINGERPRINT_SCHEME}:{_checkpoint_hash(path, sampled=True)}"
 
 
 def fingerprint_matches(path: str | os.PathLike[str], saved: str) -> bool:
@@ -88,14 +72,31 @@ def fingerprint_matches(path: str | os.PathLike[str], saved: str) -> bool:
 def _edges_fingerprint(path: str | os.PathLike[str]) -> str:
     """The first scheme (before "v2"): config.json and each weight file's name, size and first and last
     MiB only, which misses a change in the middle tensors of the same layout."""
+    return _checkpoint_hash(path, sampled=False)
+
+
+def _checkpoint_hash(path: str | os.PathLike[str], sampled: bool) -> str:
+    """SHA-256 of config.json and, per weight file (sorted by name), its name, size and content: whole up
+    to 64 MiB, else its first and last MiB and a sample every 16 MiB (`sampled`, "v2"); or its first and
+    last MiB only (the first scheme)."""
     p = require_model_dir(path)
     h = hashlib.sha256((p / "config.json").read_bytes())
     for file in sorted([*p.glob("*.safetensors"), *p.glob("*.bin")]):
         size = file.stat().st_size
         h.update(file.name.encode() + size.to_bytes(8, "little"))
         with file.open("rb") as f:
+            if sampled and size <= _FINGERPRINT_WHOLE_BYTES:
+                while block := f.read(1 << 22):
+                    h.update(block)
+                continue
             h.update(f.read(_FINGERPRINT_EDGE_BYTES))
-            if size > 2 * _FINGERPRINT_EDGE_BYTES:
+            if sampled:
+                for offset in range(_FINGERPRINT_STRIDE, size - _FINGERPRINT_EDGE_BYTES, _FINGERPRINT_STRIDE):
+                    f.seek(offset)
+                    h.update(f.read(_FINGERPRINT_SAMPLE_BYTES))
+                f.seek(size - _FINGERPRINT_EDGE_BYTES)
+                h.update(f.read())
+            elif size > 2 * _FINGERPRINT_EDGE_BYTES:
                 f.seek(size - _FINGERPRINT_EDGE_BYTES)
                 h.update(f.read())
     return h.hexdigest()

@@ -64,7 +64,6 @@ from modeling.data.revisions import (  # noqa: F401 (RAW_TABLE, REVISIONS_TABLE,
     PREVIOUS_LOAD,
     RAW_TABLE,
     REVISIONS_TABLE,
-    table_exists,
     write_revisions,
 )
 from modeling.data.sources import (  # noqa: F401 (re-exported: what readers of the market data use)
@@ -80,6 +79,7 @@ from modeling.data.sources import (  # noqa: F401 (re-exported: what readers of 
     discover_files,
     skipped_entries,
 )
+from modeling.data.tables import table_exists
 
 CALENDAR_WINDOW = 5  # market dates on each side of a date that the calendar test compares it with
 

@@ -15,6 +15,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
+from modeling.data.tables import table_exists
 from modeling.feature_registry import MODEL_INPUT_COLUMNS
 from modeling.metrics import assign_quantiles
 
@@ -50,16 +51,14 @@ def rows_to_publish(con: duckdb.DuckDBPyConnection, rows: pd.DataFrame) -> pd.Da
     older date keeps the forecasts and the version served on it: with a horizon h > 1 the live rows span
     h dates, and re-scoring them with a newer champion would rewrite the track record that monitoring
     judges each version by."""
-    exists = con.execute(
-        "SELECT count(*) FROM information_schema.tables"
-        " WHERE table_name = ? AND table_schema = current_schema()",
-        [PREDICTIONS_TABLE],
-    ).fetchone()[0]
-    if not exists or rows.empty:
+    if rows.empty or not table_exists(con, PREDICTIONS_TABLE):
         return rows
-    held = con.execute(f"SELECT date, symbol FROM {PREDICTIONS_TABLE}").df()
-    held_names = held.groupby(pd.to_datetime(held["date"]))["symbol"].agg(frozenset).to_dict()
     dates = pd.to_datetime(rows["date"])
+    # only the dates of `rows`: the table is the whole track record
+    held = con.execute(
+        f"SELECT date, symbol FROM {PREDICTIONS_TABLE} WHERE date >= ?", [dates.min().to_pydatetime()]
+    ).df()
+    held_names = held.groupby(pd.to_datetime(held["date"]))["symbol"].agg(frozenset).to_dict()
     names = rows.groupby(dates.to_numpy())["symbol"].agg(frozenset).to_dict()
     unchanged = {d for d, s in names.items() if held_names.get(d) == s and d != dates.max()}
     return rows[~dates.isin(unchanged).to_numpy()].reset_index(drop=True)

@@ -14,6 +14,8 @@ import datetime
 
 import duckdb
 
+from modeling.data.tables import table_exists
+
 RAW_TABLE = "raw_market_data"
 REVISIONS_TABLE = "raw_market_data_revisions"
 PREVIOUS_LOAD = "raw_market_data (previous load)"
@@ -69,12 +71,3 @@ def write_revisions(con: duckdb.DuckDBPyConnection, revised_at: datetime.datetim
     """)
     con.execute("DROP TABLE _revisions_now")
     return int(n_since)
-
-
-def table_exists(con: duckdb.DuckDBPyConnection, name: str) -> bool:
-    """Whether the warehouse holds table `name` (a permanent one, in the current schema)."""
-    query = (
-        "SELECT count(*) FROM duckdb_tables() WHERE table_name = ? AND NOT temporary "
-        "AND schema_name = current_schema() AND database_name = current_database()"
-    )
-    return bool(con.execute(query, [name]).fetchall()[0][0])
