@@ -2,7 +2,8 @@
 
 Each trial trains one regressor with `train_regressor` (in process) and reports the periodic validation
 RankIC to Optuna's median pruner, which stops trials running below the median of earlier trials at the
-same step. The objective is the RankIC of the checkpoint the trial keeps, scored at the end on
+same step (only trials judged on the same rows and settings count: `same_key_median_pruner`). The
+objective is the RankIC of the checkpoint the trial keeps, scored at the end on
 `objective_dates` evenly spaced validation dates (by default every one of them: on the default market's
 179 validation dates a standard error of 0.0048-0.0051, where 100 dates carry 0.0068-0.0074 and the
 10-date periodic evaluation about 0.018, as large as the differences between trials). Each
@@ -166,8 +167,42 @@ class SearchResult:
     wall_s: float
 
 
+class _TrialsJudgedOn:
+    """A study seen through one judging key: `get_trials` returns only the trials judged like the one
+    being pruned; everything else (direction, storage) is the study's own."""
+
+    def __init__(self, study: Any, key: str | None) -> None:
+        self._study, self._key = study, key
+
+    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list:
+        trials = self._study.get_trials(deepcopy=deepcopy, states=states)
+        return [t for t in trials if t.user_attrs.get("judged_on") == self._key]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+
+def same_key_median_pruner(n_startup_trials: int = 2):
+    """Optuna's median pruner over the trials judged on the same rows and settings as the running one
+    (user attribute `judged_on`, `judging_key`). A stored study outlives its data: on another corpus or
+    backbone the periodic RankICs sit at other levels, and the plain median pruner would stop a trial
+    for falling below trials it is not ranked against. Pruning starts after `n_startup_trials` trials of
+    the running trial's own key complete."""
+    import optuna
+
+    class SameKeyMedianPruner(optuna.pruners.BasePruner):
+        def __init__(self) -> None:
+            self._median = optuna.pruners.MedianPruner(n_startup_trials=n_startup_trials, n_warmup_steps=0)
+
+        def prune(self, study: Any, trial: Any) -> bool:
+            return self._median.prune(_TrialsJudgedOn(study, trial.user_attrs.get("judged_on")), trial)
+
+    return SameKeyMedianPruner()
+
+
 def _open_study(storage_path: Path, study_name: str, seed: int):
-    """The Optuna study in SQLite (created or resumed): TPE sampler, median pruner, heartbeats."""
+    """The Optuna study in SQLite (created or resumed): TPE sampler, the median pruner over trials judged
+    on the same rows and settings, heartbeats."""
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
@@ -184,7 +219,7 @@ def _open_study(storage_path: Path, study_name: str, seed: int):
         load_if_exists=True,
         direction="maximize",
         sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=5),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
+        pruner=same_key_median_pruner(n_startup_trials=2),
     )
 
 

@@ -178,3 +178,32 @@ def test_the_regressor_applies_a_search_of_its_own_base_model_only(tiny_base_mod
         assert got == ({"lora_r": 8} if applied else {}), saved
     assert len(warnings) == 1 and "another base model or profile" in warnings[0]
     assert _hyperparameters(storage, True, "gpu", current, warnings.append) == {}  # another profile
+
+
+def test_the_pruner_compares_a_trial_with_trials_judged_on_its_own_key_only(tmp_path: Path) -> None:
+    from modeling.search import _open_study
+
+    study = _open_study(tmp_path / "optuna.db", "s", seed=0)
+
+    def done(key: str, intermediate: float) -> None:
+        study.add_trial(
+            optuna.trial.create_trial(
+                value=intermediate,
+                intermediate_values={5: intermediate},
+                user_attrs={"judged_on": key},
+                distributions={},
+                params={},
+            )
+        )
+
+    for level in (0.10, 0.11, 0.12):  # an older corpus's trials, at another level
+        done("old", level)
+    running = study.ask()
+    running.set_user_attr("judged_on", "new")
+    running.report(0.02, 5)
+    # three finished trials sit above it, but none was judged on its rows: no median to fall below yet
+    assert not running.should_prune()
+    done("new", 0.04)
+    done("new", 0.05)
+    # two of its own key finished, both above it: now it is pruned
+    assert running.should_prune()
