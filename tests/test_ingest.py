@@ -18,6 +18,7 @@ from modeling.data.ingest import (
     ingest_market_data,
     skipped_entries,
 )
+from modeling.data.revisions import PREVIOUS_LOAD, REMOVED
 
 GOOD = "{d},{s},10.0,11.0,9.5,10.5,1000,Tech"
 
@@ -377,7 +378,6 @@ def test_a_file_re_sent_under_its_name_keeps_the_old_value_in_the_audit(tmp_path
     """A vendor re-sends prices.csv with a corrected old close: the warehouse takes it, and the value it
     replaced (no longer in any file) is audited against the previous load, counted, and kept through
     later corrections and later loads of the same files."""
-    from modeling.data.ingest import PREVIOUS_LOAD
 
     rows = [(d, s) for d in BDAYS[:6] for s in ("AAA", "BBB")]
     prices = _write_csv(tmp_path / "prices.csv", HEADER, [_row(d, s) for d, s in rows])
@@ -512,7 +512,9 @@ def test_a_load_that_shrinks_the_table_too_much_fails_and_keeps_it(tmp_path):
     assert len(before[0]) == 100 and len(before[1]) == 1
     # S09's last two days went missing from a re-sent file: 98 of 100 symbol-days, 2% > 1%
     short = _write_csv(tmp_path / "short.csv", HEADER, full[:-2])
-    with pytest.raises(ShrinkingLoadError, match=r"from 100 to 98 symbol-days \(-2\.00%"):
+    with pytest.raises(
+        ShrinkingLoadError, match=r"remove 2 of the 100 symbol-days of raw_market_data \(2\.00%"
+    ):
         ingest_market_data(con, sources=[short])
     after = [
         con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall()
@@ -534,8 +536,37 @@ def test_a_load_that_shrinks_the_table_too_much_fails_and_keeps_it(tmp_path):
     report = ingest_market_data(
         con, sources=[_write_csv(tmp_path / "s96.csv", HEADER, full[:-4])], max_shrink_share=0.05
     )
-    assert report.n_accepted == 96
+    assert (report.n_accepted, report.n_removed) == (96, 3)
     assert con.execute("SELECT count(*) FROM raw_market_data").fetchone()[0] == 96
+    # every symbol-day a load dropped is audited with its old values, once: the last day's S09 (dropped by
+    # the 99-row load), then its S06-S08 (by the 96-row one)
+    removed = _revisions(con)
+    assert removed["new_source_file"].eq(REMOVED).all()
+    assert removed["date"].dt.strftime("%Y-%m-%d").eq(BDAYS[9]).all()
+    assert sorted(removed["symbol"]) == ["S06", "S07", "S08", "S09"] and removed["old_close"].eq(10.5).all()
+    assert removed["new_close"].isna().all() and removed["old_source_file"].eq(PREVIOUS_LOAD).all()
+
+
+def test_new_dates_do_not_hide_the_history_a_load_drops(tmp_path):
+    """The guard counts the old symbol-days a load no longer holds, not the change in the row count: an
+    old file that went missing while a new one arrived must not delete its history."""
+    symbols = [f"S{i:02d}" for i in range(10)]
+    part1 = [_row(d, s) for d in BDAYS[:4] for s in symbols]
+    part2 = [_row(d, s) for d in BDAYS[4:8] for s in symbols]
+    part3 = [_row(d, s) for d in BDAYS[8:12] for s in symbols]
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    files = [_write_csv(tmp_path / f"p{i}.csv", HEADER, rows) for i, rows in enumerate((part1, part2, part3))]
+    ingest_market_data(con, sources=files[:2])
+    with pytest.raises(ShrinkingLoadError, match="remove 40 of the 80 symbol-days"):
+        ingest_market_data(con, sources=files[1:])  # as many rows as before, half of them new
+    assert con.execute("SELECT count(*), min(date) FROM raw_market_data").fetchone() == (
+        80,
+        pd.Timestamp(BDAYS[0]).date(),
+    )
+    # with the guard opened on purpose the load passes, and the dropped history is audited
+    report = ingest_market_data(con, sources=files[1:], max_shrink_share=1.0)
+    assert (report.n_accepted, report.n_removed) == (80, 40)
+    assert len(_revisions(con)) == 40
 
 
 def test_a_stray_row_on_a_date_nobody_trades_is_off_calendar(tmp_path):

@@ -44,9 +44,11 @@ File names are literal: a name with glob characters (`prices[1].csv`) is read as
 The three tables are replaced inside one transaction: a load that fails leaves the previous good tables
 in place, and loading the same files twice gives the same tables (idempotent; a revision already in the
 audit is not added again, and `revised_at` is the time of the load that first saw it). A load that
-would shrink `raw_market_data` by more than `max_shrink_share` of its symbol-days (distinct (date,
-symbol)) fails with `ShrinkingLoadError` and keeps the previous tables: a file that went missing or a
-truncated re-send must not delete history silently.
+would remove more than `max_shrink_share` of the symbol-days (distinct (date, symbol)) of
+`raw_market_data` fails with `ShrinkingLoadError` and keeps the previous tables: a file that went missing
+or a truncated re-send must not delete history silently, even when new dates arrive in the same load.
+Smaller removals are allowed, each one audited in `raw_market_data_revisions` (new source `REMOVED`)
+and counted in `IngestReport.n_removed`.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from modeling.data.parquet_io import sql_string
 from modeling.data.revisions import (  # noqa: F401 (RAW_TABLE, REVISIONS_TABLE, PREVIOUS_LOAD re-exported)
     PREVIOUS_LOAD,
     RAW_TABLE,
+    REMOVED_KEYS_SQL,
     REVISIONS_TABLE,
     write_revisions,
 )
@@ -101,6 +104,7 @@ REJECT_REASONS = (
 
 REJECTS_TABLE = "raw_market_data_rejects"
 _REVISED = "revised"  # the internal mark of a replaced row in `_staged`: not a reject
+_REMOVED = "removed"  # the count of the previous load's symbol-days this load drops (not a reason)
 
 
 class ShrinkingLoadError(ValueError):
@@ -115,6 +119,7 @@ class IngestReport:
     n_rejected: int
     rejects_by_reason: dict[str, int] = field(default_factory=dict)
     n_revised: int = 0  # older copies replaced by a newer file's (in `raw_market_data_revisions`)
+    n_removed: int = 0  # symbol-days of the previous load this one dropped (audited as `REMOVED` revisions)
 
     @property
     def reject_share(self) -> float:
@@ -183,6 +188,7 @@ def ingest_market_data(
             for suffix in ("_errors", "_scans", "_sniff_errors", "_sniff_scans"):
                 con.execute(f"DROP TABLE IF EXISTS {name}{suffix}")
     n_revised = int(by_reason.pop(_REVISED, 0))
+    n_removed = int(by_reason.pop(_REMOVED, 0))
     n_rejected = sum(by_reason.values())
     return IngestReport(
         n_sources=len(labelled),
@@ -191,6 +197,7 @@ def ingest_market_data(
         n_rejected=n_rejected,
         rejects_by_reason={r: int(by_reason.get(r, 0)) for r in REJECT_REASONS},
         n_revised=n_revised,
+        n_removed=n_removed,
     )
 
 
@@ -242,14 +249,15 @@ def _stage_and_write(
                 f"all {n_staged} rows of the input were rejected or replaced; the previous tables are "
                 "kept (see the reasons by ingesting the file into an empty DATA_DIR)"
             )
-        _check_shrink(con, n_clean, max_shrink_share)
-        n_since = _write_tables(con, revised_at)
+        _check_shrink(con, max_shrink_share)
+        n_since, n_removed = _write_tables(con, revised_at)
         by_reason = dict(
             con.execute(
                 "SELECT reason, count(*) FROM _staged WHERE reason IS NOT NULL GROUP BY reason"
             ).fetchall()
         )
         by_reason[_REVISED] = by_reason.get(_REVISED, 0) + n_since
+        by_reason[_REMOVED] = n_removed
         con.execute("DROP TABLE _revised")
         con.execute("DROP TABLE _staged")
         con.execute("COMMIT")
@@ -259,11 +267,11 @@ def _stage_and_write(
     return n_staged, n_clean, by_reason
 
 
-def _write_tables(con: duckdb.DuckDBPyConnection, revised_at: datetime.datetime) -> int:
+def _write_tables(con: duckdb.DuckDBPyConnection, revised_at: datetime.datetime) -> tuple[int, int]:
     """Extend the revisions audit (`modeling.data.revisions`), then replace the clean rows and the rejects
     from the resolved `_staged` rows (inside the caller's transaction); returns the revisions against
-    the previous load."""
-    n_since = write_revisions(con, revised_at)
+    the previous load and its symbol-days removed."""
+    n_since, n_removed = write_revisions(con, revised_at)
     con.execute(f"""
         CREATE OR REPLACE TABLE {RAW_TABLE} AS
         SELECT date, symbol, open, high, low, close, volume, sector
@@ -283,7 +291,7 @@ def _write_tables(con: duckdb.DuckDBPyConnection, revised_at: datetime.datetime)
         FROM _staged WHERE reason IS NOT NULL AND reason <> '{_REVISED}'
         ORDER BY source_idx, source_row
     """)
-    return int(n_since)
+    return n_since, n_removed
 
 
 def _source_ranks(sources: list[Path | str]) -> list[int]:
@@ -329,18 +337,22 @@ def _mark_off_calendar(con: duckdb.DuckDBPyConnection, min_share: float) -> None
     con.execute("DROP TABLE _off_calendar")
 
 
-def _check_shrink(con: duckdb.DuckDBPyConnection, n_new: int, max_shrink_share: float) -> None:
-    """Raise ShrinkingLoadError when `n_new` symbol-days would drop too many of the existing table's."""
+def _check_shrink(con: duckdb.DuckDBPyConnection, max_shrink_share: float) -> None:
+    """Raise ShrinkingLoadError when the load drops too many of the existing table's symbol-days. Counted
+    as the old (date, symbol) keys the load no longer holds, not as a difference of row counts: new dates
+    must not hide lost history (a missing old file while a new one arrives)."""
     if not table_exists(con, RAW_TABLE):
         return
-    distinct_keys = f"SELECT count(*) FROM (SELECT DISTINCT date, symbol FROM {RAW_TABLE})"
-    n_old = con.execute(distinct_keys).fetchall()[0][0]
-    if n_old and n_old - n_new > max_shrink_share * n_old:
+    n_old = con.execute(f"SELECT count(*) FROM (SELECT DISTINCT date, symbol FROM {RAW_TABLE})").fetchall()[
+        0
+    ][0]
+    n_gone = con.execute(f"SELECT count(*) FROM ({REMOVED_KEYS_SQL})").fetchall()[0][0]
+    if n_old and n_gone > max_shrink_share * n_old:
         raise ShrinkingLoadError(
-            f"this load would shrink {RAW_TABLE} from {n_old} to {n_new} symbol-days "
-            f"(-{(n_old - n_new) / n_old:.2%}, more than max_shrink_share = {max_shrink_share:.2%}); the "
-            "previous tables are kept. A file may be missing or truncated; if the smaller input is "
-            "intended, raise max_shrink_share (the raw_market_data config) for this load."
+            f"this load would remove {n_gone} of the {n_old} symbol-days of {RAW_TABLE} "
+            f"({n_gone / n_old:.2%}, more than max_shrink_share = {max_shrink_share:.2%}); the previous "
+            "tables are kept. A file may be missing or truncated; if the smaller input is intended, raise "
+            "max_shrink_share (the raw_market_data config) for this load."
         )
 
 

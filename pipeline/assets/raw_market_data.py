@@ -99,6 +99,7 @@ def raw_market_data(
             "rejects_by_reason": MetadataValue.json(report.rejects_by_reason),
             "rejects_table": MetadataValue.text(REJECTS_TABLE),
             "rows_revised": MetadataValue.int(report.n_revised),
+            "rows_removed": MetadataValue.int(report.n_removed),
             "revisions_table": MetadataValue.text(REVISIONS_TABLE),
             "skipped_entries": MetadataValue.json(skipped),
         }
