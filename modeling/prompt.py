@@ -64,6 +64,16 @@ PERCENTILE_SUFFIX = "_pct"
 """Column suffix of precomputed percentiles (`PromptBuilder.with_percentiles`)."""
 
 
+def cross_section_percentiles(frame: pd.DataFrame, names: list[str]) -> np.ndarray:
+    """(rows, features): each feature's rank among the rows of the same date, floor(100 (rank - 0.5) / n)
+    clipped to 0..99, with n the date's rows and ties sharing their average rank; NaN where the value is
+    NaN. The one definition of a prompt percentile (`PromptBuilder.with_percentiles`, and the training set,
+    which ranks each date's whole universe before unlabelled rows leave it)."""
+    counts = frame.groupby("date")["date"].transform("size").to_numpy(dtype=float)
+    ranks = frame.groupby("date")[names].rank(method="average").to_numpy(dtype=float)
+    return np.floor(100.0 * (ranks - 0.5) / counts[:, None]).clip(0, 99)
+
+
 class PromptDataError(ValueError):
     """A feature value cannot be written into a prompt (NaN or infinite)."""
 
@@ -199,22 +209,20 @@ class PromptBuilder:
         return [f"{f.label}{' ' + f.unit if f.unit else ''}=" for f in self.features]
 
     def with_percentiles(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """`frame` with a `<feature>_pct` column per feature: its rank among the rows of the same date,
-        as floor(100 (rank - 0.5) / n), 0..99 (ties share their average rank). Uses only the date's own
-        cross-section (no other date): call it on whole dates, before any sampling or batching. A frame
-        that has the columns already is returned as is; value-format builders need none."""
+        """`frame` with a `<feature>_pct` column per feature: its rank among the rows of the same date
+        (`cross_section_percentiles`). Uses only the date's own cross-section (no other date): call it on
+        whole dates, before any sampling or batching. A frame that has the columns already is returned as
+        is (the training set stores them, ranked on each date's whole universe, so a name without a label
+        still counts; a missing value there marks a date of too few names); value-format builders need
+        none."""
         names = [f.name for f in self.features]
-        if self.number_format == "value" or all(n + PERCENTILE_SUFFIX in frame for n in names):
+        if self.number_format == "value":
+            return frame
+        if all(n + PERCENTILE_SUFFIX in frame for n in names):
+            self._raise_on_thin_dates(frame, frame[[n + PERCENTILE_SUFFIX for n in names]].isna().any(axis=1))
             return frame
         counts = frame.groupby("date")["date"].transform("size")
-        if len(frame) and int(counts.min()) < MIN_PERCENTILE_NAMES:
-            thin = frame.loc[counts < MIN_PERCENTILE_NAMES, "date"]
-            day = pd.Timestamp(thin.iloc[0]).strftime("%Y-%m-%d")
-            raise PromptDataError(
-                f"number_format {self.number_format!r} writes each feature as its rank among the stocks of "
-                f"a date, and {day} has {int(counts[thin.index[0]])} rows: pass each date's whole universe "
-                f"(at least {MIN_PERCENTILE_NAMES} names)"
-            )
+        self._raise_on_thin_dates(frame, counts < MIN_PERCENTILE_NAMES, counts)
         repeated = int(frame.duplicated(["date", "symbol"]).sum()) if "symbol" in frame else 0
         if repeated:
             raise PromptDataError(
@@ -223,10 +231,24 @@ class PromptBuilder:
                 "mode 'resample') is not a cross-section. Use bucket mode 'weight' or number_format 'value'"
             )
         self._raise_on_non_finite(frame, frame[names].to_numpy(dtype=float), names)
-        ranks = frame.groupby("date")[names].rank(method="average")
-        pct = np.floor(100.0 * (ranks.to_numpy() - 0.5) / counts.to_numpy()[:, None]).clip(0, 99)
+        pct = cross_section_percentiles(frame, names)
         return frame.assign(
             **{n + PERCENTILE_SUFFIX: pct[:, j].astype(np.int64) for j, n in enumerate(names)}
+        )
+
+    def _raise_on_thin_dates(
+        self, frame: pd.DataFrame, thin: pd.Series, counts: pd.Series | None = None
+    ) -> None:
+        """A percentile is meaningless among fewer than `MIN_PERCENTILE_NAMES` names: name the first date."""
+        if not len(frame) or not bool(thin.any()):
+            return
+        first = thin[thin].index[0]
+        day = pd.Timestamp(frame.loc[first, "date"]).strftime("%Y-%m-%d")
+        has = f"has {int(counts[first])} rows" if counts is not None else "has too few names in its universe"
+        raise PromptDataError(
+            f"number_format {self.number_format!r} writes each feature as its rank among the stocks of "
+            f"a date, and {day} {has}: pass each date's whole universe (at least {MIN_PERCENTILE_NAMES} "
+            "names)"
         )
 
     def user_contents(self, frame: pd.DataFrame) -> list[str]:
@@ -264,7 +286,7 @@ class PromptBuilder:
                 for j, prefix in enumerate(self._line_prefixes())
             ]
         else:
-            pct = self.with_percentiles(frame)[[n + PERCENTILE_SUFFIX for n in names]].to_numpy()
+            pct = self.with_percentiles(frame)[[n + PERCENTILE_SUFFIX for n in names]].to_numpy(np.int64)
             if self.number_format == "percentile":
                 columns = [
                     [prefix + str(p) for p in pct[:, j].tolist()]

@@ -151,3 +151,43 @@ def test_purge_shorter_than_the_horizon_is_refused():
     plan = plan_splits(dates, SplitSpec(purge_days=7), horizon=5)  # a longer embargo is fine
     assert plan.purge_days == 7
     assert dates.get_loc(plan.validation[0]) - dates.get_loc(plan.train[1]) == 8
+
+
+def test_prompt_percentiles_rank_each_dates_whole_universe(features_h1):
+    """A name that stops trading at t+1 has no label at t and leaves the set, but it was part of t's
+    cross-section: every other name's percentile at t is its rank among the whole universe, as at
+    serving time, not among the survivors to t+h."""
+    from modeling.prompt import PromptBuilder, PromptDataError
+
+    features = features_h1.copy()
+    day = features.loc[features["fwd_ret"].notna(), "date"].iloc[len(features) // 2]
+    leaver = features.loc[features["date"] == day, "symbol"].iloc[0]
+    features.loc[
+        (features["date"] == day) & (features["symbol"] == leaver), ["fwd_ret", "fwd_ret_excess"]
+    ] = np.nan
+    out, report = build_training_set(features, 1)
+    assert report.dropped["unlabelled"] >= 1
+    kept = out[(out["date"] == day)].sort_values("symbol")
+    assert leaver not in set(kept["symbol"]) and len(kept) == (features["date"] == day).sum() - 1
+    whole = PromptBuilder(number_format="percentile").with_percentiles(features[features["date"] == day])
+    whole = whole.set_index("symbol").loc[kept["symbol"]]
+    survivors = PromptBuilder(number_format="percentile").with_percentiles(
+        features[(features["date"] == day) & (features["symbol"] != leaver)]
+    )
+    for name in ("ret_5d", "vol_20d"):
+        assert kept[f"{name}_pct"].astype(int).tolist() == whole[f"{name}_pct"].tolist()
+        # ranked among the survivors, some name's percentile would differ: the test can tell them apart
+        assert (
+            kept[f"{name}_pct"].astype(int).tolist()
+            != survivors.set_index("symbol").loc[kept["symbol"], f"{name}_pct"].tolist()
+        )
+    # the prompt builder takes the stored percentiles as they are
+    builder = PromptBuilder(number_format="percentile")
+    assert builder.with_percentiles(kept) is kept
+    # a universe too thin to rank leaves them missing, and a percentile prompt refuses it by date
+    thin, _ = build_training_set(
+        features[features["symbol"].isin(sorted(features["symbol"].unique())[:15])], 1
+    )
+    assert thin["ret_5d_pct"].isna().all()
+    with pytest.raises(PromptDataError, match="too few names in its universe"):
+        builder.user_contents(thin.head(3))

@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 
 from modeling.buckets import BucketConfig, BucketModel
+from modeling.feature_registry import FEATURE_NAMES
+from modeling.prompt import MIN_PERCENTILE_NAMES, PERCENTILE_SUFFIX, cross_section_percentiles
 from modeling.rebalancing import Rebalanced, rebalance
 
 SPLITS = ("train", "validation", "test", "live")
@@ -158,6 +160,24 @@ def transform_labels(frame: pd.DataFrame, spec: LabelSpec) -> pd.Series:
     return z.where(std > 0, 0.0).where(frame["fwd_ret"].notna())
 
 
+# --- prompt percentiles ---------------------------------------------------------------------------------
+def with_universe_percentiles(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` (whole dates of the features table) with `<feature>_pct`: each feature's percentile among
+    the date's whole universe, for percentile prompts (`modeling.prompt`). Ranked here, before unlabelled
+    rows leave the set: a name that stops trading at t+h is still part of t's cross-section, as it is at
+    serving time; ranking the rows that kept a label would rank among the survivors to t+h (look-ahead).
+    Missing (<NA>) on a date of fewer than `MIN_PERCENTILE_NAMES` names and for a missing value."""
+    names = [n for n in FEATURE_NAMES if n in frame]
+    if len(names) < len(FEATURE_NAMES) or frame.empty:
+        return frame
+    pct = cross_section_percentiles(frame, names)
+    thin = (frame.groupby("date")["date"].transform("size") < MIN_PERCENTILE_NAMES).to_numpy()
+    pct[thin] = np.nan
+    return frame.assign(
+        **{n + PERCENTILE_SUFFIX: pd.array(pct[:, j], dtype="Int8") for j, n in enumerate(names)}
+    )
+
+
 # --- assembly ------------------------------------------------------------------------------------------
 @dataclass
 class TrainingSetReport:
@@ -193,6 +213,7 @@ def build_training_set(
     """
     frame = features.copy()
     frame["date"] = pd.to_datetime(frame["date"])
+    frame = with_universe_percentiles(frame)
     has_label = frame["fwd_ret"].notna()
     if not has_label.any():
         raise ValueError("no labelled rows: the features table holds no forward returns yet")
