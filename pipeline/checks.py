@@ -20,8 +20,10 @@ from modeling.data.features import FEATURES_TABLE, LABEL_COLUMNS, count_non_fini
 from modeling.data.ingest import RAW_TABLE, REJECTS_TABLE
 from modeling.data.parquet_io import read_parquet_metadata
 from modeling.data.prompt_corpus import corpus_vs_training_set
+from modeling.data.split_jumps import suspected_split_jumps
 from modeling.data.universe import UniverseSpec, universe_count_mismatches
 from modeling.feature_registry import FEATURE_NAMES, WARMUP_ROWS
+from pipeline.metadata import frame_markdown
 from pipeline.resources import MlflowResource, StorageResource, WarehouseResource
 
 
@@ -46,6 +48,24 @@ def reject_share_below_threshold(config: RejectShareConfig, warehouse: Warehouse
             "reject_share": MetadataValue.float(share),
             "threshold": config.max_reject_share,
             "rejects_by_reason": MetadataValue.json(by_reason),
+        },
+    )
+
+
+@asset_check(
+    asset="raw_market_data",
+    description="(warning) No close-to-close move looks like an unadjusted split: the features and labels "
+    "read raw closes, so the input must be split-adjusted.",
+)
+def no_unadjusted_split_jumps(warehouse: WarehouseResource) -> AssetCheckResult:
+    with warehouse.get_connection() as con:
+        jumps = suspected_split_jumps(con)
+    return AssetCheckResult(
+        passed=jumps.empty,
+        severity=AssetCheckSeverity.WARN,
+        metadata={
+            "suspected_split_days": MetadataValue.int(len(jumps)),
+            "newest": MetadataValue.md(frame_markdown(jumps.head(20), 4) if len(jumps) else "none"),
         },
     )
 
@@ -417,6 +437,7 @@ def champion_still_works(
 
 ALL_CHECKS = [
     reject_share_below_threshold,
+    no_unadjusted_split_jumps,
     universe_size_per_date,
     exactly_16_feature_columns,
     features_finite,

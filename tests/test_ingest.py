@@ -677,3 +677,29 @@ def test_the_asset_reports_revisions_and_off_calendar_rows(tmp_path):
     assert meta["rows_revised"].value == 1 and meta["revisions_table"].value == REVISIONS_TABLE
     assert meta["rejects_by_reason"].value["off_calendar_date"] == 1
     assert meta["rows_rejected"].value == 1 and meta["rows_read"].value == 74
+
+
+def test_split_like_jumps_are_flagged_and_genuine_crashes_are_not(tmp_path):
+    """An unadjusted 2-for-1 split (close halves, volume doubles) and a 1-for-10 reverse split are
+    suspected; a -50% day on unchanged volume and a 3-for-2-sized drop are not."""
+    from modeling.data.split_jumps import suspected_split_jumps
+
+    def path(symbol: str, closes: list[float], volumes: list[int]) -> list[str]:
+        return [
+            f"{d},{symbol},{c},{c * 1.01:.4f},{c * 0.99:.4f},{c},{v},Tech"
+            for d, c, v in zip(BDAYS, closes, volumes, strict=False)
+        ]
+
+    flat = [100.0] * 6
+    rows = (
+        path("SPLT", flat[:3] + [51.0, 51.0, 51.0], [1000] * 3 + [2100] * 3)  # 2:1, the day's return +2%
+        + path("REVS", flat[:3] + [1010.0] * 3, [1000] * 3 + [95] * 3)  # 1:10 reverse split
+        + path("CRSH", flat[:3] + [50.0] * 3, [1000] * 6)  # -50%, volume unchanged: a real move
+        + path("THRD", flat[:3] + [66.0] * 3, [1000] * 3 + [1600] * 3)  # -34%: 3-for-2 is not flagged
+    )
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    ingest_market_data(con, sources=[_write_csv(tmp_path / "p.csv", HEADER, rows)], min_calendar_share=0)
+    jumps = suspected_split_jumps(con)
+    assert jumps[["symbol", "split_ratio"]].values.tolist() == [["REVS", 0.1], ["SPLT", 2.0]]
+    assert jumps["date"].dt.strftime("%Y-%m-%d").eq(BDAYS[3]).all()
+    assert jumps.set_index("symbol")["close_ratio"].round(4).to_dict() == {"REVS": 10.1, "SPLT": 0.51}
