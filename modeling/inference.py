@@ -149,8 +149,13 @@ def _score_batches(
 
 
 _FORKED: Callable[[int, int], Any] | None = None
-"""The task of `run_forked`'s workers, set just before the fork so that they inherit it and all it refers to
-(the model, the rows: copy-on-write) instead of receiving them pickled."""
+"""In a worker of `run_forked`: its pool's task, set by `_take_task` when the worker starts."""
+
+
+def _take_task(task: Callable[[int, int], Any]) -> None:
+    """A forked worker's initializer: keep its pool's task (inherited through the fork, not pickled)."""
+    global _FORKED
+    _FORKED = task
 
 
 def _run_share(share: int, workers: int) -> Any:
@@ -162,16 +167,15 @@ def _run_share(share: int, workers: int) -> Any:
 
 def run_forked(task: Callable[[int, int], Any], workers: int) -> list[Any]:
     """`task(share, workers)` for share 0..workers-1, each in a forked one-thread process; the results in
-    share order. The children inherit `task` and what it refers to; only the results are pickled back.
-    A worker that dies (killed for memory, say) raises `BrokenProcessPool` here, never a hang."""
-    global _FORKED
-    _FORKED = task
-    try:
-        context = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            return list(pool.map(_run_share, range(workers), [workers] * workers))
-    finally:
-        _FORKED = None
+    share order. The children inherit `task` and what it refers to (the model, the rows: copy-on-write)
+    as their pool's initializer argument; only the results are pickled back. Each pool carries its own
+    task, so threads of one process (a scoring server's requests) may call this at the same time. A
+    worker that dies (killed for memory, say) raises `BrokenProcessPool` here, never a hang."""
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=_take_task, initargs=(task,)
+    ) as pool:
+        return list(pool.map(_run_share, range(workers), [workers] * workers))
 
 
 def _score_forked(

@@ -346,6 +346,29 @@ def test_forked_workers_score_every_row_in_order_as_this_process_does(
         predict_ids(model, tok, [*ids[:-1], [10**7] * 5], batch_size=2, workers=2)
 
 
+def test_forked_pools_of_two_threads_each_run_their_own_task() -> None:
+    """A scoring server calls the model from several threads of one process: each call's forked workers
+    must run that call's task (they once shared one module global, and a call could get another's rows)."""
+    import threading
+
+    from modeling.inference import run_forked
+
+    got: dict[str, list] = {"a": [], "b": []}
+
+    def caller(tag: str) -> None:
+        for i in range(12):
+            got[tag].append((i, run_forked(lambda k, n, tag=tag, i=i: (tag, i, k, n), 2)))
+
+    threads = [threading.Thread(target=caller, args=(tag,)) for tag in got]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for tag, calls in got.items():
+        assert [parts for _, parts in calls] == [[(tag, i, 0, 2), (tag, i, 1, 2)] for i, _ in calls]
+        assert len(calls) == 12
+
+
 def test_cpu_workers_one_per_core_only_on_the_cpu_and_with_enough_batches(monkeypatch) -> None:
     import modeling.inference as inference
 
