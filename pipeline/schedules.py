@@ -196,6 +196,9 @@ def new_files(market_data_path: Path, cursor: str | None) -> tuple[list[str], st
 
 DECAY_CHECK = AssetCheckKey(AssetKey("prediction_performance"), "champion_still_works")
 FORCED_RETRAIN_CONFIG = {"ops": {"regressor": {"config": {"force_retrain": True}}}}
+DECAY_HISTORY = 20
+"""Evaluated records of champion_still_works the decay sensor reads, newest planned first: runs queued
+behind an evaluated one plan records too, so the newest evaluation is looked for among several."""
 
 
 @dataclass(frozen=True)
@@ -209,7 +212,8 @@ def decay_retrain_decision(
     check_id: int | None, failed: bool, cursor: str | None, now: float, cooldown_s: float
 ) -> DecayDecision:
     """Should `retrain_on_decay` request a forced retrain for the latest `champion_still_works`
-    evaluation (`check_id`, its storage id; None = never evaluated)?
+    evaluation (`check_id`, an id that grows with the evaluation order: its time in microseconds; None =
+    never evaluated)?
 
     Each evaluation is acted on once (the cursor keeps the last id seen); a failed one requests a run
     unless a run was requested less than `cooldown_s` seconds before `now`."""
@@ -329,11 +333,18 @@ def _decay_retrain_sensor(settings: Settings) -> SensorDefinition:
     def retrain_on_decay(context: SensorEvaluationContext):
         from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
-        record = context.instance.get_latest_asset_check_evaluation_record(DECAY_CHECK)
-        done = record is not None and record.status != AssetCheckExecutionRecordStatus.PLANNED
+        # the newest *evaluated* record: a queued run plans its own record at creation, and the newest
+        # record (planned, not evaluated) would hide an older run's failure
+        finished = context.instance.event_log_storage.get_asset_check_execution_history(
+            DECAY_CHECK,
+            limit=DECAY_HISTORY,
+            status={AssetCheckExecutionRecordStatus.SUCCEEDED, AssetCheckExecutionRecordStatus.FAILED},
+        )
+        record = max(finished, key=lambda r: r.event.timestamp, default=None)  # by evaluation order
+        evaluated_us = int(record.event.timestamp * 1_000_000) if record is not None else None
         decision = decay_retrain_decision(
-            record.id if done else None,
-            done and record.status == AssetCheckExecutionRecordStatus.FAILED,
+            evaluated_us,
+            record is not None and record.status == AssetCheckExecutionRecordStatus.FAILED,
             context.cursor,
             time.time(),
             cooldown_s,
@@ -341,7 +352,7 @@ def _decay_retrain_sensor(settings: Settings) -> SensorDefinition:
         if not decision.request:
             return SensorResult(skip_reason=decision.reason, cursor=decision.cursor)
         request = RunRequest(
-            run_key=f"decay-retrain-{record.id}",
+            run_key=f"decay-retrain-{evaluated_us}",
             run_config=FORCED_RETRAIN_CONFIG,
             tags={**WAREHOUSE_TAG, "trigger": "champion_decay", "decay_check_run": record.run_id},
         )

@@ -296,3 +296,46 @@ def test_a_planted_decay_trips_the_check_and_requests_one_retrain_within_the_coo
     assert not passed
     second = sensor(build_sensor_context(instance=instance, cursor=first.cursor))
     assert not second.run_requests and "cooldown" in second.skip_reason.skip_message
+
+
+def test_a_run_queued_after_a_failed_decay_check_does_not_hide_it(tmp_path: Path) -> None:
+    """Dagster plans a check record when a run is created, queued or not. The sensor acts on the newest
+    *evaluated* record: a run waiting behind the failed one (a new file arrived) must not hide it."""
+    from dagster import (
+        AssetCheckResult,
+        AssetCheckSeverity,
+        Definitions,
+        asset,
+        asset_check,
+        define_asset_job,
+    )
+    from dagster._core.execution.api import create_execution_plan
+
+    @asset(name="prediction_performance")
+    def performance():
+        return 1
+
+    @asset_check(asset="prediction_performance", name="champion_still_works")
+    def still_works():
+        return AssetCheckResult(passed=False, severity=AssetCheckSeverity.WARN)
+
+    defs = Definitions(
+        assets=[performance], asset_checks=[still_works], jobs=[define_asset_job("daily_retrain")]
+    )
+    job = defs.resolve_job_def("daily_retrain")
+    instance = DagsterInstance.ephemeral()
+    sensor = next(
+        s
+        for s in build_automation(Settings.from_env({"DATA_DIR": str(tmp_path)}))[1]
+        if s.name == "retrain_on_decay"
+    )
+    assert "not been evaluated" in sensor(build_sensor_context(instance=instance)).skip_reason.skip_message
+    assert materialize([performance, still_works], instance=instance).success  # evaluated: failed
+    instance.create_run_for_job(job_def=job, execution_plan=create_execution_plan(job))  # queued behind it
+    history = instance.event_log_storage.get_asset_check_execution_history(still_works.check_key, limit=5)
+    assert [r.status.value for r in history] == ["PLANNED", "FAILED"]
+    tick = sensor(build_sensor_context(instance=instance))
+    assert len(tick.run_requests) == 1 and tick.run_requests[0].run_config == FORCED_RETRAIN_CONFIG
+    # the same evaluation is acted on once
+    again = sensor(build_sensor_context(instance=instance, cursor=tick.cursor))
+    assert not again.run_requests and "no new evaluation" in again.skip_reason.skip_message
