@@ -31,12 +31,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import duckdb
 import numpy as np
 import pandas as pd
 
 from modeling.metrics import long_short_returns, newey_west_se, nw_lag, per_date_correlation
+
+if TYPE_CHECKING:  # the annotation only: the rules import where DuckDB is not installed (the GPU image)
+    import duckdb
 
 PERFORMANCE_TABLE = "prediction_performance"
 ROLLING_WINDOWS = (20, 60)

@@ -11,6 +11,7 @@ package's `__init__` may import its own submodules lazily without making a cycle
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 PACKAGE = "modeling"
@@ -144,3 +145,38 @@ def test_planning_a_training_run_imports_no_torch() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT.parent)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_modeling_imports_on_the_gpu_image_without_dagster_mlflow_or_duckdb() -> None:
+    """The GPU image has torch, transformers, peft and accelerate only: every module of modeling/ imports
+    there except the warehouse's (modeling/data's DuckDB modules) and the registry's (MLflow). Checked in
+    a fresh interpreter where those packages look uninstalled (`find_spec` answers None, as for a
+    package that is not there, so libraries probing for them see them missing, not broken)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib, json, pkgutil, sys\n"
+        "HIDDEN = {'duckdb', 'dagster', 'mlflow', 'dagster_pipes', 'dagster_duckdb'}\n"
+        "class Hide:\n"
+        "    def __init__(self, inner): self.inner = inner\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in HIDDEN or not hasattr(self.inner, 'find_spec'): return None\n"
+        "        return self.inner.find_spec(name, path, target)\n"
+        "    def __getattr__(self, attr): return getattr(self.inner, attr)\n"
+        "sys.meta_path[:] = [Hide(f) for f in sys.meta_path]\n"
+        "import modeling\n"
+        "failed = {}\n"
+        "for m in pkgutil.walk_packages(modeling.__path__, 'modeling.'):\n"
+        "    try: importlib.import_module(m.name)\n"
+        "    except ImportError as e: failed[m.name] = str(e)\n"
+        "print(json.dumps(failed))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    failed = json.loads(done.stdout.strip().splitlines()[-1])
+    registry = {"modeling.champion_gate", "modeling.mlflow_registry", "modeling.pyfunc_model"}
+    assert {m for m, why in failed.items() if "mlflow" in why} == registry
+    warehouse = {m for m, why in failed.items() if "duckdb" in why}
+    assert warehouse and all(m.startswith("modeling.data.") for m in warehouse), sorted(warehouse)
+    assert set(failed) == registry | warehouse, failed  # nothing else (dagster is never imported)
