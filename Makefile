@@ -5,8 +5,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA_DIR ?= $(CURDIR)/data
+# absolute, whatever the caller passed: Dagster refuses a relative DAGSTER_HOME, and the echoed paths and
+# the MLflow URI are read from other directories
+override DATA_DIR := $(abspath $(DATA_DIR))
 export DATA_DIR
 export DAGSTER_HOME ?= $(DATA_DIR)/dagster_home
+override DAGSTER_HOME := $(abspath $(DAGSTER_HOME))
 MLFLOW_URI = $${MLFLOW_TRACKING_URI:-sqlite:///$(DATA_DIR)/mlflow.db}
 
 .PHONY: install demo test test-slow lint bench bench-model dev mlflow-ui smollm2 clean

@@ -254,8 +254,10 @@ def _new_market_data_sensor(settings: Settings) -> SensorDefinition:
         name="new_market_data_file",
         job=daily_retrain_job,
         minimum_interval_seconds=60,
+        # running for a directory, also one that is not there yet (mounted later: the sensor skips with a
+        # message until it appears); stopped when there is nothing to watch (unset, or a single file)
         default_status=DefaultSensorStatus.RUNNING
-        if watched and watched.is_dir()
+        if watched is not None and not watched.is_file()
         else DefaultSensorStatus.STOPPED,
         description="Requests a daily_retrain run when a new or changed file in the MARKET_DATA_PATH "
         "directory is complete (size and mtime unchanged for one interval).",

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from dagster import build_sensor_context
+from dagster import DefaultSensorStatus, build_sensor_context
 
 from pipeline.schedules import build_automation, new_files
 from pipeline.settings import Settings
@@ -166,6 +166,8 @@ def test_empty_directory_skips(tmp_path: Path) -> None:
 
 def test_missing_directory_skips_and_recovers(tmp_path: Path) -> None:
     market = tmp_path / "market"
+    # a directory mounted after the code loads: the sensor runs from the start and skips until it appears
+    assert _sensor(tmp_path, market).default_status == DefaultSensorStatus.RUNNING
     tick = Ticks(_sensor(tmp_path, market))
     result = tick()
     assert not result.run_requests and "does not exist" in result.skip_message
@@ -175,6 +177,8 @@ def test_missing_directory_skips_and_recovers(tmp_path: Path) -> None:
     _write(market / "day1.csv", HEADER + ROW, BASE_NS)
     assert not tick().run_requests
     assert len(tick().run_requests) == 1
+    # a single file, or nothing set, has no directory to watch: stopped
+    assert _sensor(tmp_path, market / "day1.csv").default_status == DefaultSensorStatus.STOPPED
 
 
 def test_file_removed_between_ticks(tmp_path: Path) -> None:
