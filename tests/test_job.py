@@ -181,6 +181,10 @@ def test_checkpointing_some_layers_is_asset_config_and_round_trips(tmp_path: Pat
     loaded = TrainJob.load(_job(regressor=regressor).save(tmp_path / "job.json")).regressor
     assert loaded == regressor
     assert RegressorAssetConfig().overrides() == {}
+    # the README's FSDP advice: the shortcut is asset config too
+    off = RegressorAssetConfig(last_layer_shortcut=False).overrides()
+    assert off == {"last_layer_shortcut": False}
+    assert apply_overrides(gpu.regressor, gpu.train, off)[0].last_layer_shortcut is False
 
 
 def test_a_typo_fails_when_the_job_is_built() -> None:

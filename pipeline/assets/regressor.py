@@ -101,6 +101,11 @@ class RegressorAssetConfig(Config):
         description="Recompute the first N decoder layers' activations in backward: less GPU memory for "
         "a little more compute (None = the profile's: none).",
     )
+    last_layer_shortcut: bool | None = Field(
+        default=None,
+        description="Run the last decoder layer on the pooled token only (None = on): turn it off under "
+        "FSDP, which shards the layer's submodules the shortcut calls directly.",
+    )
     seed: int | None = Field(default=None, ge=0, description="Seed of sample, batches, initialisation.")
     num_processes: int | None = Field(
         default=None, ge=1, description="Training processes (None = the profile's; gpu: one per GPU)."
@@ -140,6 +145,7 @@ class RegressorAssetConfig(Config):
             "eval_every_steps",
             "eval_max_dates",
             "quantization",
+            "last_layer_shortcut",
             "seed",
         )
         overrides = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
