@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor
+from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor, validate_run_config
 
 from pipeline.assets import ALL_ASSETS
 from pipeline.checks import ALL_CHECKS
@@ -33,3 +33,6 @@ defs = Definitions(
     # process, launched through Dagster Pipes).
     executor=in_process_executor,
 )
+
+if _settings.retrain_run_config:  # a typo in DAILY_RETRAIN_CONFIG fails when the code loads, not at 17:30
+    validate_run_config(defs.resolve_job_def(daily_retrain_job.name), _settings.retrain_run_config)

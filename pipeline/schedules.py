@@ -196,6 +196,25 @@ def new_files(market_data_path: Path, cursor: str | None) -> tuple[list[str], st
 
 DECAY_CHECK = AssetCheckKey(AssetKey("prediction_performance"), "champion_still_works")
 FORCED_RETRAIN_CONFIG = {"ops": {"regressor": {"config": {"force_retrain": True}}}}
+
+
+def forced_retrain_config(run_config: dict) -> dict:
+    """`run_config` (DAILY_RETRAIN_CONFIG) with the regressor's `force_retrain` set: the decay sensor's run
+    trains with the deployment's settings, not the defaults."""
+
+    def merged(base: dict, extra: dict) -> dict:
+        out = dict(base)
+        for key, value in extra.items():
+            out[key] = (
+                merged(out[key], value)
+                if isinstance(out.get(key), dict) and isinstance(value, dict)
+                else value
+            )
+        return out
+
+    return merged(run_config, FORCED_RETRAIN_CONFIG)
+
+
 DECAY_HISTORY = 20
 """Evaluated records of champion_still_works the decay sensor reads, newest planned first: runs queued
 behind an evaluated one plan records too, so the newest evaluation is looked for among several."""
@@ -285,6 +304,7 @@ def _new_market_data_sensor(settings: Settings) -> SensorDefinition:
             return SensorResult(skip_reason="no new or changed market data file", cursor=result.cursor)
         request = RunRequest(
             run_key=result.run_key,
+            run_config=settings.retrain_run_config,
             tags={**WAREHOUSE_TAG, "trigger": "new_market_data", "new_files": ",".join(result.ready)[:200]},
         )
         return SensorResult(run_requests=[request], cursor=result.cursor)
@@ -355,7 +375,7 @@ def _decay_retrain_sensor(settings: Settings) -> SensorDefinition:
             return SensorResult(skip_reason=decision.reason, cursor=decision.cursor)
         request = RunRequest(
             run_key=f"decay-retrain-{evaluated_us}",
-            run_config=FORCED_RETRAIN_CONFIG,
+            run_config=forced_retrain_config(settings.retrain_run_config),
             tags={**WAREHOUSE_TAG, "trigger": "champion_decay", "decay_check_run": record.run_id},
         )
         return SensorResult(run_requests=[request], cursor=decision.cursor)
@@ -394,6 +414,7 @@ def build_automation(settings: Settings) -> tuple[list, list]:
         job=daily_retrain_job,
         cron_schedule=settings.retrain_cron,
         execution_timezone=settings.retrain_timezone,
+        run_config=settings.retrain_run_config,
         default_status=DefaultScheduleStatus.RUNNING,
         description=f"Daily retrain at '{settings.retrain_cron}' ({settings.retrain_timezone}).",
     )

@@ -3,15 +3,17 @@
 Names and defaults are fixed by the interface contract (see README): `DATA_DIR`,
 `MARKET_DATA_PATH`, `BASE_MODEL`, `MLFLOW_TRACKING_URI` (`DAGSTER_HOME` is Dagster's own); this project
 adds `DAILY_RETRAIN_CRON` and `DAILY_RETRAIN_TIMEZONE` for the daily retrain schedule, and
-`DECAY_RETRAIN_COOLDOWN_HOURS` for the sensor that retrains when the champion's realised RankIC decays.
+`DECAY_RETRAIN_COOLDOWN_HOURS` for the sensor that retrains when the champion's realised RankIC decays,
+and `DAILY_RETRAIN_CONFIG`, the run config of every automated run.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,11 @@ class Settings:
     decay_retrain_cooldown_hours: float = 24.0
     """DECAY_RETRAIN_COOLDOWN_HOURS: `retrain_on_decay` requests at most one forced retrain per this many
     hours, however often `champion_still_works` fails."""
+
+    retrain_run_config: dict[str, Any] = field(default_factory=dict)
+    """DAILY_RETRAIN_CONFIG: a YAML or JSON file with the run config of every automated run (the daily
+    schedule, the new-file sensor and the decay sensor, which adds `force_retrain`), e.g. the `gpu`
+    profile or another horizon; unset = every asset's defaults, the `cpu` profile."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -56,6 +63,7 @@ class Settings:
                 value("DECAY_RETRAIN_COOLDOWN_HOURS"),
                 cls.decay_retrain_cooldown_hours,
             ),
+            retrain_run_config=_run_config_file(value("DAILY_RETRAIN_CONFIG")),
         )
 
     @property
@@ -89,3 +97,24 @@ def _hours(name: str, value: str | None, default: float) -> float:
     if not number >= 0:
         raise ValueError(f"{name} must be >= 0 hours, got {value!r}")
     return number
+
+
+def _run_config_file(value: str | None) -> dict[str, Any]:
+    """The run config in the file DAILY_RETRAIN_CONFIG names (YAML, of which JSON is a subset)."""
+    if value is None:
+        return {}
+    import yaml
+
+    path = Path(value).expanduser().resolve()
+    if not path.is_file():
+        raise ValueError(f"DAILY_RETRAIN_CONFIG names {path}, which is not a file")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"DAILY_RETRAIN_CONFIG {path} is not valid YAML or JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"DAILY_RETRAIN_CONFIG {path} must hold a run config mapping (e.g. ops: {{regressor: {{config: "
+            f"{{profile: gpu}}}}}}), got {type(config).__name__}"
+        )
+    return config

@@ -12,6 +12,7 @@ import pytest
 from dagster import (
     AssetKey,
     DagsterInstance,
+    DagsterInvalidConfigError,
     build_run_status_sensor_context,
     build_schedule_context,
     build_sensor_context,
@@ -291,3 +292,49 @@ def test_jobs_leave_out_the_search(name: str, monkeypatch, tmp_path) -> None:
     assert "hyperparameters" not in keys and "backtest" not in keys
     assert {"raw_market_data", "regressor", "predictions", "prediction_performance"} <= keys
     assert job.tags["warehouse"] == "writer"
+
+
+def test_every_automated_run_takes_the_deployments_run_config(monkeypatch, tmp_path: Path) -> None:
+    """DAILY_RETRAIN_CONFIG: the schedule, the new-file sensor and the decay sensor (which adds
+    force_retrain) all launch with it, so a gpu deployment's daily retrain is not a cpu-profile run; a
+    config the job does not accept fails when the code loads."""
+    import importlib
+
+    from pipeline.schedules import forced_retrain_config
+
+    source = tmp_path / "market"
+    source.mkdir()
+    config_file = tmp_path / "daily.yaml"
+    config_file.write_text("ops:\n  regressor:\n    config:\n      profile: gpu\n      gate_k: 2.0\n")
+    env = {"DATA_DIR": str(tmp_path / "data"), "MARKET_DATA_PATH": str(source)}
+    settings = Settings.from_env({**env, "DAILY_RETRAIN_CONFIG": str(config_file)})
+    wanted = {"ops": {"regressor": {"config": {"profile": "gpu", "gate_k": 2.0}}}}
+    assert settings.retrain_run_config == wanted
+    (schedule,), (sensor, *_) = build_automation(settings)
+    tick = schedule.evaluate_tick(build_schedule_context(scheduled_execution_time=pd.Timestamp("2026-11-24")))
+    assert tick.run_requests[0].run_config == wanted
+    (source / "day1.csv").write_text("date,symbol,open,high,low,close,volume\n")
+    seen = sensor.evaluate_tick(build_sensor_context())
+    assert sensor.evaluate_tick(build_sensor_context(cursor=seen.cursor)).run_requests[0].run_config == wanted
+    forced = forced_retrain_config(settings.retrain_run_config)
+    assert forced == {
+        "ops": {"regressor": {"config": {"profile": "gpu", "gate_k": 2.0, "force_retrain": True}}}
+    }
+    assert settings.retrain_run_config == wanted  # merged into a copy
+    # the definitions load with it, and refuse a config the job does not take
+    monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("DAILY_RETRAIN_CONFIG", str(config_file))
+    import pipeline.definitions
+
+    importlib.reload(pipeline.definitions)
+    config_file.write_text("ops:\n  regressor:\n    config:\n      profil: gpu\n")
+    with pytest.raises(DagsterInvalidConfigError, match="profil"):
+        importlib.reload(pipeline.definitions)
+    monkeypatch.delenv("DAILY_RETRAIN_CONFIG")
+    importlib.reload(pipeline.definitions)  # leave the module as the other tests expect it
+    # a missing file and a file without a mapping are refused with the variable's name
+    with pytest.raises(ValueError, match="DAILY_RETRAIN_CONFIG names .* not a file"):
+        Settings.from_env({**env, "DAILY_RETRAIN_CONFIG": str(tmp_path / "missing.yaml")})
+    config_file.write_text("- just\n- a list\n")
+    with pytest.raises(ValueError, match="must hold a run config mapping"):
+        Settings.from_env({**env, "DAILY_RETRAIN_CONFIG": str(config_file)})
