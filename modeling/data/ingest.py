@@ -343,9 +343,8 @@ def _check_shrink(con: duckdb.DuckDBPyConnection, max_shrink_share: float) -> No
     must not hide lost history (a missing old file while a new one arrives)."""
     if not table_exists(con, RAW_TABLE):
         return
-    n_old = con.execute(f"SELECT count(*) FROM (SELECT DISTINCT date, symbol FROM {RAW_TABLE})").fetchall()[
-        0
-    ][0]
+    old_keys = f"SELECT DISTINCT date, symbol FROM {RAW_TABLE}"
+    n_old = con.execute(f"SELECT count(*) FROM ({old_keys})").fetchall()[0][0]
     n_gone = con.execute(f"SELECT count(*) FROM ({REMOVED_KEYS_SQL})").fetchall()[0][0]
     if n_old and n_gone > max_shrink_share * n_old:
         raise ShrinkingLoadError(
