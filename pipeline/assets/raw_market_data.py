@@ -45,7 +45,7 @@ class RawMarketDataConfig(Config):
     )
 
 
-@asset(pool=WAREHOUSE_POOL, group_name="data", kinds={"duckdb"}, code_version="raw-market-data-v4")
+@asset(pool=WAREHOUSE_POOL, group_name="data", kinds={"duckdb"}, code_version="raw-market-data-v5")
 def raw_market_data(
     context: AssetExecutionContext,
     config: RawMarketDataConfig,

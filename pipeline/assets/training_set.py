@@ -89,7 +89,7 @@ class TrainingSetConfig(Config):
     group_name="training",
     kinds={"parquet", "pandas"},
     deps=["features"],
-    code_version="training-set-v2",
+    code_version="training-set-v3",
 )
 def training_set(
     config: TrainingSetConfig, storage: StorageResource, warehouse: WarehouseResource
