@@ -62,6 +62,12 @@ def _horizon(corpus: Path) -> int:
     return int(PromptBuilder.of_corpus(read_parquet_metadata(corpus)).settings()["horizon"])
 
 
+def _positions_horizon(corpus: Path, date_step: int = 1) -> int:
+    """The label horizon counted in positions of a series that keeps every `date_step`-th date: what every
+    SE (Newey-West lag = it - 1) and paired difference of the bench takes. 1 on the default market."""
+    return -(-_horizon(corpus) // date_step)
+
+
 def _eval_frame(corpus: Path, training_set: Path, split: str, n_dates: int | None):
     import pandas as pd
 
@@ -301,6 +307,7 @@ def bench_quality(args) -> None:
     from modeling.prompt import PromptBuilder, tokenizer_training_texts
 
     base, corpus, training_set = _paths()
+    hp = _positions_horizon(corpus)  # every date: the label horizon itself
     out = OUT / "regressor_quality"
     profile = PROFILES["cpu"]
     size = profile.train.max_train_samples
@@ -327,7 +334,7 @@ def bench_quality(args) -> None:
             daily = [daily_series(r["daily"][split][model]) for r in records]
             sd = np.std([DailyMean.of(d).mean for d in daily], ddof=1) if len(daily) > 1 else float("nan")
             cells.append(
-                _stat_cell(DailyMean.of(_seed_mean(records, split, model)))
+                _stat_cell(DailyMean.of(_seed_mean(records, split, model), hp - 1))
                 + (f", seed sd {sd:.4f}" if np.isfinite(sd) else "")
             )
         vs_ridge = ""
@@ -336,6 +343,7 @@ def bench_quality(args) -> None:
                 seed_paired_difference(
                     [daily_series(r["daily"]["validation"][model]) for r in records],
                     [daily_series(r["daily"]["validation"]["ridge"]) for r in records],
+                    hp,
                 )
             )
         rows.append(f"| {name} | {cells[0]} | {cells[1]} | {vs_ridge} |")
@@ -390,14 +398,14 @@ def bench_quality(args) -> None:
         for name in names:
             cells = []
             for split, frame in frames.items():
-                metrics = evaluate(frame.assign(prediction=source[name][split]))
+                metrics = evaluate(frame.assign(prediction=source[name][split]), horizon=hp)
                 cells.append(
                     f"{metrics['rank_ic']:.4f} ± {metrics['rank_ic_se']:.4f} ({metrics['rank_ic_n_dates']})"
                     if np.isfinite(metrics["rank_ic"])
                     else "n/a (constant)"
                 )
             daily = _daily(frames["validation"].assign(p=source[name]["validation"]), "p")
-            vs = str(paired_series_difference(daily, ridge_val)) if name != "zero" and len(daily) else ""
+            vs = str(paired_series_difference(daily, ridge_val, hp)) if name != "zero" and len(daily) else ""
             rows.append(f"| {name} ({label}) | {cells[0]} | {cells[1]} | {vs} |")
     oracle = None
     try:
@@ -702,6 +710,7 @@ def bench_curve(args) -> None:
     from modeling.profiles import PROFILES
 
     base, corpus, training_set = _paths()
+    hp = _positions_horizon(corpus, args.date_step)  # the SEs' horizon on every date_step-th date
     features = pd.read_parquet(
         training_set, columns=["date", "symbol", *FEATURE_NAMES, "fwd_ret"]
     ).drop_duplicates(["date", "symbol"])
@@ -728,7 +737,8 @@ def bench_curve(args) -> None:
     )
     ridge_all, _ = fit_predict_baselines(all_rows, None, frames, BaselineConfig(), only=("ridge",))
     reference = {
-        s: DailyMean.of(_daily(frames[s].assign(ridge=ridge_all["ridge"][s]), "ridge")) for s in frames
+        s: DailyMean.of(_daily(frames[s].assign(ridge=ridge_all["ridge"][s]), "ridge"), hp - 1)
+        for s in frames
     }
 
     rows, summary = [], {}
@@ -739,16 +749,17 @@ def bench_curve(args) -> None:
             per_seed = [DailyMean.of(daily_series(r["daily"][split]["prediction"])).mean for r in records]
             ridge, mlp = _seed_mean(records, split, "ridge"), _seed_mean(records, split, "mlp_features")
             summary[(size, split)] = {
-                "llm": DailyMean.of(llm),
+                "llm": DailyMean.of(llm, hp - 1),
                 "seed_sd": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else float("nan"),
-                "ridge": DailyMean.of(ridge),
-                "mlp": DailyMean.of(mlp),
-                "vs_ridge": paired_series_difference(llm, ridge),
+                "ridge": DailyMean.of(ridge, hp - 1),
+                "mlp": DailyMean.of(mlp, hp - 1),
+                "vs_ridge": paired_series_difference(llm, ridge, hp),
                 "vs_ridge_seeds": seed_paired_difference(
                     [daily_series(r["daily"][split]["prediction"]) for r in records],
                     [daily_series(r["daily"][split]["ridge"]) for r in records],
+                    hp,
                 ),
-                "vs_mlp": paired_series_difference(llm, mlp),
+                "vs_mlp": paired_series_difference(llm, mlp, hp),
                 "llm_daily": llm,
             }
         v, t = summary[(size, "validation")], summary[(size, "test")]
@@ -790,6 +801,7 @@ def bench_curve(args) -> None:
                     seed_paired_difference(
                         [daily_series(r["daily"][split]["prediction"]) for r in records],
                         [daily_series(b["daily"][split]["prediction"]) for b in base_runs],
+                        hp,
                     )
                 )
                 for split in ("validation", "test")
@@ -817,11 +829,11 @@ def bench_curve(args) -> None:
     for size in runs:
         cur = summary[(size, "validation")]
         if previous is not None:
-            step = paired_series_difference(cur["llm_daily"], previous["llm_daily"])
-            ok = cur["llm"].mean >= previous["llm"].mean - cur["llm"].se
+            step = paired_series_difference(cur["llm_daily"], previous["llm_daily"], hp)
+            ok = step.delta >= -step.se  # the printed paired step and its own SE decide
             checks.append(
                 f"- rises with data, {size or 'all'} vs the previous size: {step} — "
-                f"{'met' if ok else 'not met'} (at least the previous minus 1 SE)"
+                f"{'met' if ok else 'not met'} (at least the previous minus 1 SE of the paired step)"
             )
         ok = cur["vs_ridge"].delta >= 0
         seeds = cur["vs_ridge_seeds"]

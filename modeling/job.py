@@ -16,6 +16,7 @@ importing torch: `modeling.model`, `modeling.train` and `modeling.experiment` im
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -278,6 +279,20 @@ class TrainConfig:
     """tqdm progress bar with loss, lr and samples/s (main process)."""
 
     def __post_init__(self) -> None:
+        counts = ("batch_size", "grad_accum_steps", "epochs", "eval_batch_size", "eval_every_steps")
+        optional_counts = (
+            "max_train_samples",
+            "max_steps",
+            "eval_max_dates",
+            "early_stopping_patience",
+            "lr_reference_steps",
+        )
+        for name in (*counts, *optional_counts, "checkpoint_every_steps", "date_group_size", "seed"):
+            value = getattr(self, name)  # a JSON 8.0 or a bool is not a count: refused now, not mid-setup
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise ValueError(f"TrainConfig.{name} must be an integer, got {value!r}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"TrainConfig.seed must be in [0, 2**32), got {self.seed}")
         positive = (
             "learning_rate",
             "batch_size",

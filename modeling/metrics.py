@@ -27,7 +27,6 @@ either one's, because the market noise of a date hits both forecasts alike.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -209,12 +208,18 @@ MIN_DATES_PER_NW_LAG = 5
 
 def thinned_horizon(horizon: int, kept_dates: int, split_dates: int) -> int:
     """The label horizon counted in positions of a series that keeps `kept_dates` evenly spaced dates of
-    `split_dates` consecutive ones (`evenly_spaced_dates`): kept dates stand (split_dates - 1) /
-    (kept_dates - 1) trading days apart, so labels over `horizon` days overlap ceil(horizon / spacing) - 1
-    positions ahead, not horizon - 1. Pass it where a thinned series' SE takes a horizon."""
+    `split_dates` consecutive ones (`evenly_spaced_dates`, whose rounded picks it reproduces): the
+    smallest k such that every two kept dates k positions apart stand at least `horizon` trading days
+    apart, so that their labels share no day. With a spacing of 5 days and h = 20 that is 4, not 20. The
+    picks are rounded, so a spacing like 2.5 leaves some gaps a day short; the count is taken on the picks
+    themselves, not on the mean spacing. Pass it where a thinned series' SE takes a horizon."""
     if kept_dates >= split_dates or kept_dates < 2 or horizon == 1:
         return horizon
-    return max(1, math.ceil(horizon * (kept_dates - 1) / (split_dates - 1) - 1e-9))
+    positions = np.unique(np.round(np.linspace(0, split_dates - 1, kept_dates)).astype(int))
+    for k in range(1, len(positions)):
+        if int((positions[k:] - positions[:-k]).min()) >= horizon:
+            return k
+    return len(positions)
 
 
 def min_dates_for_lag(lag: int) -> int:

@@ -1,7 +1,7 @@
 """The training process's entry point: train a `TrainJob`, then (main rank) evaluate and publish it.
 
     python -m modeling.run_job --job job.json                                   # one process
-    accelerate launch --num_processes 2 --cpu -m modeling.run_job --job job.json  # DDP (gloo on CPU)
+    accelerate launch --multi_gpu --num_processes 2 -m modeling.run_job --job job.json  # DDP (gloo on a CPU)
     accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m modeling.run_job --job job.json
 
 Every process trains (`modeling.train`); when the job names an MLflow experiment the main process then

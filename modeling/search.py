@@ -147,6 +147,18 @@ def best_params_to_overrides(best: dict[str, Any], group: int = IC_DATE_GROUP) -
     return with_date_groups(params, group) if "loss" in params else params
 
 
+def sized_settings(template: TrainJob) -> dict[str, Any]:
+    """The settings a profile sizes by the sample (which layers get adapters, the feature probe's weight),
+    as every trial ran them: the template resolved them at its own sample size and a trial keeps them
+    whatever its rows. The written parameters pin them, so that the `regressor` run of the best trial
+    (which re-applies the profile's size rules to the trial's `max_train_samples`) trains the
+    configuration that was judged."""
+    return {
+        "lora_last_layers": template.regressor.lora.last_layers,
+        "aux_feature_weight": template.train.aux_feature_weight,
+    }
+
+
 OBJECTIVE_DATES: int | None = None
 """Validation dates each trial is judged on (None = all: a standard error of about 0.005 on the default
 market's 179 dates, measured on the curve's 24k runs; 100 dates give about 0.007)."""
@@ -157,7 +169,8 @@ class SearchResult:
     best_value: float
     """The best trial's objective (its RankIC on the objective dates)."""
     best_params: dict[str, Any]
-    """The best trial in `regressor` override form (plus `weight_scheme` when searched)."""
+    """The best trial in `regressor` override form (plus `weight_scheme` when searched, and the template's
+    size-dependent settings, `sized_settings`)."""
     best_full: DailyMean
     """The best trial's model re-scored on every validation date: what gets reported and written."""
     best_trial: int
@@ -384,7 +397,10 @@ def run_search(
         history_png(trials, png)
     return SearchResult(
         best_value=float(best.value),
-        best_params=best_params_to_overrides(best.params, space.date_group_size),
+        best_params={
+            **best_params_to_overrides(best.params, space.date_group_size),
+            **sized_settings(template),
+        },
         best_full=best_full,
         best_trial=best.number,
         trials=trials,

@@ -5,7 +5,7 @@ the thin wrapper the training process, the search and the tests call. The job it
 training process's entry point, which trains and then evaluates and publishes, is `modeling.run_job`:
 
     python -m modeling.run_job --job job.json                                   # one process
-    accelerate launch --num_processes 2 --cpu -m modeling.run_job --job job.json  # DDP (gloo on CPU)
+    accelerate launch --multi_gpu --num_processes 2 -m modeling.run_job --job job.json  # DDP (gloo on a CPU)
     accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m modeling.run_job --job job.json
 
 accelerate owns devices, mixed precision (bf16 on GPU, fp32 on CPU) and DDP; the recipe owns what is
@@ -114,7 +114,6 @@ class RegressorTrainer(TrainerSetup):
         # the clock of this segment starts where the checkpoint's stopped (0 on a fresh run)
         self.segment_start = _clock() - self.state.elapsed_s
         self.set_lr(self.state.elapsed_s)
-        self.running: list[float] = []
         self.last_eval_step = self.state.history[-1]["step"] if self.state.history else -1
         stop = self.state.stopped_by is not None or self.state.step >= self.total_steps
         while not stop and self.state.epoch < self.cfg.epochs:
@@ -204,19 +203,19 @@ class RegressorTrainer(TrainerSetup):
         self.set_lr(state.elapsed_s)
         device = self.accelerator.device
         loss_value = float(self.accelerator.reduce(torch.tensor(self.step_loss, device=device), "sum"))
-        self.running = [*self.running[-19:], loss_value]
+        state.recent_losses = [*state.recent_losses[-19:], loss_value]
         self.step_loss = 0.0
         if self.bar is not None:
             self.bar.update(1)
             rate = state.samples / max(state.elapsed_s - state.eval_s, 1e-9)
             self.bar.set_postfix(
-                loss=f"{np.mean(self.running):.4f}",
+                loss=f"{np.mean(state.recent_losses):.4f}",
                 lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
                 samples_s=f"{rate:.1f}",
             )
         if cfg.eval_every_steps and state.step % cfg.eval_every_steps == 0:
             self.last_eval_step = state.step
-            if self.record_eval(float(np.mean(self.running))):
+            if self.record_eval(float(np.mean(state.recent_losses))):
                 state.stopped_by = "early_stopping"
             self.model.train()
         over_time = cfg.time_budget_s is not None and state.elapsed_s >= cfg.time_budget_s
@@ -328,10 +327,11 @@ class RegressorTrainer(TrainerSetup):
         """The last evaluation, the weights to keep (best or average), the saved model and the reports."""
         cfg, state = self.cfg, self.state
         if self.last_eval_step != state.step and (cfg.eval_every_steps or not state.history):
-            self.record_eval(float(np.mean(self.running)) if self.running else None)
-            # the loop's clock holds its evaluations: without this one, samples/s = samples / (elapsed -
-            # eval) would count this evaluation against the steps' time (None when it outlasts them)
-            state.elapsed_s = self._shared_elapsed()
+            self.record_eval(float(np.mean(state.recent_losses)) if state.recent_losses else None)
+        # the loop's clock holds its evaluations, this one or the last step's (a run ending on an evaluation
+        # step, every early stop): without reading it again, samples/s = samples / (elapsed - eval) would
+        # count that evaluation against the steps' time (None when it outlasts them)
+        state.elapsed_s = self._shared_elapsed()
         if (
             cfg.select_best and self.best_state is not None
         ):  # (the average, when there is one: what was judged)

@@ -124,6 +124,11 @@ class TrainerSetup:
         self.tokenizer = load_tokenizer(job.base_model_dir)
         self.train_frame = train_sample(job.corpus_path, cfg, job.reweight)
         if self.train_frame.empty:
+            if cfg.date_group_size and not read_corpus_split(job.corpus_path, "train").empty:
+                raise ValueError(
+                    f"no date of the prompt corpus {job.corpus_path} has date_group_size = "
+                    f"{cfg.date_group_size} train rows: lower date_group_size (and the batch with it)"
+                )
             raise ValueError(f"the prompt corpus {job.corpus_path} has no train rows")
         val_frame = read_corpus_split(job.corpus_path, "validation")
         self.eval_dates = evenly_spaced_dates(val_frame["date"], cfg.eval_max_dates)

@@ -44,6 +44,9 @@ class LoopState:
     evals_without_improvement: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped_by: str | None = None
+    recent_losses: list[float] = field(default_factory=list)
+    """The last 20 steps' training losses, whose mean each evaluation records as `train_loss`: saved, so
+    a resumed run's history reads as the uninterrupted run's."""
 
 
 @dataclass

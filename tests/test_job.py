@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from modeling.job import (
@@ -185,6 +186,19 @@ def test_checkpointing_some_layers_is_asset_config_and_round_trips(tmp_path: Pat
     off = RegressorAssetConfig(last_layer_shortcut=False).overrides()
     assert off == {"last_layer_shortcut": False}
     assert apply_overrides(gpu.regressor, gpu.train, off)[0].last_layer_shortcut is False
+
+
+def test_counts_and_the_seed_are_checked_when_the_config_is_built() -> None:
+    """Values that once crashed only after the corpus was read and tokenised."""
+    with pytest.raises(ValueError, match="seed must be in"):
+        TrainConfig(seed=-1)
+    with pytest.raises(ValueError, match="seed must be in"):
+        TrainConfig(seed=2**32)
+    with pytest.raises(ValueError, match="batch_size must be an integer, got 8.0"):
+        TrainConfig(batch_size=8.0)  # a float from JSON
+    with pytest.raises(ValueError, match="max_steps must be an integer, got True"):
+        TrainConfig(max_steps=True)
+    assert TrainConfig(max_train_samples=np.int64(24_000), seed=2**32 - 1).max_train_samples == 24_000
 
 
 def test_a_typo_fails_when_the_job_is_built() -> None:

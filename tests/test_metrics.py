@@ -141,6 +141,15 @@ def test_thinned_horizon_counts_the_overlap_in_positions() -> None:
     assert thinned_horizon(20, 37, 181) == 4  # every 5th: t+5, t+10, t+15 overlap t's 20 days
     kept = evenly_spaced_dates(np.arange(181), 37)
     assert set(np.diff(kept)) == {5}
+    # a spacing of 2.5 (7 of 16 dates): the rounded picks sit 2 or 3 days apart, so two positions ahead
+    # can be 4 days, and a 5-day label still overlaps there; the mean spacing says ceil(5 / 2.5) = 2
+    picks = evenly_spaced_dates(np.arange(16), 7)
+    assert (picks[2:] - picks[:-2]).min() == 4 and (picks[3:] - picks[:-3]).min() >= 5
+    assert thinned_horizon(5, 7, 16) == 3
+    for kept, total, h in ((10, 23, 5), (16, 179, 20), (24, 240, 5), (7, 50, 10), (90, 179, 3), (13, 16, 5)):
+        picks = evenly_spaced_dates(np.arange(total), kept)
+        k = thinned_horizon(h, kept, total)  # labels k positions apart never share a day; k - 1 apart can
+        assert (picks[k:] - picks[:-k]).min() >= h and (k == 1 or (picks[k - 1 :] - picks[: 1 - k]).min() < h)
 
 
 def test_rank_ic_stats_and_evaluate_carry_se_and_dates(frame: pd.DataFrame) -> None:

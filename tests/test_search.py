@@ -88,6 +88,29 @@ def test_three_trials_then_a_fourth_resumes_the_stored_study(
     regressor, train = apply_overrides(template.regressor, template.train, best)  # usable by `regressor`
     assert train.max_train_samples == train.max_steps * train.batch_size
     assert regressor.lora.alpha == best["lora_alpha"]
+    # the trials ran the template's size-dependent settings; the written params pin them, so a profile
+    # whose rules would size them otherwise at the trial's rows trains what was judged
+    cpu = PROFILES["cpu"]
+    assert (best["lora_last_layers"], best["aux_feature_weight"]) == (
+        template.regressor.lora.last_layers,
+        template.train.aux_feature_weight,
+    )
+    regressor, train = apply_overrides(cpu.regressor, cpu.train, {**best, "max_train_samples": 96_000})
+    final = TrainJob("b", "c", "o", {}, regressor, train)
+    assert final.regressor.lora.last_layers == template.regressor.lora.last_layers
+    assert final.train.aux_feature_weight == template.train.aux_feature_weight
+    unpinned = {k: v for k, v in best.items() if k not in ("lora_last_layers", "aux_feature_weight")}
+    sized = TrainJob(
+        "b",
+        "c",
+        "o",
+        {},
+        *apply_overrides(cpu.regressor, cpu.train, {**unpinned, "max_train_samples": 96_000}),
+    )
+    assert (sized.regressor.lora.last_layers, sized.train.aux_feature_weight) != (
+        final.regressor.lora.last_layers,
+        final.train.aux_feature_weight,
+    )  # (without the pins the profile's rules would have changed them: the test can tell)
     assert resumed.history_png is not None and resumed.history_png.stat().st_size > 1000
     # judged on every date (the default): that score is the best's full score, not re-scored
     every = run_search(

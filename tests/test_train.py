@@ -71,8 +71,15 @@ def _env() -> dict[str, str]:
 
 def test_killed_training_resumes_to_the_same_weights(tiny_base_model, tiny_data, tmp_path: Path) -> None:
     _, corpus = tiny_data
-    # with the weight average on: its state must survive the kill too
-    settings = {"max_steps": 60, "epochs": 3, "checkpoint_every_steps": 5, "ema_decay": 0.9}
+    # with the weight average on: its state must survive the kill too; and evaluations every 10 steps, whose
+    # recorded train_loss (the mean of the last 20 steps' losses) must read as the uninterrupted run's
+    settings = {
+        "max_steps": 60,
+        "epochs": 3,
+        "checkpoint_every_steps": 5,
+        "ema_decay": 0.9,
+        "eval_every_steps": 10,
+    }
     reference = train_regressor(
         _job(tiny_base_model, corpus, tmp_path / "ref", **settings), log=lambda _: None
     )
@@ -96,6 +103,15 @@ def test_killed_training_resumes_to_the_same_weights(tiny_base_model, tiny_data,
     assert expected.keys() == got.keys()
     for name in expected:
         assert np.array_equal(expected[name].numpy(), got[name].numpy()), name
+    history = __import__("json").loads((tmp_path / "run" / "final_state.json").read_text())["state"][
+        "history"
+    ]
+    assert (
+        [h["step"] for h in history]
+        == [h["step"] for h in reference.state.history]
+        == list(range(10, 61, 10))
+    )
+    assert [h["train_loss"] for h in history] == [h["train_loss"] for h in reference.state.history]
 
 
 @pytest.mark.parametrize(
@@ -137,8 +153,9 @@ def test_two_process_ddp_matches_one_process(tiny_base_model, tiny_data, tmp_pat
     np.testing.assert_allclose(b, a, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("eval_every", [0, 3])
 def test_the_last_evaluation_counts_in_the_loop_clock_not_against_the_steps(
-    tiny_base_model, tiny_data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_base_model, tiny_data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, eval_every: int
 ) -> None:
     # a deterministic clock: 0.01 s per reading, and every evaluation takes 100 s
     import modeling.train as train_module
@@ -158,10 +175,13 @@ def test_the_last_evaluation_counts_in_the_loop_clock_not_against_the_steps(
     monkeypatch.setattr(train_module, "_clock", clock)
     monkeypatch.setattr(train_module.RegressorTrainer, "evaluate", slow_evaluate)
     _, corpus = tiny_data
-    # no periodic evaluation: the only one is the last, after the loop (`finish`)
-    result = train_regressor(_job(tiny_base_model, corpus, tmp_path, max_steps=6), log=lambda _: None)
+    # no periodic evaluation: the only one is the last, after the loop (`finish`); or one every 3 steps,
+    # the last at the last step (as at every early stop), which `finish` does not repeat
+    job = _job(tiny_base_model, corpus, tmp_path, max_steps=6, eval_every_steps=eval_every)
+    result = train_regressor(job, log=lambda _: None)
     report = result.report()
-    assert report["eval_s"] >= 100.0
+    assert [h["step"] for h in result.state.history] == ([6] if not eval_every else [3, 6])
+    assert report["eval_s"] >= 100.0 * len(result.state.history)
     assert report["train_loop_s"] >= report["eval_s"]  # the loop's clock holds the evaluation it timed
     steps_s = report["train_loop_s"] - report["eval_s"]  # the steps' own time: readings of 0.01 s
     assert 0 < steps_s < 5.0
@@ -443,3 +463,16 @@ def test_a_feature_bottleneck_head_forecasts_from_the_probe_and_saves_it(
         )
     with pytest.raises(ValueError, match="feature_bottleneck"):
         HeadConfig(feature_bottleneck=-1)
+
+
+def test_date_groups_larger_than_any_date_are_named_in_the_error(
+    tiny_base_model, tiny_data, tmp_path
+) -> None:
+    """12 names a date and groups of 16: every date-grouped draw is empty. The error says why, instead of
+    claiming the corpus has no train rows."""
+    _, corpus = tiny_data
+    job = _job(tiny_base_model, corpus, tmp_path, max_steps=2, batch_size=16, loss="ic", date_group_size=16)
+    with pytest.raises(
+        ValueError, match="no date of the prompt corpus .* has date_group_size = 16 train rows"
+    ):
+        train_regressor(job, log=lambda _: None)
