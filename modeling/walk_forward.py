@@ -23,6 +23,7 @@ from modeling.data.corpus import train_sample
 from modeling.data.parquet_io import write_parquet_atomic
 from modeling.evaluation import score_rows, split_rows
 from modeling.experiment import feature_rows, with_features
+from modeling.targets import training_targets
 from modeling.train import TrainJob, TrainResult
 
 LLM_MODEL = "llm"
@@ -53,6 +54,14 @@ def forecast_with_baselines(
     return {name: per_split["test"] for name, per_split in fitted.items()}, seconds
 
 
+def stopping_rows(job: TrainJob, features: pd.DataFrame) -> pd.DataFrame:
+    """The window's validation rows, on which the baselines stop early, with the training target as
+    `label` (`cfg.target_transform`, per date: no train statistic): LightGBM stops at its best l2 against
+    the labels, and its forecasts are on the scale of the target it trains on, not of the stored label."""
+    rows = with_features(split_rows(job.corpus_path, "validation", None), features)
+    return rows.assign(label=training_targets(rows, job.train.target_transform, job.train.target_clip))
+
+
 def run_window(job: TrainJob, result: TrainResult, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Forecast the window corpus's `test` rows with the trained LLM and the feature baselines; write them
     to `job.backtest_output`. Returns the timings and row counts."""
@@ -75,7 +84,7 @@ def run_window(job: TrainJob, result: TrainResult, log: Callable[[str], None] = 
         train_sample(job.corpus_path, job.train, job.reweight, ["date", "symbol", "label", "weight"]),
         features,
     )
-    validation = with_features(split_rows(job.corpus_path, "validation", None), features)
+    validation = stopping_rows(job, features)
     predict = with_features(scored[["date", "symbol"]], features)
     baselines, fit_s = forecast_with_baselines(
         train,

@@ -365,3 +365,27 @@ def test_walk_forward_llm_reads_a_planted_signal_and_finds_nothing_in_shuffled_l
             for m in models
         }
         assert max(edge.values()) < 2.0, (edge, excess)
+
+
+def test_a_windows_baselines_stop_on_the_target_they_train_on(tiny_data, tmp_path) -> None:
+    """The baselines fit the training target (rank-gaussian per date under cs_rank); LightGBM stops at
+    its best l2 against the window's validation labels, so those must be on the same scale, not the
+    stored label's."""
+    from modeling.experiment import feature_rows
+    from modeling.feature_registry import FEATURE_NAMES
+    from modeling.job import TrainConfig
+    from modeling.targets import training_targets
+    from modeling.train import TrainJob
+    from modeling.walk_forward import stopping_rows
+
+    training_set, corpus = tiny_data
+    train = TrainConfig(target_transform="cs_rank")
+    job = TrainJob("base", str(corpus), str(tmp_path), {}, train=train, training_set_path=str(training_set))
+    rows = stopping_rows(job, feature_rows(training_set))
+    raw = pd.read_parquet(corpus, columns=["date", "symbol", "split", "label"]).query("split == 'validation'")
+    raw = raw.assign(target=training_targets(raw, "cs_rank"))
+    both = rows.merge(raw, on=["date", "symbol"], suffixes=("", "_stored"), validate="one_to_one")
+    assert len(both) == len(rows) == len(raw) and both[list(FEATURE_NAMES)].notna().all().all()
+    np.testing.assert_allclose(both["label"], both["target"], rtol=1e-6)
+    assert np.allclose(both.groupby("date")["label"].mean(), 0.0, atol=1e-6)  # rank-gaussian per date
+    assert not np.allclose(both["label"], both["label_stored"])
