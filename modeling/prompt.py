@@ -66,12 +66,14 @@ PERCENTILE_SUFFIX = "_pct"
 
 def cross_section_percentiles(frame: pd.DataFrame, names: list[str]) -> np.ndarray:
     """(rows, features): each feature's rank among the rows of the same date, floor(100 (rank - 0.5) / n)
-    clipped to 0..99, with n the date's rows and ties sharing their average rank; NaN where the value is
-    NaN. The one definition of a prompt percentile (`PromptBuilder.with_percentiles`, and the training set,
-    which ranks each date's whole universe before unlabelled rows leave it)."""
-    counts = frame.groupby("date")["date"].transform("size").to_numpy(dtype=float)
-    ranks = frame.groupby("date")[names].rank(method="average").to_numpy(dtype=float)
-    return np.floor(100.0 * (ranks - 0.5) / counts[:, None]).clip(0, 99)
+    clipped to 0..99, with n the date's values of that feature and ties sharing their average rank; NaN
+    where the value is NaN (and it does not count in n). The one definition of a prompt percentile
+    (`PromptBuilder.with_percentiles`, and the training set, which ranks each date's whole universe
+    before unlabelled rows leave it)."""
+    by_date = frame.groupby("date")[names]
+    counts = by_date.transform("count").to_numpy(dtype=float)  # per feature: a NaN value ranks nothing
+    ranks = by_date.rank(method="average").to_numpy(dtype=float)
+    return np.floor(100.0 * (ranks - 0.5) / counts).clip(0, 99)
 
 
 class PromptDataError(ValueError):
@@ -213,12 +215,14 @@ class PromptBuilder:
         (`cross_section_percentiles`). Uses only the date's own cross-section (no other date): call it on
         whole dates, before any sampling or batching. A frame that has the columns already is returned as
         is (the training set stores them, ranked on each date's whole universe, so a name without a label
-        still counts; a missing value there marks a date of too few names); value-format builders need
-        none."""
+        still counts; a missing one there is a missing feature value, refused as such, or a date of too
+        few names); value-format builders need none."""
         names = [f.name for f in self.features]
         if self.number_format == "value":
             return frame
         if all(n + PERCENTILE_SUFFIX in frame for n in names):
+            # a missing stored percentile is a missing value (named as such) or a date of too few names
+            self._raise_on_non_finite(frame, frame[names].to_numpy(dtype=float), names)
             self._raise_on_thin_dates(frame, frame[[n + PERCENTILE_SUFFIX for n in names]].isna().any(axis=1))
             return frame
         counts = frame.groupby("date")["date"].transform("size")

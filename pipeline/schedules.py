@@ -228,40 +228,49 @@ class DecayDecision:
 
 
 def decay_retrain_decision(
-    check_id: int | None, failed: bool, cursor: str | None, now: float, cooldown_s: float
+    evaluated_us: int | None,
+    failed: bool,
+    cursor: str | None,
+    now: float,
+    cooldown_s: float,
+    record_id: int | None = None,
 ) -> DecayDecision:
     """Should `retrain_on_decay` request a forced retrain for the latest `champion_still_works`
-    evaluation (`check_id`, an id that grows with the evaluation order: its time in microseconds; None =
-    never evaluated)?
+    evaluation (`evaluated_us`, its evaluation time in microseconds, which grows with the evaluation
+    order; None = never evaluated)?
 
-    Each evaluation is acted on once (the cursor keeps the last id seen); a failed one requests a run
-    unless a run was requested less than `cooldown_s` seconds before `now`."""
+    Each evaluation is acted on once (the cursor keeps the last one seen, `evaluated_us`); a failed one
+    requests a run unless a run was requested less than `cooldown_s` seconds before `now`. A cursor of
+    the earlier code kept the check record's id instead (`check_id`): an evaluation whose `record_id` is
+    not above it was seen already."""
     try:
         state = json.loads(cursor) if cursor else {}
     except ValueError:
         state = {}
     state = state if isinstance(state, dict) else {}
-    last_id, last_request = state.get("check_id"), state.get("requested_at")
-    if check_id is None:
+    last_seen, last_request = state.get("evaluated_us"), state.get("requested_at")
+    if evaluated_us is None:
         return DecayDecision(False, "champion_still_works has not been evaluated yet", cursor or "")
-    if isinstance(last_id, int) and check_id <= last_id:
+    seen = json.dumps({"evaluated_us": evaluated_us, "requested_at": last_request})
+    legacy = state.get("check_id")
+    if last_seen is None and isinstance(legacy, int) and record_id is not None and record_id <= legacy:
+        return DecayDecision(False, "no new evaluation of champion_still_works", seen)
+    if isinstance(last_seen, int) and evaluated_us <= last_seen:
         return DecayDecision(False, "no new evaluation of champion_still_works", cursor or "")
     if not failed:
-        new = json.dumps({"check_id": check_id, "requested_at": last_request})
-        return DecayDecision(False, "the champion still works", new)
+        return DecayDecision(False, "the champion still works", seen)
     if isinstance(last_request, (int, float)) and now - last_request < cooldown_s:
-        new = json.dumps({"check_id": check_id, "requested_at": last_request})
         wait_h = (cooldown_s - (now - last_request)) / 3600
         return DecayDecision(
             False,
             f"the champion decayed, but a retrain was requested within the cooldown "
             f"({cooldown_s / 3600:g} h; {wait_h:.1f} h left)",
-            new,
+            seen,
         )
     return DecayDecision(
         True,
         "the champion's realised RankIC fell below its floor: forced retrain",
-        json.dumps({"check_id": check_id, "requested_at": now}),
+        json.dumps({"evaluated_us": evaluated_us, "requested_at": now}),
     )
 
 
@@ -370,6 +379,7 @@ def _decay_retrain_sensor(settings: Settings) -> SensorDefinition:
             context.cursor,
             time.time(),
             cooldown_s,
+            record.id if record is not None else None,
         )
         if not decision.request:
             return SensorResult(skip_reason=decision.reason, cursor=decision.cursor)

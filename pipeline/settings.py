@@ -100,16 +100,19 @@ def _hours(name: str, value: str | None, default: float) -> float:
 
 
 def _run_config_file(value: str | None) -> dict[str, Any]:
-    """The run config in the file DAILY_RETRAIN_CONFIG names (YAML, of which JSON is a subset)."""
+    """The run config in the file DAILY_RETRAIN_CONFIG names (YAML, of which JSON is a subset), read as
+    `dagster job execute -c` reads it (Dagster's loader: an unquoted date stays a string), so one file
+    serves both."""
     if value is None:
         return {}
     import yaml
+    from dagster_shared.yaml_utils import load_yaml_from_path
 
     path = Path(value).expanduser().resolve()
     if not path.is_file():
         raise ValueError(f"DAILY_RETRAIN_CONFIG names {path}, which is not a file")
     try:
-        config = yaml.safe_load(path.read_text())
+        config = load_yaml_from_path(str(path))
     except yaml.YAMLError as error:
         raise ValueError(f"DAILY_RETRAIN_CONFIG {path} is not valid YAML or JSON: {error}") from None
     if not isinstance(config, dict):

@@ -171,13 +171,25 @@ def test_retrain_decision_acts_once_per_evaluation_and_once_per_cooldown() -> No
     assert not again.request and "no new evaluation" in again.reason
     cooling = decay_retrain_decision(8, True, first.cursor, now=1000.0 + day / 2, cooldown_s=day)
     assert not cooling.request and "cooldown" in cooling.reason
-    assert json.loads(cooling.cursor)["check_id"] == 8
+    assert json.loads(cooling.cursor)["evaluated_us"] == 8
     passed = decay_retrain_decision(9, False, cooling.cursor, now=1000.0 + day + 1, cooldown_s=day)
     assert not passed.request
     later = decay_retrain_decision(10, True, passed.cursor, now=1000.0 + day + 1, cooldown_s=day)
     assert later.request  # the cooldown is over
     assert not decay_retrain_decision(None, False, None, now=0.0, cooldown_s=day).request
     assert decay_retrain_decision(3, True, "not json", now=0.0, cooldown_s=day).request
+    # a cursor of the earlier code kept the check record's id: the evaluation it saw is not acted on again
+    # after the upgrade (its time in microseconds is far above any record id), a newer record is
+    legacy = json.dumps({"check_id": 5, "requested_at": 0.0})
+    upgraded = decay_retrain_decision(
+        1_700_000_000_000_000, True, legacy, now=day * 3, cooldown_s=day, record_id=5
+    )
+    assert not upgraded.request and "no new evaluation" in upgraded.reason
+    assert json.loads(upgraded.cursor)["evaluated_us"] == 1_700_000_000_000_000  # migrated
+    newer = decay_retrain_decision(
+        1_700_000_000_000_001, True, legacy, now=day * 3, cooldown_s=day, record_id=6
+    )
+    assert newer.request
 
 
 def _register_champion(tracking_uri: str, tmp_path: Path, val: float, se: float) -> str:

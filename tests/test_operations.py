@@ -305,10 +305,18 @@ def test_every_automated_run_takes_the_deployments_run_config(monkeypatch, tmp_p
     source = tmp_path / "market"
     source.mkdir()
     config_file = tmp_path / "daily.yaml"
-    config_file.write_text("ops:\n  regressor:\n    config:\n      profile: gpu\n      gate_k: 2.0\n")
+    config_file.write_text(  # (an unquoted date stays text, as `dagster job execute -c` reads it)
+        "ops:\n  regressor:\n    config:\n      profile: gpu\n      gate_k: 2.0\n"
+        "  training_set:\n    config:\n      validation_start: 2020-01-02\n"
+    )
     env = {"DATA_DIR": str(tmp_path / "data"), "MARKET_DATA_PATH": str(source)}
     settings = Settings.from_env({**env, "DAILY_RETRAIN_CONFIG": str(config_file)})
-    wanted = {"ops": {"regressor": {"config": {"profile": "gpu", "gate_k": 2.0}}}}
+    wanted = {
+        "ops": {
+            "regressor": {"config": {"profile": "gpu", "gate_k": 2.0}},
+            "training_set": {"config": {"validation_start": "2020-01-02"}},
+        }
+    }
     assert settings.retrain_run_config == wanted
     (schedule,), (sensor, *_) = build_automation(settings)
     tick = schedule.evaluate_tick(build_schedule_context(scheduled_execution_time=pd.Timestamp("2026-11-24")))
@@ -317,9 +325,8 @@ def test_every_automated_run_takes_the_deployments_run_config(monkeypatch, tmp_p
     seen = sensor.evaluate_tick(build_sensor_context())
     assert sensor.evaluate_tick(build_sensor_context(cursor=seen.cursor)).run_requests[0].run_config == wanted
     forced = forced_retrain_config(settings.retrain_run_config)
-    assert forced == {
-        "ops": {"regressor": {"config": {"profile": "gpu", "gate_k": 2.0, "force_retrain": True}}}
-    }
+    assert forced["ops"]["regressor"] == {"config": {"profile": "gpu", "gate_k": 2.0, "force_retrain": True}}
+    assert forced["ops"]["training_set"] == wanted["ops"]["training_set"]
     assert settings.retrain_run_config == wanted  # merged into a copy
     # the definitions load with it, and refuse a config the job does not take
     monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))

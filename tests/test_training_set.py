@@ -191,3 +191,20 @@ def test_prompt_percentiles_rank_each_dates_whole_universe(features_h1):
     assert thin["ret_5d_pct"].isna().all()
     with pytest.raises(PromptDataError, match="too few names in its universe"):
         builder.user_contents(thin.head(3))
+
+
+def test_a_missing_feature_is_refused_by_name_and_does_not_shift_the_other_percentiles(features_h1):
+    from modeling.prompt import PromptBuilder, PromptDataError
+
+    features = features_h1.copy()
+    day = features["date"].iloc[len(features) // 2]
+    on_day = features.index[features["date"] == day]
+    features.loc[on_day[0], "ret_5d"] = np.nan
+    out, _ = build_training_set(features, 1)
+    # the other names keep their rank among the values that exist: n counts the date's ret_5d values
+    others = out[(out["date"] == day) & out["ret_5d"].notna()].set_index("symbol")["ret_5d_pct"].astype(int)
+    values = features.loc[on_day].dropna(subset=["ret_5d"]).set_index("symbol")["ret_5d"]
+    expected = np.floor(100 * (values.rank() - 0.5) / len(values)).clip(0, 99).astype(int)
+    assert others.sort_index().tolist() == expected.loc[others.index].sort_index().tolist()
+    with pytest.raises(PromptDataError, match="feature 'ret_5d' is nan"):
+        PromptBuilder(number_format="percentile").with_percentiles(out[out["date"] == day])
