@@ -33,10 +33,12 @@ and every train row over one; every validation and test date scored on the GPU),
 bench's cache format to $OUT/curve-gpu (a file per run, copied there as each finishes). It needs
 DATA_DIR's backbone, prompt corpus and the training set's train-split features (the probe's targets),
 not the baselines: copy the records to bench/runs/curve-gpu/ on a machine with `make demo`'s DATA_DIR
-and run `python bench/bench_regressor.py curve --profile gpu --sizes 24000,96000,all --seeds 3` there,
-which fits ridge and the feature MLP into them and writes the table, the plot and the paired stats.
-`--override 'learning_rate=1e-3'` trains a candidate gpu profile (the same option of `bench_regressor.py
-curve --profile gpu` then pairs it with the profile's own runs).
+and run the command it prints after each run (`follow_up_command`, e.g. `python bench/bench_regressor.py
+curve --profile gpu --epochs 2 --sizes 24000,96000 --seeds 1`: the profile's passes, or the records'
+cache keys differ and the CPU trains them again) there, which fits ridge and the feature MLP into them and
+writes the table, the plot and the paired stats. `--override 'learning_rate=2e-4'` trains a candidate gpu
+profile (the same option of `bench_regressor.py curve --profile gpu` then pairs it with the profile's own
+runs).
 
 pack: DATA_DIR's backbone, its prompt corpus rewritten as one zstd-19 row group (46 -> 31 MB on the
 default market) and the train split's 16 features as float32 (what the probe's targets are made of,
@@ -291,8 +293,28 @@ def bench_curve(args: argparse.Namespace) -> dict:
             flush=True,
         )
         done.append({"size": size, "seed": seed, "train_s": record["train_s"], "score_rows_per_s": rates})
+        print(f"  then: {follow_up_command(done, args)}", flush=True)  # after each run: a cut session has it
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return {"device": device, "runs": done}
+    return {"device": device, "runs": done, "follow_up": follow_up_command(done, args)}
+
+
+def follow_up_command(done: list[dict], args: argparse.Namespace) -> str:
+    """The command that, on a machine with `make demo`'s DATA_DIR and these records copied to
+    bench/runs/, finds them (the same cache keys: the gpu profile's passes, the date step, the candidate)
+    and fits ridge and the feature MLP into them: the sizes and seeds that finished, nothing retrained."""
+    from modeling.profiles import PROFILES
+
+    sizes = list(dict.fromkeys(d["size"] for d in done))
+    seeds = max((sum(d["size"] == size for d in done) for size in sizes), default=1)
+    command = (
+        f"python bench/bench_regressor.py curve --profile gpu --epochs {PROFILES['gpu'].train.epochs} "
+        f"--sizes {','.join(str(size or 'all') for size in sizes)} --seeds {seeds}"
+    )
+    if args.date_step != 1:
+        command += f" --date-step {args.date_step}"
+    if args.override:
+        command += f" --override '{args.override}'"
+    return command
 
 
 def pack(args: argparse.Namespace) -> dict:
@@ -377,7 +399,7 @@ def main() -> None:
     parser.add_argument(
         "--override",
         default="",
-        help="curve: a candidate gpu profile, e.g. 'learning_rate=1e-3' (JSON values)",
+        help="curve: a candidate gpu profile, e.g. 'learning_rate=2e-4' (JSON values)",
     )
     args = parser.parse_args()
     runners = {"llama8b": bench_llama8b, "smollm2": bench_smollm2, "curve": bench_curve, "pack": pack}

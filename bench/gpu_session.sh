@@ -8,20 +8,25 @@
 #      1024-256 head), 256 tokens: tokens/s, MFU, peak memory, for each variant of
 #      L8 ('|'-separated option sets; default: batch 16 as measured, then the routes at MFU >= 40% and
 #      <= 40 GB: batch 32, checkpointing in 8 of 32 layers at batch 16 and 32, torch.compile);
-#   3. the gpu profile's learning curve, the LLM's half (SIZES, default 24000,96000: one seed of each
-#      size first, then seeds 1-2 at 24k; OVERRIDE='learning_rate=1e-3' trains a candidate gpu profile),
+#   3. the gpu profile's learning curve, the LLM's half (SIZES, default 24000: one seed of each size
+#      first, then seeds 1-2 at 24k; OVERRIDE='learning_rate=2e-4' trains a candidate gpu profile),
 #      each record copied to $OUT/curve-gpu as it finishes;
 #   4. (L8_AFTER, default none) more Llama-3-8B variants if time is left, e.g. '--grad-ckpt'.
-# Back here: copy $OUT/curve-gpu/*.json to bench/runs/curve-gpu/ and run
-#   python bench/bench_regressor.py curve --profile gpu --sizes <the sizes that finished> --seeds 1
-# (with --override "$OVERRIDE" for a candidate: paired with the profile's own runs of the same seeds)
-# which fits ridge and the feature MLP on the same rows and writes the BENCHMARKS.md section.
+# The default is the 8B throughput session (the unmet MFU and memory targets) plus the curve's 24k point
+# (about 2 minutes: 1,514 steps at about 43 ms and 208,590 rows scored). The profile's two passes make
+# 96k rows about 5 minutes more and every row about 17, so the curve at 24k and 96k is a session of its
+# own: `L8= SIZES=24000,96000 bash bench/gpu_session.sh .devdata` (about 8 minutes with the smoke).
+# Back here: copy $OUT/curve-gpu/*.json to bench/runs/curve-gpu/ and run the command the curve printed
+# after its last finished run, e.g.
+#   python bench/bench_regressor.py curve --profile gpu --epochs 2 --sizes 24000 --seeds 1
+# (--epochs: the profile's passes, part of the records' keys; --override "$OVERRIDE" for a candidate,
+# paired with the profile's own runs of the same seeds), which fits ridge and the feature MLP on the same
+# rows and writes the BENCHMARKS.md section.
 DATA=${1:-.devdata}
 BUDGET=${BUDGET:-585}
-# empty: no curve. Every row is not in the default: the gpu profile's two passes there are 23,532 steps,
-# about 17 minutes on an H200, more than one 600-s call
-SIZES=${SIZES-24000,96000}
-CURVE_S=${CURVE_S:-300}  # seconds the 8B variants leave for the curve
+# empty: no curve. 96k and every row are not in the default (above)
+SIZES=${SIZES-24000}
+CURVE_S=${CURVE_S:-170}  # seconds the 8B variants leave for the curve (24k: about 110 s plus start-up)
 L8=${L8-"|--batch 32|--ckpt-layers 8|--ckpt-layers 8 --batch 32|--compile"}
 L8_AFTER=${L8_AFTER:-}
 RESERVE=${L8_AFTER:+65}  # seconds the curve leaves for L8_AFTER

@@ -322,3 +322,39 @@ def test_the_curve_pairs_pass_counts_only_on_the_same_profile_and_keeps_them_apa
     ):
         done = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, timeout=120)
         assert done.returncode != 0 and "--against-epochs: `curve` only" in done.stderr, argv
+
+
+def test_the_gpu_curves_follow_up_command_finds_its_records() -> None:
+    """The records' cache keys hold the passes: the command printed for back here names the gpu profile's,
+    the sizes and seeds that finished, the date step and the candidate; bench_regressor's own default (one
+    pass) would key other runs and train them again on the CPU."""
+    import argparse
+    import shlex
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_gpu
+    import bench_regressor
+
+    from modeling.profiles import PROFILES
+
+    gpu = PROFILES["gpu"]
+    done = [{"size": 24000, "seed": 0}, {"size": 96000, "seed": 0}, {"size": 24000, "seed": 1}]
+    args = argparse.Namespace(date_step=60, override="learning_rate=2e-4")
+    command = shlex.split(bench_gpu.follow_up_command(done, args))
+    assert command[:4] == ["python", "bench/bench_regressor.py", "curve", "--profile"]
+    options = dict(zip(command[5::2], command[6::2], strict=True))
+    assert options == {
+        "--epochs": str(gpu.train.epochs),
+        "--sizes": "24000,96000",
+        "--seeds": "2",
+        "--date-step": "60",
+        "--override": "learning_rate=2e-4",
+    }
+
+    def key(epochs: int) -> str:
+        return bench_regressor._recipe_key(
+            bench_regressor.bench_train_config(gpu.train, 24000, 0, epochs=epochs), gpu.regressor
+        )
+
+    assert key(int(options["--epochs"])) == key(gpu.train.epochs)  # what bench_gpu trained
+    assert key(1) != key(gpu.train.epochs)  # (the one-pass default keys another run: the test can tell)
