@@ -302,10 +302,15 @@ def follow_up_command(done: list[dict], args: argparse.Namespace) -> str:
     """The command that, on a machine with `make demo`'s DATA_DIR and these records copied to
     bench/runs/, finds them (the same cache keys: the gpu profile's passes, the date step, the candidate)
     and fits ridge and the feature MLP into them: the sizes and seeds that finished, nothing retrained."""
+    import shlex
+
     from modeling.profiles import PROFILES
 
     sizes = list(dict.fromkeys(d["size"] for d in done))
-    seeds = max((sum(d["size"] == size for d in done) for size in sizes), default=1)
+    # `--seeds` goes to every size up to 24k rows (bench_regressor's --multi-seed-max), the others get one:
+    # the fewest any of those finished, so a session cut between seeds asks for nothing it lacks
+    small = [sum(d["size"] == size for d in done) for size in sizes if size is not None and size <= 24_000]
+    seeds = min(small, default=1)
     command = (
         f"python bench/bench_regressor.py curve --profile gpu --epochs {PROFILES['gpu'].train.epochs} "
         f"--sizes {','.join(str(size or 'all') for size in sizes)} --seeds {seeds}"
@@ -313,7 +318,7 @@ def follow_up_command(done: list[dict], args: argparse.Namespace) -> str:
     if args.date_step != 1:
         command += f" --date-step {args.date_step}"
     if args.override:
-        command += f" --override '{args.override}'"
+        command += f" --override {shlex.quote(args.override)}"
     return command
 
 

@@ -356,5 +356,8 @@ def test_the_gpu_curves_follow_up_command_finds_its_records() -> None:
             bench_regressor.bench_train_config(gpu.train, 24000, 0, epochs=epochs), gpu.regressor
         )
 
-    assert key(int(options["--epochs"])) == key(gpu.train.epochs)  # what bench_gpu trained
     assert key(1) != key(gpu.train.epochs)  # (the one-pass default keys another run: the test can tell)
+    # a session cut between seeds of two small sizes asks for the seeds both finished
+    cut = [{"size": 1000, "seed": 0}, {"size": 24000, "seed": 0}, {"size": 1000, "seed": 1}]
+    plain = argparse.Namespace(date_step=1, override="")
+    assert bench_gpu.follow_up_command(cut, plain).endswith("--sizes 1000,24000 --seeds 1")
