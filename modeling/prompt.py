@@ -220,9 +220,8 @@ class PromptBuilder:
         names = [f.name for f in self.features]
         if self.number_format == "value":
             return frame
+        self._raise_on_non_finite(frame, frame[names].to_numpy(dtype=float), names)
         if all(n + PERCENTILE_SUFFIX in frame for n in names):
-            # a missing stored percentile is a missing value (named as such) or a date of too few names
-            self._raise_on_non_finite(frame, frame[names].to_numpy(dtype=float), names)
             self._raise_on_thin_dates(frame, frame[[n + PERCENTILE_SUFFIX for n in names]].isna().any(axis=1))
             return frame
         counts = frame.groupby("date")["date"].transform("size")
@@ -234,7 +233,6 @@ class PromptBuilder:
                 f"{repeated} rows repeat a (date, symbol): a training set resampled with replacement (bucket "
                 "mode 'resample') is not a cross-section. Use bucket mode 'weight' or number_format 'value'"
             )
-        self._raise_on_non_finite(frame, frame[names].to_numpy(dtype=float), names)
         pct = cross_section_percentiles(frame, names)
         return frame.assign(
             **{n + PERCENTILE_SUFFIX: pct[:, j].astype(np.int64) for j, n in enumerate(names)}
