@@ -25,6 +25,7 @@ one without data files skips with a message. Writers that can, should still writ
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
@@ -196,23 +197,15 @@ def new_files(market_data_path: Path, cursor: str | None) -> tuple[list[str], st
 
 DECAY_CHECK = AssetCheckKey(AssetKey("prediction_performance"), "champion_still_works")
 FORCED_RETRAIN_CONFIG = {"ops": {"regressor": {"config": {"force_retrain": True}}}}
+"""The decay sensor's run config when DAILY_RETRAIN_CONFIG is unset (`forced_retrain_config({})`)."""
 
 
 def forced_retrain_config(run_config: dict) -> dict:
-    """`run_config` (DAILY_RETRAIN_CONFIG) with the regressor's `force_retrain` set: the decay sensor's run
-    trains with the deployment's settings, not the defaults."""
-
-    def merged(base: dict, extra: dict) -> dict:
-        out = dict(base)
-        for key, value in extra.items():
-            out[key] = (
-                merged(out[key], value)
-                if isinstance(out.get(key), dict) and isinstance(value, dict)
-                else value
-            )
-        return out
-
-    return merged(run_config, FORCED_RETRAIN_CONFIG)
+    """`run_config` (DAILY_RETRAIN_CONFIG) with the regressor's `force_retrain` set, in a copy: the decay
+    sensor's run trains with the deployment's settings, not the defaults."""
+    config = copy.deepcopy(run_config)
+    config.setdefault("ops", {}).setdefault("regressor", {}).setdefault("config", {})["force_retrain"] = True
+    return config
 
 
 DECAY_HISTORY = 20

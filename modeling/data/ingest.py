@@ -65,7 +65,6 @@ from modeling.data.parquet_io import sql_string
 from modeling.data.revisions import (  # noqa: F401 (RAW_TABLE, REVISIONS_TABLE, PREVIOUS_LOAD re-exported)
     PREVIOUS_LOAD,
     RAW_TABLE,
-    REMOVED_KEYS_SQL,
     REVISIONS_TABLE,
     write_revisions,
 )
@@ -249,8 +248,9 @@ def _stage_and_write(
                 f"all {n_staged} rows of the input were rejected or replaced; the previous tables are "
                 "kept (see the reasons by ingesting the file into an empty DATA_DIR)"
             )
-        _check_shrink(con, max_shrink_share)
+        n_old = _symbol_days(con)
         n_since, n_removed = _write_tables(con, revised_at)
+        _check_shrink(n_old, n_removed, max_shrink_share)  # raising rolls the writes back
         by_reason = dict(
             con.execute(
                 "SELECT reason, count(*) FROM _staged WHERE reason IS NOT NULL GROUP BY reason"
@@ -337,19 +337,23 @@ def _mark_off_calendar(con: duckdb.DuckDBPyConnection, min_share: float) -> None
     con.execute("DROP TABLE _off_calendar")
 
 
-def _check_shrink(con: duckdb.DuckDBPyConnection, max_shrink_share: float) -> None:
-    """Raise ShrinkingLoadError when the load drops too many of the existing table's symbol-days. Counted
-    as the old (date, symbol) keys the load no longer holds, not as a difference of row counts: new dates
-    must not hide lost history (a missing old file while a new one arrives)."""
+def _symbol_days(con: duckdb.DuckDBPyConnection) -> int:
+    """The distinct (date, symbol) keys of the existing clean table (0 before the first load)."""
     if not table_exists(con, RAW_TABLE):
-        return
-    old_keys = f"SELECT DISTINCT date, symbol FROM {RAW_TABLE}"
-    n_old = con.execute(f"SELECT count(*) FROM ({old_keys})").fetchall()[0][0]
-    n_gone = con.execute(f"SELECT count(*) FROM ({REMOVED_KEYS_SQL})").fetchall()[0][0]
-    if n_old and n_gone > max_shrink_share * n_old:
+        return 0
+    keys = f"SELECT DISTINCT date, symbol FROM {RAW_TABLE}"
+    return con.execute(f"SELECT count(*) FROM ({keys})").fetchall()[0][0]
+
+
+def _check_shrink(n_old: int, n_removed: int, max_shrink_share: float) -> None:
+    """Raise ShrinkingLoadError when the load removed too many of the existing table's `n_old` symbol-days.
+    Counted as the old (date, symbol) keys the load no longer holds (`n_removed`, from the revisions
+    audit), not as a difference of row counts: new dates must not hide lost history (a missing old file
+    while a new one arrives)."""
+    if n_old and n_removed > max_shrink_share * n_old:
         raise ShrinkingLoadError(
-            f"this load would remove {n_gone} of the {n_old} symbol-days of {RAW_TABLE} "
-            f"({n_gone / n_old:.2%}, more than max_shrink_share = {max_shrink_share:.2%}); the previous "
+            f"this load would remove {n_removed} of the {n_old} symbol-days of {RAW_TABLE} "
+            f"({n_removed / n_old:.2%}, more than max_shrink_share = {max_shrink_share:.2%}); the previous "
             "tables are kept. A file may be missing or truncated; if the smaller input is intended, raise "
             "max_shrink_share (the raw_market_data config) for this load."
         )
