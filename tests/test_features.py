@@ -403,6 +403,31 @@ def test_label_null_when_the_target_day_is_missing():
     assert b[b.index >= day[65]].isna().all() and a[a.index >= day[65]].isna().all()  # past the end
 
 
+def test_identical_liquidity_windows_tie_and_break_by_symbol_whatever_the_older_history():
+    """Two names trade the same close and volume every day; ZZZ also has 150 older days. Each date's
+    20-day mean dollar volume must tie exactly, so the tie breaks by symbol (AAA first) on every date:
+    a sum of doubles added in another order (where the window sits in the name's history) differed by
+    one ulp and put ZZZ first on some dates."""
+    rng = np.random.default_rng(0)
+    dates = pd.bdate_range("2020-01-01", periods=200)
+    volume, close = np.round(rng.uniform(1e5, 1e8, 200)), np.round(rng.uniform(5, 500, 200), 2)
+    frame = pd.DataFrame(
+        [
+            (d, symbol, close[i], close[i], close[i], close[i], volume[i])
+            for symbol, start in (("AAA", 150), ("ZZZ", 0))
+            for i, d in enumerate(dates)
+            if i >= start
+        ],
+        columns=["date", "symbol", "open", "high", "low", "close", "volume"],
+    )
+    con = duckdb.connect()
+    con.register("frame", frame)
+    con.execute("CREATE TABLE raw_market_data AS SELECT * FROM frame")
+    build_universe(con, UniverseSpec(top_n=1, window=20))
+    both = con.execute("SELECT symbol FROM universe WHERE date >= ?", [dates[169]]).df()
+    assert len(both) == 31 and set(both["symbol"]) == {"AAA"}
+
+
 def test_zero_volume_days_are_not_in_the_universe_so_volume_features_stay_defined():
     """A 25-day run of zero volume inside a 60-day universe window: the 60-day mean dollar volume stays
     positive, but a symbol with no trade on t is not eligible on t, so no feature row has an undefined

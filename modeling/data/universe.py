@@ -31,12 +31,19 @@ class UniverseSpec:
             raise ValueError(f"window must be >= 1, got {self.window}")
 
 
+DOLLAR_VOLUME = "CAST(close * volume AS DECIMAL(38, 4))"
+"""A day's dollar volume, exact to 1/100 of a cent: a window's sum of doubles depends on the order the
+window adds them in (where the row sits in the symbol's history), so two identical 20-day windows could
+differ by one ulp and break a tie against the symbol order, and history older than the window could flip
+a name at the top-N boundary."""
+
+
 def eligibility_sql(source: str, window: int) -> str:
     """(date, symbol, avg_dollar_volume, eligible) for every row of `source`."""
     return f"""
         SELECT date, symbol,
-               avg(close * volume) OVER w AS avg_dollar_volume,
-               volume > 0 AND count(*) OVER w = {window} AND avg(close * volume) OVER w > 0 AS eligible
+               avg({DOLLAR_VOLUME}) OVER w AS avg_dollar_volume,
+               volume > 0 AND count(*) OVER w = {window} AND avg({DOLLAR_VOLUME}) OVER w > 0 AS eligible
         FROM {source}
         WINDOW w AS (PARTITION BY symbol ORDER BY date ROWS BETWEEN {window - 1} PRECEDING AND CURRENT ROW)
     """

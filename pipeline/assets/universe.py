@@ -20,7 +20,7 @@ class UniverseConfig(Config):
     group_name="data",
     kinds={"duckdb"},
     deps=["raw_market_data"],
-    code_version="universe-v2",
+    code_version="universe-v3",
 )
 def universe(config: UniverseConfig, warehouse: WarehouseResource) -> MaterializeResult:
     """Per date, the top N symbols by trailing mean dollar volume (close x volume), with their rank.
