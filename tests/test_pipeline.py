@@ -599,6 +599,23 @@ def test_predictions_refuse_features_computed_by_other_definitions(run, tmp_path
         assert con.execute("SELECT DISTINCT registry_sha FROM feature_definitions").fetchall() != shas
 
 
+def test_a_retry_of_a_forced_retrain_finishes_its_own_version_instead_of_registering_a_copy(tmp_path):
+    """`force_retrain` trains past a version of another run; a retry of the forced run (the same root run,
+    the same directory) resumes the version its failed attempt registered (gate pending) or reports it
+    (gate done): before, it registered a second copy and the first stayed pending for ever."""
+    from pipeline.assets.regressor import reuse_existing_version
+
+    own, other = tmp_path / "sha" / "run-b", tmp_path / "sha" / "run-a"
+    earlier = {"run_dir": str(other), "gate": "done"}
+    assert reuse_existing_version(None, {}, own, False) == (own, None)  # nothing trained on these inputs
+    assert reuse_existing_version("3", earlier, own, False) == (other, "3")  # reuse: no retraining
+    assert reuse_existing_version("3", earlier, own, True) == (own, None)  # forced: trains anew
+    mine = {"run_dir": str(own), "gate": "pending"}  # registered by this run's failed attempt
+    assert reuse_existing_version("4", mine, own, True) == (own, "4")
+    assert reuse_existing_version("4", {**mine, "gate": "done"}, own, True) == (own, "4")
+    assert reuse_existing_version("5", {"gate": "pending"}, own, False) == (own, "5")  # no run_dir tag
+
+
 @pytest.mark.slow
 def test_force_retrain_trains_again_in_a_directory_of_its_own(run):
     """`force_retrain` really trains: a new run directory (no checkpoint or "already complete" shortcut

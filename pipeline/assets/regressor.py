@@ -175,6 +175,19 @@ def _hyperparameters(storage: StorageResource, use: bool, profile: str, fingerpr
     return dict(payload["best_params"])
 
 
+def reuse_existing_version(
+    existing: str | None, tags: dict[str, str], own_dir: Path, force_retrain: bool
+) -> tuple[Path, str | None]:
+    """(the run directory, the version to resume or report) given `existing`, the newest version trained
+    on the same inputs, and `own_dir`, this run's directory. A version is reused (finished if its gate is
+    pending, reported if done) in the directory that trained it, unless `force_retrain` asks for a new
+    one; `force_retrain` retrains past the versions of earlier runs, not past this run's own, so a retry
+    of a forced run finishes the version its failed attempt registered instead of registering a copy."""
+    if existing is None or (force_retrain and tags.get("run_dir") != str(own_dir)):
+        return own_dir, None
+    return Path(tags.get("run_dir") or own_dir), existing
+
+
 def _unchanged_metadata(
     mlflow_registry, mlflow: MlflowResource, version: str, tags: dict, out: Path, inputs_sha: str
 ) -> dict:
@@ -337,17 +350,17 @@ def regressor(
         # A directory per (inputs, run): a retry or a re-execution of this run (same root run) resumes from
         # its own checkpoints; another run never shares, or deletes, them. A version registered before its
         # run failed is finished in the directory that trained it.
-        out = runs_root / inputs_sha / (context.run.root_run_id or context.run_id)
-        if existing is not None and not config.force_retrain and tags.get("run_dir"):
-            out = Path(tags["run_dir"])
-        if existing is not None and tags.get("gate") == "done" and not config.force_retrain:
+        out, resume_version = reuse_existing_version(
+            existing, tags, runs_root / inputs_sha / (context.run.root_run_id or context.run_id),
+            config.force_retrain,
+        )  # fmt: skip
+        if resume_version is not None and tags.get("gate") == "done":
             context.log.info(
                 f"version {existing} was trained on identical inputs ({inputs_sha}); not retrained"
             )
             return MaterializeResult(
                 metadata=_unchanged_metadata(mlflow_registry, mlflow, existing, tags, out, inputs_sha)
             )
-        resume_version = existing if existing is not None and not config.force_retrain else None
         out.mkdir(parents=True, exist_ok=True)
         if not (out / "inputs").exists():  # same inputs_sha, same bytes: an existing snapshot is kept
             staging.rename(out / "inputs")
