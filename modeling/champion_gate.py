@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -43,10 +44,16 @@ def gate_decision(
 ) -> tuple[bool, PairedDifference, float]:
     """The paired test of the gate: (promote?, the paired difference new - champion, the bar).
 
-    Promote only when the mean daily RankIC difference on the common dates exceeds
-    max(min_delta, k x SE) (SE Newey-West with lag horizon - 1). Without a standard error to trust
-    (fewer common dates than `min_dates_for_lag`: 2 at horizon 1, 5 x the lag above) nothing is promoted."""
-    paired = paired_series_difference(new_daily, champion_daily, horizon)
+    Both series are of the same validation rows, so a date only one of them has is a date the other
+    model's forecast gave no ranking on (constant, or missing on that date's rows): it counts as 0 for
+    that model (no view, as the zero forecast scores), not as a date the comparison leaves out, or a
+    challenger with a view on half the dates would be judged on that half alone.
+
+    Promote only when the mean daily RankIC difference on those dates exceeds max(min_delta, k x SE)
+    (SE Newey-West with lag horizon - 1). Without a standard error to trust (fewer dates than
+    `min_dates_for_lag`: 2 at horizon 1, 5 x the lag above) nothing is promoted."""
+    both = pd.concat({"new": new_daily, "champion": champion_daily}, axis=1).dropna(how="all").fillna(0.0)
+    paired = paired_series_difference(both["new"], both["champion"], horizon)
     trusted = np.isfinite(paired.se) and paired.n_dates >= min_dates_for_lag(nw_lag(horizon))
     bar = max(min_delta, k * paired.se) if trusted else float("nan")
     return bool(np.isfinite(bar) and paired.delta > bar), paired, bar
@@ -63,16 +70,36 @@ class ChampionRescoreError(RuntimeError):
     memory, a locked store, a filesystem fault): the gate fails and nothing is promoted."""
 
 
+def _artifact_fault(error: BaseException) -> bool:
+    """A saved file that is missing or unreadable as what it should be: a library's "can't find / can't
+    load" (an OSError without an errno: transformers' tokenizer and config loaders), a truncated or
+    corrupt JSON or safetensors file, or an adapter path that peft then takes for a hub repository id.
+    An OSError with an errno (EIO, ENOSPC, a lock) is the filesystem's fault of the moment instead."""
+    from safetensors import SafetensorError
+
+    try:
+        from huggingface_hub.errors import HFValidationError
+    except ImportError:  # older huggingface_hub
+        from huggingface_hub.utils import HFValidationError
+    if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
+        return error.errno is None
+    return isinstance(error, (json.JSONDecodeError, SafetensorError, HFValidationError)) or (
+        isinstance(error, ValueError) and "adapter_config.json" in str(error)
+    )
+
+
 def champion_unloadable(error: BaseException) -> bool:
     """True when `error` (or an error it was raised from) says the model can no longer be loaded: its
-    files are gone, its base model's fingerprint or prompt template changed (`ModelUnloadableError`), its
-    code no longer imports under this installation, or the store no longer knows it. Any other error is
-    a fault of the moment, not a verdict on the model."""
+    files are gone or corrupt (`_artifact_fault`), its base model's fingerprint or prompt template changed
+    (`ModelUnloadableError`), its code no longer imports under this installation, or the store no longer
+    knows it. Any other error is a fault of the moment, not a verdict on the model."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         # ImportError: the model's code no longer imports (a module it names was renamed or removed)
-        if isinstance(error, (ModelUnloadableError, FileNotFoundError, ImportError)):
+        if isinstance(error, (ModelUnloadableError, FileNotFoundError, ImportError)) or _artifact_fault(
+            error
+        ):
             return True
         if (
             isinstance(error, mlflow.exceptions.MlflowException)
@@ -129,11 +156,13 @@ def champion_gate(
     k: float = 1.0,
     min_delta: float = 0.0,
     horizon: int = 1,
+    probe_champion: Callable[[str], object] | None = None,
 ) -> dict[str, Any]:
     """Move `champion` to `version` when there is none, or when the paired test on the same validation
     rows says it is better (`gate_decision`): `daily` is the new version's daily validation RankIC, the
     champion's is its stored series when it was scored on the same rows (tag `validation_rows_sha`),
     else `rescore_champion(model_uri)` on these rows. A model without a finite score never moves it.
+    `probe_champion(model_uri)` (a load) checks that a champion judged on its stored series still loads.
 
     A champion that cannot be compared fairly, because it predicts another target (horizon, label kind)
     or was trained on dates at or after the new validation start (its score there would be in-sample),
@@ -150,7 +179,7 @@ def champion_gate(
         current = alias_version(name, CHAMPION)
         decision = _judge(
             name, version, current, daily, score, validation_key, rescore_champion, rescored,
-            new_tags, validation_start, k, min_delta, horizon,
+            new_tags, validation_start, k, min_delta, horizon, probe_champion,
         )  # fmt: skip
         if not decision.pop("move"):
             return decision
@@ -178,6 +207,7 @@ def _judge(
     k: float,
     min_delta: float,
     horizon: int,
+    probe_champion: Callable[[str], object] | None,
 ) -> dict[str, Any]:
     """The gate's decision against champion `current` (`move`: whether the alias should move)."""
     base = {"champion_before": current, "delta": None, "se": None, "t": None, "n_dates": score.n_dates}
@@ -199,7 +229,7 @@ def _judge(
     if current is None:
         return {**base, "move": True, "promoted": True, "champion_score": None, "reason": "no champion yet"}
     champion_daily, how = _champion_daily(
-        name, current, validation_key, rescore_champion, rescored, new_tags, validation_start
+        name, current, validation_key, rescore_champion, rescored, new_tags, validation_start, probe_champion
     )
     if champion_daily is None or not np.isfinite(DailyMean.of(champion_daily).mean):
         how = how or f"champion v{current} has no score"
@@ -238,6 +268,7 @@ def _champion_daily(
     rescored: dict[str, pd.Series],
     new_tags: dict[str, Any] | None,
     validation_start: str | None,
+    probe_champion: Callable[[str], object] | None,
 ) -> tuple[pd.Series | None, str]:
     """(the daily validation RankIC of champion `current` to pair against, how it was obtained): its
     stored series when it was scored on the same rows, else re-scored on these rows (once: `rescored`).
@@ -251,19 +282,36 @@ def _champion_daily(
         return None, f"champion v{current} predicts another {', '.join(mismatch)}"
     if in_sample:
         return None, f"champion v{current} trained up to {tags['train_end']}, inside the validation period"
+    # the version itself, not the alias: the alias may move while the champion is re-scored
+    uri = f"models:/{name}/{current}"
     if tags.get("validation_rows_sha") == validation_key and "val_daily_rank_ic" in tags:
+        # the stored series spares the scoring, not the load: a champion that no longer loads (its files
+        # gone or corrupt, its features or template defined otherwise) serves nothing, however it scored
+        if probe_champion is not None and (gone := _unloadable(current, lambda: probe_champion(uri))):
+            return None, gone
         return daily_from_tag(tags["val_daily_rank_ic"]), "stored daily RankIC on the same rows"
     if current in rescored:
         return rescored[current], "re-scored on these rows"
+
+    def rescore() -> None:
+        rescored[current] = rescore_champion(uri)
+
+    if gone := _unloadable(current, rescore):
+        return None, gone
+    return rescored[current], "re-scored on these rows"
+
+
+def _unloadable(current: str, load: Callable[[], object]) -> str | None:
+    """Run `load` (a load or a re-scoring of champion `current`): None when it succeeds, the reason when
+    the champion can no longer be loaded (`champion_unloadable`); any other error raises
+    `ChampionRescoreError`."""
     try:
-        # the version itself, not the alias: the alias may move while the champion is re-scored
-        champion_daily = rescored[current] = rescore_champion(f"models:/{name}/{current}")
+        load()
     except Exception as error:
         if not champion_unloadable(error):
             raise ChampionRescoreError(
                 f"champion v{current} could not be re-scored ({type(error).__name__}: {error}); "
                 "nothing is promoted (only a champion that can no longer be loaded is replaced)"
             ) from error
-        gone = f"{type(error).__name__}: {str(error)[:200]}"
-        return None, f"champion v{current} can no longer be loaded ({gone})"
-    return champion_daily, "re-scored on these rows"
+        return f"champion v{current} can no longer be loaded ({type(error).__name__}: {str(error)[:200]})"
+    return None

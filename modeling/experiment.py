@@ -203,6 +203,7 @@ def _verify_and_gate(
         k=spec.gate_k,
         min_delta=spec.gate_min_delta,
         horizon=horizon,
+        probe_champion=mlflow_registry.load_model,
     )
 
 

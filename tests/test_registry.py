@@ -227,7 +227,31 @@ def test_gate_decision_wants_dates_for_its_lag() -> None:
     rng = np.random.default_rng(0)
     strong = _daily(rng.normal(0.05, 0.02, 95))
     assert gate_decision(strong, _daily(np.zeros(95)), horizon=20)[0]  # 95 dates: decided
-    assert np.isnan(gate_decision(strong.iloc[:94], _daily(np.zeros(95)), horizon=20)[2])
+    assert np.isnan(gate_decision(strong.iloc[:94], _daily(np.zeros(94)), horizon=20)[2])
+
+
+def test_a_date_one_model_has_no_ranking_on_counts_zero_for_it() -> None:
+    """A challenger strong on half the validation dates and constant (no ranking, so no RankIC) on the
+    other half is worse than a champion that ranks every date: it must not be judged on its half alone."""
+    from modeling.champion_gate import gate_decision
+    from modeling.metrics import per_date_correlation
+
+    rng = np.random.default_rng(1)
+    dates = pd.bdate_range("2022-01-03", periods=60)
+    frame = pd.DataFrame({"date": np.repeat(dates, 100), "label": rng.normal(size=6000)})
+    frame["champion"] = 0.25 * frame["label"] + rng.normal(size=6000)
+    half = frame["date"].isin(dates[::2])
+    frame["challenger"] = np.where(half, 0.5 * frame["label"] + rng.normal(size=6000), 0.0)
+    champion, challenger = (
+        per_date_correlation(frame, c, method="spearman") for c in ("champion", "challenger")
+    )
+    assert len(champion) == 60 and len(challenger) == 30  # precondition: constant dates have no RankIC
+    promoted, paired, _ = gate_decision(challenger, champion)
+    assert not promoted and paired.n_dates == 60
+    assert paired.a.mean == pytest.approx(challenger.sum() / 60)  # its 30 RankICs and 30 zeros
+    assert paired.delta < 0
+    # the same challenger judged on its own 30 dates would have passed the bar by a wide margin
+    assert gate_decision(challenger, champion.loc[challenger.index])[0]
 
 
 def test_smollm2_trains_a_few_lora_steps_and_packages_like_the_tiny_model(smollm2_dir, tmp_path) -> None:
@@ -485,6 +509,63 @@ def test_two_gates_at_once_only_the_better_model_ends_as_champion(registered_sto
     assert results["2"][0] is True
     assert results["3"][0] is False and "does not beat champion v2" in results["3"][1]
     assert gate_lock_path() == tmp_path / "mlflow.gate.lock"
+
+
+def test_a_champion_judged_on_its_stored_series_must_still_load(registered_store, tmp_path, monkeypatch):
+    """On the same validation rows the gate pairs against the champion's stored daily RankIC instead of
+    re-scoring it, but it still loads it: a champion whose features are defined otherwise, or whose files
+    are corrupt, serves nothing, so a challenger replaces it (before, the stored score kept it champion
+    and `predictions` refused on every run). Corrupt files are a verdict; a filesystem fault is not."""
+    import errno
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from modeling import feature_registry, mlflow_registry
+    from modeling.champion_gate import champion_gate, champion_unloadable
+
+    store, _, _, good = registered_store
+    model_uri = _own_store(tmp_path, good, monkeypatch)
+    assert int(mlflow.register_model(model_uri, NAME).version) == 2
+    stored = _daily([0.05, 0.06, 0.05, 0.06, 0.05, 0.06])
+    client = MlflowClient()
+    client.set_model_version_tag(NAME, "1", "validation_rows_sha", "rows-key")
+    client.set_model_version_tag(NAME, "1", "val_daily_rank_ic", mlflow_registry.daily_to_tag(stored))
+
+    def never(uri: str) -> pd.Series:
+        raise AssertionError("the same rows: the stored series, no re-scoring")
+
+    def gate() -> dict:
+        return champion_gate(NAME, "2", stored, "rows-key", never, probe_champion=mlflow_registry.load_model)
+
+    kept = gate()  # as good as the champion, which loads: it stays
+    assert kept["promoted"] is False and "stored daily RankIC on the same rows" in kept["reason"]
+    assert mlflow_registry.alias_version(NAME, "champion") == "1"
+    # 1. a feature's SQL changed in the code: v1 no longer loads, so the stored score does not keep it
+    features = feature_registry.FEATURES
+    with monkeypatch.context() as patch:
+        changed = replace(features[2], sql=features[2].sql + " + 0")
+        patch.setattr(feature_registry, "FEATURES", (*features[:2], changed, *features[3:]))
+        replaced = gate()
+    assert replaced["promoted"] is True and mlflow_registry.alias_version(NAME, "champion") == "2"
+    assert "v1 can no longer be loaded (ModelUnloadableError" in replaced["reason"]
+    # the stored-series path as it was (no load): the unloadable champion stayed
+    client.set_registered_model_alias(NAME, "champion", "1")
+    with monkeypatch.context() as patch:
+        patch.setattr(feature_registry, "FEATURES", (*features[:2], changed, *features[3:]))
+        old = champion_gate(NAME, "2", stored, "rows-key", never)
+    assert old["promoted"] is False and mlflow_registry.alias_version(NAME, "champion") == "1"
+    # 2. a truncated head file: corrupt, so replaced, not a fault that fails every run
+    artifacts = mlflow.get_logged_model(model_uri.removeprefix("models:/")).artifact_location
+    (head,) = Path(artifacts.removeprefix("file://")).rglob("head.safetensors")
+    head.write_bytes(head.read_bytes()[: head.stat().st_size // 2])
+    corrupt = gate()
+    assert corrupt["promoted"] is True and "v1 can no longer be loaded (SafetensorError" in corrupt["reason"]
+    # what else counts as corrupt, and what does not
+    assert champion_unloadable(json.JSONDecodeError("Expecting value", "{", 1))
+    assert champion_unloadable(OSError("Can't load tokenizer for '/gone/tokenizer'"))  # a library's, no errno
+    assert not champion_unloadable(OSError(errno.EIO, "Input/output error"))  # the filesystem's moment
+    assert not champion_unloadable(ValueError("could not convert string to float"))
 
 
 def test_the_pyfunc_refuses_when_a_feature_is_defined_otherwise(registered_store, monkeypatch) -> None:
