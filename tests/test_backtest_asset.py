@@ -158,6 +158,23 @@ def test_a_period_inside_the_train_split_is_refused(market: Settings) -> None:
     assert "before the validation split" in str(failure.event_specific_data.error)
 
 
+def test_a_period_across_the_purge_or_into_live_dates_is_refused() -> None:
+    """The dates purged between validation and test (and live dates) have no labelled rows, so no window
+    forecasts them: a period holding one would skip it silently, its return lost to every book. Periods
+    within one split are kept whole."""
+    from pipeline.assets.backtest import BacktestConfig, _period
+
+    calendar = pd.bdate_range("2022-01-03", periods=30)
+    day = [str(d.date()) for d in calendar]
+    splits = {"train": [day[0], day[9]], "validation": [day[11], day[19]], "test": [day[21], day[27]]}
+    assert list(_period(calendar, splits, BacktestConfig())) == list(calendar[21:28])  # the test split
+    inside = BacktestConfig(period_start=day[12], period_end=day[18])
+    assert list(_period(calendar, splits, inside)) == list(calendar[12:19])
+    for start, end, gaps in ((day[15], day[24], day[20]), (day[22], day[29], f"{day[28]}, {day[29]}")):
+        with pytest.raises(ValueError, match=f"without labelled rows in the training set \\({gaps}\\)"):
+            _period(calendar, splits, BacktestConfig(period_start=start, period_end=end))
+
+
 def test_a_backbone_pretrained_into_the_period_is_refused(tmp_path: Path) -> None:
     """An embedded backbone kept from an earlier training set may have read prompts past today's train
     split: it must end before the period, and a publisher's backbone is not checked."""

@@ -6,6 +6,7 @@ import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from dagster import (
     AssetExecutionContext,
@@ -118,7 +119,8 @@ class BacktestConfig(Config):
 def _period(calendar: pd.DatetimeIndex, splits: dict, config: BacktestConfig) -> pd.DatetimeIndex:
     """The dates backtested; refused when they start before the validation split: the label scale and the
     bucket model every window reads are fit on the whole train split (and its labels reach into the purge
-    after it), so a window there would be judged with statistics of the dates it predicts."""
+    after it), so a window there would be judged with statistics of the dates it predicts. Refused too
+    when a date has no labelled rows (purged, or live): no model would forecast it."""
     lo = pd.Timestamp(config.period_start or splits["test"][0])
     first_out_of_train = pd.Timestamp(splits["validation"][0])
     if lo < first_out_of_train:
@@ -129,7 +131,23 @@ def _period(calendar: pd.DatetimeIndex, splits: dict, config: BacktestConfig) ->
             f"{first_out_of_train.date()}"
         )
     hi = pd.Timestamp(config.period_end or splits["test"][1])
-    return calendar[(calendar >= lo) & (calendar <= hi)]
+    period = calendar[(calendar >= lo) & (calendar <= hi)]
+    # every date must have labelled rows to forecast: the purged dates between validation and test have
+    # none (and live dates no label yet); a window would skip them and its book would lose their returns
+    labelled = np.zeros(len(period), dtype=bool)
+    for split in ("validation", "test"):
+        first, last = (pd.Timestamp(d) for d in splits[split])
+        labelled |= (period >= first) & (period <= last)
+    if not labelled.all():
+        gaps = [str(d.date()) for d in period[~labelled]]
+        raise ValueError(
+            f"the backtest period {lo.date()} .. {hi.date()} holds {len(gaps)} date(s) without labelled rows "
+            f"in the training set ({', '.join(gaps[:5])}{' ...' if len(gaps) > 5 else ''}): the dates purged "
+            f"between the validation and test splits, or live dates. Backtest within the validation split "
+            f"({splits['validation'][0]} .. {splits['validation'][1]}) or the test split "
+            f"({splits['test'][0]} .. {splits['test'][1]})"
+        )
+    return period
 
 
 def _refuse_leaky_backbone(source_kind: str, base_dir: Path, start: pd.Timestamp) -> str:
