@@ -33,8 +33,9 @@ import torch
 from modeling.backbones.common import load_tokenizer
 from modeling.baselines import BaselineConfig, fit_predict_baselines
 from modeling.data.corpus import train_sample
+from modeling.data.parquet_io import read_served_rows
 from modeling.evaluation import score_rows, split_horizon, split_rows
-from modeling.feature_registry import FEATURE_NAMES, MODEL_INPUT_COLUMNS
+from modeling.feature_registry import FEATURE_NAMES, MODEL_INPUT_COLUMNS, served_columns
 from modeling.job import ExperimentSpec, Outcome  # noqa: F401 (ExperimentSpec re-exported)
 from modeling.metrics import evaluate, paired_difference, per_date_correlation
 from modeling.model import LLMRegressor, load_regressor
@@ -57,10 +58,9 @@ METRIC_KEYS = (
 
 
 def feature_rows(training_set: Path) -> pd.DataFrame:
-    """The training set's model inputs and fwd_ret, one row per (date, symbol)."""
-    columns = [*MODEL_INPUT_COLUMNS, "fwd_ret"]
-    rows = pd.read_parquet(training_set, columns=columns)
-    return rows.drop_duplicates(["date", "symbol"]).reset_index(drop=True)
+    """The training set's model inputs (its stored percentiles included) and fwd_ret, one row per (date,
+    symbol)."""
+    return read_served_rows(training_set, ["fwd_ret"])
 
 
 def with_features(keys: pd.DataFrame, features: pd.DataFrame) -> pd.DataFrame:
@@ -174,18 +174,16 @@ def _verify_and_gate(
     from modeling import mlflow_registry
     from modeling.champion_gate import champion_gate
 
-    served_columns = list(MODEL_INPUT_COLUMNS)
+    served = served_columns(validation_rows.columns)  # with the stored percentiles
 
     def rescore(uri: str) -> pd.Series:
         champion = mlflow_registry.load_model(uri)
-        predicted = np.asarray(champion.predict(validation_rows[served_columns]), dtype=float)
+        predicted = np.asarray(champion.predict(validation_rows[served]), dtype=float)
         return per_date_correlation(validation_rows.assign(prediction=predicted), method="spearman")
 
     # what gets served is what was judged: the registered pyfunc must reproduce these predictions
     check = validation_rows.head(64)
-    served = np.asarray(
-        mlflow_registry.load_model(logged["model_uri"]).predict(check[served_columns]), dtype=float
-    )
+    served = np.asarray(mlflow_registry.load_model(logged["model_uri"]).predict(check[served]), dtype=float)
     gap = float(np.max(np.abs(served - check["prediction"].to_numpy(float)))) if len(check) else 0.0
     if not gap <= 1e-4 * max(1.0, float(np.abs(served).max(initial=0.0))):
         raise RuntimeError(

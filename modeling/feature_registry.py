@@ -184,6 +184,19 @@ FEATURES: tuple[FeatureSpec, ...] = (
 FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
 MODEL_INPUT_COLUMNS: tuple[str, ...] = ("date", "symbol", "sector", *FEATURE_NAMES)
 """What the served model reads per row (the pyfunc's input; `sector` optional there)."""
+PERCENTILE_SUFFIX = "_pct"
+"""Column suffix of precomputed prompt percentiles (`modeling.prompt.PromptBuilder.with_percentiles`)."""
+PERCENTILE_COLUMNS: tuple[str, ...] = tuple(name + PERCENTILE_SUFFIX for name in FEATURE_NAMES)
+"""The training set's prompt percentiles, ranked on each date's whole universe: the served model's
+optional input, so that a percentile model scores the prompts it was judged on whatever rows a call
+holds (without them it ranks the rows of each date it is given)."""
+
+
+def served_columns(available: Sequence[str]) -> list[str]:
+    """The model's input columns, with the stored percentiles among `available` (a training set's)."""
+    return [*MODEL_INPUT_COLUMNS, *(c for c in PERCENTILE_COLUMNS if c in set(available))]
+
+
 FEATURES_BY_NAME: dict[str, FeatureSpec] = {f.name: f for f in FEATURES}
 
 # Trading rows of history a symbol needs before every feature is defined: ret_60d and vol_60d read

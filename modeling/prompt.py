@@ -27,7 +27,7 @@ import pandas as pd
 
 from modeling.data.synthetic import SECTORS
 from modeling.errors import ModelUnloadableError
-from modeling.feature_registry import FEATURES, FeatureSpec, registry_fingerprint
+from modeling.feature_registry import FEATURES, PERCENTILE_SUFFIX, FeatureSpec, registry_fingerprint
 
 _PLACEHOLDER = "\u0000user-content\u0000"
 
@@ -60,8 +60,6 @@ DEFAULT_LAYOUT = "inline"
 """The default of the prompt corpus and of the embedded backbone's pretraining prompts."""
 MIN_PERCENTILE_NAMES = 20
 """A percentile is a rank among the stocks of a date: fewer names than this make it meaningless."""
-PERCENTILE_SUFFIX = "_pct"
-"""Column suffix of precomputed percentiles (`PromptBuilder.with_percentiles`)."""
 
 
 def cross_section_percentiles(frame: pd.DataFrame, names: list[str]) -> np.ndarray:

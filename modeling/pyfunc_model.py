@@ -25,7 +25,7 @@ from mlflow.models import ModelSignature, set_model
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema
 
-from modeling.feature_registry import FEATURE_NAMES
+from modeling.feature_registry import FEATURE_NAMES, PERCENTILE_COLUMNS
 
 
 class RegressorPyfunc(PythonModel):
@@ -97,10 +97,13 @@ def predict_batch_size(value: str | None, default: int) -> int:
 
 
 def signature() -> ModelSignature:
-    """Input: date, symbol, the 16 features, optional sector; output: one double per row."""
+    """Input: date, symbol, the 16 features, optional sector and optional stored percentiles (the
+    training set's `<feature>_pct`, which a percentile-prompt model reads instead of ranking the rows it
+    is given); output: one double per row."""
     inputs = [ColSpec("datetime", "date"), ColSpec("string", "symbol")]
     inputs += [ColSpec("double", name) for name in FEATURE_NAMES]
     inputs.append(ColSpec("string", "sector", required=False))
+    inputs += [ColSpec("double", name, required=False) for name in PERCENTILE_COLUMNS]
     return ModelSignature(inputs=Schema(inputs), outputs=Schema([ColSpec("double")]))
 
 

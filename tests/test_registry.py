@@ -171,7 +171,7 @@ def test_a_worse_model_never_moves_the_champion(registered_store) -> None:
     MlflowClient().set_model_version_tag(NAME, "1", "train_end", "2021-02-05")
     gate = champion_gate(NAME, "2", _daily([-0.5, -0.4]), "k", rescore, validation_start="2021-02-01")
     assert gate["promoted"] is True and "inside the validation period" in gate["reason"]
-    gate = champion_gate(NAME, "1", _daily([1.0, 0.9]), "k", rescore, new_tags={"horizon": 5})
+    gate = champion_gate(NAME, "1", champion_daily + 0.5, "k", rescore, new_tags={"horizon": 5})
     assert mlflow_registry.alias_version(NAME, "champion") == "1"  # restored for the other tests
 
 
@@ -591,6 +591,79 @@ def test_the_pyfunc_refuses_when_a_feature_is_defined_otherwise(registered_store
         mlflow_registry.load_model(f"models:/{NAME}/1")
     assert champion_unloadable(raised.value)
     assert "trained on features defined otherwise" in str(raised.value)
+
+
+def test_a_percentile_model_serves_the_stored_percentiles_whatever_rows_a_call_holds(
+    tiny_base_model, monkeypatch
+) -> None:
+    """A percentile-prompt model was judged on percentiles ranked on each date's whole universe (stored in
+    the training set). Served the stored `<feature>_pct` columns, it renders those prompts for any subset
+    of a date's rows; without them it ranks the rows it is given: other prompts on 25 of 30 names, and a
+    refusal on 5 (before, the registration check's 64 rows always took that path and failed)."""
+    from modeling import inference, pyfunc_model
+    from modeling.feature_registry import PERCENTILE_COLUMNS, served_columns
+    from modeling.prompt import PromptBuilder, PromptDataError
+
+    builder = PromptBuilder(number_format="percentile")
+    rows = make_training_set(n_dates=1, n_symbols=30, seed=5)
+    whole = builder.with_percentiles(rows)  # as the training set stores them: the date's whole universe
+    whole = whole.astype({c: "float64" for c in PERCENTILE_COLUMNS})
+    tokenizer = load_tokenizer(tiny_base_model)
+    judged = builder.render_batch(whole, tokenizer)
+    seen: list[list[str]] = []
+
+    def capture(model, tok, prompts, batch_size):  # the forward is not what is tested
+        seen.append(list(prompts))
+        return np.zeros(len(prompts))
+
+    monkeypatch.setattr(inference, "predict_prompts", capture)
+    served = pyfunc_model.RegressorPyfunc()
+    served.builder, served.tokenizer, served.model, served.batch_size = builder, tokenizer, None, 8
+    columns = served_columns(whole.columns)
+    assert set(PERCENTILE_COLUMNS) <= set(columns)
+    for subset in (slice(0, 5), slice(3, 28)):
+        served.predict(None, whole.iloc[subset][columns])
+        assert seen.pop() == judged[subset]
+    plain = [c for c in columns if c not in PERCENTILE_COLUMNS]
+    served.predict(None, whole.iloc[3:28][plain])  # ranked among the 25 it was given
+    assert sum(a != b for a, b in zip(seen.pop(), judged[3:28], strict=True)) > 0
+    with pytest.raises(PromptDataError, match="has 5 rows"):
+        served.predict(None, whole.iloc[:5][plain])
+    optional = {c.name for c in pyfunc_model.signature().inputs.inputs if not c.required}
+    assert optional == {"sector", *PERCENTILE_COLUMNS}
+
+
+def test_the_registered_model_takes_the_stored_percentiles_as_optional_input(
+    registered_store, monkeypatch
+) -> None:
+    """MLflow's schema enforcement passes the optional percentile columns (floats, NaN on a thin date)
+    through to the model: a value-prompt model ignores them, and a percentile-prompt one (the loaded
+    model's builder switched) renders its prompts from them on 5 rows of a date, which it could not rank."""
+    import mlflow
+
+    from modeling import inference, mlflow_registry
+    from modeling.feature_registry import PERCENTILE_COLUMNS, served_columns
+    from modeling.prompt import PromptBuilder
+
+    store, *_ = registered_store
+    mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
+    model = mlflow_registry.load_model(f"models:/{NAME}/1")
+    rows = make_training_set(n_dates=3, n_symbols=6, seed=2)[list(MODEL_INPUT_COLUMNS)]
+    pct = {c: np.where(np.arange(len(rows)) % 4 == 0, np.nan, 50.0) for c in PERCENTILE_COLUMNS}
+    np.testing.assert_array_equal(model.predict(rows.assign(**pct)), model.predict(rows))
+    served = model.unwrap_python_model()
+    builder = served.builder = PromptBuilder(number_format="percentile")
+    whole = builder.with_percentiles(make_training_set(n_dates=1, n_symbols=30, seed=5))
+    whole = whole.astype({c: "float64" for c in PERCENTILE_COLUMNS})
+    seen: list[list[str]] = []
+
+    def capture(net, tok, prompts, batch_size):
+        seen.append(list(prompts))
+        return np.zeros(len(prompts))
+
+    monkeypatch.setattr(inference, "predict_prompts", capture)
+    model.predict(whole.head(5)[served_columns(whole.columns)])
+    assert seen == [builder.render_batch(whole, served.tokenizer)[:5]]
 
 
 def test_the_served_batch_size_comes_from_its_variable_or_a_clear_error() -> None:

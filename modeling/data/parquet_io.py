@@ -59,6 +59,18 @@ def read_parquet_metadata(path: Path) -> dict:
     return json.loads(raw) if raw else {}
 
 
+def read_served_rows(path: Path, columns: list[str], filters: list | None = None) -> pd.DataFrame:
+    """`columns` of a training set and the model's served inputs (`served_columns`: the features and the
+    stored percentiles it has, as floats: NaN where a date is too thin to rank), one row per (date,
+    symbol)."""
+    from modeling.feature_registry import PERCENTILE_COLUMNS, served_columns
+
+    wanted = list(dict.fromkeys([*served_columns(pq.read_schema(path).names), *columns]))
+    rows = pd.read_parquet(path, columns=wanted, filters=filters)
+    rows = rows.astype({c: "float64" for c in PERCENTILE_COLUMNS if c in rows})
+    return rows.drop_duplicates(["date", "symbol"]).reset_index(drop=True)
+
+
 def sql_string(value: str) -> str:
     """`value` as a SQL string literal (quotes doubled), e.g. a file path under any DATA_DIR."""
     return "'" + value.replace("'", "''") + "'"

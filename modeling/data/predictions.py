@@ -15,8 +15,8 @@ import duckdb
 import numpy as np
 import pandas as pd
 
+from modeling.data.parquet_io import read_served_rows
 from modeling.data.tables import table_exists
-from modeling.feature_registry import MODEL_INPUT_COLUMNS
 from modeling.metrics import assign_quantiles
 
 PREDICTIONS_TABLE = "predictions"
@@ -26,10 +26,8 @@ COLUMNS = ("date", "symbol", "prediction", "rank", "decile", "model_version")
 def live_rows(training_set_path: str | Path) -> pd.DataFrame:
     """The training set's live rows: universe members with features on the dates without a label yet
     (the model's input columns, one row per (date, symbol))."""
-    rows = pd.read_parquet(
-        training_set_path, columns=[*MODEL_INPUT_COLUMNS, "split"], filters=[("split", "=", "live")]
-    )
-    return rows.drop(columns=["split"]).drop_duplicates(["date", "symbol"]).reset_index(drop=True)
+    rows = read_served_rows(Path(training_set_path), ["split"], filters=[("split", "=", "live")])
+    return rows.drop(columns=["split"])
 
 
 def rank_predictions(frame: pd.DataFrame, model_version: str) -> pd.DataFrame:

@@ -8,7 +8,7 @@ from modeling.data.predictions import (
     rows_to_publish,
     write_predictions,
 )
-from modeling.feature_registry import MODEL_INPUT_COLUMNS
+from modeling.feature_registry import served_columns
 from pipeline.metadata import frame_markdown, relation_metadata
 from pipeline.resources import WAREHOUSE_POOL, MlflowResource, StorageResource, WarehouseResource
 
@@ -53,7 +53,7 @@ def predictions(
         raise ValueError("the training set has no live rows (dates without a label) to predict")
     # by number, not by alias: a promotion between the two calls cannot mislabel the rows
     model = mlflow_registry.load_model(f"models:/{mlflow.registry_name}/{version}")
-    scored = rows.assign(prediction=model.predict(rows[list(MODEL_INPUT_COLUMNS)]))
+    scored = rows.assign(prediction=model.predict(rows[served_columns(rows.columns)]))
     table = rank_predictions(scored, version)
     with warehouse.get_connection() as con:
         fresh = rows_to_publish(con, table)
