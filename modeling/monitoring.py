@@ -14,7 +14,8 @@ and the realised return are joined and summarised per (date, model_version):
 - `n_names`: the names with both a forecast and a realised return.
 
 Rolling means over the last 20 and 60 realised dates (`<metric>_mean_20`, `<metric>_mean_60`, with
-`n_dates_20` / `n_dates_60` saying how many dates each window holds) follow the serving track record:
+`rank_ic_se_20` / `rank_ic_se_60` the standard error of the RankIC's mean and `n_dates_20` /
+`n_dates_60` the dates with a RankIC in the window) follow the serving track record:
 each date counts with the model that served it, whichever version that was.
 
 The decay rule (`decay_verdict`) judges the current champion on its *own* realised dates only: the mean
@@ -49,6 +50,7 @@ DAILY_COLUMNS = ("date", "model_version", "n_names", "ic", "rank_ic", "decile_sp
 PERFORMANCE_COLUMNS = (
     *DAILY_COLUMNS,
     *(f"{metric}_mean_{w}" for w in ROLLING_WINDOWS for metric in ROLLED_METRICS),
+    *(f"rank_ic_se_{w}" for w in ROLLING_WINDOWS),
     *(f"n_dates_{w}" for w in ROLLING_WINDOWS),
 )
 
@@ -99,20 +101,29 @@ def daily_performance(realised: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()[list(DAILY_COLUMNS)]
 
 
-def with_rolling_means(daily: pd.DataFrame, windows: tuple[int, ...] = ROLLING_WINDOWS) -> pd.DataFrame:
+def with_rolling_means(
+    daily: pd.DataFrame, windows: tuple[int, ...] = ROLLING_WINDOWS, horizon: int = 1
+) -> pd.DataFrame:
     """`daily` sorted by date, with the mean of each metric over the last w realised dates (dates where
-    the metric is undefined are skipped inside the window) and the number of dates in the window."""
+    the metric is undefined are skipped inside the window), the standard error of the RankIC's mean
+    (`window_mean_se` at the label `horizon`, as the decay rule takes it) and the number of dates with a
+    RankIC in the window."""
     out = daily.sort_values("date").reset_index(drop=True)
+    rank_ic = out["rank_ic"].to_numpy(float)
     for w in windows:
         for metric in ROLLED_METRICS:
             out[f"{metric}_mean_{w}"] = out[metric].rolling(w, min_periods=1).mean()
-        out[f"n_dates_{w}"] = out["date"].rolling(w, min_periods=1).count().astype("int64")
+        windows_ric = [rank_ic[max(0, i - w + 1) : i + 1] for i in range(len(out))]
+        defined = [x[np.isfinite(x)] for x in windows_ric]
+        out[f"rank_ic_se_{w}"] = [window_mean_se(x, horizon) if len(x) > 1 else np.nan for x in defined]
+        out[f"n_dates_{w}"] = np.array([len(x) for x in defined], dtype="int64")
     return out
 
 
-def performance_table(predictions: pd.DataFrame, outcomes: pd.DataFrame) -> pd.DataFrame:
-    """The whole `prediction_performance` table from the forecasts and the realised returns."""
-    table = with_rolling_means(daily_performance(realised_forecasts(predictions, outcomes)))
+def performance_table(predictions: pd.DataFrame, outcomes: pd.DataFrame, horizon: int = 1) -> pd.DataFrame:
+    """The whole `prediction_performance` table from the forecasts and the realised returns (`horizon`:
+    the label's, for the rolling RankIC's standard error)."""
+    table = with_rolling_means(daily_performance(realised_forecasts(predictions, outcomes)), horizon=horizon)
     return table[list(PERFORMANCE_COLUMNS)]
 
 
@@ -122,16 +133,14 @@ def write_performance(con: duckdb.DuckDBPyConnection, table: pd.DataFrame) -> di
     changed; a re-run with nothing new reports (and writes) the same rows."""
     numeric = ", ".join(f"{c} DOUBLE" for c in PERFORMANCE_COLUMNS[3:] if not c.startswith("n_dates"))
     counts = ", ".join(f"n_dates_{w} BIGINT" for w in ROLLING_WINDOWS)
-    con.execute(
-        f"CREATE TABLE IF NOT EXISTS {PERFORMANCE_TABLE} "
-        f"(date TIMESTAMP, model_version VARCHAR, n_names BIGINT, {numeric}, {counts})"
-    )
+    schema = f"(date TIMESTAMP, model_version VARCHAR, n_names BIGINT, {numeric}, {counts})"
+    con.execute(f"CREATE TABLE IF NOT EXISTS {PERFORMANCE_TABLE} {schema}")
     before = con.execute(f"SELECT * FROM {PERFORMANCE_TABLE}").df()
     con.register("_new_performance", table)
     try:
         con.execute("BEGIN TRANSACTION")
-        try:
-            con.execute(f"DELETE FROM {PERFORMANCE_TABLE}")
+        try:  # recreated, not emptied: a table of an earlier version may lack a column
+            con.execute(f"CREATE OR REPLACE TABLE {PERFORMANCE_TABLE} {schema}")
             con.execute(
                 f"INSERT INTO {PERFORMANCE_TABLE} "
                 f"SELECT {', '.join(PERFORMANCE_COLUMNS)} FROM _new_performance"
@@ -161,6 +170,8 @@ def _changed_dates(before: pd.DataFrame, after: pd.DataFrame) -> int:
         return 0
     differs = merged["model_version"].astype(str) != merged["model_version_old"].astype(str)
     for col in PERFORMANCE_COLUMNS[2:]:
+        if f"{col}_old" not in merged:  # a column the earlier table version did not have
+            continue
         a, b = merged[col].to_numpy(float), merged[f"{col}_old"].to_numpy(float)
         differs |= ~(np.isclose(a, b, rtol=0.0, atol=1e-12) | (np.isnan(a) & np.isnan(b)))
     return int(differs.sum())

@@ -89,8 +89,15 @@ def test_rolling_means_cover_the_last_20_and_60_dates() -> None:
     assert out["rank_ic_mean_20"].iloc[-1] == pytest.approx(np.nanmean(ordered[-20:]), abs=1e-12)
     assert out["rank_ic_mean_60"].iloc[-1] == pytest.approx(np.nanmean(ordered), abs=1e-12)
     assert out["rank_ic_mean_20"].iloc[0] == pytest.approx(ordered[0])
-    assert list(out["n_dates_20"].iloc[[0, 19, 24]]) == [1, 20, 20]
-    assert out["n_dates_60"].iloc[-1] == 25
+    # the dates with a RankIC in each window (the NaN date sits at position 21 in date order)
+    assert list(out["n_dates_20"].iloc[[0, 19, 24]]) == [1, 20, 19]
+    assert out["n_dates_60"].iloc[-1] == 24
+    # the SE of each window's mean RankIC, by hand: std (ddof 1) / sqrt(n) over its defined dates at h = 1
+    last20 = ordered[-20:][np.isfinite(ordered[-20:])]
+    assert out["rank_ic_se_20"].iloc[-1] == pytest.approx(np.std(last20, ddof=1) / np.sqrt(19), rel=1e-12)
+    assert np.isnan(out["rank_ic_se_20"].iloc[0])  # one date: no spread to take
+    at_h5 = with_rolling_means(daily, horizon=5)["rank_ic_se_60"].iloc[-1]
+    assert at_h5 >= out["rank_ic_se_60"].iloc[-1] * np.sqrt(5) - 1e-12  # overlapping labels: wider
 
 
 def test_writing_the_same_table_twice_changes_nothing(tmp_path: Path) -> None:
@@ -105,6 +112,10 @@ def test_writing_the_same_table_twice_changes_nothing(tmp_path: Path) -> None:
     revised = performance_table(predictions, outcomes.assign(fwd_ret=RET[::-1]))  # a revised return
     assert write_performance(con, revised)["changed_dates"] == 1
     assert con.execute("SELECT count(*) FROM prediction_performance").fetchone()[0] == 1
+    # a table written by the earlier version (no rank_ic_se columns) is recreated with them in the write
+    con.execute("ALTER TABLE prediction_performance DROP COLUMN rank_ic_se_20")
+    assert write_performance(con, table) == {"dates": 1, "new_dates": 0, "changed_dates": 1}
+    assert list(con.execute("SELECT * FROM prediction_performance").df().columns) == list(PERFORMANCE_COLUMNS)
 
 
 def test_the_decay_floor_and_verdict() -> None:
@@ -251,9 +262,12 @@ def _serve(
     rows["prediction"] = rng.normal(size=len(rows))
     write_predictions(con, rank_predictions(rows, version))
     outcomes = rows.assign(fwd_ret=0.01 * (sign * rows["prediction"] + 0.5 * rng.normal(size=len(rows))))
-    con.execute("CREATE TABLE IF NOT EXISTS features (date TIMESTAMP, symbol VARCHAR, fwd_ret DOUBLE)")
+    con.execute(
+        "CREATE TABLE IF NOT EXISTS features "
+        "(date TIMESTAMP, symbol VARCHAR, fwd_ret DOUBLE, fwd_horizon INTEGER)"
+    )
     con.register("_o", outcomes[["date", "symbol", "fwd_ret"]])
-    con.execute("INSERT INTO features SELECT * FROM _o")
+    con.execute("INSERT INTO features SELECT *, 1 FROM _o")
     con.unregister("_o")
 
 

@@ -3,11 +3,17 @@ from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, ass
 
 from modeling.data.features import FEATURES_TABLE
 from modeling.data.predictions import PREDICTIONS_TABLE
-from modeling.monitoring import PERFORMANCE_TABLE, performance_table, realised_rank_ic_png, write_performance
+from modeling.monitoring import (
+    PERFORMANCE_TABLE,
+    ROLLING_WINDOWS,
+    performance_table,
+    realised_rank_ic_png,
+    write_performance,
+)
 from pipeline.metadata import frame_markdown, png_markdown
 from pipeline.resources import WAREHOUSE_POOL, StorageResource, WarehouseResource
 
-PREDICTION_PERFORMANCE_CODE_VERSION = "prediction-performance-v1"
+PREDICTION_PERFORMANCE_CODE_VERSION = "prediction-performance-v2"
 
 
 def read_forecasts_and_outcomes(con) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -42,7 +48,9 @@ def prediction_performance(
     the same rows."""
     with warehouse.get_connection() as con:
         predictions, outcomes = read_forecasts_and_outcomes(con)
-        table = performance_table(predictions, outcomes)
+        # the realised returns' horizon (the features table's label), for the rolling RankIC's SE
+        horizon = con.execute(f"SELECT max(fwd_horizon) FROM {FEATURES_TABLE}").fetchone()[0] or 1
+        table = performance_table(predictions, outcomes, int(horizon))
         counts = write_performance(con, table)
     png = realised_rank_ic_png(table, storage.reports_dir / "prediction_performance.png")
     latest = table.tail(1)
@@ -60,12 +68,17 @@ def prediction_performance(
             "forecast_dates": MetadataValue.int(int(predictions["date"].nunique())),
             "new_dates": MetadataValue.int(counts["new_dates"]),
             "changed_dates": MetadataValue.int(counts["changed_dates"]),
-            "rank_ic_mean_20": MetadataValue.float(
-                float(latest["rank_ic_mean_20"].iloc[0]) if len(latest) else float("nan")
-            ),
-            "rank_ic_mean_60": MetadataValue.float(
-                float(latest["rank_ic_mean_60"].iloc[0]) if len(latest) else float("nan")
-            ),
+            **{
+                f"{column}_{w}": MetadataValue.float(
+                    float(latest[f"{column}_{w}"].iloc[0]) if len(latest) else float("nan")
+                )
+                for w in ROLLING_WINDOWS
+                for column in ("rank_ic_mean", "rank_ic_se")
+            },
+            **{
+                f"n_dates_{w}": MetadataValue.int(int(latest[f"n_dates_{w}"].iloc[0]) if len(latest) else 0)
+                for w in ROLLING_WINDOWS
+            },
             "realised_rank_ic": png_markdown(png, "realised RankIC over time"),
             "table": MetadataValue.text(PERFORMANCE_TABLE),
         }
