@@ -195,12 +195,16 @@ def paired_rank_ic(
     return paired_difference(frame, model, baseline, ret, horizon).to_dict()
 
 
-def rank_ic_by_month(frame: pd.DataFrame, models: list[str], ret: str = "label") -> pd.DataFrame:
-    """Mean daily RankIC per calendar month (rows) and model (columns)."""
+def rank_ic_by_month(
+    frame: pd.DataFrame, models: list[str], ret: str = "label", horizon: int = 1, cells: bool = False
+) -> pd.DataFrame:
+    """Mean daily RankIC per calendar month (rows) and model (columns); `cells`: each as its mean ± SE
+    (Newey-West, lag h - 1) and number of dates, the table a reader gets (the plot takes the means)."""
     out = {}
     for model in models:
         ric = per_date_correlation(frame, model, ret, "spearman")
-        out[model] = ric.groupby(ric.index.to_period("M")).mean()
+        months = ric.groupby(ric.index.to_period("M"))
+        out[model] = months.agg(lambda x: str(DailyMean.of(x, horizon - 1))) if cells else months.mean()
     table = pd.DataFrame(out)
     table.index = table.index.astype(str)
     return table
@@ -344,6 +348,9 @@ class BacktestAnalysis:
     paired: dict[str, dict[str, dict[str, float]]]
     """paired[model][baseline]: the daily RankIC difference model - baseline (delta, se, t, n_dates)."""
     by_month: pd.DataFrame
+    """Per calendar month (rows) and model (columns): the mean daily RankIC (the plot's)."""
+    by_month_cells: pd.DataFrame
+    """The same months as "mean ± SE (n dates)" (the metadata's)."""
     daily: dict[str, pd.DataFrame]
     """Per model: `portfolio_returns`."""
     portfolio: dict[str, dict[str, float]]
@@ -409,6 +416,7 @@ def analyse(
         signal=signal_summary(frame, models, horizon=horizon),
         paired=paired,
         by_month=rank_ic_by_month(frame, models),
+        by_month_cells=rank_ic_by_month(frame, models, horizon=horizon, cells=True),
         daily=daily,
         portfolio={model: portfolio_metrics(d) for model, d in daily.items()},
     )

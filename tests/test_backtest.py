@@ -18,6 +18,7 @@ from modeling.backtest import (
     signal_summary,
     topk_dropout_holdings,
 )
+from modeling.metrics import per_date_correlation
 
 SYMBOLS = list("ABCDEF")
 SCORES = [  # forecasts of days 1..3
@@ -176,6 +177,12 @@ def test_planted_signal_scores_near_one_and_earns_a_large_excess_return() -> Non
     assert metrics["excess_return_with_cost.information_ratio"] > 5
     by_month = rank_ic_by_month(frame, ["m"])
     assert len(by_month) == 6 and (by_month["m"] > 0.99).all()
+    # the reader's table: each month's mean with its SE and dates, by hand from the daily RankICs
+    cells = rank_ic_by_month(frame, ["m"], cells=True)
+    ric = per_date_correlation(frame, "m", "label", "spearman")
+    month = ric[ric.index.to_period("M") == pd.Period(cells.index[0])]
+    se = np.std(month, ddof=1) / np.sqrt(len(month))
+    assert cells.loc[cells.index[0], "m"] == f"{month.mean():.4f} ± {se:.4f} ({len(month)} dates)"
 
 
 def test_shuffled_labels_have_no_rank_ic_and_no_excess_return_after_cost() -> None:
@@ -307,8 +314,6 @@ def test_the_feature_mlp_is_a_function_of_its_rows_and_seed_alone() -> None:
 def test_the_signal_summary_gives_each_rank_ic_its_standard_error() -> None:
     frame, _ = _planted(2, shuffle=True)
     summary = signal_summary(frame, ["m"])
-    from modeling.metrics import per_date_correlation
-
     daily = per_date_correlation(frame, "m", "label", "spearman")
     assert summary.loc["m", "RankIC_se"] == pytest.approx(daily.std(ddof=1) / np.sqrt(len(daily)), rel=1e-9)
 

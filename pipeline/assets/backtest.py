@@ -30,7 +30,7 @@ from modeling.data.backtest_store import (
 )
 from modeling.data.features import FEATURES_TABLE
 from modeling.data.parquet_io import read_parquet_metadata, snapshot_files, write_parquet_atomic
-from modeling.metrics import per_date_correlation
+from modeling.metrics import DailyMean, per_date_correlation
 from modeling.profiles import PROFILES, apply_overrides
 from modeling.prompt import PromptBuilder
 from modeling.report_plots import backtest_png
@@ -179,13 +179,16 @@ def _train_window(
 
 
 def _window_run(
-    k: int, report: dict, forecasts: pd.DataFrame, labels: pd.DataFrame, models: list[str]
+    k: int, report: dict, forecasts: pd.DataFrame, labels: pd.DataFrame, models: list[str], horizon: int
 ) -> dict:
-    """A window's nested MLflow run: its dates as params; timings and each model's RankIC as metrics."""
+    """A window's nested MLflow run: its dates as params; timings and each model's RankIC, with its
+    standard error (Newey-West, lag h - 1) and number of dates, as metrics."""
     rows = forecasts[forecasts["window"] == k].merge(labels, on=["date", "symbol"])
     metrics = {m: v for m, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     for model in models:
-        metrics[f"{model}/RankIC"] = float(per_date_correlation(rows, model, "label", "spearman").mean())
+        stats = DailyMean.of(per_date_correlation(rows, model, "label", "spearman"), horizon - 1)
+        metrics.update({f"{model}/RankIC": stats.mean, f"{model}/RankIC_se": stats.se})
+        metrics[f"{model}/n_dates"] = stats.n_dates
     params = {part: report[part] for part in ("train", "validation", "predict")}
     return {"window": k, "params": params, "metrics": metrics}
 
@@ -366,7 +369,9 @@ def _metadata(run: _BacktestRun, forecasts, analysis, done: dict, trained: list[
         "run_id": MetadataValue.text(run.run_id),
         "table": MetadataValue.text(BACKTEST_TABLE),
         "comparison": MetadataValue.md(frame_markdown(analysis.table(), 4)),
-        "rank_ic_by_month": MetadataValue.md(frame_markdown(analysis.by_month.reset_index(names="month"), 4)),
+        "rank_ic_by_month": MetadataValue.md(
+            frame_markdown(analysis.by_month_cells.reset_index(names="month"))
+        ),
         "windows": MetadataValue.md(frame_markdown(_windows_table(done), 4)),
         "windows_trained": MetadataValue.json(trained),
         "windows_reused": MetadataValue.json(sorted(set(done) - set(trained))),
@@ -444,7 +449,7 @@ def backtest(
             "backbone": run.backbone_note,
         },
         analysis=analysis,
-        windows=[_window_run(k, r, forecasts, labels, models) for k, r in sorted(done.items())],
+        windows=[_window_run(k, r, forecasts, labels, models, run.horizon) for k, r in sorted(done.items())],
         png=png,
         portfolio=portfolio,
     )
