@@ -27,7 +27,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -213,9 +213,19 @@ def same_key_median_pruner(n_startup_trials: int = 2):
     return SameKeyMedianPruner()
 
 
-def _open_study(storage_path: Path, study_name: str, seed: int):
-    """The Optuna study in SQLite (created or resumed): TPE sampler, the median pruner over trials judged
-    on the same rows and settings, heartbeats."""
+def study_key(study_name: str, space: SearchSpace) -> str:
+    """The stored study of `study_name` over `space`: Optuna refuses a categorical whose choices differ
+    from the stored trials' (another `steps`, `batch_sizes` or `losses`), so each space keeps its own
+    study; the default space keeps the plain name."""
+    from modeling.backbones.files import build_key
+
+    return study_name if space == SearchSpace() else f"{study_name}-{build_key(asdict(space))[:12]}"
+
+
+def _open_study(storage_path: Path, study_name: str, seed: int, space: SearchSpace = SearchSpace()):
+    """The Optuna study in SQLite (created or resumed; `study_key`): TPE sampler, the median pruner over
+    trials judged on the same rows and settings, heartbeats. The sampler's seed moves on with the trials
+    already stored, so a resumed search does not replay the random start-up draws of the run before."""
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
@@ -226,14 +236,15 @@ def _open_study(storage_path: Path, study_name: str, seed: int):
         grace_period=90,
         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
     )
-    return optuna.create_study(
-        study_name=study_name,
+    study = optuna.create_study(
+        study_name=study_key(study_name, space),
         storage=storage,
         load_if_exists=True,
         direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=5),
         pruner=same_key_median_pruner(n_startup_trials=2),
     )
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials), n_startup_trials=5)
+    return study
 
 
 def _best_on_every_date(
@@ -272,10 +283,13 @@ def judging_key(template: TrainJob, objective_dates: int | None, bucket_config: 
     so only trials with the current key are ranked against each other."""
     from modeling.backbones.files import build_key, file_sha256, model_fingerprint
 
-    job = {k: v for k, v in template.to_dict().items() if k != "output_dir"}
+    # the inputs by content, not by path: a run trains on its own snapshot of them
+    paths = ("output_dir", "corpus_path", "training_set_path")
+    job = {k: v for k, v in template.to_dict().items() if k not in paths}
     return build_key(
         {
             "corpus": file_sha256(template.corpus_path),
+            "training_set": file_sha256(template.training_set_path) if template.training_set_path else None,
             "base_model": model_fingerprint(template.base_model_dir),
             "job": job,
             "buckets": bucket_config,
@@ -357,7 +371,7 @@ def run_search(
     horizon = int(template.prompt.get("horizon", 1))
     import optuna
 
-    study = _open_study(storage_path, study_name, seed)
+    study = _open_study(storage_path, study_name, seed, space)
     # a killed search left its running trial RUNNING: optimize() fails it (no heartbeat for grace_period)
     # and RetryHeartbeatStaleTrialCallback queues it again with the same parameters
     reweight = bucket_config is not None and bucket_config.get("mode", "weight") == "weight"

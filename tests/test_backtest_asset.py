@@ -133,6 +133,14 @@ def test_a_killed_backtest_resumes_and_a_rerun_recomputes_nothing(market: Settin
     # each window's training process reported its numbers back through Pipes
     for child in children:
         assert child.data.metrics["train_rows"] > 0 and child.data.metrics["score_rows_per_s"] > 0
+        # and each model's RankIC of the window comes with its SE and its number of dates (step 12; a
+        # model with a constant forecast on a date has no RankIC there, and no SE below 2 dates: NaN
+        # metrics are not logged)
+        window = child.data.metrics
+        assert 2 <= window["llm/n_dates"] <= BACKTEST_CONFIG["step"] and window["llm/RankIC_se"] > 0
+        for model in MODELS:
+            assert (f"{model}/RankIC_se" in window) == (window[f"{model}/n_dates"] >= 2), model
+    assert "± " in meta["rank_ic_by_month"] and " dates)" in meta["rank_ic_by_month"]
 
     again = _backtest(market, BACKTEST_CONFIG)
     meta2 = {
@@ -226,6 +234,9 @@ def test_the_search_asset_stores_its_study_and_writes_the_best_settings(market: 
     assert best["best_val_rank_ic_se"] > 0 and best["best_params"] == meta["best_params"]
     assert (best["best_params"]["max_steps"], best["best_params"]["batch_size"]) == (6, 8)  # the space given
     assert meta["trials"].count("\n") >= 3  # header, rule and a row per trial
+    # the run trained on its own snapshot of the inputs, in the study of its (non-default) space
+    assert list((market.data_dir / "runs" / "search").glob("*/inputs/prompt_corpus.parquet"))
+    assert best["study"].startswith("regressor-search-") and best["study"] != "regressor-search"
     assert search(1)["n_trials_in_study"] == 3  # the study is stored: a new run adds to it
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,14 @@ from modeling.buckets import BucketConfig
 from modeling.model import HeadConfig, RegressorConfig
 from modeling.profiles import PROFILES, apply_overrides
 from modeling.prompt import PromptBuilder
-from modeling.search import SearchSpace, best_params_to_overrides, run_search, trial_job, with_date_groups
+from modeling.search import (
+    SearchSpace,
+    best_params_to_overrides,
+    run_search,
+    study_key,
+    trial_job,
+    with_date_groups,
+)
 from modeling.train import TrainConfig, TrainJob
 
 SPACE = SearchSpace(
@@ -49,7 +56,7 @@ def test_three_trials_then_a_fourth_resumes_the_stored_study(
     assert first.n_new_trials == 3 and len(first.trials) == 3
     resumed = run_search(template, storage, "study", 1, None, tmp_path / "search", **kwargs)
     assert resumed.n_new_trials == 1 and list(resumed.trials["number"]) == [0, 1, 2, 3]
-    study = optuna.load_study(study_name="study", storage=f"sqlite:///{storage}")
+    study = optuna.load_study(study_name=study_key("study", SPACE), storage=f"sqlite:///{storage}")
     assert len(study.trials) == 4  # the fourth trial ran against the three stored ones
     assert [entry[0] for entry in logged] == [0, 1, 2, 3]  # one nested MLflow run per trial
     # a complete trial is logged with its judged score's precision; a pruned one with none
@@ -230,3 +237,65 @@ def test_the_pruner_compares_a_trial_with_trials_judged_on_its_own_key_only(tmp_
     done("new", 0.05)
     # two of its own key finished, both above it: now it is pruned
     assert running.should_prune()
+
+
+def test_each_search_space_keeps_its_own_study_and_a_resumed_study_draws_new_trials(tmp_path: Path) -> None:
+    """Another `steps` / `batch_sizes` / `losses` on the same optuna.db: Optuna refuses a categorical whose
+    choices differ from the stored trials', so the space names its own study (the default space keeps the
+    plain name). A resumed study's sampler is seeded past its stored trials: the random start-up draws
+    are not replayed (before, two runs of two trials gave the same two parameter sets)."""
+    import optuna
+
+    from modeling.search import _open_study, suggest
+
+    def draw(space: SearchSpace, n: int) -> list[dict]:
+        study = _open_study(tmp_path / "optuna.db", "s", seed=0, space=space)
+        drawn = []
+        for _ in range(n):
+            trial = study.ask()
+            drawn.append(suggest(trial, space, reweight=False))
+            study.tell(trial, 0.01)
+        return drawn
+
+    assert study_key("s", SearchSpace()) == "s"
+    fewer_steps = SearchSpace(steps=(250,))
+    assert study_key("s", fewer_steps).startswith("s-") and study_key("s", fewer_steps) != study_key(
+        "s", SPACE
+    )
+    first = draw(SearchSpace(), 2)
+    assert draw(SearchSpace(), 2) != first  # resumed: two new draws
+    assert [d["max_steps"] for d in draw(fewer_steps, 2)] == [250, 250]  # its own study, no refusal
+    names = {s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'optuna.db'}")}
+    assert names == {"s", study_key("s", fewer_steps)}
+    with pytest.raises(ValueError, match="dynamic value space"):  # what one shared study did
+        study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+        suggest(study.ask(), fewer_steps, reweight=False)
+
+
+def test_the_judging_key_reads_the_inputs_by_content_not_by_path(tiny_data, tmp_path: Path) -> None:
+    """A search trains on its run's snapshot of the corpus and training set: the same bytes at another path
+    judge alike, and a training set that changed under the same path does not."""
+    import shutil
+
+    from modeling.search import judging_key
+
+    training_set, corpus = tiny_data
+    template = TrainJob(
+        "/models/base", str(corpus), str(tmp_path / "a"), PromptBuilder().settings(), RegressorConfig(),
+        TrainConfig(), training_set_path=str(training_set),
+    )  # fmt: skip
+    copies = tmp_path / "snapshot"
+    copies.mkdir()
+    moved = replace(
+        template,
+        corpus_path=str(shutil.copy(corpus, copies)),
+        training_set_path=str(shutil.copy(training_set, copies)),
+        output_dir=str(tmp_path / "b"),
+    )
+    fingerprint = "modeling.backbones.files.model_fingerprint"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fingerprint, lambda _path: "fp")
+        key = judging_key(template, None, None)
+        assert judging_key(moved, None, None) == key
+        Path(moved.training_set_path).write_bytes(Path(training_set).read_bytes() + b"\0")
+        assert judging_key(moved, None, None) != key

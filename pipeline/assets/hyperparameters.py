@@ -8,10 +8,10 @@ from pydantic import Field
 
 from modeling.atomic_files import write_text_atomic
 from modeling.backbones.common import model_fingerprint
-from modeling.data.parquet_io import read_parquet_metadata
+from modeling.data.parquet_io import read_parquet_metadata, snapshot_files
 from modeling.profiles import PROFILES
 from modeling.prompt import PromptBuilder
-from modeling.search import OBJECTIVE_DATES, SearchResult, SearchSpace, run_search
+from modeling.search import OBJECTIVE_DATES, SearchResult, SearchSpace, run_search, study_key
 from modeling.train import TrainJob
 from pipeline.metadata import frame_markdown, png_markdown
 from pipeline.resources import TRAINING_POOL, MlflowResource, StorageResource
@@ -31,7 +31,9 @@ class HyperparametersConfig(Config):
     )
     profile: str = Field(default="cpu", description="Profile the trials start from (cpu or gpu).")
     study_name: str = Field(
-        default="regressor-search", description="Optuna study (stored in DATA_DIR/optuna.db)."
+        default="regressor-search",
+        description="Optuna study (stored in DATA_DIR/optuna.db; a search space other than the default "
+        "keeps its own study, this name with a suffix of the space).",
     )
     seed: int = Field(default=0, ge=0, description="Seed of the TPE sampler.")
     steps: list[int] = Field(default=list(_S.steps), description="Optimizer-step budgets a trial may take.")
@@ -63,9 +65,16 @@ def _search_template(
     config): the profile's settings with the search's periodic evaluation, no checkpoints, no time budget
     and no early stopping (pruning stops trials)."""
     profile = PROFILES[config.profile]
-    corpus = storage.parquet_path("prompt_corpus")
+    # trial directories of this run only (a re-execution of the run continues in them), and the run's own
+    # snapshot of the corpus and training set: every trial trains and is judged on the files the search
+    # started with, whatever the daily job writes meanwhile
+    out = storage.root / "runs" / "search" / (context.run.root_run_id or context.run_id)
+    inputs = snapshot_files(
+        {name: storage.parquet_path(name) for name in ("prompt_corpus", "training_set")}, out / "inputs"
+    )
+    corpus = inputs["prompt_corpus"]
     corpus_facts = read_parquet_metadata(corpus)
-    set_facts = read_parquet_metadata(storage.parquet_path("training_set"))
+    set_facts = read_parquet_metadata(inputs["training_set"])
     prompt = PromptBuilder.of_corpus(corpus_facts).settings()
     train = replace(
         profile.train,
@@ -76,8 +85,6 @@ def _search_template(
         early_stopping_patience=None,
         progress=False,
     )
-    # trial directories of this run only (a re-execution of the run continues in them)
-    out = storage.root / "runs" / "search" / (context.run.root_run_id or context.run_id)
     template = TrainJob(
         str(storage.base_model_dir),
         str(corpus),
@@ -85,14 +92,19 @@ def _search_template(
         prompt,
         profile.regressor,
         train,
-        training_set_path=str(storage.parquet_path("training_set")),
+        training_set_path=str(inputs["training_set"]),
     )
     bucket_config = (set_facts.get("buckets") or {}).get("config")
     return template, out, bucket_config
 
 
 def _write_best(
-    storage: StorageResource, config: HyperparametersConfig, result: SearchResult, parent: str
+    storage: StorageResource,
+    config: HyperparametersConfig,
+    result: SearchResult,
+    parent: str,
+    fingerprint: str,
+    study: str,
 ) -> Path:
     """DATA_DIR/hyperparameters.json (written atomically): the best trial's parameters and scores, with the
     study, profile and base model they hold for."""
@@ -106,9 +118,9 @@ def _write_best(
         "best_trial": result.best_trial,
         "best_trial_objective": result.best_value,
         "objective_dates": config.objective_dates,
-        "study": config.study_name,
+        "study": study,
         "profile": config.profile,
-        "base_model_fingerprint": model_fingerprint(storage.base_model_dir),
+        "base_model_fingerprint": fingerprint,
         "n_trials_in_study": len(result.trials),
         "mlflow_run_id": parent,
         "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -166,6 +178,9 @@ def hyperparameters(
     space = replace(
         _S, steps=tuple(config.steps), batch_size=tuple(config.batch_sizes), loss=tuple(config.losses)
     )
+    # every trial loads the backbone from its directory: the one the search starts on must be the one
+    # it ends on (the base_model asset replaces the directory whole)
+    fingerprint = model_fingerprint(storage.base_model_dir)
 
     experiment_id = mlflow_registry.configure(
         mlflow.tracking_uri, mlflow.experiment_name, mlflow.artifact_root
@@ -174,7 +189,7 @@ def hyperparameters(
         experiment_id,
         f"search-{context.run_id[:8]}",
         {
-            "study": config.study_name,
+            "study": study_key(config.study_name, space),
             "n_trials": config.n_trials,
             "profile": config.profile,
             "space": space.__dict__,
@@ -197,6 +212,11 @@ def hyperparameters(
             log=context.log.info,
             objective_dates=config.objective_dates,
         )
+        if model_fingerprint(storage.base_model_dir) != fingerprint:
+            raise RuntimeError(
+                "base_model was replaced while the search ran, so its trials ran on two backbones: nothing "
+                "is written; run the search again"
+            )
     except BaseException:
         mlflow_registry.end_run(status="FAILED")
         raise
@@ -211,5 +231,5 @@ def hyperparameters(
         [result.history_png] if result.history_png else [],
     )
 
-    path = _write_best(storage, config, result, parent)
+    path = _write_best(storage, config, result, parent, fingerprint, study_key(config.study_name, space))
     return MaterializeResult(metadata=_search_metadata(result, path, parent))
