@@ -412,7 +412,7 @@ def test_the_fingerprint_sees_a_change_in_the_middle_tensors(tiny_base_model: Pa
     name = next(n for n in sorted(weights) if "layers.0.mlp.down_proj" in n)
     weights[name] = weights[name] * 1.5  # same shape, same file size, other bytes in the middle
     save_tensors(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
-    assert model_fingerprint(other).startswith("v2:") and model_fingerprint(other) != model_fingerprint(
+    assert model_fingerprint(other).startswith("v3:") and model_fingerprint(other) != model_fingerprint(
         tiny_base_model
     )
     with pytest.raises(ValueError, match="not the one this regressor was trained on"):
@@ -434,6 +434,45 @@ def test_the_fingerprint_sees_a_change_in_the_middle_tensors(tiny_base_model: Pa
     blob[(37 << 20) : (53 << 20)] = bytes(16 << 20)
     (big / "model.safetensors").write_bytes(bytes(blob))
     assert model_fingerprint(big) != before and _edges_fingerprint(big) == edges
+
+
+def test_the_fingerprint_sees_the_chat_template_and_every_tensor_and_honours_v2(
+    tiny_base_model: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """v3 hashes the tokenizer and chat template (the same weights under another template read other
+    prompts) and samples the start of every tensor of a sampled file (v2's 16 MiB stride skipped every
+    tensor between two samples: all of SmolLM2's decoder layers); a regressor saved with a v2 fingerprint
+    still loads on its unchanged base model."""
+    import shutil
+
+    from safetensors.torch import save_file as save_tensors
+
+    from modeling.backbones import files
+    from modeling.backbones.files import _checkpoint_hash, fingerprint_matches, model_fingerprint
+
+    other = tmp_path / "templated"
+    shutil.copytree(tiny_base_model, other)
+    template = other / "chat_template.jinja"
+    if not template.is_file():  # the template inside tokenizer_config.json
+        template = other / "tokenizer_config.json"
+    v2 = f"v2:{_checkpoint_hash(other, sampled=True, whole=files._FINGERPRINT_WHOLE_BYTES, v3=False)}"
+    before = model_fingerprint(other)
+    assert fingerprint_matches(other, v2) and fingerprint_matches(other, before)
+    template.write_text(template.read_text() + "\n")  # one more character, nothing else
+    assert model_fingerprint(other) != before and not fingerprint_matches(other, before)
+    assert fingerprint_matches(other, v2)  # what v2 could not see
+    # a file of 48 tensors of 1 MiB, sampled (threshold lowered): one tensor rewritten between two strides
+    many = tmp_path / "many"
+    shutil.copytree(tiny_base_model, many, ignore=shutil.ignore_patterns("*.safetensors"))
+    tensors = {f"t{i:02d}": torch.full((1 << 18,), float(i)) for i in range(48)}
+    save_tensors(tensors, str(many / "model.safetensors"))
+    monkeypatch.setattr(files, "_FINGERPRINT_WHOLE_BYTES_V3", 1 << 20)
+    sampled = model_fingerprint(many)
+    v2_many = _checkpoint_hash(many, sampled=True, whole=1 << 20, v3=False)
+    tensors["t20"] = tensors["t20"] * 1.5
+    save_tensors(tensors, str(many / "model.safetensors"))
+    assert model_fingerprint(many) != sampled
+    assert _checkpoint_hash(many, sampled=True, whole=1 << 20, v3=False) == v2_many
 
 
 def test_dora_builds_and_4bit_needs_a_gpu(tiny_base_model: Path) -> None:

@@ -22,8 +22,22 @@ _FINGERPRINT_STRIDE = 16 << 20
 """A sample is read at every multiple of this offset of a larger file ..."""
 _FINGERPRINT_SAMPLE_BYTES = 64 << 10
 """... this many bytes long: 64 MiB read per 16 GB, and every tensor of 16 MiB or more is sampled."""
-FINGERPRINT_SCHEME = "v2"
-"""Prefix of `model_fingerprint`'s value; a saved fingerprint without it was made by `_edges_fingerprint`."""
+FINGERPRINT_SCHEME = "v3"
+"""Prefix of `model_fingerprint`'s value. Fingerprints saved by earlier schemes are still compared by their
+own ("v2:", or no prefix: `_edges_fingerprint`), so models saved before keep loading."""
+_FINGERPRINT_WHOLE_BYTES_V3 = 1 << 30
+"""v3: weight files up to 1 GiB are hashed whole (SmolLM2's 538 MB: about a second), larger ones sampled
+per tensor as well as every 16 MiB, so a change to any one tensor changes the fingerprint."""
+_TEXT_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+"""v3: what turns a row's text into token ids (the tokenizer and its chat template), hashed with the
+weights: the same weights under another template read other prompts."""
 
 
 def require_model_dir(path: str | os.PathLike[str]) -> Path:
@@ -49,49 +63,60 @@ def require_model_dir(path: str | os.PathLike[str]) -> Path:
 
 
 def model_fingerprint(path: str | os.PathLike[str]) -> str:
-    """A SHA-256 identifying the checkpoint in `path` without reading 16 GB of weights, prefixed "v2:".
+    """A SHA-256 identifying the checkpoint in `path` without reading 16 GB of weights, prefixed "v3:".
 
-    It covers `config.json` in full and, per weight file (sorted by name), its name, size and content:
-    the whole file up to 64 MiB, else the first and last MiB and 64 KiB at every 16 MiB in between. A
-    checkpoint that differs only in its middle tensors (a merged fine-tune keeps the header, embeddings
-    and last norms) changes the fingerprint too, since every tensor of 16 MiB or more is sampled (each
-    projection of an 8B model; smaller ones change with their layer's large ones). Used to recognise the
-    base model a regressor was trained on when it is loaded again (`fingerprint_matches`).
+    It covers `config.json`, the tokenizer and chat template files in full and, per weight file (sorted
+    by name), its name, size and content: the whole file up to 1 GiB, else the first and last MiB, 64 KiB
+    at every 16 MiB in between and 64 KiB at the start of every tensor (safetensors). A checkpoint that
+    differs only in one middle tensor (a merged fine-tune keeps the header, embeddings and last norms), or
+    only in its chat template, changes the fingerprint too. Used to recognise the base model a regressor
+    was trained on when it is loaded again (`fingerprint_matches`).
     """
-    return f"{FINGERPRINT_SCHEME}:{_checkpoint_hash(path, sampled=True)}"
+    return f"{FINGERPRINT_SCHEME}:{_checkpoint_hash(path, sampled=True, whole=_FINGERPRINT_WHOLE_BYTES_V3)}"
 
 
 def fingerprint_matches(path: str | os.PathLike[str], saved: str) -> bool:
     """Whether the checkpoint in `path` is the one whose fingerprint was `saved`, by the scheme that
-    made it (regressors and searches saved before "v2" carry `_edges_fingerprint`'s)."""
+    made it (regressors and searches saved before "v3" carry "v2:" or `_edges_fingerprint`'s)."""
     if saved.startswith(f"{FINGERPRINT_SCHEME}:"):
         return model_fingerprint(path) == saved
+    if saved.startswith("v2:"):
+        return f"v2:{_checkpoint_hash(path, sampled=True, whole=_FINGERPRINT_WHOLE_BYTES, v3=False)}" == saved
     return _edges_fingerprint(path) == saved
 
 
 def _edges_fingerprint(path: str | os.PathLike[str]) -> str:
     """The first scheme (before "v2"): config.json and each weight file's name, size and first and last
     MiB only, which misses a change in the middle tensors of the same layout."""
-    return _checkpoint_hash(path, sampled=False)
+    return _checkpoint_hash(path, sampled=False, v3=False)
 
 
-def _checkpoint_hash(path: str | os.PathLike[str], sampled: bool) -> str:
+def _checkpoint_hash(
+    path: str | os.PathLike[str], sampled: bool, whole: int = _FINGERPRINT_WHOLE_BYTES, v3: bool = True
+) -> str:
     """SHA-256 of config.json and, per weight file (sorted by name), its name, size and content: whole up
-    to 64 MiB, else its first and last MiB and a sample every 16 MiB (`sampled`, "v2"); or its first and
-    last MiB only (the first scheme)."""
+    to `whole` bytes, else its first and last MiB and a sample every 16 MiB (`sampled`, "v2" and "v3"); or
+    its first and last MiB only (the first scheme). `v3` adds the tokenizer and chat template files and
+    a sample at the start of every tensor of a sampled safetensors file."""
     p = require_model_dir(path)
     h = hashlib.sha256((p / "config.json").read_bytes())
+    for name in _TEXT_FILES if v3 else ():
+        if (p / name).is_file():
+            h.update(name.encode() + (p / name).read_bytes())
     for file in sorted([*p.glob("*.safetensors"), *p.glob("*.bin")]):
         size = file.stat().st_size
         h.update(file.name.encode() + size.to_bytes(8, "little"))
         with file.open("rb") as f:
-            if sampled and size <= _FINGERPRINT_WHOLE_BYTES:
+            if sampled and size <= whole:
                 while block := f.read(1 << 22):
                     h.update(block)
                 continue
             h.update(f.read(_FINGERPRINT_EDGE_BYTES))
             if sampled:
-                for offset in range(_FINGERPRINT_STRIDE, size - _FINGERPRINT_EDGE_BYTES, _FINGERPRINT_STRIDE):
+                offsets = [*range(_FINGERPRINT_STRIDE, size - _FINGERPRINT_EDGE_BYTES, _FINGERPRINT_STRIDE)]
+                if v3 and file.suffix == ".safetensors":
+                    offsets += _tensor_starts(f)
+                for offset in offsets:
                     f.seek(offset)
                     h.update(f.read(_FINGERPRINT_SAMPLE_BYTES))
                 f.seek(size - _FINGERPRINT_EDGE_BYTES)
@@ -100,6 +125,17 @@ def _checkpoint_hash(path: str | os.PathLike[str], sampled: bool) -> str:
                 f.seek(size - _FINGERPRINT_EDGE_BYTES)
                 h.update(f.read())
     return h.hexdigest()
+
+
+def _tensor_starts(f) -> list[int]:
+    """File offsets of every tensor's data in an open safetensors file (its JSON header's offsets)."""
+    f.seek(0)
+    n = int.from_bytes(f.read(8), "little")
+    try:
+        header = json.loads(f.read(min(n, 100 << 20)))
+        return sorted(8 + n + int(t["data_offsets"][0]) for k, t in header.items() if k != "__metadata__")
+    except (ValueError, KeyError, TypeError, AttributeError):  # not a safetensors header: the strided samples
+        return []
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
