@@ -174,16 +174,16 @@ def _verify_and_gate(
     from modeling import mlflow_registry
     from modeling.champion_gate import champion_gate
 
-    served = served_columns(validation_rows.columns)  # with the stored percentiles
+    columns = served_columns(validation_rows.columns)  # with the stored percentiles
 
     def rescore(uri: str) -> pd.Series:
         champion = mlflow_registry.load_model(uri)
-        predicted = np.asarray(champion.predict(validation_rows[served]), dtype=float)
+        predicted = np.asarray(champion.predict(validation_rows[columns]), dtype=float)
         return per_date_correlation(validation_rows.assign(prediction=predicted), method="spearman")
 
     # what gets served is what was judged: the registered pyfunc must reproduce these predictions
     check = validation_rows.head(64)
-    served = np.asarray(mlflow_registry.load_model(logged["model_uri"]).predict(check[served]), dtype=float)
+    served = np.asarray(mlflow_registry.load_model(logged["model_uri"]).predict(check[columns]), dtype=float)
     gap = float(np.max(np.abs(served - check["prediction"].to_numpy(float)))) if len(check) else 0.0
     if not gap <= 1e-4 * max(1.0, float(np.abs(served).max(initial=0.0))):
         raise RuntimeError(

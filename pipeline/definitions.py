@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor, validate_run_config
 
+from modeling.backbones import resolve_base_model
 from pipeline.assets import ALL_ASSETS
 from pipeline.checks import ALL_CHECKS
 from pipeline.resources import build_resources
@@ -34,5 +35,8 @@ defs = Definitions(
     executor=in_process_executor,
 )
 
+# a typo in BASE_MODEL (a missing directory or GGUF file) fails when the code loads, not in `base_model`
+# after the data preparation (nothing is read or converted here)
+resolve_base_model(_settings.base_model, _settings.data_dir)
 if _settings.retrain_run_config:  # a typo in DAILY_RETRAIN_CONFIG fails when the code loads, not at 17:30
     validate_run_config(defs.resolve_job_def(daily_retrain_job.name), _settings.retrain_run_config)

@@ -77,14 +77,15 @@ class Settings:
 
 
 def _base_model_value(value: str | None) -> str | None:
-    """A path made absolute (so it means the same from any working directory); a model name as given."""
+    """A path made absolute (so it means the same from any working directory), its symbolic links kept (a
+    `model.gguf` link to a store's `sha256-...` blob is a GGUF file by its name); a model name as given."""
     if value is None:
         return None
     from modeling.backbones import SMOLLM2_NAME
 
     if value.lower() == SMOLLM2_NAME:
         return SMOLLM2_NAME
-    return str(Path(value).expanduser().resolve())
+    return str(Path(value).expanduser().absolute())
 
 
 def _hours(name: str, value: str | None, default: float) -> float:

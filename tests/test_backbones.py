@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -269,6 +270,15 @@ def test_describe_base_model(model_dir: Path, tmp_path: Path) -> None:
     assert facts["pad_token"] == PAD_TOKEN
     assert facts["path"] == str(model_dir.resolve())
 
+    # a tokenizer of another model beside these weights: refused here, not at the first forward
+    other = tmp_path / "other_tokenizer"
+    shutil.copytree(model_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "vocab_size": len(tok) - 10}))
+    with pytest.raises(
+        ValueError, match=f"has {len(tok)} tokens, the model's embedding {len(tok) - 10} rows"
+    ):
+        describe_base_model(other)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         describe_base_model(tmp_path)
     (tmp_path / "config.json").write_text("{}")
@@ -301,6 +311,16 @@ def test_resolve_base_model(tmp_path: Path, model_dir: Path) -> None:
     (tmp_path / "weights.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match="not a .gguf file"):
         resolve_base_model(str(tmp_path / "weights.bin"), tmp_path)
+    # a `model.gguf` link to a model store's blob (no suffix) is a GGUF file by the name it is given as
+    from pipeline.settings import Settings
+
+    blob = tmp_path / "blobs" / "sha256-0123abcd"
+    blob.parent.mkdir()
+    blob.write_bytes(b"GGUF")
+    (tmp_path / "model.gguf").symlink_to(blob)
+    settings = Settings.from_env({"DATA_DIR": str(tmp_path), "BASE_MODEL": str(tmp_path / "model.gguf")})
+    linked = resolve_base_model(settings.base_model, settings.data_dir)
+    assert (linked.kind, linked.source_file, linked.path.name) == ("gguf", blob.resolve(), "gguf-model")
 
 
 @pytest.mark.parametrize(

@@ -338,6 +338,11 @@ def test_every_automated_run_takes_the_deployments_run_config(monkeypatch, tmp_p
     with pytest.raises(DagsterInvalidConfigError, match="profil"):
         importlib.reload(pipeline.definitions)
     monkeypatch.delenv("DAILY_RETRAIN_CONFIG")
+    # so does a BASE_MODEL that names no model: when the code loads, not after the data preparation
+    monkeypatch.setenv("BASE_MODEL", str(tmp_path / "typo" / "Meta-Llama-3-8B-Instruct"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        importlib.reload(pipeline.definitions)
+    monkeypatch.delenv("BASE_MODEL")
     importlib.reload(pipeline.definitions)  # leave the module as the other tests expect it
     # a missing file and a file without a mapping are refused with the variable's name
     with pytest.raises(ValueError, match="DAILY_RETRAIN_CONFIG names .* not a file"):

@@ -203,6 +203,12 @@ def describe_base_model(path: str | os.PathLike[str]) -> dict[str, Any]:
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
     pad_source = ensure_pad_token(tokenizer)
+    vocab = getattr(text_config, "vocab_size", None)
+    if isinstance(vocab, int) and len(tokenizer) > vocab:
+        raise ValueError(
+            f"the tokenizer in {str(p)!r} has {len(tokenizer)} tokens, the model's embedding {vocab} rows: "
+            f"a token id from {vocab} on would fail at the first forward (a tokenizer of another model?)"
+        )
 
     weight_files = sorted(p.glob("*.safetensors"))
     if weight_files:
