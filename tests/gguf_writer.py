@@ -22,10 +22,13 @@ def _permute(weights: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndar
     )
 
 
-def write_llama_gguf(model_dir: Path, out: Path, q8_tensors: bool = False) -> Path:
+def write_llama_gguf(
+    model_dir: Path, out: Path, q8_tensors: bool = False, rope_freqs: list[float] | None = None
+) -> Path:
     """`model_dir` (an HF LlamaForCausalLM checkpoint with tokenizer.json) -> `out` (.gguf).
 
     q8_tensors: store the MLP weights quantised to Q8_0 (the rest F32), so loading has to dequantise.
+    rope_freqs: the `rope_freqs.weight` tensor llama.cpp writes for Llama 3.1/3.2's RoPE scaling.
     """
     import gguf
 
@@ -102,6 +105,8 @@ def write_llama_gguf(model_dir: Path, out: Path, q8_tensors: bool = False) -> Pa
             writer.add_tensor(gguf_name, packed, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
             writer.add_tensor(gguf_name, data)
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

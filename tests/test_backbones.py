@@ -555,6 +555,35 @@ def test_gguf_converts_and_round_trips_with_the_same_logits(tmp_path: Path, mode
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+def test_a_llama31_gguf_keeps_its_rope_scaling(tmp_path: Path, model_dir: Path) -> None:
+    """llama.cpp keeps Llama 3.1/3.2's "llama3" RoPE scaling only as the `rope_freqs.weight` tensor, which
+    transformers drops: the converted config must carry the parameters that reproduce it (a plain RoPE is
+    another model), and a tensor no known parameter set reproduces is refused."""
+    from modeling.backbones.gguf import convert_gguf, llama3_rope_factors
+    from tests.gguf_writer import write_llama_gguf
+
+    config = json.loads((model_dir / "config.json").read_text())
+    theta = float(config.get("rope_parameters", {}).get("rope_theta", config.get("rope_theta")))
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    factors = llama3_rope_factors(theta, head_dim, 32.0, 1.0, 4.0, 8192)  # Llama 3.2's
+    assert 1.0 in factors and 32.0 in factors  # precondition: both ends of the scaling are in play
+    out = tmp_path / "converted"
+    convert_gguf(write_llama_gguf(model_dir, tmp_path / "llama32.gguf", rope_freqs=factors), out)
+    rope = json.loads((out / "config.json").read_text())["rope_parameters"]
+    assert (rope["rope_type"], rope["factor"], rope["original_max_position_embeddings"]) == (
+        "llama3",
+        32.0,
+        8192,
+    )
+    assert rope["rope_theta"] == theta
+    plain = tmp_path / "plain"
+    convert_gguf(write_llama_gguf(model_dir, tmp_path / "plain.gguf"), plain)
+    assert json.loads((plain / "config.json").read_text())["rope_parameters"]["rope_type"] == "default"
+    odd = write_llama_gguf(model_dir, tmp_path / "odd.gguf", rope_freqs=[2.0] * len(factors))
+    with pytest.raises(ValueError, match="no known Llama 3 parameter set reproduces"):
+        convert_gguf(odd, tmp_path / "odd")
+
+
 def test_quantised_gguf_is_dequantised_exactly(tmp_path: Path, model_dir: Path) -> None:
     import gguf
     import numpy as np

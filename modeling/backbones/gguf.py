@@ -17,6 +17,7 @@ This module must not import dagster, duckdb or mlflow: it runs on the GPU image,
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections import Counter
@@ -32,7 +33,7 @@ from modeling.backbones.common import (
     swap_into_place,
 )
 
-GGUF_CONVERSION_VERSION = 1
+GGUF_CONVERSION_VERSION = 2
 """Bumped when the conversion changes, so converted directories from an older version are rebuilt."""
 
 LARGE_MODEL_PARAMETERS = 1_000_000_000
@@ -139,6 +140,9 @@ def convert_gguf(
             "transformers kept the GGUF quantisation on the model despite GgufConfig(dequantize=True); "
             "the checkpoint cannot be saved as plain safetensors with this transformers version"
         )
+    rope = _llama3_rope_from_gguf(gguf_path, model.config)
+    if rope is not None:
+        model.config.rope_parameters = rope
     info = {
         "source": "gguf",
         "source_path": str(gguf_path),
@@ -160,6 +164,62 @@ def convert_gguf(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return info
+
+
+LLAMA3_ROPE_CANDIDATES = ((8.0, 1.0, 4.0, 8192), (32.0, 1.0, 4.0, 8192))
+"""(factor, low_freq_factor, high_freq_factor, original_max_position_embeddings) of Llama 3.1 and 3.2."""
+
+
+def llama3_rope_factors(
+    theta: float, head_dim: int, factor: float, low: float, high: float, context: int
+) -> list[float]:
+    """The per-frequency scale factors llama.cpp stores as `rope_freqs.weight` for "llama3" RoPE scaling
+    (its converter's `generate_extra_tensors`): 1 for short wavelengths, `factor` for long ones, smooth
+    in between."""
+    factors = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * theta ** (i / head_dim)
+        if wavelen < context / high:
+            factors.append(1.0)
+        elif wavelen > context / low:
+            factors.append(factor)
+        else:
+            smooth = (context / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return factors
+
+
+def _llama3_rope_from_gguf(gguf_path: Path, config: Any) -> dict[str, Any] | None:
+    """The "llama3" RoPE parameters of a Llama 3.1/3.2 GGUF, which llama.cpp keeps only as the tensor
+    `rope_freqs.weight` and transformers drops (the converted model would rotate with plain RoPE: another
+    model). None without the tensor; refused when no known parameter set reproduces it."""
+    import gguf
+    import numpy as np
+
+    tensor = next((t for t in gguf.GGUFReader(str(gguf_path)).tensors if t.name == "rope_freqs.weight"), None)
+    if tensor is None:
+        return None
+    stored = np.asarray(tensor.data, dtype=np.float64).ravel()
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    theta = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    for factor, low, high, context in LLAMA3_ROPE_CANDIDATES:
+        expected = llama3_rope_factors(theta, head_dim, factor, low, high, context)
+        if len(expected) == len(stored) and np.allclose(stored, expected, rtol=1e-5, atol=1e-6):
+            return {
+                **params,
+                "rope_type": "llama3",
+                "rope_theta": theta,
+                "factor": factor,
+                "low_freq_factor": low,
+                "high_freq_factor": high,
+                "original_max_position_embeddings": context,
+            }
+    raise ValueError(
+        f"{gguf_path.name} scales its RoPE by a rope_freqs.weight tensor that no known Llama 3 parameter set "
+        "reproduces; converting it without them would give another model. Convert it from its Hugging Face "
+        "checkpoint instead (BASE_MODEL=<the directory>)"
+    )
 
 
 def converted_dir_name(gguf_path: str | os.PathLike[str]) -> str:
