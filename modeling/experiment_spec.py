@@ -3,8 +3,25 @@ like `modeling.job`, which re-exports it)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+import numbers
+from dataclasses import dataclass, field, fields
 from typing import Any
+
+
+def check_numbers(config: Any) -> None:
+    """Every field annotated float a finite real number, every one annotated int an integer (None where
+    the annotation allows it): a JSON 8.0, a bool, a string, NaN or inf is refused when the config is
+    built, not when it is used (or silently truncated) an hour into a run."""
+    for f in fields(config):
+        value, kind = getattr(config, f.name), str(f.type)
+        number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if value is None and kind.endswith("| None"):
+            continue
+        if kind.startswith("float") and not (number and math.isfinite(value)):
+            raise ValueError(f"{type(config).__name__}.{f.name} must be a finite number, got {value!r}")
+        if kind.startswith("int") and not (number and isinstance(value, numbers.Integral)):
+            raise ValueError(f"{type(config).__name__}.{f.name} must be an integer, got {value!r}")
 
 
 @dataclass
@@ -43,3 +60,6 @@ class ExperimentSpec:
     """What makes validation scores comparable across versions (horizon, label kind, train end)."""
     validation_start: str | None = None
     """First validation date: a champion trained on or after it is not compared on its in-sample score."""
+
+    def __post_init__(self) -> None:
+        check_numbers(self)

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from modeling.experiment_spec import ExperimentSpec  # noqa: F401 (re-exported: TrainJob.experiment)
+from modeling.experiment_spec import ExperimentSpec, check_numbers  # noqa: F401 (ExperimentSpec re-exported)
 from modeling.outcome import Outcome  # noqa: F401 (re-exported: what comes back)
 from modeling.targets import TARGET_TRANSFORMS
 
@@ -48,7 +48,10 @@ class HeadConfig:
     probe (k = the feature count) the readout is the probe, so it forecasts from the 16 numbers as read."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in self.hidden_sizes))
+        check_numbers(self)
+        object.__setattr__(self, "hidden_sizes", tuple(self.hidden_sizes))
+        if any(isinstance(h, bool) or not isinstance(h, numbers.Integral) for h in self.hidden_sizes):
+            raise ValueError(f"head hidden_sizes must be integers, got {self.hidden_sizes}")
         if any(h < 1 for h in self.hidden_sizes) or self.feature_bottleneck < 0:
             raise ValueError(
                 f"head hidden_sizes must be positive and feature_bottleneck >= 0, got {self.hidden_sizes}, "
@@ -87,6 +90,7 @@ class LoraSettings:
     sample; with more rows the first layers' adapters pay (BENCHMARKS.md, the cpu profile at 96k rows)."""
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         if not isinstance(self.target_modules, str):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
             if not self.target_modules:
@@ -96,7 +100,7 @@ class LoraSettings:
         if self.last_layers is not None and self.last_layers < 1:
             raise ValueError(f"LoRA last_layers must be >= 1 or None, got {self.last_layers}")
         limit = self.last_layers_max_samples
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        if limit is not None and limit < 1:
             raise ValueError(f"LoRA last_layers_max_samples must be an int >= 1 or None, got {limit!r}")
         if limit is not None and self.last_layers is None:
             raise ValueError("LoRA last_layers_max_samples needs last_layers")
@@ -279,18 +283,7 @@ class TrainConfig:
     """tqdm progress bar with loss, lr and samples/s (main process)."""
 
     def __post_init__(self) -> None:
-        counts = ("batch_size", "grad_accum_steps", "epochs", "eval_batch_size", "eval_every_steps")
-        optional_counts = (
-            "max_train_samples",
-            "max_steps",
-            "eval_max_dates",
-            "early_stopping_patience",
-            "lr_reference_steps",
-        )
-        for name in (*counts, *optional_counts, "checkpoint_every_steps", "date_group_size", "seed"):
-            value = getattr(self, name)  # a JSON 8.0 or a bool is not a count: refused now, not mid-setup
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
-                raise ValueError(f"TrainConfig.{name} must be an integer, got {value!r}")
+        check_numbers(self)  # a JSON 8.0 or a bool is not a count, NaN not a weight: refused now
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"TrainConfig.seed must be in [0, 2**32), got {self.seed}")
         positive = (
@@ -336,7 +329,7 @@ class TrainConfig:
         limit, above = self.aux_feature_weight_max_samples, self.aux_feature_weight_above
         if (limit is None) != (above is None) or (above is not None and above < 0):
             raise ValueError("TrainConfig.aux_feature_weight_max_samples and _above: both None, or both set")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        if limit is not None and limit < 1:
             raise ValueError(f"TrainConfig.aux_feature_weight_max_samples must be an int >= 1, got {limit!r}")
         if self.date_group_size < 0 or self.date_group_size in (1, 2):
             raise ValueError(f"TrainConfig.date_group_size must be 0 or >= 3, got {self.date_group_size}")

@@ -199,6 +199,25 @@ def test_counts_and_the_seed_are_checked_when_the_config_is_built() -> None:
     with pytest.raises(ValueError, match="max_steps must be an integer, got True"):
         TrainConfig(max_steps=True)
     assert TrainConfig(max_train_samples=np.int64(24_000), seed=2**32 - 1).max_train_samples == 24_000
+    # every number of every config part: a NaN weight, an infinite rate, a string, a fractional rank or
+    # width (which was truncated), a bool for a count
+    for build, bad, message in (
+        (TrainConfig, {"aux_feature_weight": float("nan")}, "aux_feature_weight must be a finite number"),
+        (TrainConfig, {"learning_rate": float("inf")}, "learning_rate must be a finite number"),
+        (TrainConfig, {"learning_rate": "1e-3"}, "learning_rate must be a finite number, got '1e-3'"),
+        (TrainConfig, {"ic_mse_weight": float("nan")}, "ic_mse_weight must be a finite number"),
+        (TrainConfig, {"time_budget_s": float("inf")}, "time_budget_s must be a finite number"),
+        (LoraSettings, {"r": 8.5}, "LoraSettings.r must be an integer"),
+        (LoraSettings, {"alpha": float("nan")}, "LoraSettings.alpha must be a finite number"),
+        (LoraSettings, {"last_layers": True}, "LoraSettings.last_layers must be an integer"),
+        (HeadConfig, {"hidden_sizes": (256.9,)}, "hidden_sizes must be integers"),
+        (HeadConfig, {"feature_bottleneck": 2.5}, "HeadConfig.feature_bottleneck must be an integer"),
+        (ExperimentSpec, {"tracking_uri": "u", "training_set_path": "t", "gate_k": float("nan")}, "gate_k"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            build(**bad)
+    assert TrainConfig(learning_rate=1, time_budget_s=None).learning_rate == 1  # an int is a number
+    assert HeadConfig(hidden_sizes=[np.int64(64)]).hidden_sizes == (64,)
 
 
 def test_a_typo_fails_when_the_job_is_built() -> None:
