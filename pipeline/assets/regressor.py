@@ -25,8 +25,11 @@ from pipeline.metadata import png_markdown
 from pipeline.resources import TRAINING_POOL, MlflowResource, StorageResource
 from pipeline.training_process import run_training_process, training_processes
 
-REGRESSOR_CODE_VERSION = "regressor-v1"
-"""Dagster code version; also part of the inputs fingerprint that decides whether to retrain."""
+REGRESSOR_CODE_VERSION = "regressor-v2"
+"""Dagster code version; also part of the inputs fingerprint that decides whether to retrain, so it is
+bumped whenever the training or scoring code changes what a model trained on the same inputs is (v2: the
+learning-rate schedule, the losses, the trunk cache and the gate of sessions 2026-12-01 .. 12-06, which
+v1's fingerprint would have reused models across)."""
 
 
 class RegressorAssetConfig(Config):
