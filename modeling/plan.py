@@ -11,7 +11,7 @@ from typing import Any
 from modeling.backbones.files import build_key, file_sha256
 from modeling.data.parquet_io import read_parquet_metadata
 from modeling.job import TrainJob
-from modeling.profiles import PROFILES, Profile, apply_overrides
+from modeling.profiles import PROFILES, SIZED_OVERRIDES, Profile, apply_overrides
 from modeling.prompt import PromptBuilder
 
 
@@ -56,12 +56,17 @@ def plan_regressor_job(
     """The training job for these inputs (a snapshot of the corpus and training set) and its fingerprint.
 
     `best_params` (the search's) apply first, then `overrides`; a `weight_scheme` among them re-weights
-    the train rows. Refuses a training set whose features another version of the definitions computed."""
+    the train rows. The search's pinned size-dependent settings (`SIZED_OVERRIDES`) hold at its sample
+    size only: an override of `max_train_samples` leaves them to the profile's rules at the new size.
+    Refuses a training set whose features another version of the definitions computed."""
     profile = PROFILES.get(profile_name)
     if profile is None:
         raise ValueError(f"unknown profile {profile_name!r}; choose one of {sorted(PROFILES)}")
     best = dict(best_params)
     weight_scheme = best.pop("weight_scheme", None)
+    if "max_train_samples" in overrides:  # another size than the search's: the profile sizes these for it
+        for name in SIZED_OVERRIDES:
+            best.pop(name, None)
     regressor_cfg, train_cfg = apply_overrides(profile.regressor, profile.train, {**best, **overrides})
     corpus_facts, set_facts = read_parquet_metadata(corpus), read_parquet_metadata(training_set)
     reweight = _reweight((set_facts.get("buckets") or {}).get("config") or {}, weight_scheme)

@@ -155,6 +155,10 @@ PROFILES: dict[str, Profile] = {
 }
 
 
+SIZED_OVERRIDES = ("lora_last_layers", "aux_feature_weight")
+"""The flat settings a profile sizes by the sample (`LoraSettings.last_layers_max_samples`,
+`TrainConfig.aux_feature_weight_max_samples`): what a search pins for its own sample size."""
+
 OVERRIDABLE = {
     # flat name -> (section, field); section "lora" / "head" are parts of the regressor config
     "learning_rate": ("train", "learning_rate"),

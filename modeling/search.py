@@ -35,7 +35,7 @@ import pandas as pd
 
 from modeling.evaluation import score_split
 from modeling.metrics import DailyMean
-from modeling.profiles import IC_DATE_GROUP, apply_overrides
+from modeling.profiles import IC_DATE_GROUP, SIZED_OVERRIDES, apply_overrides
 from modeling.train import TrainJob, train_regressor
 
 TARGET_MODULE_SETS: dict[str, tuple[str, ...] | str] = {
@@ -153,10 +153,11 @@ def sized_settings(template: TrainJob) -> dict[str, Any]:
     whatever its rows. The written parameters pin them, so that the `regressor` run of the best trial
     (which re-applies the profile's size rules to the trial's `max_train_samples`) trains the
     configuration that was judged."""
-    return {
+    resolved = {
         "lora_last_layers": template.regressor.lora.last_layers,
         "aux_feature_weight": template.train.aux_feature_weight,
     }
+    return {name: resolved[name] for name in SIZED_OVERRIDES}
 
 
 OBJECTIVE_DATES: int | None = None

@@ -299,3 +299,31 @@ def test_the_judging_key_reads_the_inputs_by_content_not_by_path(tiny_data, tmp_
         assert judging_key(moved, None, None) == key
         Path(moved.training_set_path).write_bytes(Path(training_set).read_bytes() + b"\0")
         assert judging_key(moved, None, None) != key
+
+
+def test_an_override_of_the_sample_size_leaves_the_searched_size_settings_to_the_profile(
+    tiny_data, tmp_path: Path
+) -> None:
+    """The search pins the size-dependent settings it judged (last-layer adapters, probe weight 3 at the
+    profile's 24k rows); a `regressor` run that asks for another sample size gets the profile's rules at
+    that size (every layer, weight 10 above 24k), unless it names them too."""
+    import pandas as pd
+
+    from modeling.data.parquet_io import read_parquet_metadata, write_parquet_atomic
+    from modeling.feature_registry import registry_fingerprint
+    from modeling.plan import plan_regressor_job
+
+    source, corpus = tiny_data
+    facts = {**read_parquet_metadata(source), "feature_registry_sha": registry_fingerprint()}
+    training_set = write_parquet_atomic(pd.read_parquet(source), tmp_path / "training_set.parquet", facts)
+    searched = {"lora_r": 16, "lora_last_layers": 1, "aux_feature_weight": 3.0}
+
+    def planned(overrides: dict) -> tuple:
+        job = plan_regressor_job(
+            "cpu", overrides, searched, corpus, training_set, "/base", "fp", "r", "v"
+        ).job
+        return job.regressor.lora.r, job.regressor.lora.last_layers, job.train.aux_feature_weight
+
+    assert planned({}) == (16, 1, 3.0)  # the judged configuration
+    assert planned({"max_train_samples": 96_000}) == (16, None, 10.0)  # sized by the profile at 96k
+    assert planned({"max_train_samples": 96_000, "lora_last_layers": 1}) == (16, 1, 10.0)
