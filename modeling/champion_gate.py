@@ -70,11 +70,16 @@ class ChampionRescoreError(RuntimeError):
     memory, a locked store, a filesystem fault): the gate fails and nothing is promoted."""
 
 
+_NETWORK_PACKAGES = ("requests", "urllib3", "http", "socket", "ssl")
+"""Where the OSErrors of a connection come from (a remote tracking store's), which are never a verdict."""
+
+
 def _artifact_fault(error: BaseException) -> bool:
     """A saved file that is missing or unreadable as what it should be: a library's "can't find / can't
     load" (an OSError without an errno: transformers' tokenizer and config loaders), a truncated or
     corrupt JSON or safetensors file, or an adapter path that peft then takes for a hub repository id.
-    An OSError with an errno (EIO, ENOSPC, a lock) is the filesystem's fault of the moment instead."""
+    An OSError with an errno (EIO, ENOSPC, a lock) is the filesystem's fault of the moment instead, and
+    so is a network error (a tracking server that is down: requests' errors are OSErrors without one)."""
     from safetensors import SafetensorError
 
     try:
@@ -82,7 +87,9 @@ def _artifact_fault(error: BaseException) -> bool:
     except ImportError:  # older huggingface_hub
         from huggingface_hub.utils import HFValidationError
     if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
-        return error.errno is None
+        package = type(error).__module__.split(".")[0]
+        network = isinstance(error, (ConnectionError, TimeoutError)) or package in _NETWORK_PACKAGES
+        return error.errno is None and not network
     return isinstance(error, (json.JSONDecodeError, SafetensorError, HFValidationError)) or (
         isinstance(error, ValueError) and "adapter_config.json" in str(error)
     )

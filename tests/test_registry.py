@@ -565,6 +565,12 @@ def test_a_champion_judged_on_its_stored_series_must_still_load(registered_store
     assert champion_unloadable(json.JSONDecodeError("Expecting value", "{", 1))
     assert champion_unloadable(OSError("Can't load tokenizer for '/gone/tokenizer'"))  # a library's, no errno
     assert not champion_unloadable(OSError(errno.EIO, "Input/output error"))  # the filesystem's moment
+    import requests
+
+    for network in (requests.ConnectionError("tracking server down"), ConnectionResetError(), TimeoutError()):
+        wrapped = mlflow.exceptions.MlflowException("API request failed")
+        wrapped.__cause__ = network
+        assert not champion_unloadable(wrapped), network  # a server that is down is not a verdict
     assert not champion_unloadable(ValueError("could not convert string to float"))
 
 
