@@ -36,6 +36,7 @@ import pandas as pd
 from modeling.evaluation import score_split
 from modeling.metrics import DailyMean
 from modeling.profiles import IC_DATE_GROUP, SIZED_OVERRIDES, apply_overrides
+from modeling.search_study import open_study
 from modeling.train import TrainJob, train_regressor
 
 TARGET_MODULE_SETS: dict[str, tuple[str, ...] | str] = {
@@ -181,39 +182,6 @@ class SearchResult:
     wall_s: float
 
 
-class _TrialsJudgedOn:
-    """A study seen through one judging key: `get_trials` returns only the trials judged like the one
-    being pruned; everything else (direction, storage) is the study's own."""
-
-    def __init__(self, study: Any, key: str | None) -> None:
-        self._study, self._key = study, key
-
-    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list:
-        trials = self._study.get_trials(deepcopy=deepcopy, states=states)
-        return [t for t in trials if t.user_attrs.get("judged_on") == self._key]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
-
-
-def same_key_median_pruner(n_startup_trials: int = 2):
-    """Optuna's median pruner over the trials judged on the same rows and settings as the running one
-    (user attribute `judged_on`, `judging_key`). A stored study outlives its data: on another corpus or
-    backbone the periodic RankICs sit at other levels, and the plain median pruner would stop a trial
-    for falling below trials it is not ranked against. Pruning starts after `n_startup_trials` trials of
-    the running trial's own key complete."""
-    import optuna
-
-    class SameKeyMedianPruner(optuna.pruners.BasePruner):
-        def __init__(self) -> None:
-            self._median = optuna.pruners.MedianPruner(n_startup_trials=n_startup_trials, n_warmup_steps=0)
-
-        def prune(self, study: Any, trial: Any) -> bool:
-            return self._median.prune(_TrialsJudgedOn(study, trial.user_attrs.get("judged_on")), trial)
-
-    return SameKeyMedianPruner()
-
-
 def study_key(study_name: str, space: SearchSpace) -> str:
     """The stored study of `study_name` over `space`: Optuna refuses a categorical whose choices differ
     from the stored trials' (another `steps`, `batch_sizes` or `losses`), so each space keeps its own
@@ -221,31 +189,6 @@ def study_key(study_name: str, space: SearchSpace) -> str:
     from modeling.backbones.files import build_key
 
     return study_name if space == SearchSpace() else f"{study_name}-{build_key(asdict(space))[:12]}"
-
-
-def _open_study(storage_path: Path, study_name: str, seed: int, space: SearchSpace = SearchSpace()):
-    """The Optuna study in SQLite (created or resumed; `study_key`): TPE sampler, the median pruner over
-    trials judged on the same rows and settings, heartbeats. The sampler's seed moves on with the trials
-    already stored, so a resumed search does not replay the random start-up draws of the run before."""
-    import optuna
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = RDBStorage(
-        f"sqlite:///{Path(storage_path).resolve()}",
-        heartbeat_interval=30,
-        grace_period=90,
-        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-    )
-    study = optuna.create_study(
-        study_name=study_key(study_name, space),
-        storage=storage,
-        load_if_exists=True,
-        direction="maximize",
-        pruner=same_key_median_pruner(n_startup_trials=2),
-    )
-    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials), n_startup_trials=5)
-    return study
 
 
 def _best_on_every_date(
@@ -372,7 +315,7 @@ def run_search(
     horizon = int(template.prompt.get("horizon", 1))
     import optuna
 
-    study = _open_study(storage_path, study_name, seed, space)
+    study = open_study(storage_path, study_key(study_name, space), seed)
     # a killed search left its running trial RUNNING: optimize() fails it (no heartbeat for grace_period)
     # and RetryHeartbeatStaleTrialCallback queues it again with the same parameters
     reweight = bucket_config is not None and bucket_config.get("mode", "weight") == "weight"

@@ -211,9 +211,9 @@ def test_the_regressor_applies_a_search_of_its_own_base_model_only(tiny_base_mod
 
 
 def test_the_pruner_compares_a_trial_with_trials_judged_on_its_own_key_only(tmp_path: Path) -> None:
-    from modeling.search import _open_study
+    from modeling.search_study import open_study
 
-    study = _open_study(tmp_path / "optuna.db", "s", seed=0)
+    study = open_study(tmp_path / "optuna.db", "s", seed=0)
 
     def done(key: str, intermediate: float) -> None:
         study.add_trial(
@@ -246,10 +246,11 @@ def test_each_search_space_keeps_its_own_study_and_a_resumed_study_draws_new_tri
     are not replayed (before, two runs of two trials gave the same two parameter sets)."""
     import optuna
 
-    from modeling.search import _open_study, suggest
+    from modeling.search import suggest
+    from modeling.search_study import open_study
 
     def draw(space: SearchSpace, n: int) -> list[dict]:
-        study = _open_study(tmp_path / "optuna.db", "s", seed=0, space=space)
+        study = open_study(tmp_path / "optuna.db", study_key("s", space), seed=0)
         drawn = []
         for _ in range(n):
             trial = study.ask()
