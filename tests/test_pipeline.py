@@ -599,6 +599,27 @@ def test_predictions_refuse_features_computed_by_other_definitions(run, tmp_path
         assert con.execute("SELECT DISTINCT registry_sha FROM feature_definitions").fetchall() != shas
 
 
+def test_the_regressor_refuses_an_embedded_backbone_pretrained_past_the_train_split(tmp_path):
+    """The embedded backbone read the train split's prompts; a training set rebuilt with an earlier split
+    makes some of them validation or test rows, so `regressor` refuses until `base_model` rebuilds
+    (before, only `base_model` and the backtest checked it)."""
+    import json
+
+    from modeling.backbones.common import EMBEDDED_MODEL_INFO_FILE
+    from pipeline.assets.regressor import _refuse_a_backbone_pretrained_past_the_train_split as refuse
+
+    storage = build_resources(Settings.from_env({"DATA_DIR": str(tmp_path / "data")}))["storage"]
+    base = tmp_path / "base"
+    base.mkdir()
+    info = {"pretrain_train_dates": ["2019-03-27", "2022-03-18"]}
+    (base / EMBEDDED_MODEL_INFO_FILE).write_text(json.dumps(info))
+    refuse(storage, base, {"splits": {"train": ["2019-03-27", "2022-03-18"]}})  # the same split: fine
+    refuse(storage, base, {"splits": {"train": ["2019-03-27", "2022-06-30"]}})  # a later train end: fine
+    with pytest.raises(ValueError, match=r"pretrained on prompts up to 2022-03-18, after .* \(2021-12-31\)"):
+        refuse(storage, base, {"splits": {"train": ["2019-03-27", "2021-12-31"]}})
+    refuse(storage, tmp_path / "no-info", {"splits": {"train": ["2019-03-27", "2021-12-31"]}})  # not ours
+
+
 def test_a_retry_of_a_forced_retrain_finishes_its_own_version_instead_of_registering_a_copy(tmp_path):
     """`force_retrain` trains past a version of another run; a retry of the forced run (the same root run,
     the same directory) resumes the version its failed attempt registered (gate pending) or reports it

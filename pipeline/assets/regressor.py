@@ -17,6 +17,7 @@ from dagster import (
 )
 from pydantic import Field
 
+from modeling.backbones.embedded import pretrained_past, read_embedded_info
 from modeling.backbones.files import fingerprint_matches, model_fingerprint
 from modeling.data.parquet_io import snapshot_files
 from modeling.job import ExperimentSpec, Outcome, TrainJob
@@ -176,6 +177,21 @@ def _hyperparameters(storage: StorageResource, use: bool, profile: str, fingerpr
         )
         return {}
     return dict(payload["best_params"])
+
+
+def _refuse_a_backbone_pretrained_past_the_train_split(storage: StorageResource, base_dir: Path, facts: dict):
+    """The embedded backbone read the features of the train split's prompts: after the training set was
+    rebuilt with an earlier split, some of those prompts are validation or test rows, and the judged
+    scores would be partly in-sample. `base_model` rebuilds it for the split; refused until it has."""
+    if storage.base_model_source.kind != "embedded":
+        return
+    train_end = ((facts.get("splits") or {}).get("train") or [None, None])[1]
+    if train_end is not None and (past := pretrained_past(read_embedded_info(base_dir), train_end)):
+        raise ValueError(
+            f"the embedded backbone was pretrained on prompts up to {past}, after the training set's train "
+            f"split ends ({train_end}): those dates are validation or test rows now. Materialise base_model "
+            "(it rebuilds on the current split) before regressor"
+        )
 
 
 def reuse_existing_version(
@@ -344,6 +360,7 @@ def regressor(
             config.final_eval_max_dates,
             config.final_test_max_dates,
         )
+        _refuse_a_backbone_pretrained_past_the_train_split(storage, base_dir, plan.facts)
         inputs_sha = plan.inputs_sha
         from modeling import mlflow_registry
 

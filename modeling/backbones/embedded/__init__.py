@@ -31,6 +31,7 @@ from modeling.backbones.embedded.build import (
     TinyLlamaSpec,
     build_embedded_base_model,
     build_key,
+    pretrained_past,
     read_embedded_info,
     reuse_decision,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "build_key",
     "lm_loss_per_token",
     "pretrain_causal_lm",
+    "pretrained_past",
     "read_embedded_info",
     "reuse_decision",
     "select_pretraining_rows",

@@ -207,6 +207,14 @@ def build_embedded_base_model(
     return out_dir
 
 
+def pretrained_past(info: dict[str, Any] | None, train_end: str) -> str | None:
+    """The last date an embedded model was pretrained on, when it is after `train_end` (its prompts are
+    validation or test rows of the current split: a look-ahead); None when it is within the train split
+    or the model records no pretraining dates."""
+    pretrained_to = ((info or {}).get("pretrain_train_dates") or [None, None])[1]
+    return str(pretrained_to) if pretrained_to is not None and str(pretrained_to) > str(train_end) else None
+
+
 def reuse_decision(info: dict[str, Any] | None, key: str, train_end: str) -> tuple[bool, str]:
     """Keep the existing embedded model (True) or rebuild it, and why.
 
@@ -219,8 +227,7 @@ def reuse_decision(info: dict[str, Any] | None, key: str, train_end: str) -> tup
         return False, "no embedded model yet"
     if info.get("build_key") != key:
         return False, "its config or code version changed"
-    pretrained_to = (info.get("pretrain_train_dates") or [None, None])[1]
-    if pretrained_to is not None and str(pretrained_to) > str(train_end):
+    if pretrained_to := pretrained_past(info, train_end):
         return False, (
             f"it was pretrained on prompts up to {pretrained_to}, after the current train end {train_end}"
         )
