@@ -195,19 +195,31 @@ def paired_rank_ic(
     return paired_difference(frame, model, baseline, ret, horizon).to_dict()
 
 
+def monthly_rank_ic(
+    frame: pd.DataFrame, models: list[str], ret: str = "label", horizon: int = 1
+) -> pd.DataFrame:
+    """Per calendar month (rows, "YYYY-MM") and model (columns): the daily RankIC's `DailyMean` (mean, SE
+    with Newey-West lag h - 1, number of dates), from one pass over the rows."""
+    out = {}
+    for model in models:
+        ric = per_date_correlation(frame, model, ret, "spearman")
+        out[model] = ric.groupby(ric.index.to_period("M")).agg(lambda x: DailyMean.of(x, horizon - 1))
+    table = pd.DataFrame(out)
+    table.index = table.index.astype(str)
+    return table
+
+
 def rank_ic_by_month(
     frame: pd.DataFrame, models: list[str], ret: str = "label", horizon: int = 1, cells: bool = False
 ) -> pd.DataFrame:
     """Mean daily RankIC per calendar month (rows) and model (columns); `cells`: each as its mean ± SE
     (Newey-West, lag h - 1) and number of dates, the table a reader gets (the plot takes the means)."""
-    out = {}
-    for model in models:
-        ric = per_date_correlation(frame, model, ret, "spearman")
-        months = ric.groupby(ric.index.to_period("M"))
-        out[model] = months.agg(lambda x: str(DailyMean.of(x, horizon - 1))) if cells else months.mean()
-    table = pd.DataFrame(out)
-    table.index = table.index.astype(str)
-    return table
+    return _month_table(monthly_rank_ic(frame, models, ret, horizon), cells)
+
+
+def _month_table(monthly: pd.DataFrame, cells: bool) -> pd.DataFrame:
+    """`monthly_rank_ic`'s table as means (floats) or as "mean ± SE (n dates)" cells."""
+    return monthly.map(lambda m: str(m) if cells else (m.mean if isinstance(m, DailyMean) else np.nan))
 
 
 # --- portfolios -----------------------------------------------------------------------------------------
@@ -412,11 +424,12 @@ def analyse(
         for model in models
     }
     daily = {model: portfolio_returns(forecasts, returns, model, spec) for model in models}
+    monthly = monthly_rank_ic(frame, models, horizon=horizon)  # once, for the plot and the table
     return BacktestAnalysis(
         signal=signal_summary(frame, models, horizon=horizon),
         paired=paired,
-        by_month=rank_ic_by_month(frame, models),
-        by_month_cells=rank_ic_by_month(frame, models, horizon=horizon, cells=True),
+        by_month=_month_table(monthly, cells=False),
+        by_month_cells=_month_table(monthly, cells=True),
         daily=daily,
         portfolio={model: portfolio_metrics(d) for model, d in daily.items()},
     )

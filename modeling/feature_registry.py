@@ -194,7 +194,8 @@ holds (without them it ranks the rows of each date it is given)."""
 
 def served_columns(available: Sequence[str]) -> list[str]:
     """The model's input columns, with the stored percentiles among `available` (a training set's)."""
-    return [*MODEL_INPUT_COLUMNS, *(c for c in PERCENTILE_COLUMNS if c in set(available))]
+    present = set(available)
+    return [*MODEL_INPUT_COLUMNS, *(c for c in PERCENTILE_COLUMNS if c in present)]
 
 
 FEATURES_BY_NAME: dict[str, FeatureSpec] = {f.name: f for f in FEATURES}

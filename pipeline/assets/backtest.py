@@ -19,7 +19,7 @@ from dagster import (
 from pydantic import Field
 
 from modeling.backbones.common import file_sha256, model_fingerprint
-from modeling.backbones.embedded import build_key, read_embedded_info
+from modeling.backbones.embedded import build_key, pretrain_dates, read_embedded_info
 from modeling.backtest import PortfolioSpec, WindowSpec, analyse, plan_windows, window_corpus
 from modeling.data.backtest_store import (
     BACKTEST_TABLE,
@@ -156,14 +156,14 @@ def _refuse_leaky_backbone(source_kind: str, base_dir: Path, start: pd.Timestamp
         return (
             f"{source_kind} backbone, pretrained by its publisher (no pretraining on this market's prompts)"
         )
-    dates = (read_embedded_info(base_dir) or {}).get("pretrain_train_dates") or [None, None]
-    if dates[1] is not None and pd.Timestamp(dates[1]) >= start:
+    first, last = pretrain_dates(read_embedded_info(base_dir))
+    if last is not None and pd.Timestamp(last) >= start:
         raise ValueError(
-            f"the embedded backbone was pretrained on prompts up to {dates[1]}, inside the backtest period "
+            f"the embedded backbone was pretrained on prompts up to {last}, inside the backtest period "
             f"from {start.date()}: its windows would not be out of sample. Backtest a later period or "
             "rebuild base_model with an earlier train split"
         )
-    return f"embedded backbone pretrained on train-split prompts {dates[0]} .. {dates[1]}, before the period"
+    return f"embedded backbone pretrained on train-split prompts {first} .. {last}, before the period"
 
 
 def _train_window(

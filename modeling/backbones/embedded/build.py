@@ -207,12 +207,19 @@ def build_embedded_base_model(
     return out_dir
 
 
+def pretrain_dates(info: dict[str, Any] | None) -> tuple[str | None, str | None]:
+    """(first, last) date of the prompts an embedded model (`read_embedded_info`) was pretrained on;
+    (None, None) when it records none (not pretrained, or not an embedded model)."""
+    first, last = (info or {}).get("pretrain_train_dates") or [None, None]
+    return (None if first is None else str(first)), (None if last is None else str(last))
+
+
 def pretrained_past(info: dict[str, Any] | None, train_end: str) -> str | None:
     """The last date an embedded model was pretrained on, when it is after `train_end` (its prompts are
     validation or test rows of the current split: a look-ahead); None when it is within the train split
     or the model records no pretraining dates."""
-    pretrained_to = ((info or {}).get("pretrain_train_dates") or [None, None])[1]
-    return str(pretrained_to) if pretrained_to is not None and str(pretrained_to) > str(train_end) else None
+    last = pretrain_dates(info)[1]
+    return last if last is not None and last > str(train_end) else None
 
 
 def reuse_decision(info: dict[str, Any] | None, key: str, train_end: str) -> tuple[bool, str]:
